@@ -1,0 +1,47 @@
+"""spdy_hf: speedup-targeted pruning (SPDY, Frantar & Alistarh, ICML 2022) for Hugging Face models.
+
+Importing the package is cheap: it loads no model code, initialises no CUDA and imports no Trainer; the
+public names below are resolved on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SPDYConfig": "config",
+    "RegimeConfig": "config",
+    "CalibrationConfig": "config",
+    "SearchConfig": "config",
+    "TimingConfig": "config",
+    "SPDYPruner": "pruner",
+    "PruningResult": "result",
+    "LatencyTable": "latency.table",
+    "SPDYError": "errors",
+    "ConfigError": "errors",
+    "UnreachableTargetError": "errors",
+    "find_units": "units",
+    "FastLinear": "apply",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .apply import FastLinear
+    from .config import CalibrationConfig, RegimeConfig, SearchConfig, SPDYConfig, TimingConfig
+    from .errors import ConfigError, SPDYError, UnreachableTargetError
+    from .latency.table import LatencyTable
+    from .pruner import SPDYPruner
+    from .result import PruningResult
+    from .units import find_units
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

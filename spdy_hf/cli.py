@@ -1,0 +1,111 @@
+"""`spdy-hf`: the command line. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger("spdy_hf.cli")
+
+
+def prune_command_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prune",
+        help="Prune a model to a target speedup on this machine, in your regime.",
+        description="Prune MODEL (a local directory or Hub id; default: the bundled all-MiniLM-L6-v2) so that it "
+        "runs TARGET times faster than dense in the regime, on the backend; write the pruned model and reports.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="Model directory or Hub id (default: bundled MiniLM).")
+    p.add_argument("--target-speedup", type=float, help="End-to-end speedup to reach (default 1.5).")
+    p.add_argument("--output", "-o", help="Output directory (default: ./spdy-<model>-<target>x).")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output directory.")
+    p.add_argument("--recipe", help="A YAML/JSON SPDYConfig; flags given here override it.")
+    p.add_argument("--batch-size", type=int, help="Regime: sequences per forward pass.")
+    p.add_argument("--sequence-length", type=int, help="Regime: tokens per sequence.")
+    p.add_argument("--calibration", help="'builtin' (offline corpus) or a UTF-8 text file.")
+    p.add_argument("--num-samples", type=int, help="Calibration windows.")
+    p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
+    p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
+    p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    p.set_defaults(func=prune_command)
+    return p
+
+
+def _build_config(args):
+    from .config import SPDYConfig
+
+    data = SPDYConfig.load(args.recipe).to_dict() if args.recipe else {}
+    if args.target_speedup is not None:
+        data["target_speedup"] = args.target_speedup
+    if args.latency_table is not None:
+        data["latency_table"] = args.latency_table
+    regime = data.setdefault("regime", {})
+    if args.batch_size is not None:
+        regime["batch_size"] = args.batch_size
+    if args.sequence_length is not None:
+        regime["sequence_length"] = args.sequence_length
+    calibration = data.setdefault("calibration", {})
+    if args.calibration is not None:
+        calibration["source"] = args.calibration
+    if args.num_samples is not None:
+        calibration["num_samples"] = args.num_samples
+    if args.seed is not None:
+        calibration["seed"] = args.seed
+        data.setdefault("search", {})["seed"] = args.seed
+    return SPDYConfig.from_dict(data)
+
+
+def _default_output(model: str | None, target: float) -> str:
+    name = os.path.basename(os.path.normpath(model)) if model else "all-MiniLM-L6-v2"
+    return f"spdy-{name}-{target:g}x"
+
+
+def prune_command(args) -> int:
+    from .loading import load_model_and_tokenizer
+    from .pruner import SPDYPruner
+    from .result import check_output_dir
+
+    config = _build_config(args)
+    output = args.output or _default_output(args.model, config.target_speedup)
+    check_output_dir(output, args.overwrite)  # before any work: never find out after 10 minutes
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    result = SPDYPruner(model, config, tokenizer=tokenizer).prune(progress=not args.no_progress)
+    path = result.save_pretrained(output, overwrite=args.overwrite)
+    r = result.report
+    print(f"Pruned model written to {path}")
+    print(f"  target speedup     {r['target_speedup']:.3f}x")
+    print(f"  predicted speedup  {r['predicted_speedup']:.3f}x (max reachable {r['max_reachable_speedup']:.3f}x)")
+    print(f"  measured speedup   {r['measured_speedup']:.3f}x "
+          f"(dense {r['dense_time_ms']:.2f} ms, pruned {r['pruned_time_ms']:.2f} ms)")
+    print(f"  overall sparsity   {r['overall_sparsity']:.4f}")
+    print(f"  score ({r['score_kind']})  {r['score_dense_vs_pruned']:.6g}")
+    print(f"  stage seconds      {json.dumps(r['stage_seconds'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import SPDYError
+
+    parser = argparse.ArgumentParser(prog="spdy-hf", description="Speedup-targeted pruning for Hugging Face models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    prune_command_parser(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SPDYError as e:
+        print(f"spdy-hf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spdy-hf: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

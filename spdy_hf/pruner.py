@@ -1,0 +1,274 @@
+"""`SPDYPruner`: model + calibration data + config -> a pruned model that meets a measured speedup.
+
+Stages, in order: units -> latency table (profile) -> budget check -> pruning database -> SPDY search ->
+stitch the chosen weights -> verify the speedup end to end. The pruner owns the model, hooks and timing;
+the DP and the search are pure functions it calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from .apply import KernelSwap
+from .config import SPDYConfig
+from .data import load_texts, token_windows
+from .database import build_database
+from .environment import environment_info
+from .errors import SPDYError, UnreachableTargetError
+from .latency import LatencyTable
+from .latency.table import cache_key, default_cache_dir
+from .levels import get_levels
+from .loading import model_fingerprint
+from .result import PruningResult
+from .scoring import DistanceScorer
+from .search import compute_budget, spdy_search
+from .timing import interleaved_median_ms
+from .units import find_units
+
+logger = logging.getLogger(__name__)
+
+
+class SPDYPruner:
+    """Prunes a Hugging Face model to a target end-to-end speedup on the configured backend and regime.
+
+    Args:
+        model: the dense model (pruned in place).
+        config: the job; `SPDYConfig()` by default.
+        tokenizer: turns calibration text into tokens; needed unless token ids are passed to `prune`.
+
+    Example:
+        ```python
+        >>> from spdy_hf import SPDYConfig, SPDYPruner
+        >>> result = SPDYPruner(model, SPDYConfig(target_speedup=1.5), tokenizer=tokenizer).prune()
+        >>> result.report["measured_speedup"]
+        ```
+    """
+
+    def __init__(self, model: nn.Module, config: SPDYConfig | None = None, tokenizer=None):
+        self.model = model
+        self.config = config if config is not None else SPDYConfig()
+        self.tokenizer = tokenizer
+        self.stage_seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ public
+    def prune(
+        self,
+        calibration: list[str] | dict[str, torch.Tensor] | None = None,
+        latency_table: LatencyTable | str | None = None,
+        progress: bool = True,
+    ) -> PruningResult:
+        """Runs every stage and returns the pruned model (dense weights with zeros) with its profile and report.
+
+        Args:
+            calibration: texts, or token windows (`{"input_ids": (N, L) tensor, ...}`); by default the
+                config's calibration source (the built-in offline corpus).
+            latency_table: a table (or its path) to use instead of measuring; overrides `config.latency_table`.
+            progress: show progress bars.
+
+        Raises:
+            UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
+        """
+        config = self.config
+        model = self.model.eval()
+        self._check_model(model)
+        data = self._calibration_windows(calibration)
+
+        with self._stage("profile"):
+            example = {k: v[:1] for k, v in data.items()}
+            units = find_units(model, config.skip_modules, example_inputs=example)
+            levels = get_levels(config.levels)
+            table = self._latency_table(model, units, levels, latency_table)
+            times = table.times_for(table.keys_for(units))  # (U, K) ms
+            budget = compute_budget(times, table.base_time_ms, config.target_speedup,
+                                    reference_ms=table.reference_time_ms)
+        logger.info("%d units; dense model %.3f ms, searched units %.3f ms; max reachable speedup %.3fx.",
+                    len(units), budget.base_ms, budget.prunable_ms, budget.max_reachable_speedup)
+        if not budget.reachable:
+            raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup)
+
+        with self._stage("database"):
+            database = build_database(config.method, units, levels)
+
+        with self._stage("search"):
+            eval_windows = {k: v[: config.search.eval_samples] for k, v in data.items()}
+            batches = _batches(eval_windows, config.search.eval_batch_size)
+            scorer = DistanceScorer(model, batches)
+
+            def evaluate(profile: np.ndarray) -> float:
+                database.stitch(profile)
+                return scorer()
+
+            s = config.search
+            try:
+                result = spdy_search(evaluate, times, budget.budget_ms, num_random_inits=s.num_random_inits,
+                                     patience=s.patience, neighbourhood_fraction=s.neighbourhood_fraction,
+                                     buckets=s.dp_buckets, seed=s.seed, progress=progress)
+            except ValueError as e:  # the budget fits in real time but not after rounding times up to buckets
+                raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup) from e
+            profile = result.profile
+            database.stitch(profile)
+            score = scorer()
+
+        sparsities = [levels[k] for k in profile]
+        with self._stage("verify"):
+            layouts = table.layouts_for(units)
+            dense_ms, deployed_dense_ms, pruned_ms = self._verify(model, units, sparsities, layouts)
+
+        unit_times = times[np.arange(len(units)), profile]
+        predicted = budget.predicted_speedup(unit_times)
+        measured = dense_ms / pruned_ms
+        logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).",
+                    predicted, measured, dense_ms, pruned_ms)
+        if measured < 0.95 * config.target_speedup:
+            logger.warning(
+                "Measured speedup %.3fx falls short of the target %.3gx by more than 5%%: the latency table may be "
+                "stale or the machine busy. Re-measure the table on an idle machine (delete its cache file).",
+                measured, config.target_speedup)
+
+        profile_entries = []
+        zeros = total = 0
+        for unit, k, t in zip(units, profile, unit_times):
+            n_zero = int(round(levels[k] * unit.numel))
+            zeros += n_zero
+            total += unit.numel
+            profile_entries.append({
+                "name": unit.name, "shape": list(unit.shape), "level": int(k), "sparsity": levels[k],
+                "layout": table.layout_of(unit.name),
+                "input_leader": table.input_leaders.get(unit.name),
+                "dense_time_ms": float(times[units.index(unit), 0]), "time_ms": float(t),
+            })
+        report = {
+            "target_speedup": config.target_speedup,
+            "predicted_speedup": predicted,
+            "measured_speedup": measured,
+            "max_reachable_speedup": budget.max_reachable_speedup,
+            "dense_time_ms": dense_ms,
+            "pruned_time_ms": pruned_ms,
+            # the unpruned model with every unit in the deployed (FastLinear) form: shows how much of the
+            # speedup the kernel form gives alone, and how much the sparsity adds on top
+            "deployed_dense_time_ms": deployed_dense_ms,
+            "measured_speedup_vs_deployed_dense": deployed_dense_ms / pruned_ms,
+            "overall_sparsity": zeros / total,
+            "score_dense_vs_pruned": score,
+            "score_kind": scorer.kind,
+            "backend": config.backend,
+            "regime": {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
+                       "dtype": config.regime.dtype},
+            "method": config.method,
+            "num_units": len(units),
+            "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
+                       "constant_ms": budget.constant_ms, "budget_ms": budget.budget_ms},
+            "search": {"candidates": result.candidates, "evaluations": result.evaluations},
+            "stage_seconds": dict(self.stage_seconds),
+            "environment": environment_info(),
+        }
+        return PruningResult(model=model, tokenizer=self.tokenizer, config=config, units=units,
+                             profile=profile_entries, report=report, latency_table=table)
+
+    # ------------------------------------------------------------------ stages
+    @contextmanager
+    def _stage(self, name: str):
+        start = time.perf_counter()
+        logger.info("Stage %s ...", name)
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = round(time.perf_counter() - start, 3)
+
+    def _check_model(self, model: nn.Module) -> None:
+        cfg = getattr(model, "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        for name, length in (("regime.sequence_length", self.config.regime.sequence_length),
+                             ("calibration.sequence_length", self.config.calibration.sequence_length)):
+            if limit is not None and length > limit:
+                raise SPDYError(f"{name}={length} exceeds the model's maximum of {limit} positions; lower it.")
+
+    def _calibration_windows(self, calibration) -> dict[str, torch.Tensor]:
+        cal = self.config.calibration
+        if isinstance(calibration, dict):
+            if "input_ids" not in calibration:
+                raise SPDYError("Calibration windows must be a dict with an 'input_ids' tensor of shape (N, L).")
+            windows = dict(calibration)
+            windows.setdefault("attention_mask", torch.ones_like(windows["input_ids"]))
+        else:
+            if self.tokenizer is None:
+                raise SPDYError("Calibration text needs a tokenizer: pass SPDYPruner(model, config, tokenizer=...).")
+            texts = load_texts(cal.source) if calibration is None else list(calibration)
+            windows = token_windows(self.tokenizer, texts, cal.num_samples, cal.sequence_length, cal.seed)
+        n = windows["input_ids"].shape[0]
+        if n < self.config.search.eval_samples:
+            logger.info("Scoring candidates on all %d calibration windows (search.eval_samples=%d).",
+                        n, self.config.search.eval_samples)
+        return windows
+
+    def _regime_inputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        regime = self.config.regime
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1000
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (regime.batch_size, regime.sequence_length), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def _latency_table(self, model, units, levels, table) -> LatencyTable:
+        config = self.config
+        regime = {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
+                  "dtype": config.regime.dtype}
+        table = table if table is not None else config.latency_table
+        if isinstance(table, (str, os.PathLike)):
+            table = LatencyTable.load(table)
+        if table is not None:
+            table.check_matches(config.backend, regime, levels)
+            return table
+        from .environment import table_environment
+        from .latency.cpu import measure_latency_table
+
+        fingerprint = model_fingerprint(model)
+        key = cache_key(config.backend, regime, levels, fingerprint, table_environment())
+        path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"{key}.json")
+        if os.path.isfile(path):
+            logger.info("Reusing the latency table cached at %s.", path)
+            try:
+                return LatencyTable.load(path)
+            except SPDYError as e:
+                logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
+        table = measure_latency_table(model, units, levels, config, self._regime_inputs(model), fingerprint)
+        table.save(path)
+        logger.info("Latency table cached at %s.", path)
+        return table
+
+    @torch.inference_mode()
+    def _verify(self, model, units, sparsities, layouts) -> tuple[float, float, float]:
+        """The dense model, its deployed dense form and the pruned model, interleaved, median of repeats each.
+
+        All three run on the same module tree: the dense run swaps the original modules back in. Dense BLAS does
+        not skip zeros, so the original modules holding pruned weights take the dense model's time, and no
+        copy of the model is needed.
+        """
+        inputs = self._regime_inputs(model)
+        pruned = KernelSwap(model, units, sparsities, layouts)
+        deployed_dense = KernelSwap(model, units, [0.0] * len(units), layouts)
+        timing = self.config.timing
+
+        def run(swap):
+            def fn():
+                swap.use_deployed() if swap is not None else pruned.use_original()
+                model(**inputs)
+            return fn
+
+        try:
+            dense_ms, deployed_ms, pruned_ms = interleaved_median_ms(
+                [run(None), run(deployed_dense), run(pruned)], timing.warmup, max(10, timing.verify_repeats))
+        finally:
+            pruned.use_original()
+        return dense_ms, deployed_ms, pruned_ms
+
+
+def _batches(windows: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    n = windows["input_ids"].shape[0]
+    return [{k: v[i:i + batch_size] for k, v in windows.items()} for i in range(0, n, batch_size)]

@@ -1,0 +1,117 @@
+"""`PruningResult` and saving it: dense safetensors with zeros, loadable anywhere, plus SPDY's sidecars."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .apply import apply_sparse_kernels
+from .config import SPDYConfig
+from .errors import SPDYError
+from .io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+PROFILE_FILE = "spdy_profile.json"
+REPORT_FILE = "spdy_report.json"
+LATENCY_FILE = "spdy_latency_table.json"
+CONFIG_KEY = "spdy"  # the key of SPDY's metadata in config.json
+
+
+@dataclass
+class PruningResult:
+    """What `SPDYPruner.prune` returns.
+
+    Attributes:
+        model: the pruned model, dense weights with zeros (save it, fine-tune it, or call `to_sparse_kernels`).
+        profile: per unit: name, shape, level, sparsity, dense_time_ms and time_ms.
+        report: predicted and measured speedups, timings, scores, stage times and environment.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    config: SPDYConfig
+    units: list = field(repr=False)
+    profile: list[dict[str, Any]] = field(repr=False)
+    report: dict[str, Any] = field(default_factory=dict)
+    latency_table: Any = field(default=None, repr=False)
+
+    def to_sparse_kernels(self) -> nn.Module:
+        """Swaps the units for fast `FastLinear`s (CSR where sparse), in place, for inference. Save before this."""
+        from .apply import UnitLayout
+
+        index = {p["name"]: i for i, p in enumerate(self.profile)}
+        layouts = [UnitLayout(p.get("layout", "cc"), index.get(p.get("input_leader"))) for p in self.profile]
+        return apply_sparse_kernels(self.model, self.units, [p["sparsity"] for p in self.profile], layouts)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> str:
+        """Writes model (safetensors), config, tokenizer, `spdy_profile.json` and `spdy_report.json`.
+
+        Everything is written into a temporary directory beside the target and renamed into place at the end,
+        so an interrupted save leaves no half-written output. An existing non-empty directory is replaced
+        only with `overwrite=True`.
+        """
+        target = os.path.abspath(os.fspath(save_directory))
+        check_output_dir(target, overwrite)
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+        try:
+            config = getattr(self.model, "config", None)
+            if config is not None:
+                setattr(config, CONFIG_KEY, self.metadata())
+            try:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                if config is not None and hasattr(config, CONFIG_KEY):
+                    delattr(config, CONFIG_KEY)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(os.path.join(tmp, PROFILE_FILE), {"units": self.profile})
+            atomic_write_json(os.path.join(tmp, REPORT_FILE), self.report)
+            if self.latency_table is not None:
+                self.latency_table.save(os.path.join(tmp, LATENCY_FILE))
+            _replace_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("Saved the pruned model to %s.", target)
+        return target
+
+    def metadata(self) -> dict[str, Any]:
+        """SPDY's metadata for config.json: the job's config, the per-unit sparsities and the speedups."""
+        keys = ("target_speedup", "predicted_speedup", "measured_speedup", "backend", "regime", "overall_sparsity")
+        return {
+            "config": self.config.to_dict(),
+            "report": {k: self.report[k] for k in keys if k in self.report},
+            "profile": {p["name"]: p["sparsity"] for p in self.profile},
+        }
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raises unless `path` is absent, an empty directory, or `overwrite` is set."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SPDYError(f"Output path {path!r} is a file; choose a directory path.")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise SPDYError(
+            f"Output directory {path!r} exists and is not empty; choose another one, or pass --overwrite "
+            "(overwrite=True) to replace it."
+        )
+
+
+def _replace_dir(tmp: str, target: str) -> None:
+    if os.path.isdir(target):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        os.rmdir(old)
+        os.rename(target, old)  # keep the old output until the new one is in place
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)

@@ -1,0 +1,60 @@
+"""SPDY's dynamic program: the cheapest level per unit whose summed time fits a budget. Pure numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bucket_weights(times: np.ndarray, budget: float, buckets: int) -> np.ndarray:
+    """Times (U, K) in whole buckets of size budget / buckets, rounded UP; unrunnable levels get buckets + 1.
+
+    Rounding up makes the guarantee strict: if the bucket counts fit in `buckets`, the true times fit in
+    `budget` (the reference code rounded to nearest and could overshoot).
+    """
+    size = budget / buckets
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = np.ceil(np.asarray(times, dtype=np.float64) / size)
+    w[~np.isfinite(w) | (w > buckets)] = buckets + 1
+    return w.astype(np.int64)
+
+
+def solve_dp(costs: np.ndarray, times: np.ndarray, budget: float, buckets: int = 10_000) -> np.ndarray | None:
+    """Minimises sum_u costs[u, k_u] subject to sum_u times[u, k_u] <= budget (times rounded up to buckets).
+
+    Args:
+        costs: (U, K) cost of each unit at each level.
+        times: (U, K) time of each unit at each level; inf where a level cannot run.
+        budget: the time the searched units may take in all.
+        buckets: number of time buckets B; the DP is O(U * K * B), vectorised over B.
+
+    Returns:
+        (U,) level index per unit, or None when no choice fits the budget.
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    n_units, n_levels = costs.shape
+    if budget <= 0 or n_units == 0:
+        return None if n_units else np.zeros(0, dtype=np.int64)
+    w = bucket_weights(times, budget, buckets)  # (U, K)
+    # best[b]: least cost of the units so far using at most b buckets; monotone non-increasing in b
+    best = np.zeros(buckets + 1)
+    choice = np.full((n_units, buckets + 1), -1, dtype=np.int32)
+    for u in range(n_units):
+        new = np.full(buckets + 1, np.inf)
+        for k in range(n_levels):
+            wk = w[u, k]
+            if wk > buckets:
+                continue
+            cand = best[: buckets + 1 - wk] + costs[u, k]  # goes to buckets wk..B
+            better = cand < new[wk:]
+            new[wk:][better] = cand[better]
+            choice[u, wk:][better] = k
+        best = new
+    if not np.isfinite(best[buckets]):
+        return None
+    profile = np.empty(n_units, dtype=np.int64)
+    b = buckets
+    for u in range(n_units - 1, -1, -1):
+        k = choice[u, b]
+        profile[u] = k
+        b -= w[u, k]
+    return profile

@@ -1,0 +1,163 @@
+"""SPDY's budget arithmetic and its local search over layer sensitivities (DESIGN.md section 2).
+
+Pure: the search sees times as arrays and scores candidates through a callback; it owns no model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .dp import solve_dp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Budget:
+    """Where the time of one forward pass goes, and what a target leaves for the searched units."""
+
+    base_ms: float  # the dense model, measured end to end: speedups are relative to it
+    prunable_ms: float  # sum of the searched units' dense times
+    constant_ms: float  # everything not searched: reference - prunable (skipped layers, attention, norms, ...)
+    target_speedup: float
+    budget_ms: float  # time the searched units may take: base / target - constant
+    min_prunable_ms: float  # every unit at its fastest level
+
+    @property
+    def max_reachable_speedup(self) -> float:
+        return self.base_ms / (self.constant_ms + self.min_prunable_ms)
+
+    @property
+    def reachable(self) -> bool:
+        return self.min_prunable_ms <= self.budget_ms
+
+    def predicted_speedup(self, unit_times_ms: np.ndarray) -> float:
+        return self.base_ms / (self.constant_ms + float(np.sum(unit_times_ms)))
+
+
+def compute_budget(
+    times: np.ndarray, base_ms: float, target_speedup: float, reference_ms: float | None = None
+) -> Budget:
+    """The time budget of the searched units for a target speedup.
+
+    Args:
+        times: (U, K) unit times with the dense level first; inf where a level cannot run.
+        base_ms: the dense model's time; the speedup is measured against it.
+        reference_ms: the time of the model whose units run in the form `times` were measured in, all dense
+            (on the cpu backend, every unit a dense `FastLinear`); the constant is `reference_ms - sum of dense
+            unit times`. Defaults to `base_ms`.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    prunable = float(times[:, 0].sum())
+    constant = (base_ms if reference_ms is None else reference_ms) - prunable
+    if constant < 0:
+        logger.warning(
+            "The searched units alone (%.3f ms) take longer than the whole dense model (%.3f ms): the "
+            "latency table and the model time disagree, so predicted speedups are unreliable.", prunable, base_ms
+        )
+    return Budget(
+        base_ms=float(base_ms),
+        prunable_ms=prunable,
+        constant_ms=constant,
+        target_speedup=float(target_speedup),
+        budget_ms=base_ms / target_speedup - constant,
+        min_prunable_ms=float(times.min(axis=1).sum()),
+    )
+
+
+def error_prior(n_levels: int) -> np.ndarray:
+    """SPDY's reference prior e(k) = (k / (K - 1))^2 over the sorted level index, dense = 0."""
+    if n_levels == 1:
+        return np.zeros(1)
+    return (np.arange(n_levels, dtype=np.float64) / (n_levels - 1)) ** 2
+
+
+@dataclass
+class SearchResult:
+    profile: np.ndarray  # (U,) level index per unit
+    sensitivities: np.ndarray  # (U,) the c that produced it
+    score: float
+    candidates: int  # sensitivity vectors tried
+    evaluations: int  # distinct profiles scored (identical profiles are scored once)
+    history: list[float] = field(default_factory=list)  # best score after each candidate
+
+
+def spdy_search(
+    evaluate: Callable[[np.ndarray], float],
+    times: np.ndarray,
+    budget_ms: float,
+    *,
+    num_random_inits: int = 100,
+    patience: int = 100,
+    neighbourhood_fraction: float = 0.1,
+    buckets: int = 10_000,
+    seed: int = 0,
+    prior: np.ndarray | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """SPDY's search: random sensitivities first, then local search with a shrinking neighbourhood.
+
+    Each candidate c in [0, 1]^U becomes a profile through the DP with costs c_u * e(k); `evaluate(profile)`
+    returns its score (lower is better).
+    """
+    times = np.asarray(times, dtype=np.float64)
+    n_units, n_levels = times.shape
+    prior = error_prior(n_levels) if prior is None else np.asarray(prior, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    scores: dict[tuple[int, ...], float] = {}
+
+    def profile_of(c: np.ndarray) -> np.ndarray:
+        profile = solve_dp(c[:, None] * prior[None, :], times, budget_ms, buckets)
+        if profile is None:
+            raise ValueError("No profile fits the budget; check reachability before searching.")
+        return profile
+
+    def score_of(profile: np.ndarray) -> float:
+        key = tuple(int(k) for k in profile)
+        if key not in scores:
+            scores[key] = float(evaluate(profile))
+        return scores[key]
+
+    best_c = best_profile = None
+    best_score = np.inf
+    history: list[float] = []
+    k = max(1, int(round(neighbourhood_fraction * n_units)))
+    bar = tqdm(desc="SPDY search", unit="cand", disable=not progress, total=num_random_inits + k * patience)
+    candidates = 0
+
+    def consider(c: np.ndarray) -> bool:
+        nonlocal best_c, best_profile, best_score, candidates
+        profile = profile_of(c)
+        score = score_of(profile)
+        candidates += 1
+        improved = score < best_score
+        if improved:
+            best_c, best_profile, best_score = c, profile, score
+        history.append(best_score)
+        bar.update(1)
+        bar.set_postfix(best=f"{best_score:.4g}", k=k, evals=len(scores))
+        return improved
+
+    for _ in range(num_random_inits):
+        consider(rng.random(n_units))
+    while k >= 1:
+        failures = 0
+        while failures < patience:
+            c = best_c.copy()
+            redraw = rng.choice(n_units, size=k, replace=False)
+            c[redraw] = rng.random(k)
+            failures = 0 if consider(c) else failures + 1
+            # an improvement restarts the patience count, so the end moves: keep the bar's total honest
+            bar.total = candidates + (patience - failures) + (k - 1) * patience
+            bar.refresh()
+        k -= 1
+    bar.close()
+    logger.info("SPDY search: %d candidates, %d distinct profiles scored, best score %.6g.",
+                candidates, len(scores), best_score)
+    return SearchResult(profile=best_profile, sensitivities=best_c, score=best_score, candidates=candidates,
+                        evaluations=len(scores), history=history)
