@@ -27,7 +27,10 @@ _LAZY = {
     "FastLinear": "apply",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [
+    "CalibrationConfig", "ConfigError", "FastLinear", "LatencyTable", "PruningResult", "RegimeConfig", "SPDYConfig",
+    "SPDYError", "SPDYPruner", "SearchConfig", "TimingConfig", "UnreachableTargetError", "__version__", "find_units",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .apply import FastLinear

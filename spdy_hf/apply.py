@@ -62,13 +62,16 @@ class FastLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sparse: bool,
                  layout: UnitLayout = UnitLayout(), shared: SharedInput | None = None):
+        """`weight` is (out, in), dense or already CSR; a sparse unit keeps a CSR copy, a dense one the tensor."""
         super().__init__()
         self.out_features, self.in_features = weight.shape  # weight: (out, in)
         self.sparse = sparse
         self.layout = layout
         self.shared = shared if shared is not None else SharedInput()
         weight = weight.detach()
-        if sparse:
+        if sparse and weight.layout == torch.sparse_csr:
+            self.weight_kernel = weight
+        elif sparse:
             with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": known, and no action
                 warnings.simplefilter("ignore", UserWarning)
                 self.weight_kernel = weight.to_sparse_csr()
@@ -127,6 +130,7 @@ class KernelSwap:
     """Toggles every unit between its original module and a `FastLinear` built once from its current weight.
 
     Swapping is a `setattr` per unit, so original and deployed runs can be interleaved cheaply when timing.
+    Dense `FastLinear`s share the unit's live weight (no copy of the model); CSR ones hold a snapshot.
     """
 
     def __init__(self, model: nn.Module, units: list[Unit], sparsities: list[float],

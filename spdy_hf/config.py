@@ -116,12 +116,18 @@ class TimingConfig:
     verify_repeats: int = field(
         default=30, metadata={"help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
     )
+    weight_pool_mib: int = field(
+        default=32,
+        metadata={"help": "A layer is timed cycling through copies of its weight totalling this many MiB (at most 64 "
+                  "copies), so its weight comes from memory as in a full forward pass, not hot from the cache."},
+    )
 
     def __post_init__(self):
         _check_int("timing.warmup", self.warmup, 0)
         _check_int("timing.repeats", self.repeats, 1)
         _check_int("timing.model_repeats", self.model_repeats, 1)
         _check_int("timing.verify_repeats", self.verify_repeats, 1)
+        _check_int("timing.weight_pool_mib", self.weight_pool_mib, 0)
 
 
 DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*score*")
@@ -184,6 +190,8 @@ class SPDYConfig:
         if isinstance(self.levels, str):
             _check_choice("levels", self.levels, LEVEL_GRIDS)
         elif isinstance(self.levels, (list, tuple)) and self.levels:
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in self.levels):
+                raise ConfigError(f"levels={self.levels!r}: every sparsity must be a number in (0, 1).")
             levels = [float(x) for x in self.levels]
             if any(not 0.0 < x < 1.0 for x in levels) or len(set(levels)) != len(levels):
                 raise ConfigError(f"levels={self.levels!r}: every sparsity must be distinct and in (0, 1).")

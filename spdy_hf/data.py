@@ -96,7 +96,8 @@ def token_windows(
     body = sequence_length - n_special
     if body < 1:
         raise SPDYError(f"Calibration sequence length {sequence_length} leaves no room next to special tokens.")
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # whole documents may exceed the model's length limit: windows are cut below, so no warning is due
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     stream = [tok for ids in encoded for tok in ids]
     n_windows = len(stream) // body
     if n_windows < num_samples:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
-from functools import lru_cache
+from functools import cache
 
 
-@lru_cache(maxsize=None)
+@cache
 def processor_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

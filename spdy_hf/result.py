@@ -14,7 +14,7 @@ from torch import nn
 from .apply import apply_sparse_kernels
 from .config import SPDYConfig
 from .errors import SPDYError
-from .io import atomic_write_json
+from .io import atomic_write_json, default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,18 @@ class PruningResult:
         so an interrupted save leaves no half-written output. An existing non-empty directory is replaced
         only with `overwrite=True`.
         """
+        from .apply import FastLinear
+
+        if any(isinstance(m, FastLinear) for m in self.model.modules()):
+            raise SPDYError("The model runs on sparse kernels (to_sparse_kernels) and cannot be saved as a checkpoint; "
+                            "save the result before calling to_sparse_kernels().")
         target = os.path.abspath(os.fspath(save_directory))
         check_output_dir(target, overwrite)
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
         try:
+            os.chmod(tmp, default_mode(directory=True))
             config = getattr(self.model, "config", None)
             if config is not None:
                 setattr(config, CONFIG_KEY, self.metadata())

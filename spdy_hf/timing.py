@@ -7,14 +7,19 @@ import time
 from collections.abc import Callable
 
 
-def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of `fn()` in milliseconds over `repeats` calls after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
+def median_ms(fn: Callable[[], object] | list[Callable[[], object]], warmup: int, repeats: int) -> float:
+    """Median wall time in milliseconds of `repeats` calls after `warmup` untimed calls.
+
+    `fn` may be a list of equivalent functions, called in turn (to time a layer on weights not hot in cache).
+    """
+    fns = fn if isinstance(fn, list) else [fn]
+    for i in range(warmup):
+        fns[i % len(fns)]()
     samples = []
-    for _ in range(repeats):
+    for i in range(repeats):
+        call = fns[i % len(fns)]
         start = time.perf_counter()
-        fn()
+        call()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples) * 1e3
 

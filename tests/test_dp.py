@@ -1,0 +1,227 @@
+"""The pure core: SPDY's dynamic program, budget arithmetic, error prior and local search."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from spdy_hf.search import Budget, compute_budget, error_prior, solve_dp, spdy_search
+from spdy_hf.search.dp import bucket_weights
+
+
+def brute_force(costs, times, budget, buckets):
+    """Least total cost over all K^U choices whose bucket weights (times rounded UP) sum to <= buckets."""
+    n_units, n_levels = costs.shape
+    if budget <= 0:
+        return None, None
+    w = bucket_weights(times, budget, buckets)
+    best_cost, best_profile = np.inf, None
+    for profile in itertools.product(range(n_levels), repeat=n_units):
+        idx = np.arange(n_units), np.array(profile)
+        if w[idx].sum() > buckets:
+            continue
+        cost = costs[idx].sum()
+        if cost < best_cost:
+            best_cost, best_profile = cost, np.array(profile)
+    return (None, None) if best_profile is None else (best_cost, best_profile)
+
+
+def random_instance(rng):
+    n_units = int(rng.integers(1, 6))
+    n_levels = int(rng.integers(1, 6))
+    costs = rng.random((n_units, n_levels)) * rng.choice([1.0, 10.0])
+    times = rng.random((n_units, n_levels)) * 5 + 0.01  # not monotone in the level
+    unavailable = rng.random((n_units, n_levels)) < 0.15
+    unavailable[:, 0] &= rng.random(n_units) < 0.3  # dense is usually available, but not always
+    times[unavailable] = np.inf
+    fastest = times.min(axis=1)  # inf where a unit has no runnable level
+    lo = fastest.sum() if np.isfinite(fastest).all() else 1.0
+    budget = float(lo * rng.uniform(0.5, 2.0))  # around the least reachable time: some instances are infeasible
+    if rng.random() < 0.05:
+        budget = -abs(budget)
+    buckets = int(rng.choice([10, 37, 100, 1000]))
+    return costs, times, budget, buckets
+
+
+def test_dp_equals_brute_force_on_random_instances():
+    rng = np.random.default_rng(1234)
+    n_feasible = n_infeasible = 0
+    for trial in range(300):
+        costs, times, budget, buckets = random_instance(rng)
+        expected_cost, _ = brute_force(costs, times, budget, buckets)
+        profile = solve_dp(costs, times, budget, buckets)
+        if expected_cost is None:
+            assert profile is None, f"trial {trial}: DP found {profile} but brute force found nothing"
+            n_infeasible += 1
+            continue
+        n_feasible += 1
+        assert profile is not None, f"trial {trial}: brute force found cost {expected_cost}, DP found nothing"
+        assert profile.shape == (costs.shape[0],)
+        idx = np.arange(costs.shape[0]), profile
+        assert costs[idx].sum() == pytest.approx(expected_cost, rel=1e-12, abs=1e-12), f"trial {trial}"
+        # the strict guarantee: bucket weights fit, and so do the true times
+        assert bucket_weights(times, budget, buckets)[idx].sum() <= buckets
+        assert np.isfinite(times[idx]).all()
+        assert times[idx].sum() <= budget, f"trial {trial}: true time {times[idx].sum()} > budget {budget}"
+    # the generator must exercise both outcomes
+    assert n_feasible >= 100 and n_infeasible >= 30, (n_feasible, n_infeasible)
+
+
+def test_dp_hand_computed_case():
+    # Two units, three levels. Budget 10 ms in 10 buckets of 1 ms each.
+    costs = np.array([[0.0, 1.0, 4.0],
+                      [0.0, 2.0, 3.0]])
+    times = np.array([[6.0, 7.0, 2.0],   # level 1 is SLOWER than dense: never worth it
+                      [6.0, 3.0, 1.5]])  # 1.5 ms rounds UP to 2 buckets
+    # dense+dense = 12 > 10. Options that fit: (0,1)=9 ms cost 2; (0,2)=7.5 ms cost 3; (2,0)=8 cost 4; (2,1)=5 cost 6...
+    assert solve_dp(costs, times, 10.0, 10).tolist() == [0, 1]
+    # with 8.5 ms: (0,1) needs 9 buckets of 0.85 -> 6/0.85=7.06 -> 8, 3/0.85=3.5 -> 4: 12 > 10 buckets. (0,2): 8 + 2 = 10 fits.
+    assert solve_dp(costs, times, 8.5, 10).tolist() == [0, 2]
+    # nothing fits 3 ms: the fastest choice takes 3.5 ms
+    assert solve_dp(costs, times, 3.0, 10) is None
+    # an unavailable level is never chosen, even when it would be free
+    times_inf = times.copy()
+    times_inf[1, 1] = np.inf
+    assert solve_dp(costs, times_inf, 10.0, 10).tolist() == [0, 2]
+
+
+def test_dp_rounds_up_not_to_nearest():
+    # Each time is 0.4 bucket: rounding to nearest would give 0 buckets each and accept all; rounding up gives 1.
+    costs = np.array([[1.0, 0.0]] * 3)
+    times = np.array([[0.0, 0.4]] * 3)
+    profile = solve_dp(costs, times, budget=2.0, buckets=2)
+    assert profile is not None
+    assert (times[np.arange(3), profile]).sum() <= 2.0
+    assert sorted(profile.tolist()) == [0, 1, 1]
+
+
+def test_dp_budget_not_positive_and_empty():
+    assert solve_dp(np.zeros((2, 2)), np.ones((2, 2)), 0.0, 10) is None
+    assert solve_dp(np.zeros((2, 2)), np.ones((2, 2)), -1.0, 10) is None
+    assert solve_dp(np.zeros((0, 3)), np.zeros((0, 3)), 1.0, 10).shape == (0,)
+
+
+def test_bucket_weights_round_up_and_mark_unrunnable():
+    w = bucket_weights(np.array([[0.0, 0.1, 1.0, 1.01, np.inf, 11.0]]), budget=10.0, buckets=10)
+    assert w.tolist() == [[0, 1, 1, 2, 11, 11]]
+
+
+# ---------------------------------------------------------------------------------------------- budget
+def test_compute_budget_arithmetic():
+    times = np.array([[4.0, 5.0, 1.0],
+                      [6.0, 3.0, np.inf]])
+    b = compute_budget(times, base_ms=20.0, target_speedup=2.0)
+    assert isinstance(b, Budget)
+    assert b.prunable_ms == 10.0
+    assert b.constant_ms == 10.0  # reference defaults to base
+    assert b.budget_ms == pytest.approx(20.0 / 2.0 - 10.0)
+    assert b.min_prunable_ms == 4.0  # 1 + 3, inf ignored by min
+    assert b.max_reachable_speedup == pytest.approx(20.0 / (10.0 + 4.0))
+    assert not b.reachable  # budget 0 < 4
+    assert b.predicted_speedup(np.array([1.0, 3.0])) == pytest.approx(b.max_reachable_speedup)
+
+    ok = compute_budget(times, base_ms=20.0, target_speedup=1.4)
+    assert ok.budget_ms == pytest.approx(20.0 / 1.4 - 10.0)
+    assert ok.reachable
+
+    # the constant comes from the reference (deployed dense) model; speedups stay relative to the base
+    r = compute_budget(times, base_ms=20.0, target_speedup=1.2, reference_ms=22.0)
+    assert r.constant_ms == pytest.approx(12.0)
+    assert r.budget_ms == pytest.approx(20.0 / 1.2 - 12.0)
+    assert r.max_reachable_speedup == pytest.approx(20.0 / 16.0)
+    assert r.reachable == (4.0 <= 20.0 / 1.2 - 12.0)
+
+
+def test_compute_budget_reachable_flag_boundary():
+    times = np.array([[2.0, 1.0]])
+    # base 4, constant 2: fastest total is 3 -> max speedup 4/3
+    assert compute_budget(times, 4.0, 4.0 / 3.0 - 1e-9).reachable
+    assert not compute_budget(times, 4.0, 4.0 / 3.0 + 1e-6).reachable
+    assert compute_budget(times, 4.0, 1.1).max_reachable_speedup == pytest.approx(4.0 / 3.0)
+
+
+def test_error_prior():
+    assert error_prior(1).tolist() == [0.0]
+    e = error_prior(5)
+    assert e[0] == 0.0 and e[-1] == 1.0
+    assert e.tolist() == pytest.approx([(k / 4) ** 2 for k in range(5)])
+    e42 = error_prior(42)
+    assert e42[0] == 0.0 and e42[-1] == 1.0 and np.all(np.diff(e42) > 0)
+
+
+# ---------------------------------------------------------------------------------------------- search
+def synthetic_problem(seed=0, n_units=8, n_levels=6):
+    rng = np.random.default_rng(seed)
+    sparsity = np.linspace(0.0, 0.9, n_levels)
+    dense = rng.uniform(1.0, 3.0, n_units)
+    times = dense[:, None] * np.maximum(0.1, 1.5 * (1 - sparsity))[None, :]
+    times[:, 0] = dense
+    c_true = rng.uniform(0.01, 1.0, n_units)  # the hidden sensitivity of each unit
+    budget = 0.5 * dense.sum()
+    return times, budget, c_true, sparsity
+
+
+def test_spdy_search_fits_budget_counts_and_is_deterministic():
+    times, budget, c_true, sparsity = synthetic_problem()
+    calls = []
+
+    def evaluate(profile):
+        calls.append(tuple(int(k) for k in profile))
+        return float(np.sum(c_true * sparsity[profile] ** 2))
+
+    result = spdy_search(evaluate, times, budget, num_random_inits=10, patience=5, buckets=500, seed=3,
+                         progress=False)
+    n_units = times.shape[0]
+    assert result.profile.shape == (n_units,)
+    assert times[np.arange(n_units), result.profile].sum() <= budget
+    assert result.score == pytest.approx(evaluate(result.profile))
+    calls.pop()
+    # identical profiles are scored once; every distinct profile is scored
+    assert len(calls) == len(set(calls)) == result.evaluations
+    assert result.candidates >= 10 + 5  # random inits, then at least `patience` failures per neighbourhood size
+    assert result.evaluations <= result.candidates
+    assert len(result.history) == result.candidates
+    assert all(a >= b for a, b in zip(result.history, result.history[1:]))  # best-so-far never worsens
+    assert result.history[-1] == result.score
+    assert result.sensitivities.shape == (n_units,)
+    assert np.all((result.sensitivities >= 0) & (result.sensitivities <= 1))
+
+    again = spdy_search(lambda p: float(np.sum(c_true * sparsity[p] ** 2)), times, budget, num_random_inits=10,
+                        patience=5, buckets=500, seed=3, progress=False)
+    assert again.profile.tolist() == result.profile.tolist()
+    assert again.score == result.score and again.candidates == result.candidates
+
+
+def test_spdy_search_scores_repeated_profiles_once():
+    # one unit, two levels, a budget only the sparse level fits: every candidate yields the same profile
+    times = np.array([[2.0, 1.0]])
+    calls = []
+    result = spdy_search(lambda p: calls.append(p.tolist()) or 1.0, times, 1.5, num_random_inits=7, patience=4,
+                         buckets=100, seed=0, progress=False)
+    assert calls == [[1]]
+    assert result.evaluations == 1
+    assert result.candidates == 7 + 4
+    assert result.profile.tolist() == [1]
+
+
+def test_spdy_search_beats_a_naive_uniform_choice():
+    times, budget, c_true, sparsity = synthetic_problem(seed=5, n_units=10)
+
+    def evaluate(p):
+        return float(np.sum(c_true * sparsity[p] ** 2))
+
+    result = spdy_search(evaluate, times, budget, num_random_inits=30, patience=20, buckets=1000, seed=0,
+                         progress=False)
+    # the true optimum under the true sensitivities, by the DP itself
+    best = solve_dp(c_true[:, None] * sparsity[None, :] ** 2, times, budget, 1000)
+    uniform = [k for k in range(len(sparsity)) if times[:, k].sum() <= budget][0]
+    assert result.score <= evaluate(np.full(times.shape[0], uniform))
+    assert result.score <= 1.5 * evaluate(best)
+
+
+def test_spdy_search_raises_when_nothing_fits():
+    times = np.array([[2.0, 1.0]])
+    with pytest.raises(ValueError, match="budget"):
+        spdy_search(lambda p: 0.0, times, 0.5, num_random_inits=2, patience=1, buckets=10, progress=False)

@@ -1,0 +1,385 @@
+"""End to end: SPDYPruner on tiny models with a hand-written latency table (nothing is timed for the search)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, example_inputs, handwritten_table, small_config
+from safetensors.torch import load_file
+
+from spdy_hf import LatencyTable, PruningResult, SPDYPruner, UnreachableTargetError
+from spdy_hf.apply import FastLinear
+from spdy_hf.errors import SPDYError
+from spdy_hf.search import compute_budget
+from spdy_hf.units import find_units
+
+MODELS = ["bert", "llama", "opt", "gpt2"]
+AUTO_CLASS = {"bert": "AutoModel", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM",
+              "opt": "AutoModelForCausalLM"}
+REPORT_KEYS = {"target_speedup", "predicted_speedup", "measured_speedup", "max_reachable_speedup", "dense_time_ms",
+               "pruned_time_ms", "overall_sparsity", "score_dense_vs_pruned", "backend", "regime", "stage_seconds",
+               "environment"}
+
+
+def prune(model, config, tokenizer, layouts=False, **kwargs):
+    """Prunes with a hand-written table; with `layouts`, the table carries the layouts `plan_layouts` finds."""
+    units = find_units(model, config.skip_modules)
+    plan = None
+    if layouts:
+        from spdy_hf.latency.cpu import plan_layouts
+
+        plan = plan_layouts(model, units, example_inputs(seq=config.regime.sequence_length))
+    table = handwritten_table(model, units, config, plan)
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False, **kwargs)
+    return result, table
+
+
+@pytest.fixture(params=MODELS)
+def pruned(request, tmp_path, tokenizer):
+    """(name, dense copy of the state dict, result, table, config) for one tiny model pruned to 2x."""
+    name = request.param
+    model = MODEL_FACTORIES[name]()
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = small_config(tmp_path, target_speedup=2.0)
+    result, table = prune(model, config, tokenizer, layouts=(name == "bert"))
+    return name, dense_state, result, table, config
+
+
+def test_report_and_profile(pruned, tmp_path):
+    name, _, result, table, config = pruned
+    assert isinstance(result, PruningResult)
+    report = result.report
+    assert REPORT_KEYS <= set(report)
+    assert set(report["stage_seconds"]) >= {"profile", "database", "search", "verify"}
+    assert {"torch", "processor"} <= set(report["environment"])
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["target_speedup"] == 2.0
+    assert report["predicted_speedup"] >= 2.0
+    assert report["predicted_speedup"] <= report["max_reachable_speedup"]
+    assert report["max_reachable_speedup"] == pytest.approx(1.25 / (0.25 + 0.05))  # from the hand-written table
+    assert report["backend"] == "cpu"
+    assert report["regime"] == {"batch_size": 1, "sequence_length": 32, "dtype": "float32"}
+    assert report["dense_time_ms"] > 0 and report["pruned_time_ms"] > 0
+    assert report["measured_speedup"] == pytest.approx(report["dense_time_ms"] / report["pruned_time_ms"])
+    assert report["score_kind"] == ("nmse" if name == "bert" else "kl")
+    assert report["score_dense_vs_pruned"] >= 0
+    assert 0 < report["overall_sparsity"] < 1
+    assert report["search"]["evaluations"] <= report["search"]["candidates"]
+    assert report["search"]["candidates"] >= 5 + 3
+    json.dumps(report)  # plain JSON
+
+    # the budget holds in the table's own times: sum of unit times + constant <= base / target
+    units = result.units
+    assert [p["name"] for p in result.profile] == [u.name for u in units]
+    constant = table.reference_time_ms - sum(p["dense_time_ms"] for p in result.profile)
+    assert report["budget"]["constant_ms"] == pytest.approx(constant)
+    assert sum(p["time_ms"] for p in result.profile) + constant <= table.base_time_ms / 2.0
+    predicted = table.base_time_ms / (constant + sum(p["time_ms"] for p in result.profile))
+    assert report["predicted_speedup"] == pytest.approx(predicted)
+
+    levels = table.levels
+    times = table.times_for(table.keys_for(units))
+    zeros = total = 0
+    for i, (p, unit) in enumerate(zip(result.profile, units)):
+        assert p["shape"] == list(unit.shape)
+        assert p["sparsity"] == levels[p["level"]]
+        assert p["dense_time_ms"] == pytest.approx(times[i, 0])
+        assert p["time_ms"] == pytest.approx(times[i, p["level"]])
+        # the live weights carry exactly the profile's sparsity
+        n_zero = int((unit.module.weight == 0).sum())
+        assert n_zero == round(p["sparsity"] * unit.numel), p["name"]
+        zeros += n_zero
+        total += unit.numel
+    assert report["overall_sparsity"] == pytest.approx(zeros / total)
+    assert not (tmp_path / "cache").exists()  # a given table means no measurement and no cache
+
+
+def test_only_units_change(pruned):
+    _, dense_state, result, _, _ = pruned
+    unit_params = {f"{u.name}.weight" for u in result.units}
+    state = result.model.state_dict()
+    changed = {k for k in dense_state if not torch.equal(dense_state[k], state[k])}
+    assert changed and changed <= unit_params  # embeddings, norms, biases and heads are untouched
+
+
+def test_save_pretrained_and_reload(pruned, tmp_path):
+    import transformers
+
+    name, _, result, _, _ = pruned
+    out = tmp_path / "out"
+    path = result.save_pretrained(out)
+    assert path == str(out)
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "spdy_profile.json", "spdy_report.json"} <= files
+    assert "tokenizer.json" in files or "vocab.txt" in files
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".out")]  # no temp dirs left beside it
+
+    config_json = json.loads((out / "config.json").read_text())
+    spdy = config_json["spdy"]
+    assert spdy["config"]["target_speedup"] == 2.0
+    assert spdy["profile"] == {p["name"]: p["sparsity"] for p in result.profile}
+    assert spdy["report"]["predicted_speedup"] == pytest.approx(result.report["predicted_speedup"])
+    assert not hasattr(result.model.config, "spdy")  # the live config is left as it was
+
+    profile = json.loads((out / "spdy_profile.json").read_text())
+    assert len(profile["units"]) == len(result.units)
+    for entry, unit in zip(profile["units"], result.units):
+        assert {"name", "shape", "sparsity", "dense_time_ms", "time_ms"} <= set(entry)
+        assert entry["name"] == unit.name and entry["shape"] == list(unit.shape)
+    report = json.loads((out / "spdy_report.json").read_text())
+    assert report["predicted_speedup"] == pytest.approx(result.report["predicted_speedup"])
+
+    stored = load_file(str(out / "model.safetensors"))
+    reloaded = getattr(transformers, AUTO_CLASS[name]).from_pretrained(str(out)).eval()
+    live = result.model.state_dict()
+    reloaded_state = reloaded.state_dict()
+    for unit in result.units:
+        key = f"{unit.name}.weight"
+        assert torch.equal(reloaded_state[key], live[key])
+        assert key in stored and torch.equal(stored[key], live[key])
+    inputs = example_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs)[0], result.model(**inputs)[0])
+
+
+def test_save_into_non_empty_dir_needs_overwrite(pruned, tmp_path):
+    *_, result, _, _ = pruned
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SPDYError, match="not empty"):
+        result.save_pretrained(out)
+    assert os.listdir(out) == ["keep.txt"]
+    result.save_pretrained(out, overwrite=True)
+    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # neither the old output nor a temp dir is left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result.save_pretrained(empty)  # an empty directory is fine
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SPDYError, match="is a file"):
+        result.save_pretrained(afile)
+
+
+def test_to_sparse_kernels_matches_pruned_dense_model(pruned):
+    *_, result, _, _ = pruned
+    inputs = example_inputs(batch=2, seq=32)
+    model = result.model
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+    swapped = result.to_sparse_kernels()
+    assert swapped is model
+    modules = [model.get_submodule(u.name) for u in result.units]
+    assert all(isinstance(m, FastLinear) for m in modules)
+    assert [m.sparse for m in modules] == [p["sparsity"] > 0 for p in result.profile]
+    assert [m.layout.code for m in modules] == [p["layout"] for p in result.profile]
+    with torch.no_grad():
+        got = model(**inputs)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bert_profile_uses_planned_layouts(tiny_bert, tmp_path, tokenizer):
+    config = small_config(tmp_path)
+    result, table = prune(tiny_bert, config, tokenizer, layouts=True)
+    by_name = {p["name"]: p for p in result.profile}
+    assert by_name["encoder.layer.0.attention.self.query"]["layout"] == "sc"
+    assert by_name["encoder.layer.0.attention.self.key"]["input_leader"] == "encoder.layer.0.attention.self.query"
+    assert by_name["encoder.layer.0.intermediate.dense"]["layout"] == "ct"
+    assert by_name["encoder.layer.0.output.dense"]["layout"] == "tc"
+    assert table.keys_for(result.units)[4] == "64x32:ct"
+
+
+def test_dense_is_kept_where_sparse_is_slower(tiny_bert, tmp_path, tokenizer):
+    # 0.1, 0.2 and 0.3 sparse are slower than dense in the hand-written table: never worth choosing
+    config = small_config(tmp_path, target_speedup=1.6, levels=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95])
+    result, table = prune(tiny_bert, config, tokenizer)
+    assert result.report["predicted_speedup"] >= 1.6
+    for p in result.profile:
+        assert p["time_ms"] <= p["dense_time_ms"], p
+        assert p["sparsity"] not in (0.1, 0.2, 0.3)
+
+
+def test_deterministic_for_a_seed(tmp_path, tokenizer):
+    profiles = []
+    for _ in range(2):
+        model = MODEL_FACTORIES["llama"]()
+        result, _ = prune(model, small_config(tmp_path), tokenizer)
+        profiles.append([p["level"] for p in result.profile])
+    assert profiles[0] == profiles[1]
+
+
+def test_unreachable_target_raises_before_any_other_stage(tiny_bert, tmp_path, tokenizer, monkeypatch):
+    import spdy_hf.pruner as pruner_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a stage after the budget check ran")
+
+    monkeypatch.setattr(pruner_module, "build_database", must_not_run)
+    monkeypatch.setattr(pruner_module, "spdy_search", must_not_run)
+    monkeypatch.setattr(SPDYPruner, "_verify", must_not_run)
+    before = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
+    config = small_config(tmp_path, target_speedup=50.0)
+    units = find_units(tiny_bert, config.skip_modules)
+    table = handwritten_table(tiny_bert, units, config)
+    pruner = SPDYPruner(tiny_bert, config, tokenizer)
+    with pytest.raises(UnreachableTargetError) as info:
+        pruner.prune(latency_table=table, progress=False)
+    times = table.times_for(table.keys_for(units))
+    expected = compute_budget(times, table.base_time_ms, 50.0, reference_ms=table.reference_time_ms)
+    assert info.value.max_reachable_speedup == pytest.approx(expected.max_reachable_speedup)
+    assert info.value.target_speedup == 50.0
+    assert "at most" in str(info.value) and f"{expected.max_reachable_speedup:.3f}" in str(info.value)
+    assert set(pruner.stage_seconds) == {"profile"}
+    after = tiny_bert.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_target_that_fits_only_before_rounding_is_unreachable(tiny_bert, tmp_path, tokenizer):
+    # just under the maximum reachable speedup: the real-time budget fits, the rounded-up buckets do not
+    config = small_config(tmp_path, target_speedup=1.25 / 0.3 * (1 - 1e-9),
+                          search={"num_random_inits": 2, "patience": 1, "eval_samples": 2, "dp_buckets": 10})
+    with pytest.raises(UnreachableTargetError):
+        prune(tiny_bert, config, tokenizer)
+
+
+def test_latency_table_as_path_and_from_config(tiny_bert, tmp_path, tokenizer):
+    config = small_config(tmp_path)
+    units = find_units(tiny_bert, config.skip_modules)
+    table = handwritten_table(tiny_bert, units, config)
+    path = tmp_path / "table.json"
+    table.save(path)
+    assert LatencyTable.load(path) == table
+    result = SPDYPruner(tiny_bert, config, tokenizer).prune(latency_table=str(path), progress=False)
+    assert result.report["predicted_speedup"] >= 2.0
+    config2 = small_config(tmp_path, latency_table=str(path))
+    result2 = SPDYPruner(MODEL_FACTORIES["bert"](), config2, tokenizer).prune(progress=False)
+    assert [p["level"] for p in result2.profile] == [p["level"] for p in result.profile]
+
+
+def test_latency_table_mismatches(tiny_bert, tiny_llama, tmp_path, tokenizer, caplog):
+    config = small_config(tmp_path)
+    units = find_units(tiny_bert, config.skip_modules)
+    table = handwritten_table(tiny_bert, units, config)
+    other_levels = handwritten_table(tiny_bert, units, small_config(tmp_path, levels=[0.5, 0.9]))
+    with pytest.raises(SPDYError, match="levels"):
+        SPDYPruner(tiny_bert, config, tokenizer).prune(latency_table=other_levels, progress=False)
+    # a table of another model lacks this model's shapes
+    llama_table = handwritten_table(tiny_llama, find_units(tiny_llama, config.skip_modules), config)
+    table_of_other = LatencyTable.from_dict({**table.to_dict(), "shapes": {
+        k: v for k, v in llama_table.shapes.items() if k not in table.shapes}})
+    with pytest.raises(SPDYError, match="another model"):
+        SPDYPruner(tiny_bert, config, tokenizer).prune(latency_table=table_of_other, progress=False)
+    wrong_backend = LatencyTable.from_dict({**table.to_dict(), "backend": "cuda"})
+    with pytest.raises(SPDYError, match="backend"):
+        SPDYPruner(tiny_bert, config, tokenizer).prune(latency_table=wrong_backend, progress=False)
+    other_regime = LatencyTable.from_dict({**table.to_dict(), "regime": {**table.regime, "batch_size": 8}})
+    with caplog.at_level(logging.WARNING, logger="spdy_hf"):
+        SPDYPruner(tiny_bert, config, tokenizer).prune(latency_table=other_regime, progress=False)
+    assert "regime" in caplog.text
+
+
+def test_latency_table_validation(tmp_path):
+    good = dict(backend="cpu", regime={}, levels=[0.0, 0.5], shapes={"4x4:cc": [1.0, 0.5]}, base_time_ms=2.0)
+    LatencyTable(**good)
+    with pytest.raises(SPDYError, match="version"):
+        LatencyTable(**good, version=99)
+    with pytest.raises(SPDYError, match="0.0"):
+        LatencyTable(**{**good, "levels": [0.5, 0.9]})
+    with pytest.raises(SPDYError, match="4x4:cc"):
+        LatencyTable(**{**good, "shapes": {"4x4:cc": [1.0]}})
+    with pytest.raises(SPDYError, match="dense"):
+        LatencyTable(**{**good, "shapes": {"4x4:cc": [None, 1.0]}})
+    with pytest.raises(SPDYError, match="positive"):
+        LatencyTable(**{**good, "base_time_ms": 0.0})
+    with pytest.raises(SPDYError, match="not a valid|Not a valid"):
+        LatencyTable.from_dict({**good, "extra": 1})
+    t = LatencyTable(**{**good, "shapes": {"4x4:cc": [1.0, None]}})
+    assert np.isinf(t.times_for(["4x4:cc"])[0, 1])
+    with pytest.raises(SPDYError, match="does not exist"):
+        LatencyTable.load(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SPDYError, match="not valid JSON"):
+        LatencyTable.load(tmp_path / "bad.json")
+
+
+def test_calibration_as_token_windows_without_tokenizer(tiny_llama, tmp_path):
+    config = small_config(tmp_path)
+    units = find_units(tiny_llama, config.skip_modules)
+    table = handwritten_table(tiny_llama, units, config)
+    windows = {"input_ids": torch.randint(1000, 30000, (4, 32), generator=torch.Generator().manual_seed(0))}
+    result = SPDYPruner(tiny_llama, config).prune(calibration=windows, latency_table=table, progress=False)
+    assert result.report["predicted_speedup"] >= 2.0
+    with pytest.raises(SPDYError, match="input_ids"):
+        SPDYPruner(tiny_llama, config).prune(calibration={"ids": windows["input_ids"]}, latency_table=table)
+    with pytest.raises(SPDYError, match="tokenizer"):
+        SPDYPruner(tiny_llama, config).prune(calibration=["some text"], latency_table=table)
+
+
+def test_sequence_longer_than_the_model_allows(tiny_bert, tmp_path, tokenizer):
+    config = small_config(tmp_path, regime={"batch_size": 1, "sequence_length": 256})
+    with pytest.raises(SPDYError, match="regime.sequence_length"):
+        SPDYPruner(tiny_bert, config, tokenizer).prune(progress=False)
+
+
+def test_measured_table_is_cached_and_reused(tiny_bert, tmp_path, tokenizer, monkeypatch, caplog):
+    """The measuring path on a tiny model (cheap: 2 levels, 1 warm-up, 2 repeats); no timing is asserted."""
+    import spdy_hf.latency.cpu as cpu
+
+    config = small_config(tmp_path, target_speedup=1.01, levels=[0.5, 0.95])
+
+    def run():
+        try:
+            return SPDYPruner(tiny_bert, config, tokenizer).prune(progress=False).latency_table
+        except UnreachableTargetError:
+            return None
+
+    first = run()
+    cached = list((tmp_path / "cache" / "latency").glob("*.json"))
+    assert len(cached) == 1
+    table = LatencyTable.load(cached[0])
+    units = find_units(tiny_bert, config.skip_modules)
+    assert set(table.keys_for(units)) == set(table.shapes)
+    assert table.levels == [0.0, 0.5, 0.95] and table.base_time_ms > 0
+    assert set(table.unit_layouts) == {u.name for u in units}
+    assert table.unit_layouts["encoder.layer.0.intermediate.dense"] == "ct"
+    if first is not None:
+        assert first == table
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("measured again despite a cached table")
+
+    monkeypatch.setattr(cpu, "measure_latency_table", must_not_measure)
+    run()
+    # a corrupted cache file is measured again, with a warning, and replaced
+    cached[0].write_text("{")
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.pruner"):
+        run()
+    assert "unreadable" in caplog.text
+    assert LatencyTable.load(cached[0]).levels == [0.0, 0.5, 0.95]
+
+
+@pytest.mark.slow
+def test_real_minilm_with_handwritten_table(minilm_path, tmp_path, tokenizer):
+    """The bundled all-MiniLM-L6-v2 end to end, with a hand-written table (no profiling): opt in with --run-slow."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    config = small_config(tmp_path, target_speedup=1.5)
+    units = find_units(model, config.skip_modules)
+    assert len(units) == 36  # 6 layers x (query, key, value, attention.output.dense, intermediate, output)
+    result, _ = prune(model, config, tokenizer, layouts=True)
+    assert result.report["predicted_speedup"] >= 1.5
+    for p, unit in zip(result.profile, result.units):
+        assert int((unit.module.weight == 0).sum()) == round(p["sparsity"] * unit.numel)
+    inputs = tokenizer(["Pruning makes models faster."], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+        result.to_sparse_kernels()
+        torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
