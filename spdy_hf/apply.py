@@ -115,14 +115,19 @@ def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def deployed_modules(units: list[Unit], sparsities: list[float], layouts: list[UnitLayout] | None = None):
-    """A `FastLinear` per unit from its current weight (CSR where sparsity > 0); followers share their leader's input."""
+def deployed_modules(units: list[Unit], sparsities: list[float], layouts: list[UnitLayout] | None = None,
+                     weights: list[torch.Tensor | None] | None = None) -> list[FastLinear]:
+    """A `FastLinear` per unit (CSR where sparsity > 0); followers share their leader's transposed input.
+
+    Built from each unit's current weight, or from `weights[i]` where given (timing uses random masks).
+    """
     layouts = layouts or [UnitLayout()] * len(units)
+    weights = weights or [None] * len(units)
     shared = [SharedInput() for _ in units]
     return [
-        FastLinear(unit.weight, unit.module.bias, sparsity > 0, layout,
+        FastLinear(unit.weight if w is None else w, unit.module.bias, sparsity > 0, layout,
                    shared[layout.leader if layout.leader is not None else i])
-        for i, (unit, sparsity, layout) in enumerate(zip(units, sparsities, layouts))
+        for i, (unit, sparsity, layout, w) in enumerate(zip(units, sparsities, layouts, weights))
     ]
 
 
@@ -134,9 +139,9 @@ class KernelSwap:
     """
 
     def __init__(self, model: nn.Module, units: list[Unit], sparsities: list[float],
-                 layouts: list[UnitLayout] | None = None):
+                 layouts: list[UnitLayout] | None = None, weights: list[torch.Tensor | None] | None = None):
         self.slots = []  # (parent, attribute, original module, deployed module)
-        for unit, module in zip(units, deployed_modules(units, sparsities, layouts)):
+        for unit, module in zip(units, deployed_modules(units, sparsities, layouts, weights)):
             parent, attr = _parent_and_attr(model, unit.name)
             self.slots.append((parent, attr, unit.module, module))
 

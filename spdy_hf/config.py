@@ -110,16 +110,12 @@ class SearchConfig:
 class TimingConfig:
     """How latencies are measured: every number is a median of repeats after a warm-up."""
 
-    warmup: int = field(default=5, metadata={"help": "Untimed calls before timing a layer."})
-    repeats: int = field(default=25, metadata={"help": "Timed calls per layer and level (median taken)."})
-    model_repeats: int = field(default=30, metadata={"help": "Timed forward passes of the whole model."})
+    warmup: int = field(default=3, metadata={"help": "Untimed calls before timing."})
+    repeats: int = field(default=25, metadata={"help": "Timed calls of a layer alone (kernel benchmarks)."})
+    model_repeats: int = field(
+        default=20, metadata={"help": "Timed forward passes per level while profiling units in place (median)."})
     verify_repeats: int = field(
         default=30, metadata={"help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
-    )
-    weight_pool_mib: int = field(
-        default=32,
-        metadata={"help": "A layer is timed cycling through copies of its weight totalling this many MiB (at most 64 "
-                  "copies), so its weight comes from memory as in a full forward pass, not hot from the cache."},
     )
 
     def __post_init__(self):
@@ -127,7 +123,6 @@ class TimingConfig:
         _check_int("timing.repeats", self.repeats, 1)
         _check_int("timing.model_repeats", self.model_repeats, 1)
         _check_int("timing.verify_repeats", self.verify_repeats, 1)
-        _check_int("timing.weight_pool_mib", self.weight_pool_mib, 0)
 
 
 DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*score*")

@@ -76,6 +76,7 @@ class SPDYPruner:
             UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
         """
         config = self.config
+        self._progress = progress
         model = self.model.eval()
         self._check_model(model)
         data = self._calibration_windows(calibration)
@@ -237,7 +238,8 @@ class SPDYPruner:
                 return LatencyTable.load(path)
             except SPDYError as e:
                 logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
-        table = measure_latency_table(model, units, levels, config, self._regime_inputs(model), fingerprint)
+        table = measure_latency_table(model, units, levels, config, self._regime_inputs(model), fingerprint,
+                                      progress=self._progress)
         table.save(path)
         logger.info("Latency table cached at %s.", path)
         return table

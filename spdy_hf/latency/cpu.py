@@ -9,7 +9,10 @@ find the layouts once by observation and time each distinct (shape, layout code)
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -47,33 +50,78 @@ def regime_activation(batch: int, seq: int, features: int, layout: str, generato
 @torch.inference_mode()
 def time_shape(out_features: int, in_features: int, code: str, levels: list[float], config: SPDYConfig,
                seed: int = 0) -> list[float]:
-    """Times one (out, in) unit with bias at every level, in the regime, with layout code (input, output)."""
+    """Times one (out, in) unit with bias alone, at every level, in the regime, with layout code (input, output).
+
+    Alone, a layer's weight stays hot in cache, so these times run low next to a full forward pass; the latency
+    table uses `time_units_in_model` instead. Kept for benchmarks of the kernels themselves.
+    """
     gen = torch.Generator().manual_seed(seed)
     regime = config.regime
     x = regime_activation(regime.batch_size, regime.sequence_length, in_features, "t" if code[0] == "t" else "c", gen)
     bias = torch.randn(out_features, generator=gen)
-    pool_bytes = config.timing.weight_pool_mib * 2**20
     times = []
     for sparsity in levels:
         module = FastLinear(random_sparse_weight(out_features, in_features, sparsity, gen), bias,
                             sparse=sparsity > 0, layout=UnitLayout(code))
-        # copies of the module with their own weight memory, cycled, so weights are not hot in cache
-        copies = max(1, min(64, -(-pool_bytes // _weight_bytes(module))))
-        pool = [module] + [_copy_of(module) for _ in range(copies - 1)]
-        times.append(median_ms([lambda m=m: m(x) for m in pool], config.timing.warmup, config.timing.repeats))
+        times.append(median_ms(lambda m=module: m(x), config.timing.warmup, config.timing.repeats))
     return times
 
 
-def _weight_bytes(module: FastLinear) -> int:
-    w = module.weight_kernel
-    if module.sparse:
-        parts = (w.values(), w.col_indices(), w.crow_indices())
-        return max(1, sum(p.numel() * p.element_size() for p in parts))
-    return w.numel() * w.element_size()
+@torch.inference_mode()
+def time_units_in_model(
+    model: torch.nn.Module,
+    units: list[Unit],
+    layouts: list[UnitLayout],
+    levels: list[float],
+    inputs: dict,
+    warmup: int,
+    repeats: int,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every unit timed in place, in full forward passes of the deployed model with all units at one level.
 
+    In place, each unit meets the cache as it will in production (its weight cold, its input just written),
+    which a layer timed alone does not. Sparse weights are random masks of the unit's shape at the level.
 
-def _copy_of(module: FastLinear) -> FastLinear:
-    return FastLinear(module.weight_kernel.clone(), module.bias, module.sparse, module.layout)
+    Returns:
+        unit_ms: (U, K) median time of each unit at each level.
+        total_ms: (K,) median forward-pass time with every unit at each level.
+    """
+    gen = torch.Generator().manual_seed(0)
+    unit_ms = np.zeros((len(units), len(levels)))
+    total_ms = np.zeros(len(levels))
+    for k, sparsity in enumerate(tqdm(levels, desc="Profiling latency", unit="level", disable=not progress)):
+        weights = [random_sparse_weight(*u.shape, sparsity, gen) if sparsity > 0 else None for u in units]
+        swap = KernelSwap(model, units, [sparsity] * len(units), layouts, weights=weights)
+        samples: list[list[float]] = [[] for _ in units]
+        starts = [0.0] * len(units)
+        hooks = []
+        for i, (_, _, _, module) in enumerate(swap.slots):
+            def pre(mod, args, i=i, starts=starts):
+                starts[i] = time.perf_counter()
+
+            def post(mod, args, out, i=i, starts=starts, samples=samples):
+                samples[i].append(time.perf_counter() - starts[i])
+
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        swap.use_deployed()
+        try:
+            for _ in range(warmup):
+                model(**inputs)
+            for s in samples:
+                s.clear()
+            totals = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(**inputs)
+                totals.append(time.perf_counter() - start)
+        finally:
+            swap.use_original()
+            for h in hooks:
+                h.remove()
+        unit_ms[:, k] = [statistics.median(s) * 1e3 for s in samples]
+        total_ms[k] = statistics.median(totals) * 1e3
+    return unit_ms, total_ms
 
 
 @torch.inference_mode()
@@ -164,6 +212,7 @@ def measure_latency_table(
     config: SPDYConfig,
     inputs: dict,
     model_fingerprint: str | None = None,
+    progress: bool = True,
 ) -> LatencyTable:
     """Measures every distinct (unit shape, input layout) at every level, and the model end to end.
 
@@ -171,20 +220,16 @@ def measure_latency_table(
         inputs: keyword inputs of one forward pass in the regime (batch_size x sequence_length).
     """
     layouts = plan_layouts(model, units, inputs)
-    keys = sorted({(u.shape, layout.code) for u, layout in zip(units, layouts)})
-    logger.info("Timing %d distinct unit shapes/layouts at %d levels on the cpu backend.", len(keys), len(levels))
-    table_shapes = {}
-    for (out_features, in_features), code in tqdm(keys, desc="Profiling latency", unit="shape"):
-        table_shapes[f"{out_features}x{in_features}:{code}"] = time_shape(
-            out_features, in_features, code, levels, config)
+    keys = [f"{u.shape_key}:{layout.code}" for u, layout in zip(units, layouts)]
+    logger.info("Timing %d units (%d distinct shapes/layouts) in place at %d levels on the cpu backend.",
+                len(units), len(set(keys)), len(levels))
     warmup, repeats = config.timing.warmup, config.timing.model_repeats
+    unit_ms, total_ms = time_units_in_model(model, units, layouts, levels, inputs, warmup, repeats, progress)
+    # units of one shape and layout share one row: the median over them
+    table_shapes = {key: np.median(unit_ms[[i for i, k in enumerate(keys) if k == key]], axis=0).tolist()
+                    for key in sorted(set(keys))}
     base = time_model(model, inputs, warmup, repeats)
-    swap = KernelSwap(model, units, [0.0] * len(units), layouts)
-    swap.use_deployed()
-    try:
-        deployed_dense = time_model(model, inputs, warmup, repeats)
-    finally:
-        swap.use_original()
+    deployed_dense = float(total_ms[0])
     logger.info("Dense model: %.3f ms per forward pass in the regime (%.3f ms with every unit as a dense "
                 "FastLinear).", base, deployed_dense)
     return LatencyTable(
