@@ -87,6 +87,12 @@ class SearchConfig:
         default=0.1, metadata={"help": "Initial share of units redrawn per mutation (rounded, at least 1)."}
     )
     dp_buckets: int = field(default=10_000, metadata={"help": "Time buckets of the dynamic program."})
+    speedup_margin: float = field(
+        default=0.05,
+        metadata={"help": "The search aims at target * (1 + margin), as far as reachable, so that the measured speedup "
+                  "still meets the target when the latency table is off by a few percent (timing noise, cache "
+                  "effects); 0 aims at the target exactly."},
+    )
     eval_samples: int = field(
         default=32, metadata={"help": "Calibration windows used to score each candidate profile."}
     )
@@ -100,6 +106,9 @@ class SearchConfig:
         if not isinstance(self.neighbourhood_fraction, (int, float)) or not 0 < self.neighbourhood_fraction <= 1:
             raise ConfigError(f"search.neighbourhood_fraction={self.neighbourhood_fraction!r} must be in (0, 1].")
         _check_int("search.dp_buckets", self.dp_buckets, 10)
+        if isinstance(self.speedup_margin, bool) or not isinstance(self.speedup_margin, (int, float)) \
+                or not 0 <= self.speedup_margin < 1:
+            raise ConfigError(f"search.speedup_margin={self.speedup_margin!r} must be a number in [0, 1).")
         _check_int("search.eval_samples", self.eval_samples, 1)
         _check_int("search.eval_batch_size", self.eval_batch_size, 1)
         _check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
@@ -112,16 +121,18 @@ class TimingConfig:
 
     warmup: int = field(default=3, metadata={"help": "Untimed calls before timing."})
     repeats: int = field(default=25, metadata={"help": "Timed calls of a layer alone (kernel benchmarks)."})
-    model_repeats: int = field(
-        default=20, metadata={"help": "Timed forward passes per level while profiling units in place (median)."})
+    model_repeats: int = field(default=20, metadata={"help": "Timed forward passes of the whole model (median)."})
+    profile_rounds: int = field(
+        default=3, metadata={"help": "Rounds of in-place unit profiling; each times every unit once at every level."})
     verify_repeats: int = field(
-        default=30, metadata={"help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
+        default=50, metadata={"help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
     )
 
     def __post_init__(self):
         _check_int("timing.warmup", self.warmup, 0)
         _check_int("timing.repeats", self.repeats, 1)
         _check_int("timing.model_repeats", self.model_repeats, 1)
+        _check_int("timing.profile_rounds", self.profile_rounds, 1)
         _check_int("timing.verify_repeats", self.verify_repeats, 1)
 
 

@@ -28,7 +28,7 @@ from .levels import get_levels
 from .loading import model_fingerprint
 from .result import PruningResult
 from .scoring import DistanceScorer
-from .search import compute_budget, spdy_search
+from .search import Budget, compute_budget, solve_dp, spdy_search
 from .timing import interleaved_median_ms
 from .units import find_units
 
@@ -91,8 +91,10 @@ class SPDYPruner:
                                     reference_ms=table.reference_time_ms)
         logger.info("%d units; dense model %.3f ms, searched units %.3f ms; max reachable speedup %.3fx.",
                     len(units), budget.base_ms, budget.prunable_ms, budget.max_reachable_speedup)
-        if not budget.reachable:
+        # the second test: times rounded up to DP buckets may not fit where the true times just do
+        if not budget.reachable or not _fits(times, budget, config.search.dp_buckets):
             raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup)
+        search_budget = self._search_budget(times, table, budget)
 
         with self._stage("database"):
             database = build_database(config.method, units, levels)
@@ -107,12 +109,9 @@ class SPDYPruner:
                 return scorer()
 
             s = config.search
-            try:
-                result = spdy_search(evaluate, times, budget.budget_ms, num_random_inits=s.num_random_inits,
-                                     patience=s.patience, neighbourhood_fraction=s.neighbourhood_fraction,
-                                     buckets=s.dp_buckets, seed=s.seed, progress=progress)
-            except ValueError as e:  # the budget fits in real time but not after rounding times up to buckets
-                raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup) from e
+            result = spdy_search(evaluate, times, search_budget.budget_ms, num_random_inits=s.num_random_inits,
+                                 patience=s.patience, neighbourhood_fraction=s.neighbourhood_fraction,
+                                 buckets=s.dp_buckets, seed=s.seed, progress=progress)
             profile = result.profile
             database.stitch(profile)
             score = scorer()
@@ -135,7 +134,7 @@ class SPDYPruner:
 
         profile_entries = []
         zeros = total = 0
-        for unit, k, t in zip(units, profile, unit_times):
+        for u, (unit, k, t) in enumerate(zip(units, profile, unit_times)):
             n_zero = int(round(levels[k] * unit.numel))
             zeros += n_zero
             total += unit.numel
@@ -143,13 +142,14 @@ class SPDYPruner:
                 "name": unit.name, "shape": list(unit.shape), "level": int(k), "sparsity": levels[k],
                 "layout": table.layout_of(unit.name),
                 "input_leader": table.input_leaders.get(unit.name),
-                "dense_time_ms": float(times[units.index(unit), 0]), "time_ms": float(t),
+                "dense_time_ms": float(times[u, 0]), "time_ms": float(t),
             })
         report = {
             "target_speedup": config.target_speedup,
             "predicted_speedup": predicted,
             "measured_speedup": measured,
             "max_reachable_speedup": budget.max_reachable_speedup,
+            "search_target_speedup": search_budget.target_speedup,
             "dense_time_ms": dense_ms,
             "pruned_time_ms": pruned_ms,
             # the unpruned model with every unit in the deployed (FastLinear) form: shows how much of the
@@ -165,7 +165,7 @@ class SPDYPruner:
             "method": config.method,
             "num_units": len(units),
             "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
-                       "constant_ms": budget.constant_ms, "budget_ms": budget.budget_ms},
+                       "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
             "search": {"candidates": result.candidates, "evaluations": result.evaluations},
             "stage_seconds": dict(self.stage_seconds),
             "environment": environment_info(),
@@ -182,6 +182,19 @@ class SPDYPruner:
             yield
         finally:
             self.stage_seconds[name] = round(time.perf_counter() - start, 3)
+
+    def _search_budget(self, times: np.ndarray, table: LatencyTable, budget: Budget) -> Budget:
+        """The budget the search aims at: the target raised by `search.speedup_margin`, as far as it is reachable."""
+        margin = self.config.search.speedup_margin
+        aim = min(budget.target_speedup * (1 + margin), budget.max_reachable_speedup)
+        if aim <= budget.target_speedup:
+            return budget
+        raised = compute_budget(times, table.base_time_ms, aim, reference_ms=table.reference_time_ms)
+        if not _fits(times, raised, self.config.search.dp_buckets):
+            return budget
+        logger.info("Searching for %.3fx (target %.3gx with a margin of %.0f%% for timing error).",
+                    aim, budget.target_speedup, 100 * (aim / budget.target_speedup - 1))
+        return raised
 
     def _check_model(self, model: nn.Module) -> None:
         cfg = getattr(model, "config", None)
@@ -269,6 +282,11 @@ class SPDYPruner:
         finally:
             pruned.use_original()
         return dense_ms, deployed_ms, pruned_ms
+
+
+def _fits(times: np.ndarray, budget: Budget, buckets: int) -> bool:
+    """Whether some profile fits the budget once times are rounded up to DP buckets."""
+    return budget.budget_ms > 0 and solve_dp(np.zeros_like(times), times, budget.budget_ms, buckets) is not None
 
 
 def _batches(windows: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:

@@ -9,7 +9,6 @@ find the layouts once by observation and time each distinct (shape, layout code)
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from ..apply import FastLinear, KernelSwap, UnitLayout
 from ..config import SPDYConfig
 from ..environment import table_environment
 from ..errors import SPDYError
-from ..timing import median_ms
+from ..timing import interleaved_median_ms, median_ms
 from ..units import Unit
 from .table import LatencyTable
 
@@ -53,7 +52,7 @@ def time_shape(out_features: int, in_features: int, code: str, levels: list[floa
     """Times one (out, in) unit with bias alone, at every level, in the regime, with layout code (input, output).
 
     Alone, a layer's weight stays hot in cache, so these times run low next to a full forward pass; the latency
-    table uses `time_units_in_model` instead. Kept for benchmarks of the kernels themselves.
+    table uses `time_units_in_place` instead. Kept for benchmarks of the kernels themselves.
     """
     gen = torch.Generator().manual_seed(seed)
     regime = config.regime
@@ -68,60 +67,75 @@ def time_shape(out_features: int, in_features: int, code: str, levels: list[floa
 
 
 @torch.inference_mode()
-def time_units_in_model(
+def time_units_in_place(
     model: torch.nn.Module,
     units: list[Unit],
     layouts: list[UnitLayout],
     levels: list[float],
     inputs: dict,
-    warmup: int,
-    repeats: int,
+    rounds: int = 3,
+    passes: int = 3,
+    seed: int = 0,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every unit timed in place, in full forward passes of the deployed model with all units at one level.
+) -> tuple[list[list[list[float]]], np.ndarray, np.ndarray]:
+    """Every unit timed in place, in forward passes of the deployed model with mixed levels.
 
-    In place, each unit meets the cache as it will in production (its weight cold, its input just written),
-    which a layer timed alone does not. Sparse weights are random masks of the unit's shape at the level.
+    In place, a unit meets the cache as it will in a pruned model (its weight cold or warm depending on its
+    neighbours' levels, its input just written), which a layer timed alone does not. Each round draws, for every
+    unit, a random order of the levels, so over K configurations every unit visits every level once, next to
+    neighbours at random levels, like the profiles the search produces. Sparse weights are random masks.
 
     Returns:
-        unit_ms: (U, K) median time of each unit at each level.
-        total_ms: (K,) median forward-pass time with every unit at each level.
+        samples: samples[u][k], the unit's times (ms) at each level, `rounds * passes` of them.
+        configs: (C, U) level index of every unit in each configuration.
+        totals: (C,) median forward-pass time (ms) of each configuration, measured without timing hooks.
     """
-    gen = torch.Generator().manual_seed(0)
-    unit_ms = np.zeros((len(units), len(levels)))
-    total_ms = np.zeros(len(levels))
-    for k, sparsity in enumerate(tqdm(levels, desc="Profiling latency", unit="level", disable=not progress)):
-        weights = [random_sparse_weight(*u.shape, sparsity, gen) if sparsity > 0 else None for u in units]
-        swap = KernelSwap(model, units, [sparsity] * len(units), layouts, weights=weights)
-        samples: list[list[float]] = [[] for _ in units]
-        starts = [0.0] * len(units)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n_units, n_levels = len(units), len(levels)
+    configs = np.concatenate([np.stack([rng.permutation(n_levels) for _ in units], axis=1) for _ in range(rounds)])
+    # one random weight per (shape, level), cloned for every unit that uses it (clones: no cache sharing)
+    kernels: dict[tuple, torch.Tensor] = {}
+    for shape in sorted({u.shape for u in units}):
+        for k, sparsity in enumerate(levels):
+            if sparsity > 0:
+                kernels[shape, k] = FastLinear(random_sparse_weight(*shape, sparsity, gen), None, True).weight_kernel
+
+    samples = [[[] for _ in levels] for _ in units]
+    totals = np.zeros(len(configs))
+    starts = [0.0] * n_units
+    for c, config in enumerate(tqdm(configs, desc="Profiling latency", unit="config", disable=not progress)):
+        weights = [kernels[u.shape, k].clone() if levels[k] > 0 else None for u, k in zip(units, config)]
+        swap = KernelSwap(model, units, [levels[k] for k in config], layouts, weights=weights)
+        observed = [[] for _ in units]
         hooks = []
         for i, (_, _, _, module) in enumerate(swap.slots):
-            def pre(mod, args, i=i, starts=starts):
+            def pre(mod, args, i=i):
                 starts[i] = time.perf_counter()
 
-            def post(mod, args, out, i=i, starts=starts, samples=samples):
-                samples[i].append(time.perf_counter() - starts[i])
+            def post(mod, args, out, i=i, observed=observed):
+                observed[i].append(time.perf_counter() - starts[i])
 
             hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         swap.use_deployed()
         try:
-            for _ in range(warmup):
+            model(**inputs)  # warm-up after the swap
+            for o in observed:
+                o.clear()
+            for _ in range(passes):
                 model(**inputs)
-            for s in samples:
-                s.clear()
-            totals = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(**inputs)
-                totals.append(time.perf_counter() - start)
+            for h in hooks:
+                h.remove()
+            # totals without the hooks, whose own cost would otherwise land in the constant term; what the hooks add
+            # inside each unit's window is the same at every level, so it cancels in constant + sum of units
+            totals[c] = median_ms(lambda: model(**inputs), 0, passes)
         finally:
             swap.use_original()
             for h in hooks:
                 h.remove()
-        unit_ms[:, k] = [statistics.median(s) * 1e3 for s in samples]
-        total_ms[k] = statistics.median(totals) * 1e3
-    return unit_ms, total_ms
+        for i, k in enumerate(config):
+            samples[i][k].extend(1e3 * t for t in observed[i])
+    return samples, configs, totals
 
 
 @torch.inference_mode()
@@ -201,6 +215,23 @@ def plan_layouts(model: torch.nn.Module, units: list[Unit], inputs: dict) -> lis
 
 
 @torch.inference_mode()
+def _run(model: torch.nn.Module, inputs: dict, swap: KernelSwap, deployed: bool) -> None:
+    swap.use_deployed() if deployed else swap.use_original()
+    try:
+        model(**inputs)
+    finally:
+        swap.use_original()
+
+
+@torch.inference_mode()
+def _spin_up(model: torch.nn.Module, inputs: dict, seconds: float) -> None:
+    """Runs forward passes for a while first: an idle CPU (or a VM's vCPU) runs the first passes slower."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        model(**inputs)
+
+
+@torch.inference_mode()
 def time_model(model: torch.nn.Module, inputs: dict, warmup: int, repeats: int) -> float:
     return median_ms(lambda: model(**inputs), warmup, repeats)
 
@@ -224,14 +255,32 @@ def measure_latency_table(
     logger.info("Timing %d units (%d distinct shapes/layouts) in place at %d levels on the cpu backend.",
                 len(units), len(set(keys)), len(levels))
     warmup, repeats = config.timing.warmup, config.timing.model_repeats
-    unit_ms, total_ms = time_units_in_model(model, units, layouts, levels, inputs, warmup, repeats, progress)
-    # units of one shape and layout share one row: the median over them
-    table_shapes = {key: np.median(unit_ms[[i for i, k in enumerate(keys) if k == key]], axis=0).tolist()
-                    for key in sorted(set(keys))}
-    base = time_model(model, inputs, warmup, repeats)
-    deployed_dense = float(total_ms[0])
+    _spin_up(model, inputs, seconds=2.0)
+    samples, configs, totals = time_units_in_place(model, units, layouts, levels, inputs,
+                                                   rounds=config.timing.profile_rounds, progress=progress)
+    # units of one shape and layout share one row: the median of all their samples at each level
+    table_shapes = {
+        key: [float(np.median([t for i in range(len(units)) if keys[i] == key for t in samples[i][k]]))
+              for k in range(len(levels))]
+        for key in sorted(set(keys))
+    }
+    # The constant term (everything but the units) is the same in every configuration: estimate it in each and
+    # take the median, so a configuration measured in a noisy moment does not shift every prediction.
+    table_ms = np.array([table_shapes[key] for key in keys])  # (U, K)
+    config_ms = table_ms[np.arange(len(units))[None, :], configs].sum(axis=1)  # (C,) sum of unit times
+    constant = float(np.median(totals - config_ms))
+    deployed_dense = constant + float(table_ms[:, 0].sum())
+    predicted_ms = constant + config_ms
+    # The dense model against the all-dense deployed form, interleaved: their ratio is robust to the drifts of a
+    # busy machine, and puts the base on the table's time scale.
+    swap = KernelSwap(model, units, [0.0] * len(units), layouts)
+    base_raw, deployed_raw = interleaved_median_ms([lambda: _run(model, inputs, swap, False),
+                                                    lambda: _run(model, inputs, swap, True)], warmup, 2 * repeats)
+    base = deployed_dense * base_raw / deployed_raw
+    error = float(np.median(np.abs(predicted_ms - totals) / totals))
     logger.info("Dense model: %.3f ms per forward pass in the regime (%.3f ms with every unit as a dense "
-                "FastLinear).", base, deployed_dense)
+                "FastLinear). Additivity: the table predicts the %d profiled configurations' forward passes within "
+                "%.1f%% (median).", base, deployed_dense, len(totals), 100 * error)
     return LatencyTable(
         backend="cpu",
         regime={"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
@@ -243,6 +292,8 @@ def measure_latency_table(
         unit_layouts={u.name: layout.code for u, layout in zip(units, layouts)},
         input_leaders={u.name: units[layout.leader].name for u, layout in zip(units, layouts)
                        if layout.leader is not None},
+        additivity={"measured_ms": totals.tolist(), "predicted_ms": predicted_ms.tolist(),
+                    "median_relative_error": error},
         model=model_fingerprint,
         environment=table_environment(),
     )

@@ -35,6 +35,8 @@ class LatencyTable:
     deployed_dense_time_ms: float | None = None  # every unit in its deployed form at level 0; None: = base
     unit_layouts: dict[str, str] = field(default_factory=dict)  # unit name -> layout code, e.g. "ct"; missing: "cc"
     input_leaders: dict[str, str] = field(default_factory=dict)  # unit name -> the unit that transposes its input
+    # forward passes of the profiled configurations, measured and as the table predicts them (a check of additivity)
+    additivity: dict[str, Any] = field(default_factory=dict)
     model: str | None = None  # fingerprint of the model the base time was measured on
     environment: dict[str, Any] = field(default_factory=dict)
     version: int = TABLE_VERSION
