@@ -383,3 +383,22 @@ def test_real_minilm_with_handwritten_table(minilm_path, tmp_path, tokenizer):
         expected = model(**inputs).last_hidden_state
         result.to_sparse_kernels()
         torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1])
+def test_speedup_margin_raises_the_aim(tiny_llama, tmp_path, tokenizer, margin):
+    search = {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000, "speedup_margin": margin}
+    config = small_config(tmp_path, target_speedup=2.0, search=search)
+    result, _ = prune(tiny_llama, config, tokenizer)
+    report = result.report
+    assert report["search_target_speedup"] == pytest.approx(2.0 * (1 + margin))
+    assert report["predicted_speedup"] >= 2.0 * (1 + margin)
+
+
+def test_speedup_margin_is_capped_at_the_reachable_maximum(tiny_bert, tmp_path, tokenizer):
+    # the hand-written table reaches at most 1.25 / 0.3 = 4.17x: a 5 % margin over 4.1x does not fit, 4.1x does
+    config = small_config(tmp_path, target_speedup=4.1)
+    result, _ = prune(tiny_bert, config, tokenizer)
+    report = result.report
+    assert 4.1 <= report["search_target_speedup"] <= report["max_reachable_speedup"]
+    assert report["predicted_speedup"] >= 4.1
