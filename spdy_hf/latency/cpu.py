@@ -25,8 +25,6 @@ from .table import LatencyTable
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("c", "t")  # c: row-major (tokens, features); t: its transpose is contiguous (features, tokens)
-
 
 def random_sparse_weight(out_features: int, in_features: int, sparsity: float, generator: torch.Generator):
     """A random (out, in) weight with exactly round(sparsity * numel) zeros at random places."""
@@ -229,11 +227,6 @@ def _spin_up(model: torch.nn.Module, inputs: dict, seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         model(**inputs)
-
-
-@torch.inference_mode()
-def time_model(model: torch.nn.Module, inputs: dict, warmup: int, repeats: int) -> float:
-    return median_ms(lambda: model(**inputs), warmup, repeats)
 
 
 def measure_latency_table(
