@@ -76,7 +76,6 @@ class SPDYPruner:
             UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
         """
         config = self.config
-        self._progress = progress
         model = self.model.eval()
         self._check_model(model)
         data = self._calibration_windows(calibration)
@@ -85,7 +84,7 @@ class SPDYPruner:
             example = {k: v[:1] for k, v in data.items()}
             units = find_units(model, config.skip_modules, example_inputs=example)
             levels = get_levels(config.levels)
-            table = self._latency_table(model, units, levels, latency_table)
+            table = self._latency_table(model, units, levels, latency_table, progress)
             times = table.times_for(table.keys_for(units))  # (U, K) ms
             budget = compute_budget(times, table.base_time_ms, config.target_speedup,
                                     reference_ms=table.reference_time_ms)
@@ -229,7 +228,7 @@ class SPDYPruner:
         ids = torch.randint(0, vocab, (regime.batch_size, regime.sequence_length), generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def _latency_table(self, model, units, levels, table) -> LatencyTable:
+    def _latency_table(self, model, units, levels, table, progress: bool) -> LatencyTable:
         config = self.config
         regime = {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
                   "dtype": config.regime.dtype}
@@ -252,7 +251,7 @@ class SPDYPruner:
             except SPDYError as e:
                 logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
         table = measure_latency_table(model, units, levels, config, self._regime_inputs(model), fingerprint,
-                                      progress=self._progress)
+                                      progress=progress)
         table.save(path)
         logger.info("Latency table cached at %s.", path)
         return table
