@@ -15,6 +15,7 @@ _LAZY = {
     "SPDYConfig": "config",
     "RegimeConfig": "config",
     "CalibrationConfig": "config",
+    "DatabaseConfig": "config",
     "SearchConfig": "config",
     "TimingConfig": "config",
     "SPDYPruner": "pruner",
@@ -28,13 +29,13 @@ _LAZY = {
 }
 
 __all__ = [
-    "CalibrationConfig", "ConfigError", "FastLinear", "LatencyTable", "PruningResult", "RegimeConfig", "SPDYConfig",
+    "CalibrationConfig", "ConfigError", "DatabaseConfig", "FastLinear", "LatencyTable", "PruningResult", "RegimeConfig", "SPDYConfig",
     "SPDYError", "SPDYPruner", "SearchConfig", "TimingConfig", "UnreachableTargetError", "__version__", "find_units",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .apply import FastLinear
-    from .config import CalibrationConfig, RegimeConfig, SearchConfig, SPDYConfig, TimingConfig
+    from .config import CalibrationConfig, DatabaseConfig, RegimeConfig, SearchConfig, SPDYConfig, TimingConfig
     from .errors import ConfigError, SPDYError, UnreachableTargetError
     from .latency.table import LatencyTable
     from .pruner import SPDYPruner

@@ -19,8 +19,9 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("cpu",)
-METHODS = ("magnitude",)
-ERROR_PRIORS = ("spdy",)
+METHODS = ("obs", "magnitude")
+ERROR_PRIORS = ("spdy", "measured")
+PROPAGATIONS = ("pruned", "dense")
 LEVEL_GRIDS = ("spdy",)
 DTYPES = ("float32",)
 # dtypes each backend's sparse kernel accepts: torch.sparse CSR products on CPU run in fp32 only.
@@ -57,22 +58,66 @@ class RegimeConfig:
 
 @dataclass
 class CalibrationConfig:
-    """The small calibration set that scores candidate profiles (and, for data-aware methods, prunes)."""
+    """The small calibration set: it prunes (data-aware methods) and scores candidate profiles."""
 
     source: str = field(
         default="builtin",
-        metadata={"help": "'builtin' (offline corpus of Python standard-library docstrings) or a path to a UTF-8 text file."},
+        metadata={"help": "'builtin' (offline corpus of Python standard-library docstrings), a local file "
+                  "(.txt, .json, .jsonl, .parquet, .csv) or a Hugging Face Hub dataset name."},
     )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    split: str = field(default="train", metadata={"help": "Dataset split (Hub datasets and data files)."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (datasets and data files)."})
     num_samples: int = field(default=128, metadata={"help": "Number of calibration windows."})
-    sequence_length: int = field(default=128, metadata={"help": "Tokens per calibration window."})
+    sequence_length: int | None = field(
+        default=128,
+        metadata={"help": "Tokens per calibration window; null takes the model's maximum number of positions."})
     seed: int = field(default=0, metadata={"help": "Seed for drawing the windows."})
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source:
-            raise ConfigError("calibration.source must be 'builtin' or the path to a text file.")
+            raise ConfigError("calibration.source must be 'builtin', a data file or a Hub dataset name.")
+        if self.dataset_config is not None and not isinstance(self.dataset_config, str):
+            raise ConfigError("calibration.dataset_config must be a string (a dataset configuration name) or null.")
+        for name in ("split", "text_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"calibration.{name} must be a non-empty string.")
         _check_int("calibration.num_samples", self.num_samples, 1)
-        _check_int("calibration.sequence_length", self.sequence_length, 8)
+        if self.sequence_length is not None:
+            _check_int("calibration.sequence_length", self.sequence_length, 8)
         _check_int("calibration.seed", self.seed, 0)
+
+
+@dataclass
+class DatabaseConfig:
+    """How the pruning database is built and where it is kept (data-aware methods)."""
+
+    dampening: float = field(
+        default=0.01, metadata={"help": "OBS: fraction of the Hessian's mean diagonal added before inversion."})
+    block_size: int = field(default=128, metadata={"help": "OBS: columns per lazy batch of updates."})
+    propagation: str = field(
+        default="pruned",
+        metadata={"help": "What the next block is calibrated on: 'pruned' (outputs of the block pruned to the "
+                  "anchor level, the uniform level that meets the target) or 'dense' (outputs of the dense block)."})
+    batch_size: int = field(default=8, metadata={"help": "Calibration windows per forward pass."})
+    device: str | None = field(
+        default=None, metadata={"help": "Where blocks run while calibrating (e.g. 'cuda'); default the model's."})
+    dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory of the database (resumable); default <cache_dir>/database/<key>."})
+
+    def __post_init__(self):
+        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) \
+                or not 0 < self.dampening < 1:
+            raise ConfigError(f"database.dampening={self.dampening!r} must be a number in (0, 1).")
+        self.dampening = float(self.dampening)
+        _check_int("database.block_size", self.block_size, 1)
+        _check_choice("database.propagation", self.propagation, PROPAGATIONS)
+        _check_int("database.batch_size", self.batch_size, 1)
+        for name in ("device", "dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"database.{name} must be a non-empty string or null.")
 
 
 @dataclass
@@ -97,7 +142,10 @@ class SearchConfig:
         default=32, metadata={"help": "Calibration windows used to score each candidate profile."}
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass while scoring."})
-    error_prior: str = field(default="spdy", metadata={"help": "Per-level error prior: 'spdy' is (k/(K-1))^2."})
+    error_prior: str = field(
+        default="spdy",
+        metadata={"help": "Per-level error prior of the DP: 'spdy' is (k/(K-1))^2; 'measured' is each unit's "
+                  "relative output error on the calibration set (method 'obs')."})
     seed: int = field(default=0, metadata={"help": "Seed of the local search."})
 
     def __post_init__(self):
@@ -149,8 +197,10 @@ class SPDYConfig:
         regime: deployment batch size, sequence length and dtype.
         levels: `"spdy"` for the reference grid (dense + 41 geometric levels, sparsity 0.40 to 0.99) or an
             explicit list of sparsities in (0, 1).
-        method: how each unit is pruned to each level (`"magnitude"`).
+        method: how each unit is pruned to each level: `"obs"` (SparseGPT-style, from the calibration set) or
+            `"magnitude"` (data-free).
         calibration: the calibration set.
+        database: how the pruning database is built and where it is kept.
         search: the local search and the dynamic program.
         timing: latency measurement.
         skip_modules: glob patterns of module names never pruned (embeddings, heads by default).
@@ -162,8 +212,9 @@ class SPDYConfig:
     backend: str = field(default="cpu", metadata={"help": "Target backend."})
     regime: RegimeConfig = field(default_factory=RegimeConfig)
     levels: str | list[float] = field(default="spdy", metadata={"help": "'spdy' or a list of sparsities."})
-    method: str = field(default="magnitude", metadata={"help": "Pruning method of the database."})
+    method: str = field(default="obs", metadata={"help": "Pruning method of the database: 'obs' or 'magnitude'."})
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
@@ -171,8 +222,7 @@ class SPDYConfig:
     cache_dir: str | None = field(default=None, metadata={"help": "Latency table cache directory."})
 
     def __post_init__(self):
-        for name, cls in (("regime", RegimeConfig), ("calibration", CalibrationConfig), ("search", SearchConfig),
-                          ("timing", TimingConfig)):
+        for name, cls in _SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, strict=True, prefix=f"{name}."))
@@ -193,6 +243,8 @@ class SPDYConfig:
                 f"allowed values: {', '.join(map(repr, BACKEND_DTYPES[self.backend]))}."
             )
         _check_choice("method", self.method, METHODS)
+        if self.search.error_prior == "measured" and self.method != "obs":
+            raise ConfigError("search.error_prior='measured' needs method='obs': magnitude pruning measures no errors.")
         if isinstance(self.levels, str):
             _check_choice("levels", self.levels, LEVEL_GRIDS)
         elif isinstance(self.levels, (list, tuple)) and self.levels:
@@ -252,6 +304,10 @@ class SPDYConfig:
         return cls.from_dict(data or {}, strict=strict)
 
 
+_SECTIONS = {"regime": RegimeConfig, "calibration": CalibrationConfig, "database": DatabaseConfig,
+             "search": SearchConfig, "timing": TimingConfig}
+
+
 def _from_dict(cls, data: dict[str, Any], strict: bool, prefix: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -264,8 +320,7 @@ def _from_dict(cls, data: dict[str, Any], strict: bool, prefix: str):
     for name, value in data.items():
         if name not in known:
             continue
-        sub = {"regime": RegimeConfig, "calibration": CalibrationConfig, "search": SearchConfig,
-               "timing": TimingConfig}.get(name) if cls is SPDYConfig else None
+        sub = _SECTIONS.get(name) if cls is SPDYConfig else None
         if sub is not None and isinstance(value, dict):
             value = _from_dict(sub, value, strict=strict, prefix=f"{prefix}{name}.")
         kwargs[name] = value

@@ -19,7 +19,7 @@ from torch import nn
 from .apply import KernelSwap
 from .config import SPDYConfig
 from .data import load_texts, token_windows
-from .database import build_database
+from .database import MagnitudeDatabase, PruningDatabase, build_obs_database
 from .environment import environment_info
 from .errors import SPDYError, UnreachableTargetError
 from .latency import LatencyTable
@@ -96,7 +96,11 @@ class SPDYPruner:
         search_budget = self._search_budget(times, table, budget)
 
         with self._stage("database"):
-            database = build_database(config.method, units, levels)
+            anchor = anchor_level(times, search_budget.budget_ms)
+            database, database_info = build_database(config, model, units, levels, data, anchor, progress)
+        prior = None
+        if config.search.error_prior == "measured":
+            prior = database.errors
 
         with self._stage("search"):
             eval_windows = {k: v[: config.search.eval_samples] for k, v in data.items()}
@@ -110,7 +114,7 @@ class SPDYPruner:
             s = config.search
             result = spdy_search(evaluate, times, search_budget.budget_ms, num_random_inits=s.num_random_inits,
                                  patience=s.patience, neighbourhood_fraction=s.neighbourhood_fraction,
-                                 buckets=s.dp_buckets, seed=s.seed, progress=progress)
+                                 buckets=s.dp_buckets, seed=s.seed, prior=prior, progress=progress)
             profile = result.profile
             database.stitch(profile)
             score = scorer()
@@ -162,6 +166,8 @@ class SPDYPruner:
             "regime": {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
                        "dtype": config.regime.dtype},
             "method": config.method,
+            "database": database_info,
+            "error_prior": config.search.error_prior,
             "num_units": len(units),
             "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
                        "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
@@ -281,6 +287,55 @@ class SPDYPruner:
         finally:
             pruned.use_original()
         return dense_ms, deployed_ms, pruned_ms
+
+
+def anchor_level(times: np.ndarray, budget_ms: float) -> int:
+    """The uniform level that meets the budget: the smallest level k >= 1 whose every-unit-at-k profile fits,
+    else the level with the least total time. Data-aware databases calibrate later blocks on the outputs of
+    earlier ones pruned to this level: the level the search's profiles are, on average, near."""
+    totals = np.asarray(times, dtype=np.float64).sum(axis=0)  # (K,)
+    for k in range(1, len(totals)):
+        if totals[k] <= budget_ms:
+            return k
+    return int(np.argmin(np.where(np.isfinite(totals), totals, np.inf)[1:])) + 1 if len(totals) > 1 else 0
+
+
+def build_database(config: SPDYConfig, model: nn.Module, units, levels, windows: dict[str, torch.Tensor],
+                   anchor: int, progress: bool = True) -> tuple[PruningDatabase, dict]:
+    """The pruning database of `config.method`, with a summary for the report."""
+    if config.method == "magnitude":
+        return MagnitudeDatabase(units, levels), {"method": "magnitude"}
+    if config.method != "obs":
+        raise ValueError(f"Unknown pruning method {config.method!r}.")
+    db = config.database
+    fingerprint = model_fingerprint(model)
+    n = min(config.calibration.num_samples, windows["input_ids"].shape[0])
+    windows = {k: v[:n] for k, v in windows.items()}
+    directory = db.dir
+    if directory is None:
+        import hashlib
+        import json
+
+        from .database.obs_database import windows_digest
+
+        key = json.dumps({"model": fingerprint, "levels": list(levels), "units": [u.name for u in units],
+                          "calibration": windows_digest(windows), "propagation": db.propagation,
+                          "anchor": anchor if db.propagation == "pruned" else None,
+                          "dampening": db.dampening, "block_size": db.block_size}, sort_keys=True)
+        directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
+                                 "obs-" + hashlib.sha1(key.encode()).hexdigest()[:16])
+    logger.info("OBS pruning database in %s (%d calibration windows; later blocks see outputs %s).", directory, n,
+                f"pruned to level {anchor} (sparsity {levels[anchor]:.4f})" if db.propagation == "pruned"
+                else "of the dense blocks")
+    database = build_obs_database(
+        model, units, levels, windows, directory=directory, build_info={"model": fingerprint},
+        anchor_level=anchor, propagation=db.propagation, dampening=db.dampening, block_size=db.block_size,
+        batch_size=db.batch_size, device=db.device, progress=progress)
+    info = {"method": "obs", "dir": os.path.abspath(directory), "calibration_windows": n,
+            "propagation": db.propagation, "anchor_level": anchor if db.propagation == "pruned" else None,
+            "anchor_sparsity": levels[anchor] if db.propagation == "pruned" else None,
+            "dampening": db.dampening}
+    return database, info
 
 
 def _fits(times: np.ndarray, budget: Budget, buckets: int) -> bool:

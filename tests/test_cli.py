@@ -105,7 +105,9 @@ def test_prune_tiny_bert_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert report["target_speedup"] == 2.0 and report["predicted_speedup"] >= 2.0
     assert report["regime"]["sequence_length"] == 32
     assert json.loads((out / "config.json").read_text())["spdy"]["config"]["search"]["num_random_inits"] == 5
-    assert not (tmp_path / "cache").exists()  # the given table was used, nothing measured
+    assert not (tmp_path / "cache" / "latency").exists()  # the given table was used, nothing measured
+    assert report["database"]["method"] == "obs"  # the default method keeps its database in the cache
+    assert os.path.isfile(os.path.join(report["database"]["dir"], "manifest.json"))
 
     # the output now exists: a second run is refused before any work, then allowed with --overwrite
     again = ["prune", str(model_dir), "--recipe", str(recipe), "--latency-table", str(table_path),

@@ -18,7 +18,7 @@ def test_defaults():
     assert c.target_speedup == 1.5
     assert c.backend == "cpu"
     assert c.levels == "spdy"
-    assert c.method == "magnitude"
+    assert c.method == "obs"
     assert isinstance(c.regime, RegimeConfig) and c.regime.batch_size == 1 and c.regime.dtype == "float32"
     assert c.regime.tokens == c.regime.batch_size * c.regime.sequence_length
     assert isinstance(c.calibration, CalibrationConfig) and c.calibration.source == "builtin"

@@ -9,7 +9,9 @@ from conftest import example_inputs
 
 from spdy_hf.apply import FastLinear, KernelSwap, SharedInput, UnitLayout, deployed_kernels, deployed_modules
 from spdy_hf.config import DEFAULT_SKIP_MODULES
-from spdy_hf.database import MagnitudeDatabase, build_database
+from spdy_hf.config import SPDYConfig
+from spdy_hf.database import MagnitudeDatabase
+from spdy_hf.pruner import build_database
 from spdy_hf.levels import get_levels
 from spdy_hf.units import find_units
 
@@ -38,10 +40,10 @@ def test_masks_are_nested_and_zero_counts_exact(tiny_bert):
         torch.testing.assert_close(db.weight(u, 0), dense, rtol=0, atol=0)
 
 
-def test_build_database():
-    assert isinstance(build_database("magnitude", [], [0.0, 0.5]), MagnitudeDatabase)
-    with pytest.raises(ValueError, match="sparsegpt"):
-        build_database("sparsegpt", [], [0.0])
+def test_build_database_magnitude_needs_no_data():
+    config = SPDYConfig(method="magnitude")
+    database, info = build_database(config, None, [], [0.0, 0.5], {}, anchor=1)
+    assert isinstance(database, MagnitudeDatabase) and info == {"method": "magnitude"}
 
 
 def _zeros(unit):

@@ -2,11 +2,6 @@
 
 from .base import PruningDatabase
 from .magnitude import MagnitudeDatabase
+from .obs_database import EncodedDatabase, build_obs_database
 
-__all__ = ["PruningDatabase", "MagnitudeDatabase", "build_database"]
-
-
-def build_database(method: str, units, levels) -> PruningDatabase:
-    if method == "magnitude":
-        return MagnitudeDatabase(units, levels)
-    raise ValueError(f"Unknown pruning method {method!r}.")
+__all__ = ["PruningDatabase", "MagnitudeDatabase", "EncodedDatabase", "build_obs_database"]

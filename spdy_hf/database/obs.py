@@ -29,7 +29,7 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float = 0.01, max_tries
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     scale = float(torch.diag(h).abs().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(max_tries):
         upper = _inverse_upper(h + damp * scale * eye)
         if upper is not None:
@@ -109,19 +109,25 @@ def obs_prune(
 
 
 def obs_prune_levels(
-    weight: torch.Tensor, hessian: torch.Tensor, sparsities: list[float], damp: float = 0.01, blocksize: int = 128
-) -> list[torch.Tensor]:
-    """Weights at every level (sparsities in increasing order; 0 is the dense weight), nested, from one Hessian."""
+    weight: torch.Tensor, hessian: torch.Tensor, sparsities: list[float], damp: float = 0.01, blocksize: int = 128,
+    return_masks: bool = False,
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Weights at every level (sparsities in increasing order; 0 is the dense weight), nested, from one Hessian.
+
+    With `return_masks`, also the pruned mask of every level (True where pruned; all False for sparsity 0).
+    """
     if any(b < a for a, b in zip(sparsities, sparsities[1:])):
         raise ValueError("Sparsities must be in increasing order.")
     hinv = damped_inverse_cholesky(hessian, damp)
-    out = []
-    current, pruned = weight.detach().to(torch.float32), None
+    out, masks = [], []
+    current = weight.detach().to(device=hessian.device, dtype=torch.float32)
+    pruned = torch.zeros(current.shape, dtype=torch.bool, device=current.device)
     for sparsity in sparsities:
         if sparsity > 0:
             current, pruned = obs_prune(current, hinv, sparsity, keep_mask=pruned, blocksize=blocksize)
         out.append(current.clone())
-    return out
+        masks.append(pruned.clone())
+    return (out, masks) if return_masks else out
 
 
 def obs_prune_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int = 2, m: int = 4, damp: float = 0.01,

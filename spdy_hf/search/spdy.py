@@ -102,17 +102,23 @@ def spdy_search(
 ) -> SearchResult:
     """SPDY's search: random sensitivities first, then local search with a shrinking neighbourhood.
 
-    Each candidate c in [0, 1]^U becomes a profile through the DP with costs c_u * e(k); `evaluate(profile)`
-    returns its score (lower is better).
+    Each candidate c in [0, 1]^U becomes a profile through the DP with costs c_u * e(k) (or c_u * e_u(k) with a
+    per-unit prior of shape (U, K), such as measured errors); `evaluate(profile)` returns its score (lower is
+    better).
     """
     times = np.asarray(times, dtype=np.float64)
     n_units, n_levels = times.shape
     prior = error_prior(n_levels) if prior is None else np.asarray(prior, dtype=np.float64)
+    if prior.ndim == 1:
+        prior = prior[None, :]  # one curve for every unit (SPDY's reference prior)
+    if prior.shape not in ((1, n_levels), (n_units, n_levels)) or not np.isfinite(prior).all():
+        raise ValueError(f"The error prior must be finite, of shape ({n_levels},) or ({n_units}, {n_levels}); "
+                         f"got {prior.shape}.")
     rng = np.random.default_rng(seed)
     scores: dict[tuple[int, ...], float] = {}
 
     def profile_of(c: np.ndarray) -> np.ndarray:
-        profile = solve_dp(c[:, None] * prior[None, :], times, budget_ms, buckets)
+        profile = solve_dp(c[:, None] * prior, times, budget_ms, buckets)
         if profile is None:
             raise ValueError("No profile fits the budget; check reachability before searching.")
         return profile

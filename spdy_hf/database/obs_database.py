@@ -1,0 +1,163 @@
+"""The data-aware pruning database: OBS (SparseGPT-style) levels of every unit from sequential calibration.
+
+`build_obs_database` runs the calibration set block by block (`SequentialCalibrator`), prunes every unit of a
+block to every level from one Hessian (`obs_prune_levels`), measures each level's relative output error on
+the calibration inputs, and stores each unit as it finishes (`DatabaseStore`), so an interrupted build resumes
+where it stopped. What the next block sees is chosen by `propagation`: the outputs of the block pruned to the
+`anchor` level ("pruned", SparseGPT's practice: later layers learn to correct earlier ones' errors), or of the
+dense block ("dense": every unit calibrated on dense inputs, as if pruned alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import SPDYError
+from ..units import Unit
+from .base import PruningDatabase
+from .obs import obs_prune_levels
+from .sequential import SequentialCalibrator, UnitStatistics
+from .store import STORE_VERSION, DatabaseStore, decode_level, encode_levels
+
+logger = logging.getLogger(__name__)
+
+PROPAGATIONS = ("pruned", "dense")
+
+
+class EncodedDatabase(PruningDatabase):
+    """A database of levels held in `encode_levels` form, one dict of tensors per unit, plus measured errors."""
+
+    def __init__(self, units: list[Unit], levels: list[float], encoded: list[dict[str, torch.Tensor]],
+                 errors: np.ndarray | None = None):
+        super().__init__(units, levels)
+        if len(encoded) != len(units):
+            raise ValueError("One encoded entry per unit is needed.")
+        self.encoded = encoded
+        self.errors = errors  # (U, K) relative output error on the calibration set, or None
+
+    def weight(self, unit_index: int, level_index: int) -> torch.Tensor:
+        return decode_level(self.encoded[unit_index], level_index)
+
+
+def relative_output_errors(weights: list[torch.Tensor], hessian: torch.Tensor) -> torch.Tensor:
+    """||(W_k - W) X||^2 / ||W X||^2 for every level k, from H = 2 X X^T / n (no data pass needed)."""
+    h = hessian.to(torch.float64)
+    dense = weights[0].to(device=h.device, dtype=torch.float64)
+    norm = float(((dense @ h) * dense).sum())
+    out = torch.zeros(len(weights), dtype=torch.float64)
+    if norm <= 0:
+        return out
+    for k, w in enumerate(weights[1:], start=1):
+        delta = w.to(device=h.device, dtype=torch.float64) - dense
+        out[k] = float(((delta @ h) * delta).sum()) / norm
+    return out
+
+
+def windows_digest(windows: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of the calibration windows: the database depends on exactly these tokens."""
+    h = hashlib.sha1()
+    for key in sorted(windows):
+        t = windows[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_obs_database(
+    model: nn.Module,
+    units: list[Unit],
+    levels: list[float],
+    windows: dict[str, torch.Tensor],
+    *,
+    directory: str | os.PathLike,
+    build_info: dict | None = None,
+    anchor_level: int | None = None,
+    propagation: str = "pruned",
+    dampening: float = 0.01,
+    block_size: int = 128,
+    batch_size: int = 8,
+    device: str | None = None,
+    progress: bool = True,
+) -> EncodedDatabase:
+    """Builds (or resumes, or loads) the OBS database of `units` in `directory`.
+
+    Args:
+        windows: calibration token windows, `{"input_ids": (N, L), "attention_mask": (N, L)}`.
+        directory: where the database lives; a finished one is loaded without touching the model.
+        build_info: extra facts the database depends on (the model fingerprint, say), checked on resume.
+        anchor_level: the level whose outputs feed the next block with `propagation="pruned"`.
+        dampening: fraction of the Hessian's mean diagonal added to it before inversion.
+        block_size: columns per lazy batch of the OBS solver.
+        batch_size: calibration windows per forward pass.
+        device: where blocks run (each moved there for its turn); default where the model is.
+    """
+    if propagation not in PROPAGATIONS:
+        raise SPDYError(f"propagation={propagation!r}; use one of {PROPAGATIONS}.")
+    n_levels = len(levels)
+    anchor = n_levels - 1 if anchor_level is None else int(anchor_level)
+    if not 0 <= anchor < n_levels:
+        raise SPDYError(f"anchor_level={anchor_level} is outside the {n_levels} levels.")
+    build = {
+        "store_version": STORE_VERSION, "method": "obs", "levels": [float(x) for x in levels],
+        "units": [[u.name, list(u.shape)] for u in units], "calibration": windows_digest(windows),
+        "propagation": propagation, "anchor_level": anchor if propagation == "pruned" else None,
+        "dampening": float(dampening), "block_size": int(block_size), **(build_info or {}),
+    }
+    store = DatabaseStore(directory, build)
+    store.open()
+    encoded: dict[str, dict[str, torch.Tensor]] = {}
+    errors: dict[str, torch.Tensor] = {}
+    if store.is_complete():
+        logger.info("Loading the finished pruning database from %s.", store.directory)
+    start = time.perf_counter()
+    for name in store.stored_units() & {u.name for u in units}:
+        encoded[name], errors[name] = store.load_unit(name)
+
+    if len(encoded) < len(units):
+        solved = 0
+
+        def needs_statistics(block_name: str) -> bool:
+            return any(u.name not in encoded for u in units if u.block == block_name)
+
+        def process_block(block_name: str, block_units: list[Unit], stats: dict[str, UnitStatistics]):
+            nonlocal solved
+            for unit in block_units:
+                if unit.name in encoded:
+                    continue
+                s = stats[unit.name]
+                weights, masks = obs_prune_levels(s.weight, s.hessian, levels, damp=dampening,
+                                                  blocksize=block_size, return_masks=True)
+                errors[unit.name] = relative_output_errors(weights, s.hessian)
+                weights = [w.cpu() for w in weights]
+                encoded[unit.name] = encode_levels(weights, [m.cpu() for m in masks])
+                del weights, masks
+                store.save_unit(unit.name, encoded[unit.name], errors[unit.name])
+                solved += 1
+            if propagation == "dense":
+                return None
+            return {u.name: decode_level(encoded[u.name], anchor) for u in block_units}
+
+        batches = [{k: v[i:i + batch_size] for k, v in windows.items()}
+                   for i in range(0, windows["input_ids"].shape[0], batch_size)]
+        was_training = model.training
+        model.eval()
+        try:
+            SequentialCalibrator(model, units, batches, device=device, progress=progress).run(
+                needs_statistics, process_block)
+        finally:
+            model.train(was_training)
+        logger.info("OBS database: %d units solved, %d loaded, in %.1f s.", solved, len(units) - solved,
+                    time.perf_counter() - start)
+    if not store.is_complete():
+        store.write_manifest([{"name": u.name, "shape": list(u.shape), "errors": errors[u.name].tolist()}
+                              for u in units])
+    error_matrix = np.stack([errors[u.name].numpy() for u in units])
+    return EncodedDatabase(units, levels, [encoded[u.name] for u in units], error_matrix)
