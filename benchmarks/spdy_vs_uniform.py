@@ -1,11 +1,15 @@
-"""SPDY profile vs uniform sparsity at the same measured speedup, on the bundled all-MiniLM-L6-v2 (CPU).
+"""SPDY vs uniform sparsity, each with the OBS and the magnitude database, at equal measured speedup (MiniLM, CPU).
 
-1. SPDYPruner finds a per-unit profile for --target-speedup and measures its speedup (its own verify step).
-2. A fresh dense copy of the model gets the same magnitude database; the uniform baseline puts every unit at
-   one level of it: the smallest level whose measured speedup reaches SPDY's, each candidate timed interleaved
-   with the dense model and SPDY's model in the same session (as `SPDYPruner._verify` times).
-3. Both are scored against the dense model: the search's calibration score (DistanceScorer on the pruner's
-   eval windows) and the mean cosine of held-out sentence embeddings (mean pooling + L2, as the model card).
+1. SPDYPruner runs once per method (--methods, default obs and magnitude) for --target-speedup, with the same
+   calibration windows and latency table, and measures its own speedup (its verify step).
+2. On a fresh dense copy of the model, each method's database is loaded (OBS: from the directory the pruner
+   stored it in; magnitude: from the dense weights). The uniform baseline puts every unit at one level: the
+   smallest level whose measured time is at most SPDY+OBS's (the first method's), each candidate timed
+   interleaved with the dense model and the SPDY profiles in the same session (as `SPDYPruner._verify` times).
+   Uniform + OBS and uniform + magnitude share that level (the same number of zeros per unit, so the same time).
+3. Every model is scored against the dense model: the search's calibration score (DistanceScorer on the pruner's
+   eval windows) and the mean cosine of held-out sentence embeddings (mean pooling + L2, as the model card), on
+   held-out standard-library docstrings from files disjoint from the calibration files.
 
     python benchmarks/spdy_vs_uniform.py --quick --output /tmp/bench_quick.json   # smoke run, minutes
     python benchmarks/spdy_vs_uniform.py                                           # the real one, idle machine
@@ -24,7 +28,7 @@ from tqdm.auto import tqdm
 from spdy_hf import RegimeConfig, SearchConfig, SPDYConfig, SPDYPruner, find_units
 from spdy_hf.apply import KernelSwap
 from spdy_hf.data import builtin_corpus, load_texts, token_windows
-from spdy_hf.database import build_database
+from spdy_hf.database import MagnitudeDatabase, load_obs_database
 from spdy_hf.environment import environment_info
 from spdy_hf.errors import SPDYError
 from spdy_hf.io import atomic_write_json
@@ -41,6 +45,9 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--target-speedup", type=float, default=1.5, help="Speedup SPDY must reach over dense.")
 parser.add_argument("--batch-size", type=int, default=1, help="Regime: sequences per forward pass.")
 parser.add_argument("--sequence-length", type=int, default=128, help="Regime: tokens per sequence.")
+parser.add_argument("--methods", nargs="+", default=["obs", "magnitude"], choices=["obs", "magnitude"],
+                    help="Database methods; the first one's SPDY time is the one uniform must match.")
+parser.add_argument("--error-prior", default="spdy", choices=["spdy", "measured"], help="DP error prior (obs only).")
 parser.add_argument("--output", default="benchmarks/out/spdy_vs_uniform.json", help="JSON results path.")
 parser.add_argument("--quick", action="store_true", help="Tiny search (5 random inits, patience 3): a smoke run.")
 parser.add_argument("--seed", type=int, default=0, help="Seed of the SPDY search (calibration windows stay seed 0).")
@@ -48,30 +55,46 @@ args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 search = SearchConfig(num_random_inits=5, patience=3, seed=args.seed) if args.quick else SearchConfig(seed=args.seed)
-config = SPDYConfig(target_speedup=args.target_speedup, search=search,
-                    regime=RegimeConfig(batch_size=args.batch_size, sequence_length=args.sequence_length))
+regime = RegimeConfig(batch_size=args.batch_size, sequence_length=args.sequence_length)
+
+
+def config_for(method):
+    search_m = SearchConfig(**{**search.__dict__, "error_prior": args.error_prior if method == "obs" else "spdy"})
+    return SPDYConfig(target_speedup=args.target_speedup, search=search_m, regime=regime, method=method)
+
+
+config = config_for(args.methods[0])
 levels = get_levels(config.levels)
 
-# ----------------------------------------------------------------------------- 1. SPDY
-model, tokenizer = load_model_and_tokenizer()
+# ----------------------------------------------------------------------------- 1. SPDY, once per method
+_, tokenizer = load_model_and_tokenizer()
 cal = config.calibration
 windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
-try:  # the pruner gets the very windows we score on below
-    result = SPDYPruner(model, config, tokenizer).prune(calibration=windows)
-except SPDYError as e:
-    sys.exit(f"spdy_vs_uniform: {e}")
-report, table, spdy_entries = result.report, result.latency_table, result.profile
-del model, result  # pruned in place: everything below works on a fresh dense copy
+reports, entries, table = {}, {}, None
+for method in args.methods:
+    model, _ = load_model_and_tokenizer()
+    try:  # the pruner gets the very windows we score on below
+        result = SPDYPruner(model, config_for(method), tokenizer).prune(calibration=windows, latency_table=table)
+    except SPDYError as e:
+        sys.exit(f"spdy_vs_uniform: {e}")
+    reports[method], entries[method], table = result.report, result.profile, result.latency_table
+    del model, result  # pruned in place: everything below works on a fresh dense copy
 
-# ----------------------------------------------------------------------------- 2. the same database, dense copy
+# ----------------------------------------------------------------------------- 2. the same databases, dense copy
 model, _ = load_model_and_tokenizer()
 by_name = {u.name: u for u in find_units(model, config.skip_modules)}
-units = [by_name[p["name"]] for p in spdy_entries]  # the pruner's unit order
-database = build_database(config.method, units, levels)  # from the dense weights
+units = [by_name[p["name"]] for p in entries[args.methods[0]]]  # the pruner's unit order
+databases = {}
+for method in args.methods:
+    if method == "magnitude":
+        databases[method] = MagnitudeDatabase(units, levels)  # from the dense weights
+    else:  # the directory the pruner built it in: loaded, nothing recomputed
+        databases[method] = load_obs_database(reports[method]["database"]["dir"], units, levels)
 layouts = table.layouts_for(units)
 times = table.times_for(table.keys_for(units))  # (U, K) ms
 budget = compute_budget(times, table.base_time_ms, config.target_speedup, reference_ms=table.reference_time_ms)
-spdy_profile = [int(p["level"]) for p in spdy_entries]
+spdy_profiles = {m: [int(p["level"]) for p in entries[m]] for m in args.methods}
+first = args.methods[0]
 
 
 def uniform(k):
@@ -94,9 +117,10 @@ regime_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 warmup, repeats = config.timing.warmup, max(10, config.timing.verify_repeats)
 
 
-def kernels(profile):
-    """The profile's deployed form, built from the weights the database stitches in now."""
-    database.stitch(profile)
+def kernels(profile, method=first):
+    """The profile's deployed form, built from the weights the database stitches in now (time depends on the
+    number of zeros per unit only, which every method's level has the same of)."""
+    databases[method].stitch(profile)
     return KernelSwap(model, units, [levels[k] for k in profile], layouts)
 
 
@@ -115,23 +139,23 @@ def measure(swaps, repeats=repeats):
         swaps[0].use_original()
 
 
-# The smallest uniform level whose measured speedup >= SPDY's, measured side by side. Start at the level the
-# latency table predicts, then walk down while it still holds, or up until it does.
-spdy_swap = kernels(spdy_profile)  # its dense units alias the live weights: fine for timing, not for outputs
+# The smallest uniform level whose measured time is at most SPDY+first method's, measured side by side. Start at
+# the level the latency table predicts, then walk down while it still holds, or up until it does.
+spdy_swaps = {m: kernels(spdy_profiles[m], m) for m in args.methods}  # dense units alias live weights: timing only
 candidates = [k for k in range(1, len(levels)) if np.isfinite(times[:, k]).all()]
-spdy_predicted = predicted_speedup(spdy_profile)
+spdy_predicted = predicted_speedup(spdy_profiles[first])
 k = next((k for k in candidates if predicted_speedup(uniform(k)) >= spdy_predicted), candidates[-1])
 tried = {}
 
 
 def try_level(k):
     if k not in tried:
-        dense_ms, spdy_ms, uniform_ms = measure([spdy_swap, kernels(uniform(k))])
+        dense_ms, spdy_ms, uniform_ms = measure([spdy_swaps[first], kernels(uniform(k))])
         tried[k] = {"level": k, "sparsity": levels[k], "predicted_speedup": predicted_speedup(uniform(k)),
                     "measured_speedup": dense_ms / uniform_ms, "spdy_measured_speedup": dense_ms / spdy_ms,
                     "meets": uniform_ms <= spdy_ms}
-        log.info("Uniform level %d (sparsity %.4f): %.3fx measured vs SPDY %.3fx side by side.", k, levels[k],
-                 tried[k]["measured_speedup"], tried[k]["spdy_measured_speedup"])
+        log.info("Uniform level %d (sparsity %.4f): %.3fx measured vs SPDY+%s %.3fx side by side.", k, levels[k],
+                 tried[k]["measured_speedup"], first, tried[k]["spdy_measured_speedup"])
     return tried[k]["meets"]
 
 
@@ -149,13 +173,18 @@ else:
     uniform_level = max(tried.values(), key=lambda t: t["measured_speedup"])["level"]
     log.warning("No uniform level reaches SPDY's measured speedup; reporting the fastest one tried.")
 
-# A fresh side-by-side measurement of the chosen pair (the walk's numbers are biased towards passing).
-dense_ms, spdy_ms, uniform_ms = measure([spdy_swap, kernels(uniform(uniform_level))], repeats=2 * repeats)
-log.info("Side by side: dense %.3f ms, SPDY %.3f ms (%.3fx), uniform %.3f ms (%.3fx).",
-         dense_ms, spdy_ms, dense_ms / spdy_ms, uniform_ms, dense_ms / uniform_ms)
+# A fresh side-by-side measurement of everything (the walk's numbers are biased towards passing).
+uniform_swap = kernels(uniform(uniform_level))
+timed = measure([spdy_swaps[m] for m in args.methods] + [uniform_swap], repeats=2 * repeats)
+dense_ms, uniform_ms = timed[0], timed[-1]
+spdy_ms = dict(zip(args.methods, timed[1:-1]))
+log.info("Side by side: dense %.3f ms; %s; uniform %.3f ms (%.3fx).", dense_ms,
+         "; ".join(f"SPDY+{m} {t:.3f} ms ({dense_ms / t:.3f}x)" for m, t in spdy_ms.items()),
+         uniform_ms, dense_ms / uniform_ms)
 
 # ----------------------------------------------------------------------------- 4. quality vs dense
-database.stitch(uniform(0))
+for db in databases.values():
+    db.stitch(uniform(0))
 eval_windows = {key: v[: config.search.eval_samples] for key, v in windows.items()}
 bs = config.search.eval_batch_size
 scorer = DistanceScorer(model, [{key: v[i:i + bs] for key, v in eval_windows.items()}
@@ -178,42 +207,49 @@ def embeddings(texts):
 
 dense_embeddings = embeddings(heldout)
 rows = {}
-for method, profile, ms in (("spdy", spdy_profile, spdy_ms), ("uniform", uniform(uniform_level), uniform_ms),
-                            ("dense", uniform(0), dense_ms)):  # dense last: checks the database restores it
-    database.stitch(profile)
+runs = [(f"spdy+{m}", m, spdy_profiles[m], spdy_ms[m]) for m in args.methods]
+runs += [(f"uniform+{m}", m, uniform(uniform_level), uniform_ms) for m in args.methods]
+runs += [("dense", first, uniform(0), dense_ms)]  # dense last: checks the database restores it
+for name, method, profile, ms in runs:
+    for other in databases.values():
+        other.stitch(uniform(0))
+    databases[method].stitch(profile)
     cosine = (embeddings(heldout) * dense_embeddings).sum(-1)
-    rows[method] = {"measured_speedup": dense_ms / ms, "time_ms": ms, "predicted_speedup": predicted_speedup(profile),
-                    "overall_sparsity": overall_sparsity(profile), "calibration_score": scorer(),
-                    "heldout_cosine_mean": float(cosine.mean()), "heldout_cosine_min": float(cosine.min())}
+    rows[name] = {"method": method, "measured_speedup": dense_ms / ms, "time_ms": ms,
+                  "predicted_speedup": predicted_speedup(profile), "overall_sparsity": overall_sparsity(profile),
+                  "calibration_score": scorer(), "heldout_cosine_mean": float(cosine.mean()),
+                  "heldout_cosine_min": float(cosine.min())}
 rows["dense"]["predicted_speedup"] = 1.0  # the original modules, not the all-dense deployed form
-rows["spdy"]["pruner_measured_speedup"] = report["measured_speedup"]
-rows["spdy"]["pruner_calibration_score"] = report["score_dense_vs_pruned"]
-rows["uniform"].update(level=uniform_level, sparsity=levels[uniform_level], reaches_spdy_speedup=bool(met))
-if not np.isclose(rows["spdy"]["calibration_score"], report["score_dense_vs_pruned"], rtol=1e-4):
-    log.warning("SPDY's score re-computed here (%.6g) differs from the pruner's (%.6g).",
-                rows["spdy"]["calibration_score"], report["score_dense_vs_pruned"])
+for m in args.methods:
+    rows[f"spdy+{m}"]["pruner_measured_speedup"] = reports[m]["measured_speedup"]
+    rows[f"spdy+{m}"]["pruner_calibration_score"] = reports[m]["score_dense_vs_pruned"]
+    rows[f"uniform+{m}"].update(level=uniform_level, sparsity=levels[uniform_level], reaches_spdy_speedup=bool(met))
+    if not np.isclose(rows[f"spdy+{m}"]["calibration_score"], reports[m]["score_dense_vs_pruned"], rtol=1e-4):
+        log.warning("SPDY+%s's score re-computed here (%.6g) differs from the pruner's (%.6g).", m,
+                    rows[f"spdy+{m}"]["calibration_score"], reports[m]["score_dense_vs_pruned"])
 
 # ----------------------------------------------------------------------------- 5. report
 lines = [f"Target {config.target_speedup:g}x, batch {args.batch_size} x {args.sequence_length} tokens, "
          f"score: {scorer.kind} on {config.search.eval_samples} calibration windows, cosine: {len(heldout)} held-out texts",
-         "", "| method | measured speedup | predicted speedup | overall sparsity | calibration score | held-out cosine |",
-         "|---|---|---|---|---|---|"]
-for method, r in rows.items():
-    name = f"uniform {levels[uniform_level]:.4f}" if method == "uniform" else method
-    lines.append(f"| {name} | {r['measured_speedup']:.3f}x | {r['predicted_speedup']:.3f}x | "
-                 f"{r['overall_sparsity']:.4f} | {r['calibration_score']:.5g} | {r['heldout_cosine_mean']:.5f} |")
+         "", "| profile + database | measured speedup | predicted speedup | overall sparsity | calibration score "
+         "| held-out cosine (mean) | held-out cosine (min) |", "|---|---|---|---|---|---|---|"]
+for name, r in rows.items():
+    label = name.replace("uniform", f"uniform {levels[uniform_level]:.4f}") if name.startswith("uniform") else name
+    lines.append(f"| {label} | {r['measured_speedup']:.3f}x | {r['predicted_speedup']:.3f}x | "
+                 f"{r['overall_sparsity']:.4f} | {r['calibration_score']:.5g} | {r['heldout_cosine_mean']:.5f} | "
+                 f"{r['heldout_cosine_min']:.5f} |")
 print("\n".join(lines))
-print(f"(SPDY's measured speedup in the pruner's own verify step: {report['measured_speedup']:.3f}x; "
-      f"uniform/SPDY time ratio side by side: {uniform_ms / spdy_ms:.3f})")
+print("(measured speedups in the pruner's own verify steps: "
+      + ", ".join(f"SPDY+{m} {reports[m]['measured_speedup']:.3f}x" for m in args.methods) + ")")
 
 atomic_write_json(args.output, {
     "benchmark": "spdy_vs_uniform", "date": datetime.now(timezone.utc).isoformat(), "command": sys.argv,
-    "args": vars(args), "machine": environment_info(), "config": config.to_dict(), "methods": rows,
+    "args": vars(args), "machine": environment_info(), "config": config.to_dict(), "rows": rows,
     "timing": {"dense_ms": dense_ms, "spdy_ms": spdy_ms, "uniform_ms": uniform_ms, "repeats": 2 * repeats,
-               "warmup": warmup, "uniform_over_spdy_time": uniform_ms / spdy_ms},
+               "warmup": warmup},
     "uniform_level_walk": sorted(tried.values(), key=lambda t: t["level"]),
     "score_kind": scorer.kind, "heldout": {"texts": len(heldout), "max_length": HELDOUT_MAX_LENGTH},
     "latency_table": {"base_time_ms": table.base_time_ms, "deployed_dense_time_ms": table.deployed_dense_time_ms},
-    "spdy_pruner_report": report, "spdy_profile": spdy_entries,
+    "pruner_reports": reports, "spdy_profiles": entries,
 })
 log.info("Results written to %s.", args.output)

@@ -35,7 +35,14 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .apply import FastLinear
-    from .config import CalibrationConfig, DatabaseConfig, RegimeConfig, SearchConfig, SPDYConfig, TimingConfig
+    from .config import (
+        CalibrationConfig,
+        DatabaseConfig,
+        RegimeConfig,
+        SearchConfig,
+        SPDYConfig,
+        TimingConfig,
+    )
     from .errors import ConfigError, SPDYError, UnreachableTargetError
     from .latency.table import LatencyTable
     from .pruner import SPDYPruner

@@ -25,8 +25,15 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="A YAML/JSON SPDYConfig; flags given here override it.")
     p.add_argument("--batch-size", type=int, help="Regime: sequences per forward pass.")
     p.add_argument("--sequence-length", type=int, help="Regime: tokens per sequence.")
-    p.add_argument("--calibration", help="'builtin' (offline corpus) or a UTF-8 text file.")
+    p.add_argument("--calibration", help="'builtin' (offline corpus), a data file (.txt, .json, .jsonl, .parquet, "
+                   ".csv) or a Hub dataset name.")
+    p.add_argument("--dataset-config", help="Configuration name of a Hub calibration dataset.")
+    p.add_argument("--split", help="Split of a Hub calibration dataset (default train; slices like train[:2000]).")
+    p.add_argument("--text-column", help="Column holding the calibration text (default text).")
     p.add_argument("--num-samples", type=int, help="Calibration windows.")
+    p.add_argument("--calibration-length", type=int, help="Tokens per calibration window (default 128).")
+    p.add_argument("--method", choices=["obs", "magnitude"], help="Pruning database method (default obs).")
+    p.add_argument("--database-dir", help="Where the pruning database is kept (resumable); default in the cache.")
     p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
@@ -51,8 +58,14 @@ def _build_config(args):
     calibration = data.setdefault("calibration", {})
     if args.calibration is not None:
         calibration["source"] = args.calibration
-    if args.num_samples is not None:
-        calibration["num_samples"] = args.num_samples
+    for flag, key in (("dataset_config", "dataset_config"), ("split", "split"), ("text_column", "text_column"),
+                      ("num_samples", "num_samples"), ("calibration_length", "sequence_length")):
+        if getattr(args, flag) is not None:
+            calibration[key] = getattr(args, flag)
+    if args.method is not None:
+        data["method"] = args.method
+    if args.database_dir is not None:
+        data.setdefault("database", {})["dir"] = args.database_dir
     if args.seed is not None:
         calibration["seed"] = args.seed
         data.setdefault("search", {})["seed"] = args.seed

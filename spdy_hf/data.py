@@ -21,6 +21,7 @@ from .errors import SPDYError
 logger = logging.getLogger(__name__)
 
 SPLITS = ("calibration", "heldout")
+MAX_STREAM_TOKENS = 4_000_000  # tokens read at most from a large dataset (beyond 4 x what the windows need)
 
 
 def _split_of(filename: str) -> str:
@@ -62,11 +63,88 @@ def read_text_file(path: str) -> list[str]:
     return [d.strip() for d in text.split("\n\n") if d.strip()]
 
 
-def load_texts(source: str) -> list[str]:
-    """The documents of a calibration source: 'builtin' or a text file."""
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def texts_from_dataset(dataset, text_column: str = "text", split: str = "train") -> list[str]:
+    """The text column of a `datasets.Dataset` (or one split of a `DatasetDict`) as a list of strings."""
+    if isinstance(getattr(dataset, "column_names", None), dict):  # a DatasetDict: pick the split
+        if split not in dataset:
+            raise SPDYError(f"The dataset has no split {split!r}; its splits: {', '.join(dataset.keys())}. "
+                            "Set calibration.split.")
+        dataset = dataset[split]
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if text_column not in columns:
+        raise SPDYError(f"The calibration data has no column {text_column!r}; its columns: "
+                        f"{', '.join(columns) or 'none'}. Set calibration.text_column (--text-column).")
+    texts = []
+    for value in dataset[text_column]:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise SPDYError(f"Column {text_column!r} holds {type(value).__name__} values, not text; choose a "
+                            "text column.")
+        texts.append(value)
+    return texts
+
+
+def load_texts(
+    source="builtin", *, dataset_config: str | None = None, split: str = "train", text_column: str = "text"
+) -> list[str]:
+    """The documents of a calibration source.
+
+    Args:
+        source: "builtin" (the offline corpus), a list of strings, a `datasets.Dataset` or `DatasetDict`, a local
+            file (.txt/.text/.md: documents separated by blank lines; .json/.jsonl/.parquet/.csv: the
+            `text_column` of its rows), or a Hugging Face Hub dataset name (loaded with `datasets.load_dataset`;
+            `split` may slice, e.g. "train[:2000]").
+        dataset_config: the Hub dataset's configuration name (e.g. "wikitext-2-raw-v1").
+    """
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(t, str) for t in source):
+            raise SPDYError("Calibration texts must be strings.")
+        return list(source)
+    if not isinstance(source, str):
+        if hasattr(source, "column_names") or hasattr(source, "keys"):
+            return texts_from_dataset(source, text_column, split)
+        raise SPDYError(f"Cannot read calibration data from a {type(source).__name__}; pass 'builtin', texts, a "
+                        "datasets.Dataset, a data file or a Hub dataset name.")
     if source == "builtin":
         return list(builtin_corpus("calibration"))
-    return read_text_file(source)
+    suffix = os.path.splitext(source)[1].lower()
+    if os.path.isdir(source):
+        raise SPDYError(f"Calibration source {source!r} is a directory; pass a file in it (.txt, .json, .jsonl, "
+                        ".parquet, .csv) or a Hub dataset name.")
+    if suffix in TEXT_SUFFIXES:
+        return read_text_file(source)
+    if suffix in DATA_FILE_BUILDERS:
+        if not os.path.isfile(source):
+            raise SPDYError(f"Calibration data file {source!r} does not exist.")
+        return texts_from_dataset(_load_dataset(DATA_FILE_BUILDERS[suffix], data_files=source, split="train"),
+                                  text_column)
+    if os.path.isfile(source):
+        raise SPDYError(f"Calibration file {source!r} has an unknown type; use .txt, .json, .jsonl, .parquet or .csv.")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise SPDYError(f"Calibration source {source!r} does not exist; pass 'builtin', an existing file or a Hub "
+                        "dataset name.")
+    return texts_from_dataset(_load_dataset(source, dataset_config, split=split), text_column, split)
+
+
+def _load_dataset(path: str, name: str | None = None, **kwargs):
+    try:
+        import datasets
+    except ImportError as e:
+        raise SPDYError("Calibration data files and Hub datasets need the `datasets` package: "
+                        "pip install datasets.") from e
+    try:
+        return datasets.load_dataset(path, name, **kwargs)
+    except Exception as e:  # network, missing dataset or config, bad split: say what was asked and what to do
+        raise SPDYError(
+            f"Could not load calibration dataset {path!r}"
+            + (f" (config {name!r})" if name else "")
+            + (f", split {kwargs['split']!r}" if "split" in kwargs and "data_files" not in kwargs else "")
+            + f": {type(e).__name__}: {e}. Without network access, pass a local file or 'builtin'.") from e
 
 
 def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
@@ -96,9 +174,15 @@ def token_windows(
     body = sequence_length - n_special
     if body < 1:
         raise SPDYError(f"Calibration sequence length {sequence_length} leaves no room next to special tokens.")
-    # whole documents may exceed the model's length limit: windows are cut below, so no warning is due
-    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    stream = [tok for ids in encoded for tok in ids]
+    # whole documents may exceed the model's length limit: windows are cut below, so no warning is due.
+    # A large dataset is tokenized only until there is ample text to draw from.
+    enough = max(4 * num_samples * body, MAX_STREAM_TOKENS)
+    stream: list[int] = []
+    for i in range(0, len(texts), 1000):
+        encoded = tokenizer(texts[i:i + 1000], add_special_tokens=False, verbose=False)["input_ids"]
+        stream.extend(tok for ids in encoded for tok in ids)
+        if len(stream) >= enough:
+            break
     n_windows = len(stream) // body
     if n_windows < num_samples:
         raise SPDYError(

@@ -60,15 +60,15 @@ class SPDYPruner:
     # ------------------------------------------------------------------ public
     def prune(
         self,
-        calibration: list[str] | dict[str, torch.Tensor] | None = None,
+        calibration=None,
         latency_table: LatencyTable | str | None = None,
         progress: bool = True,
     ) -> PruningResult:
         """Runs every stage and returns the pruned model (dense weights with zeros) with its profile and report.
 
         Args:
-            calibration: texts, or token windows (`{"input_ids": (N, L) tensor, ...}`); by default the
-                config's calibration source (the built-in offline corpus).
+            calibration: texts, a `datasets.Dataset`, or token windows (`{"input_ids": (N, L) tensor, ...}`); by
+                default the config's calibration source (the built-in offline corpus unless set).
             latency_table: a table (or its path) to use instead of measuring; overrides `config.latency_table`.
             progress: show progress bars.
 
@@ -201,17 +201,37 @@ class SPDYPruner:
                     aim, budget.target_speedup, 100 * (aim / budget.target_speedup - 1))
         return raised
 
-    def _check_model(self, model: nn.Module) -> None:
-        cfg = getattr(model, "config", None)
+    def _max_positions(self) -> int | None:
+        """The longest input the model takes, from its config (or a bounded tokenizer limit); None if unbounded."""
+        cfg = getattr(self.model, "config", None)
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if limit is None and self.tokenizer is not None:
+            tok_limit = getattr(self.tokenizer, "model_max_length", None)
+            if isinstance(tok_limit, int) and tok_limit < 1_000_000:  # transformers' "unset" is ~1e30
+                limit = tok_limit
+        return limit
+
+    def _calibration_length(self) -> int:
+        length = self.config.calibration.sequence_length
+        if length is not None:
+            return length
+        limit = self._max_positions()
+        if limit is None:
+            raise SPDYError("calibration.sequence_length is not set and the model states no maximum length "
+                            "(max_position_embeddings); set calibration.sequence_length (--calibration-length).")
+        logger.info("Calibration windows of %d tokens, the model's maximum.", limit)
+        return limit
+
+    def _check_model(self, model: nn.Module) -> None:
+        limit = self._max_positions()
         for name, length in (("regime.sequence_length", self.config.regime.sequence_length),
                              ("calibration.sequence_length", self.config.calibration.sequence_length)):
-            if limit is not None and length > limit:
+            if limit is not None and length is not None and length > limit:
                 raise SPDYError(f"{name}={length} exceeds the model's maximum of {limit} positions; lower it.")
 
     def _calibration_windows(self, calibration) -> dict[str, torch.Tensor]:
         cal = self.config.calibration
-        if isinstance(calibration, dict):
+        if isinstance(calibration, dict) and not hasattr(calibration, "column_names"):
             if "input_ids" not in calibration:
                 raise SPDYError("Calibration windows must be a dict with an 'input_ids' tensor of shape (N, L).")
             windows = dict(calibration)
@@ -219,8 +239,10 @@ class SPDYPruner:
         else:
             if self.tokenizer is None:
                 raise SPDYError("Calibration text needs a tokenizer: pass SPDYPruner(model, config, tokenizer=...).")
-            texts = load_texts(cal.source) if calibration is None else list(calibration)
-            windows = token_windows(self.tokenizer, texts, cal.num_samples, cal.sequence_length, cal.seed)
+            source = cal.source if calibration is None else calibration
+            texts = load_texts(source, dataset_config=cal.dataset_config, split=cal.split,
+                               text_column=cal.text_column)
+            windows = token_windows(self.tokenizer, texts, cal.num_samples, self._calibration_length(), cal.seed)
         n = windows["input_ids"].shape[0]
         if n < self.config.search.eval_samples:
             logger.info("Scoring candidates on all %d calibration windows (search.eval_samples=%d).",
@@ -317,8 +339,9 @@ def build_database(config: SPDYConfig, model: nn.Module, units, levels, windows:
         import json
 
         from .database.obs_database import windows_digest
+        from .database.store import STORE_VERSION
 
-        key = json.dumps({"model": fingerprint, "levels": list(levels), "units": [u.name for u in units],
+        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "levels": list(levels), "units": [u.name for u in units],
                           "calibration": windows_digest(windows), "propagation": db.propagation,
                           "anchor": anchor if db.propagation == "pruned" else None,
                           "dampening": db.dampening, "block_size": db.block_size}, sort_keys=True)

@@ -403,3 +403,34 @@ def test_speedup_margin_is_capped_at_the_reachable_maximum(tiny_bert, tmp_path, 
     report = result.report
     assert 4.1 <= report["search_target_speedup"] <= report["max_reachable_speedup"]
     assert report["predicted_speedup"] >= 4.1
+
+
+def test_measured_error_prior_and_database_report(tiny_llama, tmp_path, tokenizer):
+    config = small_config(tmp_path, search={"num_random_inits": 5, "patience": 3, "eval_samples": 4,
+                                            "dp_buckets": 1000, "error_prior": "measured"})
+    result, table = prune(tiny_llama, config, tokenizer)
+    report = result.report
+    assert report["error_prior"] == "measured" and report["method"] == "obs"
+    info = report["database"]
+    assert info["propagation"] == "pruned" and info["calibration_windows"] == 8
+    units = find_units(tiny_llama, config.skip_modules)
+    times = table.times_for(table.keys_for(units))
+    assert 1 <= info["anchor_level"] < times.shape[1]
+    assert os.path.isfile(os.path.join(info["dir"], "manifest.json"))
+    assert info["dir"].startswith(str(tmp_path / "cache" / "database"))
+
+
+def test_database_is_reused_across_runs(tmp_path, tokenizer, monkeypatch):
+    import spdy_hf.database.obs_database as obs_database
+
+    config = small_config(tmp_path, database={"dir": str(tmp_path / "db")})
+    prune(MODEL_FACTORIES["opt"](), config, tokenizer)
+    monkeypatch.setattr(obs_database, "obs_prune_levels", lambda *a, **k: pytest.fail("solved again"))
+    result, _ = prune(MODEL_FACTORIES["opt"](), config, tokenizer)
+    assert result.report["database"]["dir"] == str(tmp_path / "db")
+
+
+def test_magnitude_method_builds_nothing_on_disk(tiny_bert, tmp_path, tokenizer):
+    result, _ = prune(tiny_bert, small_config(tmp_path, method="magnitude"), tokenizer)
+    assert result.report["database"] == {"method": "magnitude"}
+    assert not (tmp_path / "cache" / "database").exists()

@@ -2,6 +2,6 @@
 
 from .base import PruningDatabase
 from .magnitude import MagnitudeDatabase
-from .obs_database import EncodedDatabase, build_obs_database
+from .obs_database import EncodedDatabase, build_obs_database, load_obs_database
 
-__all__ = ["PruningDatabase", "MagnitudeDatabase", "EncodedDatabase", "build_obs_database"]
+__all__ = ["PruningDatabase", "MagnitudeDatabase", "EncodedDatabase", "build_obs_database", "load_obs_database"]

@@ -48,15 +48,15 @@ class EncodedDatabase(PruningDatabase):
 
 def relative_output_errors(weights: list[torch.Tensor], hessian: torch.Tensor) -> torch.Tensor:
     """||(W_k - W) X||^2 / ||W X||^2 for every level k, from H = 2 X X^T / n (no data pass needed)."""
-    h = hessian.to(torch.float64)
-    dense = weights[0].to(device=h.device, dtype=torch.float64)
-    norm = float(((dense @ h) * dense).sum())
+    h = hessian.to(torch.float32)
+    dense = weights[0].to(device=h.device, dtype=torch.float32)
+    norm = float(((dense @ h) * dense).sum(dtype=torch.float64))
     out = torch.zeros(len(weights), dtype=torch.float64)
     if norm <= 0:
         return out
     for k, w in enumerate(weights[1:], start=1):
-        delta = w.to(device=h.device, dtype=torch.float64) - dense
-        out[k] = float(((delta @ h) * delta).sum()) / norm
+        delta = w.to(device=h.device, dtype=torch.float32) - dense
+        out[k] = max(0.0, float(((delta @ h) * delta).sum(dtype=torch.float64))) / norm
     return out
 
 
@@ -161,3 +161,27 @@ def build_obs_database(
                               for u in units])
     error_matrix = np.stack([errors[u.name].numpy() for u in units])
     return EncodedDatabase(units, levels, [encoded[u.name] for u in units], error_matrix)
+
+
+def load_obs_database(directory: str | os.PathLike, units: list[Unit], levels: list[float]) -> EncodedDatabase:
+    """A finished database (one with a manifest) from `directory`, for these units and levels."""
+    import json
+
+    store = DatabaseStore(directory, build={})
+    if not store.is_complete():
+        raise SPDYError(f"{store.directory} holds no finished pruning database (no manifest.json); build it first.")
+    with open(store.manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    built = manifest["build"]
+    if [float(x) for x in built["levels"]] != [float(x) for x in levels]:
+        raise SPDYError(f"The pruning database in {store.directory} has other levels than the ones asked for.")
+    names = [name for name, _ in built["units"]]
+    missing = [u.name for u in units if u.name not in names]
+    if missing:
+        raise SPDYError(f"The pruning database in {store.directory} lacks units {missing[:3]}...")
+    encoded, errors = [], []
+    for unit in units:
+        tensors, err = store.load_unit(unit.name)
+        encoded.append(tensors)
+        errors.append(err.numpy())
+    return EncodedDatabase(units, levels, encoded, np.stack(errors))

@@ -154,20 +154,22 @@ class SequentialCalibrator:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         weights: dict[str, torch.Tensor] = {}
-        products: dict[tuple, torch.Tensor] = {}  # X^T X per input tensor within one call: q, k, v share theirs
+        products: dict[tuple, tuple] = {}  # X^T X per input tensor within one call: q, k, v share theirs
 
         def hook_for(unit: Unit):
             def hook(module, args, output):
                 x = args[0].detach()
                 x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+                # the key holds x itself, so its memory cannot be reused by another input during the call
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-                if key not in products:
+                if key not in products or products[key][0] is not x:
                     xf = x2.to(torch.float32)
-                    products[key] = xf.T @ xf
-                sums[unit.name] = sums[unit.name] + products[key] if unit.name in sums else products[key].clone()
+                    products[key] = (x, xf.T @ xf)
+                product = products[key][1]
+                sums[unit.name] = sums[unit.name] + product if unit.name in sums else product.clone()
                 counts[unit.name] = counts.get(unit.name, 0) + x2.shape[0]
-                if unit.name not in weights:  # read during the pass: offloaded weights are present only now
-                    weights[unit.name] = unit.weight.detach().to("cpu", torch.float32).clone()
+                if unit.name not in weights:
+                    weights[unit.name] = dense_weight(unit).to("cpu", torch.float32).clone()
             return hook
 
         hooks = [u.module.register_forward_hook(hook_for(u)) for u in units]
@@ -312,6 +314,24 @@ def _same(a, b) -> bool:
         return False
 
 
+def _materialized(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A parameter's values, also when `accelerate` has offloaded it (the module holds a meta tensor then)."""
+    tensor = getattr(module, name, None)
+    if tensor is None or tensor.device.type != "meta":
+        return None if tensor is None else tensor.detach()
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights_map is None:
+        raise SPDYError(f"{type(module).__name__}.{name} is on the meta device with no offloaded copy; load the "
+                        "model's weights (or dispatch it with accelerate) before pruning.")
+    return weights_map[name]
+
+
+def dense_weight(unit: Unit) -> torch.Tensor:
+    """The unit's (out, in) weight values, wherever they are kept."""
+    w = _materialized(unit.module, "weight")
+    return w.T if unit.is_conv1d else w
+
+
 def _replace_output(unit: Unit, weight: torch.Tensor):
     """A forward hook that makes `unit` compute with `weight` (out, in) instead of its own."""
     cache: dict[torch.device, torch.Tensor] = {}
@@ -321,7 +341,7 @@ def _replace_output(unit: Unit, weight: torch.Tensor):
         w = cache.get(x.device)
         if w is None:
             w = cache[x.device] = weight.to(device=x.device, dtype=x.dtype)
-        bias = getattr(module, "bias", None)
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        bias = _materialized(module, "bias")
+        return F.linear(x, w, None if bias is None else bias.to(device=x.device, dtype=x.dtype))
 
     return unit.module.register_forward_hook(hook)

@@ -25,7 +25,7 @@ from ..io import atomic_write_json, default_mode
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # part of every build key: a change to how databases are computed invalidates caches
 
 
 def encode_levels(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
