@@ -146,10 +146,16 @@ class SearchConfig:
         default="spdy",
         metadata={"help": "Per-level error prior of the DP: 'spdy' is (k/(K-1))^2; 'measured' is each unit's "
                   "relative output error on the calibration set (method 'obs')."})
+    score: str = field(
+        default="auto",
+        metadata={"help": "Distance to the dense model that the search minimises: 'auto' (KL of next-token "
+                  "distributions with an LM head, else 'cosine'), 'kl', 'cosine' (1 - cosine of each token's final "
+                  "hidden state) or 'nmse' (normalised MSE of the final hidden states)."})
     seed: int = field(default=0, metadata={"help": "Seed of the local search."})
 
     def __post_init__(self):
         _check_int("search.num_random_inits", self.num_random_inits, 1)
+        _check_choice("search.score", self.score, ("auto", "kl", "cosine", "nmse"))
         _check_int("search.patience", self.patience, 1)
         if not isinstance(self.neighbourhood_fraction, (int, float)) or not 0 < self.neighbourhood_fraction <= 1:
             raise ConfigError(f"search.neighbourhood_fraction={self.neighbourhood_fraction!r} must be in (0, 1].")

@@ -105,7 +105,7 @@ class SPDYPruner:
         with self._stage("search"):
             eval_windows = {k: v[: config.search.eval_samples] for k, v in data.items()}
             batches = _batches(eval_windows, config.search.eval_batch_size)
-            scorer = DistanceScorer(model, batches)
+            scorer = DistanceScorer(model, batches, config.search.score)
 
             def evaluate(profile: np.ndarray) -> float:
                 database.stitch(profile)

@@ -263,12 +263,12 @@ def test_stitch_writes_only_units_whose_level_changed(tiny_bert):
 def test_distance_scorer(tiny_bert, tiny_llama):
     from spdy_hf.scoring import DistanceScorer
 
-    for model, kind in ((tiny_bert, "nmse"), (tiny_llama, "kl")):
+    for model, kind in ((tiny_bert, "auto"), (tiny_bert, "nmse"), (tiny_llama, "auto"), (tiny_llama, "cosine")):
         units = find_units(model, DEFAULT_SKIP_MODULES)
         batches = [example_inputs(batch=2, seq=8, seed=s) for s in range(2)]
-        scorer = DistanceScorer(model, batches)
-        assert scorer.kind == kind
-        assert scorer() == pytest.approx(0.0, abs=1e-10)  # the dense model is at distance 0 from itself
+        scorer = DistanceScorer(model, batches, kind)
+        assert scorer.kind == {"auto": "cosine" if model is tiny_bert else "kl"}.get(kind, kind)
+        assert scorer() == pytest.approx(0.0, abs=1e-6)  # the dense model is at distance 0 from itself
         db = MagnitudeDatabase(units, LEVELS)
         db.stitch([2] * len(units))
         mild = scorer()
@@ -276,4 +276,22 @@ def test_distance_scorer(tiny_bert, tiny_llama):
         harsh = scorer()
         assert 0 < mild < harsh
         db.stitch([0] * len(units))
-        assert scorer() == pytest.approx(0.0, abs=1e-10)
+        assert scorer() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cosine_score_is_scale_invariant_and_skips_padding(tiny_bert):
+    from spdy_hf.scoring import DistanceScorer
+
+    batch = example_inputs(batch=2, seq=8)
+    batch["attention_mask"][1, 5:] = 0
+    scorer = DistanceScorer(tiny_bert, [batch], "cosine")
+    nmse = DistanceScorer(tiny_bert, [batch], "nmse")
+    out = tiny_bert(**batch).last_hidden_state.detach()
+    with torch.no_grad():  # shrink every output: cosine does not move, NMSE does
+        tiny_bert.encoder.layer[-1].output.LayerNorm.weight.mul_(0.1)
+        tiny_bert.encoder.layer[-1].output.LayerNorm.bias.mul_(0.1)
+    assert scorer() == pytest.approx(0.0, abs=1e-6)
+    assert nmse() == pytest.approx(0.81, rel=1e-3)
+    assert out.shape == (2, 8, 32)
+    with pytest.raises(ValueError, match="LM head"):
+        DistanceScorer(tiny_bert, [batch], "kl")

@@ -66,7 +66,7 @@ def test_report_and_profile(pruned, tmp_path):
     assert report["regime"] == {"batch_size": 1, "sequence_length": 32, "dtype": "float32"}
     assert report["dense_time_ms"] > 0 and report["pruned_time_ms"] > 0
     assert report["measured_speedup"] == pytest.approx(report["dense_time_ms"] / report["pruned_time_ms"])
-    assert report["score_kind"] == ("nmse" if name == "bert" else "kl")
+    assert report["score_kind"] == ("cosine" if name == "bert" else "kl")
     assert report["score_dense_vs_pruned"] >= 0
     assert 0 < report["overall_sparsity"] < 1
     assert report["search"]["evaluations"] <= report["search"]["candidates"]
