@@ -38,3 +38,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def release_free_memory() -> None:
+    """Hands memory freed by torch back to the OS (glibc only; a no-op elsewhere).
+
+    Building a pruning database allocates and frees many mid-sized tensors; glibc keeps the freed pages, and on
+    MiniLM the process's resident memory grew to about 2.5x what was live. Trimming after each unit keeps the
+    peak near the live size.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

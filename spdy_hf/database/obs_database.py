@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SPDYError
+from ..io import release_free_memory
 from ..units import Unit
 from .base import PruningDatabase
 from .obs import obs_prune_levels
@@ -141,6 +142,7 @@ def build_obs_database(
                 del weights, masks
                 store.save_unit(unit.name, encoded[unit.name], errors[unit.name])
                 solved += 1
+                release_free_memory()
             if propagation == "dense":
                 return None
             return {u.name: decode_level(encoded[u.name], anchor) for u in block_units}
