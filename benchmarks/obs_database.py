@@ -4,8 +4,8 @@
    the default calibration set (128 windows x 128 tokens of the built-in corpus) and all 42 SPDY levels, and
    records the wall time and the process's peak resident memory.
 2. Scores uniform profiles (every unit at one level) of each database and of the magnitude database against the
-   dense model: NMSE of the final hidden states on the 32 scoring windows (as the search scores) and the mean
-   cosine of held-out sentence embeddings (files disjoint from the calibration files).
+   dense model: the search's score on its 32 scoring windows (1 - cosine of the final hidden states for this
+   encoder) and the mean cosine of held-out sentence embeddings (files disjoint from the calibration files).
 
 The anchor level (what later blocks are calibrated on with propagation "pruned") is the uniform level that meets
 --target-speedup in the latency table, as SPDYPruner picks it.
@@ -107,21 +107,22 @@ for level in args.levels:
             other.stitch([0] * len(units))
         db.stitch([level] * len(units))
         cosine = float((embeddings(heldout) * dense_embeddings).sum(-1).mean())
-        scores.append({"database": name, "level": level, "sparsity": levels[level], "calibration_nmse": scorer(),
-                       "heldout_cosine": cosine})
-        log.info("level %d (%.4f) %-9s NMSE %.4f cosine %.4f", level, levels[level], name,
-                 scores[-1]["calibration_nmse"], cosine)
+        scores.append({"database": name, "level": level, "sparsity": levels[level], "calibration_score": scorer(),
+                       "score_kind": scorer.kind, "heldout_cosine": cosine})
+        log.info("level %d (%.4f) %-9s score (%s) %.4f held-out cosine %.4f", level, levels[level], name,
+                 scorer.kind, scores[-1]["calibration_score"], cosine)
 
 lines = [f"OBS database build (128 x 128 calibration tokens, {len(levels)} levels, {len(units)} units, anchor level "
          f"{anchor}):", ""]
 lines += [f"- propagation {p}: {b['seconds']:.1f} s, peak RSS {b['peak_rss_gb']:.2f} GB (before builds "
           f"{rss_before:.2f} GB)" for p, b in builds.items()]
-lines += ["", "| uniform level | sparsity | " + " | ".join(f"{n} NMSE | {n} cosine" for n in databases) + " |",
+lines += ["", "| uniform level | sparsity | " + " | ".join(f"{n} score ({scorer.kind}) | {n} held-out cosine"
+                                                    for n in databases) + " |",
           "|---|---|" + "---|---|" * len(databases)]
 for level in args.levels:
     row = {s["database"]: s for s in scores if s["level"] == level}
     lines.append(f"| {level} | {levels[level]:.4f} | " + " | ".join(
-        f"{row[n]['calibration_nmse']:.4f} | {row[n]['heldout_cosine']:.4f}" for n in databases) + " |")
+        f"{row[n]['calibration_score']:.4f} | {row[n]['heldout_cosine']:.4f}" for n in databases) + " |")
 print("\n".join(lines))
 atomic_write_json(args.output, {
     "benchmark": "obs_database", "date": datetime.now(timezone.utc).isoformat(), "command": sys.argv,
