@@ -18,14 +18,17 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("cpu",)
+BACKENDS = ("cpu", "cuda")
 METHODS = ("obs", "magnitude")
 ERROR_PRIORS = ("spdy", "measured")
 PROPAGATIONS = ("pruned", "dense")
-LEVEL_GRIDS = ("spdy",)
-DTYPES = ("float32",)
-# dtypes each backend's sparse kernel accepts: torch.sparse CSR products on CPU run in fp32 only.
-BACKEND_DTYPES = {"cpu": ("float32",)}
+LEVEL_GRIDS = ("auto", "spdy", "2:4")
+LEVEL_PATTERNS = ("2:4",)
+DEFAULT_LEVELS = {"cpu": "spdy", "cuda": "2:4"}  # what levels "auto" means on each backend
+DTYPES = ("float32", "float16", "bfloat16")
+# dtypes each backend's sparse kernel accepts: torch.sparse CSR products on CPU run in fp32 only; 2:4
+# semi-structured products on NVIDIA GPUs in fp16 and bf16.
+BACKEND_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -199,10 +202,12 @@ class SPDYConfig:
 
     Args:
         target_speedup: end-to-end speedup to reach over the dense model, in the regime, on the backend.
-        backend: where the model will run; `"cpu"` profiles dense vs `torch.sparse` CSR products.
+        backend: where the model will run; `"cpu"` profiles dense vs `torch.sparse` CSR products, `"cuda"`
+            dense vs 2:4 semi-structured products on an NVIDIA GPU.
         regime: deployment batch size, sequence length and dtype.
-        levels: `"spdy"` for the reference grid (dense + 41 geometric levels, sparsity 0.40 to 0.99) or an
-            explicit list of sparsities in (0, 1).
+        levels: `"auto"` (the backend's: `"spdy"` on cpu, `"2:4"` on cuda), `"spdy"` for the reference grid
+            (dense + 41 geometric levels, sparsity 0.40 to 0.99), `"2:4"` (dense or 2:4), or a list of sparsities
+            in (0, 1) and patterns ("2:4").
         method: how each unit is pruned to each level: `"obs"` (SparseGPT-style, from the calibration set) or
             `"magnitude"` (data-free).
         calibration: the calibration set.
@@ -217,7 +222,8 @@ class SPDYConfig:
     target_speedup: float = field(default=1.5, metadata={"help": "End-to-end speedup to reach (> 1)."})
     backend: str = field(default="cpu", metadata={"help": "Target backend."})
     regime: RegimeConfig = field(default_factory=RegimeConfig)
-    levels: str | list[float] = field(default="spdy", metadata={"help": "'spdy' or a list of sparsities."})
+    levels: str | list[float | str] = field(
+        default="auto", metadata={"help": "'auto', 'spdy', '2:4', or a list of sparsities and patterns ('2:4')."})
     method: str = field(default="obs", metadata={"help": "Pruning method of the database: 'obs' or 'magnitude'."})
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -253,15 +259,30 @@ class SPDYConfig:
             raise ConfigError("search.error_prior='measured' needs method='obs': magnitude pruning measures no errors.")
         if isinstance(self.levels, str):
             _check_choice("levels", self.levels, LEVEL_GRIDS)
+            if self.levels == "auto":
+                self.levels = DEFAULT_LEVELS[self.backend]
         elif isinstance(self.levels, (list, tuple)) and self.levels:
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in self.levels):
-                raise ConfigError(f"levels={self.levels!r}: every sparsity must be a number in (0, 1).")
-            levels = [float(x) for x in self.levels]
-            if any(not 0.0 < x < 1.0 for x in levels) or len(set(levels)) != len(levels):
+            numbers = [x for x in self.levels if not isinstance(x, str)]
+            patterns = [x for x in self.levels if isinstance(x, str)]
+            if any(p not in LEVEL_PATTERNS for p in patterns) or \
+                    not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+                raise ConfigError(f"levels={self.levels!r}: every level must be a sparsity in (0, 1) or one of "
+                                  f"{', '.join(map(repr, LEVEL_PATTERNS))}.")
+            numbers = [float(x) for x in numbers]
+            if any(not 0.0 < x < 1.0 for x in numbers) or len(set(numbers)) != len(numbers) \
+                    or len(set(patterns)) != len(patterns):
                 raise ConfigError(f"levels={self.levels!r}: every sparsity must be distinct and in (0, 1).")
-            self.levels = sorted(levels)
+            self.levels = sorted(numbers) + patterns
         else:
-            raise ConfigError(f"levels={self.levels!r} must be 'spdy' or a non-empty list of sparsities in (0, 1).")
+            raise ConfigError(f"levels={self.levels!r} must be 'auto', 'spdy', '2:4' or a non-empty list of "
+                              "sparsities in (0, 1).")
+        if self.backend == "cuda":
+            from .levels import get_patterns
+
+            other = sorted({p for p in get_patterns(self.levels)[1:] if p != "2:4"})
+            if other:
+                raise ConfigError(f"levels={self.levels!r}: the cuda backend runs dense and 2:4 levels only "
+                                  "(use levels: '2:4').")
         if isinstance(self.skip_modules, str) or not all(isinstance(p, str) for p in self.skip_modules):
             raise ConfigError("skip_modules must be a list of glob patterns of module names.")
         self.skip_modules = list(self.skip_modules)

@@ -1,4 +1,9 @@
-"""Sparsity levels: the SPDY reference grid, or a user's list."""
+"""Sparsity levels: the SPDY reference grid, the 2:4 pattern, or a user's list.
+
+A level has a sparsity and a pattern: "dense" (level 0, always first), "unstructured" (any entries, the grid's
+levels) or "2:4" (2 of every 4 consecutive inputs, sparsity 0.5; what NVIDIA's sparse tensor cores run).
+A list may mix patterns (e.g. `[0.5, "2:4", 0.9]`): levels need not be nested across patterns.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ _GRID_FIRST_DENSITY = 0.6
 _GRID_LAST_DENSITY = 0.01
 _GRID_STEPS = 40
 
+PATTERN_SPARSITY = {"2:4": 0.5}
+
 
 def spdy_grid() -> list[float]:
     """The 41 sparse levels of the SPDY reference grid, as sparsities in increasing order."""
@@ -15,7 +22,22 @@ def spdy_grid() -> list[float]:
     return [1.0 - _GRID_FIRST_DENSITY * delta**k for k in range(_GRID_STEPS + 1)]
 
 
-def get_levels(levels: str | list[float]) -> list[float]:
-    """All levels of a search, dense (0.0) first, then increasing sparsity."""
-    sparse = spdy_grid() if levels == "spdy" else sorted(float(x) for x in levels)
-    return [0.0] + sparse
+def _entries(levels) -> list[tuple[float, str]]:
+    if levels == "spdy":
+        return [(s, "unstructured") for s in spdy_grid()]
+    if isinstance(levels, str):
+        if levels in PATTERN_SPARSITY:
+            return [(PATTERN_SPARSITY[levels], levels)]
+        raise ValueError(f"Unknown levels {levels!r}.")
+    entries = [(PATTERN_SPARSITY[x], x) if isinstance(x, str) else (float(x), "unstructured") for x in levels]
+    return sorted(entries, key=lambda e: (e[0], e[1] != "unstructured"))
+
+
+def get_levels(levels) -> list[float]:
+    """The sparsity of every level of a search, dense (0.0) first, then increasing sparsity."""
+    return [0.0] + [s for s, _ in _entries(levels)]
+
+
+def get_patterns(levels) -> list[str]:
+    """The pattern of every level, aligned with `get_levels`: "dense", then "unstructured" or "2:4"."""
+    return ["dense"] + [p for _, p in _entries(levels)]

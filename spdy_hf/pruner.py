@@ -24,7 +24,7 @@ from .environment import environment_info
 from .errors import SPDYError, UnreachableTargetError
 from .latency import LatencyTable
 from .latency.table import cache_key, default_cache_dir
-from .levels import get_levels
+from .levels import get_levels, get_patterns
 from .loading import model_fingerprint
 from .result import PruningResult
 from .scoring import DistanceScorer
@@ -78,12 +78,13 @@ class SPDYPruner:
         config = self.config
         model = self.model.eval()
         self._check_model(model)
+        self._to_target_device(model)
         data = self._calibration_windows(calibration)
 
         with self._stage("profile"):
-            example = {k: v[:1] for k, v in data.items()}
+            example = {k: v[:1].to(self._device(model)) for k, v in data.items()}
             units = find_units(model, config.skip_modules, example_inputs=example)
-            levels = get_levels(config.levels)
+            levels, patterns = get_levels(config.levels), get_patterns(config.levels)
             table = self._latency_table(model, units, levels, latency_table, progress)
             times = table.times_for(table.keys_for(units))  # (U, K) ms
             budget = compute_budget(times, table.base_time_ms, config.target_speedup,
@@ -97,14 +98,16 @@ class SPDYPruner:
 
         with self._stage("database"):
             anchor = anchor_level(times, search_budget.budget_ms)
-            database, database_info = build_database(config, model, units, levels, data, anchor, progress)
+            database, database_info = build_database(config, model, units, levels, data, anchor, progress,
+                                                     patterns=patterns)
         prior = None
         if config.search.error_prior == "measured":
             prior = database.errors
 
         with self._stage("search"):
             eval_windows = {k: v[: config.search.eval_samples] for k, v in data.items()}
-            batches = _batches(eval_windows, config.search.eval_batch_size)
+            batches = _batches({k: v.to(self._device(model)) for k, v in eval_windows.items()},
+                               config.search.eval_batch_size)
             scorer = DistanceScorer(model, batches, config.search.score)
 
             def evaluate(profile: np.ndarray) -> float:
@@ -120,16 +123,24 @@ class SPDYPruner:
             score = scorer()
 
         sparsities = [levels[k] for k in profile]
+        verify_skipped = None
         with self._stage("verify"):
-            layouts = table.layouts_for(units)
-            dense_ms, deployed_dense_ms, pruned_ms = self._verify(model, units, sparsities, layouts)
+            if config.backend == "cuda":
+                dense_ms, deployed_dense_ms, pruned_ms, verify_skipped = self._verify_cuda(
+                    model, units, [patterns[k] for k in profile])
+            else:
+                layouts = table.layouts_for(units)
+                dense_ms, deployed_dense_ms, pruned_ms = self._verify(model, units, sparsities, layouts)
 
         unit_times = times[np.arange(len(units)), profile]
         predicted = budget.predicted_speedup(unit_times)
-        measured = dense_ms / pruned_ms
-        logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).",
-                    predicted, measured, dense_ms, pruned_ms)
-        if measured < 0.95 * config.target_speedup:
+        measured = None if verify_skipped else dense_ms / pruned_ms
+        if measured is None:
+            logger.warning("Predicted speedup %.3fx, not verified: %s", predicted, verify_skipped)
+        else:
+            logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).",
+                        predicted, measured, dense_ms, pruned_ms)
+        if measured is not None and measured < 0.95 * config.target_speedup:
             logger.warning(
                 "Measured speedup %.3fx falls short of the target %.3gx by more than 5%%: the latency table may be "
                 "stale or the machine busy. Re-measure the table on an idle machine (delete its cache file).",
@@ -143,6 +154,7 @@ class SPDYPruner:
             total += unit.numel
             profile_entries.append({
                 "name": unit.name, "shape": list(unit.shape), "level": int(k), "sparsity": levels[k],
+                "pattern": patterns[k],
                 "layout": table.layout_of(unit.name),
                 "input_leader": table.input_leaders.get(unit.name),
                 "dense_time_ms": float(times[u, 0]), "time_ms": float(t),
@@ -158,7 +170,10 @@ class SPDYPruner:
             # the unpruned model with every unit in the deployed (FastLinear) form: shows how much of the
             # speedup the kernel form gives alone, and how much the sparsity adds on top
             "deployed_dense_time_ms": deployed_dense_ms,
-            "measured_speedup_vs_deployed_dense": deployed_dense_ms / pruned_ms,
+            "measured_speedup_vs_deployed_dense": None if measured is None else deployed_dense_ms / pruned_ms,
+            "verify_skipped": verify_skipped,
+            "ineligible_units": [{"name": u.name, "shape": list(u.shape), "reason": table.ineligible[key]}
+                                 for u, key in zip(units, table.keys_for(units)) if key in table.ineligible],
             "overall_sparsity": zeros / total,
             "score_dense_vs_pruned": score,
             "score_kind": scorer.kind,
@@ -254,7 +269,8 @@ class SPDYPruner:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1000
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (regime.batch_size, regime.sequence_length), generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        device = self._device(model)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
     def _latency_table(self, model, units, levels, table, progress: bool) -> LatencyTable:
         config = self.config
@@ -263,14 +279,12 @@ class SPDYPruner:
         table = table if table is not None else config.latency_table
         if isinstance(table, (str, os.PathLike)):
             table = LatencyTable.load(table)
+        patterns = get_patterns(config.levels)
         if table is not None:
-            table.check_matches(config.backend, regime, levels)
+            table.check_matches(config.backend, regime, levels, patterns, self._table_environment())
             return table
-        from .environment import table_environment
-        from .latency.cpu import measure_latency_table
-
         fingerprint = model_fingerprint(model)
-        key = cache_key(config.backend, regime, levels, fingerprint, table_environment())
+        key = cache_key(config.backend, regime, levels, fingerprint, self._table_environment())
         path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"{key}.json")
         if os.path.isfile(path):
             logger.info("Reusing the latency table cached at %s.", path)
@@ -278,11 +292,79 @@ class SPDYPruner:
                 return LatencyTable.load(path)
             except SPDYError as e:
                 logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
-        table = measure_latency_table(model, units, levels, config, self._regime_inputs(model), fingerprint,
-                                      progress=progress)
+        if config.backend == "cuda":
+            from .latency.cuda import measure_cuda_latency_table
+
+            table = measure_cuda_latency_table(model, units, levels, patterns, config, self._regime_inputs(model),
+                                               fingerprint, progress=progress)
+        else:
+            from .latency.cpu import measure_latency_table
+
+            table = measure_latency_table(model, units, levels, config, self._regime_inputs(model), fingerprint,
+                                          progress=progress)
         table.save(path)
         logger.info("Latency table cached at %s.", path)
         return table
+
+    def profile(self, latency_table: LatencyTable | str | None = None, progress: bool = True) -> LatencyTable:
+        """Only the profiling stage: the latency table of this model in the config's regime, on its backend
+        (measured, or read from the cache). Measure it on the target machine, then pass it (saved with
+        `LatencyTable.save`) as `latency_table` to prune anywhere."""
+        model = self.model.eval()
+        self._check_model(model)
+        self._to_target_device(model)
+        example = {k: v.to(self._device(model)) for k, v in self._regime_inputs(model).items()}
+        units = find_units(model, self.config.skip_modules, example_inputs=example)
+        return self._latency_table(model, units, get_levels(self.config.levels), latency_table, progress)
+
+    def _table_environment(self) -> dict:
+        if self.config.backend == "cuda":
+            from .latency.cuda import cuda_environment
+
+            env = cuda_environment()
+            return {k: env.get(k) for k in ("gpu", "capability", "cuda_runtime", "torch", "cusparselt", "driver")
+                    if k in env}
+        from .environment import table_environment
+
+        return table_environment()
+
+    def _to_target_device(self, model: nn.Module) -> None:
+        """The cuda backend runs the model on the GPU in the regime's dtype; without a GPU it stays where it is
+        (searching and pruning work anywhere with a table measured on the GPU; verifying does not)."""
+        if self.config.backend == "cuda" and torch.cuda.is_available():
+            model.to(device="cuda", dtype=getattr(torch, self.config.regime.dtype))
+
+    @staticmethod
+    def _device(model: nn.Module) -> torch.device:
+        for p in model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @torch.inference_mode()
+    def _verify_cuda(self, model, units, patterns) -> tuple[float | None, float | None, float | None, str | None]:
+        """Dense vs pruned (2:4 units as semi-structured tensors), interleaved, CUDA events."""
+        if not torch.cuda.is_available() or self._device(model).type != "cuda":
+            return None, None, None, (
+                "the cuda backend needs a CUDA GPU to measure the speedup; run the pruned model there "
+                "(the profile comes from the latency table measured on the GPU)")
+        from .latency.cuda import TwoFourSwap, cuda_interleaved_median_ms
+
+        inputs = self._regime_inputs(model)
+        swap = TwoFourSwap(model, units, patterns)
+        timing = self.config.timing
+
+        def run(deployed: bool):
+            def fn():
+                swap.use_deployed() if deployed else swap.use_original()
+                model(**inputs)
+            return fn
+
+        try:
+            dense_ms, pruned_ms = cuda_interleaved_median_ms([run(False), run(True)], timing.warmup,
+                                                             max(10, timing.verify_repeats))
+        finally:
+            swap.use_original()
+        return dense_ms, dense_ms, pruned_ms, None
 
     @torch.inference_mode()
     def _verify(self, model, units, sparsities, layouts) -> tuple[float, float, float]:
@@ -323,10 +405,11 @@ def anchor_level(times: np.ndarray, budget_ms: float) -> int:
 
 
 def build_database(config: SPDYConfig, model: nn.Module, units, levels, windows: dict[str, torch.Tensor],
-                   anchor: int, progress: bool = True) -> tuple[PruningDatabase, dict]:
+                   anchor: int, progress: bool = True, patterns: list[str] | None = None
+                   ) -> tuple[PruningDatabase, dict]:
     """The pruning database of `config.method`, with a summary for the report."""
     if config.method == "magnitude":
-        return MagnitudeDatabase(units, levels), {"method": "magnitude"}
+        return MagnitudeDatabase(units, levels, patterns), {"method": "magnitude"}
     if config.method != "obs":
         raise ValueError(f"Unknown pruning method {config.method!r}.")
     db = config.database
@@ -341,7 +424,8 @@ def build_database(config: SPDYConfig, model: nn.Module, units, levels, windows:
         from .database.obs_database import windows_digest
         from .database.store import STORE_VERSION
 
-        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "levels": list(levels), "units": [u.name for u in units],
+        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "levels": list(levels),
+                          "patterns": patterns, "units": [u.name for u in units],
                           "calibration": windows_digest(windows), "propagation": db.propagation,
                           "anchor": anchor if db.propagation == "pruned" else None,
                           "dampening": db.dampening, "block_size": db.block_size}, sort_keys=True)
@@ -351,7 +435,7 @@ def build_database(config: SPDYConfig, model: nn.Module, units, levels, windows:
                 f"pruned to level {anchor} (sparsity {levels[anchor]:.4f})" if db.propagation == "pruned"
                 else "of the dense blocks")
     database = build_obs_database(
-        model, units, levels, windows, directory=directory, build_info={"model": fingerprint},
+        model, units, levels, windows, directory=directory, patterns=patterns, build_info={"model": fingerprint},
         anchor_level=anchor, propagation=db.propagation, dampening=db.dampening, block_size=db.block_size,
         batch_size=db.batch_size, device=db.device, progress=progress)
     info = {"method": "obs", "dir": os.path.abspath(directory), "calibration_windows": n,

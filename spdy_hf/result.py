@@ -43,8 +43,15 @@ class PruningResult:
     latency_table: Any = field(default=None, repr=False)
 
     def to_sparse_kernels(self) -> nn.Module:
-        """Swaps the units for fast `FastLinear`s (CSR where sparse), in place, for inference. Save before this."""
+        """Swaps the units for their fast kernels, in place, for inference (save before this): on the cpu
+        backend `FastLinear`s (CSR where sparse), on cuda `TwoFourLinear`s where the profile chose 2:4."""
         from .apply import UnitLayout
+
+        if self.config.backend == "cuda":
+            from .latency.cuda import TwoFourSwap
+
+            TwoFourSwap(self.model, self.units, [p.get("pattern", "dense") for p in self.profile]).use_deployed()
+            return self.model
 
         index = {p["name"]: i for i, p in enumerate(self.profile)}
         layouts = [UnitLayout(p.get("layout", "cc"), index.get(p.get("input_leader"))) for p in self.profile]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..patterns import two_four_magnitude_mask
 from ..units import Unit
 from .base import PruningDatabase
 
@@ -15,8 +16,9 @@ class MagnitudeDatabase(PruningDatabase):
     construction, and every level of every unit costs one sort up front and no further memory.
     """
 
-    def __init__(self, units: list[Unit], levels: list[float]):
+    def __init__(self, units: list[Unit], levels: list[float], patterns: list[str] | None = None):
         super().__init__(units, levels)
+        self.patterns = list(patterns) if patterns is not None else ["dense"] + ["unstructured"] * (len(levels) - 1)
         self.dense: list[torch.Tensor] = []
         self.order: list[torch.Tensor] = []
         for unit in units:
@@ -31,6 +33,8 @@ class MagnitudeDatabase(PruningDatabase):
 
     def weight(self, unit_index: int, level_index: int) -> torch.Tensor:
         w = self.dense[unit_index].clone()
+        if self.patterns[level_index] == "2:4":  # not nested with the unstructured levels: its own mask
+            return w.masked_fill_(two_four_magnitude_mask(w), 0.0)
         self._zero(w, unit_index, level_index)
         return w
 
@@ -41,7 +45,7 @@ class MagnitudeDatabase(PruningDatabase):
 
     def _write(self, unit_index: int, level_index: int) -> None:
         target = self.units[unit_index].weight
-        if target.is_contiguous():
+        if target.is_contiguous() and self.patterns[level_index] != "2:4":
             target.copy_(self.dense[unit_index])
             self._zero(target, unit_index, level_index)
         else:  # GPT-2's Conv1D: the (out, in) view is transposed, so flat indices do not apply to it

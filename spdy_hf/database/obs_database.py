@@ -23,7 +23,7 @@ from ..errors import SPDYError
 from ..io import release_free_memory
 from ..units import Unit
 from .base import PruningDatabase
-from .obs import obs_prune_levels
+from .obs import obs_prune_levels, obs_prune_nm
 from .sequential import SequentialCalibrator, UnitStatistics
 from .store import STORE_VERSION, DatabaseStore, decode_level, encode_levels
 
@@ -32,19 +32,32 @@ logger = logging.getLogger(__name__)
 PROPAGATIONS = ("pruned", "dense")
 
 
+def default_patterns(levels: list[float]) -> list[str]:
+    return ["dense"] + ["unstructured"] * (len(levels) - 1)
+
+
+def level_weight(tensors: dict[str, torch.Tensor], level: int, patterns: list[str]) -> torch.Tensor:
+    """Level `level`'s (out, in) weight from a unit's stored tensors: nested levels from `encode_levels`' form
+    (indexed among the non-2:4 levels), 2:4 levels stored whole as `nm.<level>`."""
+    if patterns[level] == "2:4":
+        return tensors[f"nm.{level}"].clone()
+    return decode_level(tensors, sum(1 for p in patterns[:level] if p != "2:4"))
+
+
 class EncodedDatabase(PruningDatabase):
     """A database of levels held in `encode_levels` form, one dict of tensors per unit, plus measured errors."""
 
     def __init__(self, units: list[Unit], levels: list[float], encoded: list[dict[str, torch.Tensor]],
-                 errors: np.ndarray | None = None):
+                 errors: np.ndarray | None = None, patterns: list[str] | None = None):
         super().__init__(units, levels)
         if len(encoded) != len(units):
             raise ValueError("One encoded entry per unit is needed.")
         self.encoded = encoded
         self.errors = errors  # (U, K) relative output error on the calibration set, or None
+        self.patterns = list(patterns) if patterns is not None else default_patterns(levels)
 
     def weight(self, unit_index: int, level_index: int) -> torch.Tensor:
-        return decode_level(self.encoded[unit_index], level_index)
+        return level_weight(self.encoded[unit_index], level_index, self.patterns)
 
 
 def relative_output_errors(weights: list[torch.Tensor], hessian: torch.Tensor) -> torch.Tensor:
@@ -79,6 +92,7 @@ def build_obs_database(
     windows: dict[str, torch.Tensor],
     *,
     directory: str | os.PathLike,
+    patterns: list[str] | None = None,
     build_info: dict | None = None,
     anchor_level: int | None = None,
     propagation: str = "pruned",
@@ -92,6 +106,9 @@ def build_obs_database(
 
     Args:
         windows: calibration token windows, `{"input_ids": (N, L), "attention_mask": (N, L)}`.
+        patterns: the pattern of each level ("dense", "unstructured", "2:4"; `spdy_hf.levels.get_patterns`); by
+            default dense then unstructured. Unstructured levels are nested; 2:4 levels are chosen by OBS
+            saliency in every group of 4 inputs, from the same Hessian.
         directory: where the database lives; a finished one is loaded without touching the model.
         build_info: extra facts the database depends on (the model fingerprint, say), checked on resume.
         anchor_level: the level whose outputs feed the next block with `propagation="pruned"`.
@@ -103,11 +120,15 @@ def build_obs_database(
     if propagation not in PROPAGATIONS:
         raise SPDYError(f"propagation={propagation!r}; use one of {PROPAGATIONS}.")
     n_levels = len(levels)
+    patterns = list(patterns) if patterns is not None else default_patterns(levels)
+    if len(patterns) != n_levels or patterns[0] != "dense":
+        raise SPDYError("patterns must give one pattern per level, 'dense' first.")
+    nested = [k for k, p in enumerate(patterns) if p != "2:4"]
     anchor = n_levels - 1 if anchor_level is None else int(anchor_level)
     if not 0 <= anchor < n_levels:
         raise SPDYError(f"anchor_level={anchor_level} is outside the {n_levels} levels.")
     build = {
-        "store_version": STORE_VERSION, "method": "obs", "levels": [float(x) for x in levels],
+        "store_version": STORE_VERSION, "method": "obs", "levels": [float(x) for x in levels], "patterns": patterns,
         "units": [[u.name, list(u.shape)] for u in units], "calibration": windows_digest(windows),
         "propagation": propagation, "anchor_level": anchor if propagation == "pruned" else None,
         "dampening": float(dampening), "block_size": int(block_size), **(build_info or {}),
@@ -134,18 +155,29 @@ def build_obs_database(
                 if unit.name in encoded:
                     continue
                 s = stats[unit.name]
-                weights, masks = obs_prune_levels(s.weight, s.hessian, levels, damp=dampening,
-                                                  blocksize=block_size, return_masks=True)
+                nested_weights, masks = obs_prune_levels(s.weight, s.hessian, [levels[k] for k in nested],
+                                                         damp=dampening, blocksize=block_size, return_masks=True)
+                nested_weights = [w.cpu() for w in nested_weights]
+                weights = [None] * n_levels
+                for k, w in zip(nested, nested_weights):
+                    weights[k] = w
+                tensors = encode_levels(nested_weights, [m.cpu() for m in masks])
+                for k in range(n_levels):
+                    if patterns[k] == "2:4":
+                        if s.weight.shape[1] % 4 == 0:
+                            w = obs_prune_nm(s.weight, s.hessian, 2, 4, damp=dampening, blocksize=block_size).cpu()
+                        else:  # a shape 2:4 cannot take; the latency table gives it no 2:4 time either
+                            w = s.weight.clone()
+                        weights[k] = tensors[f"nm.{k}"] = w.contiguous()
                 errors[unit.name] = relative_output_errors(weights, s.hessian)
-                weights = [w.cpu() for w in weights]
-                encoded[unit.name] = encode_levels(weights, [m.cpu() for m in masks])
-                del weights, masks
+                encoded[unit.name] = tensors
+                del weights, masks, nested_weights
                 store.save_unit(unit.name, encoded[unit.name], errors[unit.name])
                 solved += 1
                 release_free_memory()
             if propagation == "dense":
                 return None
-            return {u.name: decode_level(encoded[u.name], anchor) for u in block_units}
+            return {u.name: level_weight(encoded[u.name], anchor, patterns) for u in block_units}
 
         batches = [{k: v[i:i + batch_size] for k, v in windows.items()}
                    for i in range(0, windows["input_ids"].shape[0], batch_size)]
@@ -162,7 +194,7 @@ def build_obs_database(
         store.write_manifest([{"name": u.name, "shape": list(u.shape), "errors": errors[u.name].tolist()}
                               for u in units])
     error_matrix = np.stack([errors[u.name].numpy() for u in units])
-    return EncodedDatabase(units, levels, [encoded[u.name] for u in units], error_matrix)
+    return EncodedDatabase(units, levels, [encoded[u.name] for u in units], error_matrix, patterns)
 
 
 def load_obs_database(directory: str | os.PathLike, units: list[Unit], levels: list[float]) -> EncodedDatabase:
@@ -186,4 +218,4 @@ def load_obs_database(directory: str | os.PathLike, units: list[Unit], levels: l
         tensors, err = store.load_unit(unit.name)
         encoded.append(tensors)
         errors.append(err.numpy())
-    return EncodedDatabase(units, levels, encoded, np.stack(errors))
+    return EncodedDatabase(units, levels, encoded, np.stack(errors), built.get("patterns"))

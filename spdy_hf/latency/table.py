@@ -39,6 +39,9 @@ class LatencyTable:
     additivity: dict[str, Any] = field(default_factory=dict)
     model: str | None = None  # fingerprint of the model the base time was measured on
     environment: dict[str, Any] = field(default_factory=dict)
+    # the pattern of each level: "dense", "unstructured" or "2:4"; None (older tables): dense then unstructured
+    patterns: list[str] | None = None
+    ineligible: dict[str, str] = field(default_factory=dict)  # shape key -> why a sparse kernel cannot run it
     version: int = TABLE_VERSION
 
     def __post_init__(self):
@@ -56,6 +59,11 @@ class LatencyTable:
                 raise SPDYError(f"Latency table shape {key}: the dense level must have a time.")
         if not self.base_time_ms > 0:
             raise SPDYError("A latency table's base_time_ms must be positive.")
+        if self.patterns is None:
+            self.patterns = ["dense"] + ["unstructured"] * (len(self.levels) - 1)
+        if len(self.patterns) != len(self.levels):
+            raise SPDYError(f"A latency table needs one pattern per level: {len(self.patterns)} for "
+                            f"{len(self.levels)} levels.")
 
     # ------------------------------------------------------------------ queries
     @property
@@ -88,11 +96,14 @@ class LatencyTable:
         rows = [[np.inf if t is None else float(t) for t in self.shapes[k]] for k in shape_keys]
         return np.asarray(rows, dtype=np.float64)
 
-    def check_matches(self, backend: str, regime: dict[str, Any], levels: list[float]) -> None:
-        """Raises if the table cannot serve this search (other levels or backend); warns on another regime."""
+    def check_matches(self, backend: str, regime: dict[str, Any], levels: list[float],
+                      patterns: list[str] | None = None, environment: dict[str, Any] | None = None) -> None:
+        """Raises if the table cannot serve this search (other levels, patterns or backend); warns when it was
+        measured in another regime or environment (another GPU, driver, torch or cuSPARSELt version)."""
         if self.backend != backend:
             raise SPDYError(f"The latency table was measured for backend {self.backend!r}, not {backend!r}.")
-        if len(levels) != len(self.levels) or not np.allclose(levels, self.levels, atol=1e-9):
+        if len(levels) != len(self.levels) or not np.allclose(levels, self.levels, atol=1e-9) \
+                or (patterns is not None and list(patterns) != list(self.patterns)):
             raise SPDYError(
                 "The latency table was measured for other sparsity levels than the config asks for; "
                 "measure it again with these levels."
@@ -100,6 +111,13 @@ class LatencyTable:
         if self.regime != regime:
             logger.warning("The latency table was measured in regime %s but the config asks for %s.",
                            self.regime, regime)
+        if environment:
+            differ = {k: (self.environment.get(k), v) for k, v in environment.items()
+                      if k in self.environment and self.environment.get(k) != v}
+            if differ:
+                logger.warning(
+                    "The latency table was measured in another environment (%s); its times may not hold here.",
+                    ", ".join(f"{k}: table {a!r}, here {b!r}" for k, (a, b) in sorted(differ.items())))
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:

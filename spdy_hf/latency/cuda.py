@@ -1,0 +1,227 @@
+"""The cuda backend: dense vs 2:4 semi-structured products on an NVIDIA GPU, timed with CUDA events.
+
+2:4 weights run through `torch.sparse.to_sparse_semi_structured` (cuSPARSELt by default, CUTLASS when
+`SparseSemiStructuredTensor._FORCE_CUTLASS` is set) as `F.linear(x, W_sparse)`. The kernels take only some
+dtypes and shapes: both weight dimensions must be at least, and a multiple of, a per-dtype minimum (torch 2.13:
+cuSPARSELt fp16/bf16 16 x 16, int8 32 x 32; CUTLASS fp16/bf16 32 x 64, int8 16 x 128, fp32 32 x 32). A unit
+outside them gets only the dense level, with the reason recorded in the table.
+
+Each distinct (out, in) shape is timed once, alone, on a random activation of the regime's tokens x in: the
+dense product and the 2:4 product, interleaved, medians of CUDA-event times after a warm-up. 2:4 speeds up only
+compute-bound products (DESIGN.md: BERT-base fp16 on an A100 ran 0.71x at batch 4, 1.2x at batch 16-64), so
+a level slower than dense simply stays in the table: the search then keeps that unit dense.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SPDYError
+from ..patterns import is_two_four, two_four_magnitude_mask
+from ..units import Unit
+from .table import LatencyTable
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# (rows, cols) each weight dimension must reach and be a multiple of, per kernel and dtype (torch 2.13's
+# SparseSemiStructuredTensor{CUSPARSELT,CUTLASS}._DTYPE_SHAPE_CONSTRAINTS, sparse_min_rows/cols)
+SEMI_STRUCTURED_MIN_SHAPE = {
+    "cusparselt": {"float16": (16, 16), "bfloat16": (16, 16), "int8": (32, 32)},
+    "cutlass": {"float16": (32, 64), "bfloat16": (32, 64), "int8": (16, 128), "float32": (32, 32)},
+}
+
+
+def two_four_ineligibility(shape: tuple[int, int], dtype: str, kernel: str = "cusparselt") -> str | None:
+    """Why a weight of `shape` (out, in) and `dtype` cannot run as 2:4 with `kernel`; None if it can."""
+    limits = SEMI_STRUCTURED_MIN_SHAPE.get(kernel)
+    if limits is None:
+        raise SPDYError(f"Unknown semi-structured kernel {kernel!r}; use 'cusparselt' or 'cutlass'.")
+    if dtype not in limits:
+        return f"{kernel} 2:4 takes {', '.join(limits)}, not {dtype}"
+    rows, cols = limits[dtype]
+    out_features, in_features = shape
+    if out_features < rows or out_features % rows or in_features < cols or in_features % cols:
+        return (f"{kernel} 2:4 in {dtype} needs both dimensions to be at least and a multiple of {rows} x {cols}; "
+                f"the weight is {out_features} x {in_features}")
+    return None
+
+
+def to_two_four(weight: torch.Tensor) -> torch.Tensor:
+    """The semi-structured form of a 2:4 weight; refuses a weight that breaks the pattern (the CUTLASS path would
+    silently drop the extra non-zeros)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    if not is_two_four(weight):
+        raise SPDYError("A weight is not 2:4 sparse (some group of 4 inputs holds more than 2 non-zeros); prune it "
+                        "with a 2:4 level before converting.")
+    return to_sparse_semi_structured(weight.contiguous())
+
+
+class TwoFourLinear(nn.Module):
+    """A Linear whose weight runs as a 2:4 semi-structured tensor (CUDA, fp16/bf16)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(to_two_four(weight), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, sparsity=2:4"
+
+
+class TwoFourSwap:
+    """Swaps the units whose pattern is "2:4" for `TwoFourLinear`s built from their (2:4) weights, and back."""
+
+    def __init__(self, model: nn.Module, units: list[Unit], patterns: list[str]):
+        from ..apply import _parent_and_attr
+
+        self.slots = []
+        for unit, pattern in zip(units, patterns):
+            if pattern != "2:4":
+                continue
+            bias = getattr(unit.module, "bias", None)
+            deployed = TwoFourLinear(unit.weight.detach().contiguous(), bias)
+            parent, attr = _parent_and_attr(model, unit.name)
+            self.slots.append((parent, attr, unit.module, deployed))
+
+    def use_deployed(self) -> None:
+        for parent, attr, _, deployed in self.slots:
+            setattr(parent, attr, deployed)
+
+    def use_original(self) -> None:
+        for parent, attr, original, _ in self.slots:
+            setattr(parent, attr, original)
+
+
+def cuda_interleaved_median_ms(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[float]:
+    """CUDA-event times of the functions in turn (a, b, a, b, ...), median of `repeats` each, after a warm-up."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    torch.cuda.synchronize()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, samples):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+    return [statistics.median(s) for s in samples]
+
+
+def cuda_environment() -> dict:
+    """What a cuda latency table depends on: the GPU, driver, CUDA runtime, torch and cuSPARSELt."""
+    env = {"torch": torch.__version__, "cuda_runtime": torch.version.cuda}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gb=round(props.total_memory / 1024 ** 3, 1))
+        try:
+            env["driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
+        except Exception:  # informational only
+            env["driver"] = None
+    try:
+        env["cusparselt"] = torch.backends.cusparselt.version()
+    except Exception:  # a build without cuSPARSELt
+        env["cusparselt"] = None
+    return env
+
+
+def time_shape_cuda(shape: tuple[int, int], tokens: int, dtype: str, patterns: list[str], warmup: int,
+                    repeats: int, kernel: str = "cusparselt", seed: int = 0) -> tuple[list[float | None], str | None]:
+    """Times of one (out, in) product at every level pattern ("dense" or "2:4"); None where it cannot run."""
+    out_features, in_features = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    torch_dtype = TORCH_DTYPES[dtype]
+    x = torch.randn(tokens, in_features, device="cuda", dtype=torch_dtype, generator=gen)
+    w = torch.randn(out_features, in_features, device="cuda", dtype=torch_dtype, generator=gen)
+    reason = two_four_ineligibility(shape, dtype, kernel)
+    fns = {"dense": lambda: F.linear(x, w)}
+    if "2:4" in patterns and reason is None:
+        sparse = w.masked_fill(two_four_magnitude_mask(w), 0)
+        try:
+            w24 = to_two_four(sparse)
+            F.linear(x, w24)  # a kernel failure shows here, not inside the timing loop
+            fns["2:4"] = lambda: F.linear(x, w24)
+        except (RuntimeError, SPDYError) as e:
+            reason = f"the 2:4 kernel failed: {e}"
+    names = list(fns)
+    times = dict(zip(names, cuda_interleaved_median_ms([fns[n] for n in names], warmup, repeats)))
+    out: list[float | None] = []
+    for pattern in patterns:
+        if pattern == "dense":
+            out.append(times["dense"])
+        elif pattern == "2:4":
+            out.append(times.get("2:4"))
+        else:
+            raise SPDYError(f"The cuda backend runs dense and 2:4 levels only, not {pattern!r} (use levels: '2:4').")
+    return out, reason
+
+
+def measure_cuda_latency_table(model: nn.Module, units: list[Unit], levels: list[float], patterns: list[str],
+                               config, inputs: dict, model_fingerprint: str | None = None,
+                               progress: bool = True) -> LatencyTable:
+    """The cuda backend's table: every distinct unit shape timed alone, the model end to end.
+
+    The model is timed where it is; it must already be on the GPU in the regime's dtype (`SPDYPruner` moves it).
+    """
+    if not torch.cuda.is_available():
+        raise SPDYError("backend 'cuda' needs an NVIDIA GPU to measure a latency table. Measure it on the GPU "
+                        "machine (spdy-hf prune ... there, or SPDYPruner with backend='cuda'), then pass the table "
+                        "with --latency-table to search and prune anywhere.")
+    regime = config.regime
+    tokens = regime.batch_size * regime.sequence_length
+    shapes = sorted({u.shape for u in units})
+    timing = config.timing
+    table_shapes, ineligible = {}, {}
+    for shape in tqdm(shapes, desc="Timing shapes (cuda)", disable=not progress):
+        times, reason = time_shape_cuda(shape, tokens, regime.dtype, patterns, timing.warmup, timing.repeats)
+        key = "{}x{}:cc".format(*shape)
+        table_shapes[key] = times
+        if reason is not None:
+            ineligible[key] = reason
+            logger.info("Unit shape %dx%d keeps only the dense level: %s.", *shape, reason)
+    with torch.inference_mode():
+        (base,) = cuda_interleaved_median_ms([lambda: model(**inputs)], timing.warmup, timing.model_repeats)
+    prunable = sum(table_shapes["{}x{}:cc".format(*u.shape)][0] for u in units)
+    logger.info("Dense model %.3f ms per forward pass on %s; the %d units alone %.3f ms.", base,
+                torch.cuda.get_device_name(), len(units), prunable)
+    return LatencyTable(
+        backend="cuda",
+        regime={"batch_size": regime.batch_size, "sequence_length": regime.sequence_length, "dtype": regime.dtype},
+        levels=list(levels),
+        patterns=list(patterns),
+        shapes=table_shapes,
+        base_time_ms=float(base),
+        ineligible=ineligible,
+        model=model_fingerprint,
+        environment=cuda_environment(),
+    )
+
+
+def ratios(table: LatencyTable) -> dict[str, float | None]:
+    """Per shape, the 2:4 time over the dense time (None where 2:4 cannot run): below 1 pays."""
+    k = table.patterns.index("2:4") if "2:4" in (table.patterns or []) else None
+    out = {}
+    for key, times in table.shapes.items():
+        out[key] = None if k is None or times[k] is None else float(times[k]) / float(times[0])
+    return out
+
+
+__all__ = ["TwoFourLinear", "TwoFourSwap", "cuda_environment", "cuda_interleaved_median_ms", "is_two_four",
+           "measure_cuda_latency_table", "ratios", "time_shape_cuda", "to_two_four", "two_four_ineligibility",
+           "two_four_magnitude_mask"]

@@ -1,0 +1,207 @@
+"""The cuda backend (dense vs 2:4): eligibility, the 2:4 pattern, 2:4 levels in both databases, searching and
+pruning with a table measured elsewhere. The GPU tests are marked `gpu` and skip without CUDA."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, example_inputs, small_config
+
+from spdy_hf import LatencyTable, SPDYPruner
+from spdy_hf.config import SPDYConfig
+from spdy_hf.database import MagnitudeDatabase, build_obs_database
+from spdy_hf.errors import ConfigError, SPDYError
+from spdy_hf.latency.cuda import (
+    is_two_four,
+    ratios,
+    two_four_ineligibility,
+    two_four_magnitude_mask,
+)
+from spdy_hf.levels import get_levels, get_patterns
+from spdy_hf.units import find_units
+
+
+def test_eligibility_follows_the_kernel_minimums():
+    assert two_four_ineligibility((768, 768), "float16") is None
+    assert two_four_ineligibility((16, 16), "bfloat16") is None
+    assert "multiple of 16 x 16" in two_four_ineligibility((24, 768), "float16")
+    assert "at least" in two_four_ineligibility((8, 768), "bfloat16")
+    assert "not float32" in two_four_ineligibility((768, 768), "float32")
+    assert two_four_ineligibility((32, 64), "float16", "cutlass") is None
+    assert "32 x 64" in two_four_ineligibility((32, 32), "float16", "cutlass")
+    with pytest.raises(SPDYError, match="Unknown semi-structured kernel"):
+        two_four_ineligibility((16, 16), "float16", "magic")
+
+
+def test_two_four_mask_keeps_the_two_largest_of_every_four():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=gen)
+    mask = two_four_magnitude_mask(w)
+    pruned = w.masked_fill(mask, 0)
+    assert is_two_four(pruned) and not is_two_four(w)
+    groups = w.abs().reshape(8, 4, 4)
+    kept = (~mask).reshape(8, 4, 4)
+    assert (kept.sum(-1) == 2).all()
+    smallest_kept = groups.masked_fill(~kept, float("inf")).min(-1).values
+    largest_dropped = groups.masked_fill(kept, -1.0).max(-1).values
+    assert (smallest_kept >= largest_dropped).all()
+    with pytest.raises(SPDYError, match="multiple of 4"):
+        two_four_magnitude_mask(torch.ones(2, 6))
+
+
+def test_levels_and_patterns():
+    assert get_levels("2:4") == [0.0, 0.5] and get_patterns("2:4") == ["dense", "2:4"]
+    assert get_patterns("spdy") == ["dense"] + ["unstructured"] * 41
+    mixed = [0.5, "2:4", 0.9]  # a later mix: the design allows it
+    assert get_levels(mixed) == [0.0, 0.5, 0.5, 0.9]
+    assert get_patterns(mixed) == ["dense", "unstructured", "2:4", "unstructured"]
+
+
+def test_cuda_config_defaults_and_validation():
+    c = SPDYConfig(backend="cuda", regime={"dtype": "bfloat16"})
+    assert c.levels == "2:4"  # "auto" resolves per backend
+    assert SPDYConfig().levels == "spdy"
+    with pytest.raises(ConfigError, match="regime.dtype='float32' is not supported by backend 'cuda'"):
+        SPDYConfig(backend="cuda")
+    with pytest.raises(ConfigError, match="levels"):
+        SPDYConfig(backend="cuda", regime={"dtype": "float16"}, levels=["3:4"])
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs"])
+def test_two_four_level_in_the_databases(method, tmp_path):
+    model = MODEL_FACTORIES["llama"]()
+    units = find_units(model, ["*embed*", "*lm_head*"])
+    levels, patterns = get_levels([0.5, "2:4", 0.75]), get_patterns([0.5, "2:4", 0.75])
+    if method == "magnitude":
+        db = MagnitudeDatabase(units, levels, patterns)
+    else:
+        db = build_obs_database(model, units, levels, example_inputs(4, 16), directory=tmp_path / "db",
+                                patterns=patterns, anchor_level=3, batch_size=2, progress=False)
+    for u, unit in enumerate(units):
+        w24 = db.weight(u, 2)
+        assert is_two_four(w24) and (w24 == 0).float().mean() == pytest.approx(0.5, abs=1e-6)
+        if method == "magnitude":
+            torch.testing.assert_close(w24, unit.weight.detach().masked_fill(
+                two_four_magnitude_mask(unit.weight.detach()), 0))
+        assert (db.weight(u, 3) == 0).float().mean() == pytest.approx(0.75, abs=0.02)
+        torch.testing.assert_close(db.weight(u, 0), unit.weight.detach(), rtol=0, atol=0)
+    db.stitch([2] * len(units))
+    assert all(is_two_four(u.weight.detach()) for u in units)
+    db.stitch([0] * len(units))
+
+
+def cuda_table(model, units, config, slow_shape=None):
+    """A hand-written cuda table: 2:4 at 0.6 of dense, except `slow_shape` (2:4 slower) and shapes the kernels
+    refuse (no 2:4 time)."""
+    shapes, ineligible = {}, {}
+    prunable = 0.0
+    for unit in units:
+        dense = 1e-4 * unit.shape[0] * unit.shape[1]
+        prunable += dense
+        key = f"{unit.shape_key}:cc"
+        reason = two_four_ineligibility(unit.shape, config.regime.dtype)
+        sparse = None if reason else dense * (1.3 if unit.shape == slow_shape else 0.6)
+        shapes[key] = [dense, sparse]
+        if reason:
+            ineligible[key] = reason
+    return LatencyTable(backend="cuda", regime={"batch_size": 1, "sequence_length": 32, "dtype": config.regime.dtype},
+                        levels=[0.0, 0.5], patterns=["dense", "2:4"], shapes=shapes, base_time_ms=1.25 * prunable,
+                        ineligible=ineligible, model="handwritten",
+                        environment={"gpu": "NVIDIA H200", "cusparselt": 600, "torch": "2.13.0+cu130"})
+
+
+def cuda_config(tmp_path, target, **overrides):
+    return small_config(tmp_path, target_speedup=target, backend="cuda",
+                        regime={"batch_size": 1, "sequence_length": 32, "dtype": "bfloat16"}, **overrides)
+
+
+def test_prune_anywhere_with_a_cuda_table(tmp_path, tokenizer, caplog):
+    """Profile on the GPU machine, search and prune here: the table travels; verifying needs the GPU."""
+    model = MODEL_FACTORIES["llama"]()
+    config = cuda_config(tmp_path, 1.2, method="magnitude")
+    units = find_units(model, config.skip_modules)
+    table = cuda_table(model, units, config, slow_shape=units[-1].shape)
+    path = tmp_path / "table.json"
+    table.save(path)
+    with caplog.at_level(logging.WARNING):
+        result = SPDYPruner(model, config, tokenizer).prune(latency_table=str(path), progress=False)
+    report = result.report
+    assert report["backend"] == "cuda" and report["predicted_speedup"] >= 1.2
+    slow = [p for p in result.profile if tuple(p["shape"]) == units[-1].shape]
+    assert slow and all(p["pattern"] == "dense" for p in slow)  # 2:4 slower than dense there: kept dense
+    for p, unit in zip(result.profile, units):
+        if p["pattern"] == "2:4":
+            assert is_two_four(unit.weight.detach())
+        else:
+            assert (unit.weight != 0).all()
+    if not torch.cuda.is_available():
+        assert report["measured_speedup"] is None and "needs a CUDA GPU" in report["verify_skipped"]
+        assert any("not verified" in r.getMessage() for r in caplog.records)
+    assert any("another environment" in r.getMessage() for r in caplog.records)  # GPU/torch differ here
+    saved = tmp_path / "out"
+    result.save_pretrained(saved)
+    assert json.loads((saved / "spdy_report.json").read_text())["backend"] == "cuda"
+
+
+def test_ineligible_units_are_reported(tmp_path, tokenizer):
+    model = MODEL_FACTORIES["llama"]()  # hidden 32, kv projections 32 x 16: k/v out of 16 rows is fine,
+    config = cuda_config(tmp_path, 1.1, method="magnitude")
+    units = find_units(model, config.skip_modules)
+    table = cuda_table(model, units, config)
+    table.shapes["16x32:cc"] = [table.shapes["16x32:cc"][0], None]
+    table.ineligible["16x32:cc"] = "made up for the test"
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    dense_only = {e["name"]: e["reason"] for e in result.report["ineligible_units"]}
+    assert dense_only and all(r == "made up for the test" for r in dense_only.values())
+    assert all(p["pattern"] == "dense" for p in result.profile if p["name"] in dense_only)
+
+
+def test_cuda_table_ratios_and_round_trip(tmp_path):
+    config = cuda_config(tmp_path, 1.2)
+    model = MODEL_FACTORIES["bert"]()
+    units = find_units(model, config.skip_modules)
+    table = cuda_table(model, units, config)
+    table.save(tmp_path / "t.json")
+    again = LatencyTable.load(tmp_path / "t.json")
+    assert again.patterns == ["dense", "2:4"] and again.ineligible == table.ineligible
+    assert all(r == pytest.approx(0.6) for r in ratios(again).values() if r is not None)
+    with pytest.raises(SPDYError, match="other sparsity levels"):
+        again.check_matches("cuda", again.regime, [0.0, 0.5], ["dense", "unstructured"])
+
+
+def test_cuda_backend_without_gpu_or_table_is_a_clear_error(tmp_path, tokenizer):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = cuda_config(tmp_path, 1.2, method="magnitude")
+    with pytest.raises(SPDYError, match="needs an NVIDIA GPU.*--latency-table"):
+        SPDYPruner(MODEL_FACTORIES["bert"](), config, tokenizer).prune(progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+def test_two_four_linear_matches_the_masked_dense_product():
+    from spdy_hf.latency.cuda import TwoFourLinear
+
+    w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
+    w = w.masked_fill(two_four_magnitude_mask(w), 0)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    layer = TwoFourLinear(w, None)
+    torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-2, atol=1e-2)
+    with pytest.raises(SPDYError, match="not 2:4"):
+        TwoFourLinear(torch.ones(128, 256, device="cuda", dtype=torch.float16), None)
+
+
+@pytest.mark.gpu
+def test_measure_prune_and_verify_on_the_gpu(tmp_path, tokenizer):
+    model = MODEL_FACTORIES["bert"]()
+    config = cuda_config(tmp_path, 1.05, method="magnitude")
+    try:
+        result = SPDYPruner(model, config, tokenizer).prune(progress=False)
+    except SPDYError as e:  # a tiny model may not reach even 1.05x: the error must say how far it gets
+        assert "unreachable" in str(e).lower()
+        return
+    assert result.report["measured_speedup"] is not None and result.report["measured_speedup"] > 0
+    assert result.latency_table.environment["gpu"]
