@@ -102,6 +102,8 @@ def _build_config(args):
         regime["batch_size"] = args.batch_size
     if args.sequence_length is not None:
         regime["sequence_length"] = args.sequence_length
+    if not hasattr(args, "calibration"):  # the profile command: no calibration or search flags
+        return SPDYConfig.from_dict(data)
     calibration = data.setdefault("calibration", {})
     if args.calibration is not None:
         calibration["source"] = args.calibration

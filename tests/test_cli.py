@@ -180,3 +180,36 @@ def test_python_m_help():
     proc = _run_python("", "-m", "spdy_hf", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "prune" in proc.stdout
+
+
+def test_profile_command_writes_a_table_prune_can_use(tiny_model_dir, tmp_path, capsys):
+    model_dir, _, recipe = tiny_model_dir
+    table = tmp_path / "measured.json"
+    code = main(["profile", str(model_dir), "--recipe", str(recipe), "-o", str(table), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(table.read_text())
+    assert data["backend"] == "cpu" and data["regime"]["sequence_length"] == 32 and data["base_time_ms"] > 0
+    assert str(table) in capsys.readouterr().out
+    # never overwritten silently
+    assert main(["profile", str(model_dir), "--recipe", str(recipe), "-o", str(table), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    out = tmp_path / "pruned"
+    code = main(["prune", str(model_dir), "--recipe", str(recipe), "--latency-table", str(table), "--method",
+                 "magnitude", "--target-speedup", "1.05", "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0 or "unreachable" in err.lower(), err  # a tiny model may not reach 1.05x on this CPU
+
+
+def test_cuda_backend_flags_without_a_gpu(tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model_dir, _, recipe = tiny_model_dir
+    code = main(["profile", str(model_dir), "--recipe", str(recipe), "--backend", "cuda", "--dtype", "bfloat16",
+                 "-o", str(tmp_path / "t.json"), "--no-progress"])
+    assert code == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
+    code = main(["prune", str(model_dir), "--recipe", str(recipe), "--backend", "cuda", "-o", str(tmp_path / "o"),
+                 "--no-progress"])
+    assert code == 2 and "regime.dtype='float32' is not supported by backend 'cuda'" in capsys.readouterr().err

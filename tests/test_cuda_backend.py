@@ -205,3 +205,35 @@ def test_measure_prune_and_verify_on_the_gpu(tmp_path, tokenizer):
         return
     assert result.report["measured_speedup"] is not None and result.report["measured_speedup"] > 0
     assert result.latency_table.environment["gpu"]
+
+
+def test_measure_cuda_table_assembles_shapes_once_each(monkeypatch, tmp_path):
+    """The table logic of the cuda backend without a GPU: kernels and clocks replaced by fakes."""
+    import spdy_hf.latency.cuda as cuda
+
+    timed = []
+
+    def fake_time_shape(shape, tokens, dtype, patterns, warmup, repeats, kernel="cusparselt", seed=0):
+        timed.append((shape, tokens, dtype))
+        reason = cuda.two_four_ineligibility(shape, dtype, kernel)
+        dense = 1e-3 * shape[0] * shape[1]
+        return [dense, None if reason else 0.7 * dense], reason
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(cuda, "time_shape_cuda", fake_time_shape)
+    monkeypatch.setattr(cuda, "cuda_interleaved_median_ms", lambda fns, warmup, repeats: [(f(), 5.0)[1] for f in fns])
+    monkeypatch.setattr(cuda, "cuda_environment", lambda: {"gpu": "Fake GPU", "cusparselt": 1})
+    model = MODEL_FACTORIES["llama"]()
+    config = cuda_config(tmp_path, 1.2)
+    units = find_units(model, config.skip_modules)
+    table = cuda.measure_cuda_latency_table(model, units, [0.0, 0.5], ["dense", "2:4"], config,
+                                            example_inputs(1, 32), "fingerprint", progress=False)
+    shapes = sorted({u.shape for u in units})
+    assert sorted(s for s, _, _ in timed) == shapes  # every distinct shape once
+    assert all(tokens == 32 and dtype == "bfloat16" for _, tokens, dtype in timed)
+    assert table.backend == "cuda" and table.patterns == ["dense", "2:4"] and table.base_time_ms == 5.0
+    assert set(table.shapes) == {"{}x{}:cc".format(*s) for s in shapes}
+    assert table.environment == {"gpu": "Fake GPU", "cusparselt": 1} and table.model == "fingerprint"
+    # tiny llama: hidden 32 (ok for cuSPARSELt's 16 x 16); nothing is ineligible, every 2:4 time is 0.7 x dense
+    assert not table.ineligible and all(r == pytest.approx(0.7) for r in ratios(table).values())
