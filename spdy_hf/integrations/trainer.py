@@ -1,0 +1,166 @@
+"""Gradual pruning toward a SPDY profile inside `transformers.Trainer`.
+
+`SPDYPruningCallback` ramps every unit's sparsity from 0 to the profile's level on a cubic schedule (Zhu & Gupta,
+2017: s(t) = s_final * (1 - (1 - (t - t0) / (t1 - t0))^3)) between `start_step` and `end_step`. Masks are
+recomputed by magnitude every `update_every` optimizer steps (and at the end of the ramp), and re-applied after
+*every* optimizer step (`on_optimizer_step`), so a pruned weight never grows back. The callback acts on
+optimizer steps only, so gradient accumulation is handled; it multiplies weights by masks in their own dtype, so
+fp16/bf16 mixed precision and bf16 models work. Units whose profile pattern is 2:4 get their 2:4 mask at
+`start_step` (the pattern has one level, nothing to ramp).
+
+    from spdy_hf.integrations.trainer import SPDYPruningCallback
+    trainer = Trainer(model, args, train_dataset=...,
+                      callbacks=[SPDYPruningCallback("spdy-minilm-1.5x/spdy_profile.json", end_step=600)])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import SPDYError
+from ..patterns import two_four_magnitude_mask
+from ..units import Unit
+
+logger = logging.getLogger(__name__)
+
+
+def cubic_sparsity(final: float, step: int, start: int, end: int) -> float:
+    """The cubic schedule: 0 before `start`, `final` from `end` on."""
+    if step <= start:
+        return 0.0
+    if step >= end:
+        return final
+    progress = (step - start) / (end - start)
+    return final * (1.0 - (1.0 - progress) ** 3)
+
+
+def _load_profile(profile) -> list[dict]:
+    if isinstance(profile, (str, os.PathLike)):
+        path = os.fspath(profile)
+        if os.path.isdir(path):
+            path = os.path.join(path, "spdy_profile.json")
+        if not os.path.isfile(path):
+            raise SPDYError(f"No SPDY profile at {path}; pass a spdy_profile.json or the directory holding it.")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        entries = data.get("units", data) if isinstance(data, dict) else data
+    elif hasattr(profile, "profile"):  # a PruningResult
+        entries = profile.profile
+    else:
+        entries = list(profile)
+    if not entries or not all(isinstance(e, dict) and "name" in e and "sparsity" in e for e in entries):
+        raise SPDYError("A profile is a list of {'name', 'sparsity'[, 'pattern']} entries (spdy_profile.json).")
+    return entries
+
+
+class SPDYPruningCallback(TrainerCallback):
+    """Prunes the trained model gradually to a SPDY profile (see the module docstring).
+
+    Args:
+        profile: a `PruningResult`, its `spdy_profile.json` (or the directory holding it), or a list of entries
+            with the unit `name`, its `sparsity` and optionally its `pattern` ("unstructured" or "2:4").
+        start_step: the optimizer step the ramp starts from (sparsity 0 before).
+        end_step: the step the ramp ends at; by default two thirds of the run's steps, so the last third trains
+            with the final masks.
+        update_every: optimizer steps between mask updates during the ramp (masks are applied after every step).
+    """
+
+    def __init__(self, profile, start_step: int = 0, end_step: int | None = None, update_every: int = 10):
+        if start_step < 0 or update_every < 1 or (end_step is not None and end_step <= start_step):
+            raise SPDYError("Need 0 <= start_step < end_step and update_every >= 1.")
+        self.entries = _load_profile(profile)
+        self.start_step, self.end_step, self.update_every = start_step, end_step, update_every
+        self.units: list[Unit] = []
+        self.masks: list[torch.Tensor | None] = []  # True where pruned, in the (out, in) view
+        self.current: list[float] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _bind(self, model) -> None:
+        modules = dict(model.named_modules())
+        missing = [e["name"] for e in self.entries if e["name"] not in modules]
+        if missing:
+            raise SPDYError(f"The model has no modules named {missing[:3]}{'...' if len(missing) > 3 else ''}: the "
+                            "profile was made for another model.")
+        self.units = [Unit(name=e["name"], module=modules[e["name"]], block=e["name"].rsplit(".", 1)[0])
+                      for e in self.entries]
+        for unit, entry in zip(self.units, self.entries):
+            if list(unit.shape) != list(entry.get("shape", unit.shape)):
+                raise SPDYError(f"{unit.name} is {unit.shape_key} here but {entry['shape']} in the profile.")
+        self.masks = [None] * len(self.units)
+        self.current = [0.0] * len(self.units)
+
+    def target(self, index: int, step: int) -> float:
+        entry = self.entries[index]
+        if entry.get("pattern") == "2:4":
+            return 0.5 if step >= self.start_step and self.start_step < self.end_step else 0.0
+        return cubic_sparsity(float(entry["sparsity"]), step, self.start_step, self.end_step)
+
+    @torch.no_grad()
+    def update_masks(self, step: int) -> None:
+        """Recomputes every unit's mask by magnitude at the schedule's sparsity for `step`."""
+        for i, unit in enumerate(self.units):
+            sparsity = self.target(i, step)
+            if sparsity == self.current[i] and self.masks[i] is not None:
+                continue
+            w = unit.weight.detach()
+            if self.entries[i].get("pattern") == "2:4" and sparsity > 0:
+                mask = two_four_magnitude_mask(w.float())
+            else:
+                n = int(round(sparsity * w.numel()))
+                mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+                if n:
+                    # stable, so the entries already at zero (pruned before) go first: masks stay nested
+                    order = torch.argsort(w.float().abs().reshape(-1), stable=True)[:n]
+                    mask.view(-1)[order] = True
+            self.masks[i] = mask
+            self.current[i] = sparsity
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for unit, mask, sparsity in zip(self.units, self.masks, self.current):
+            if mask is not None and sparsity > 0:
+                unit.weight.masked_fill_(mask.to(unit.weight.device), 0)
+
+    def sparsity(self) -> float:
+        """The share of the profile's weights that are masked now."""
+        total = sum(u.numel for u in self.units)
+        return sum(float(m.sum()) for m in self.masks if m is not None) / max(total, 1)
+
+    # ------------------------------------------------------------------ TrainerCallback
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise SPDYError("SPDYPruningCallback needs the Trainer's model.")
+        self._bind(model)
+        if self.end_step is None:
+            self.end_step = max(self.start_step + 1, (2 * state.max_steps) // 3)
+        logger.info("SPDY gradual pruning: %d units, cubic ramp over optimizer steps %d-%d, masks updated every "
+                    "%d steps.", len(self.units), self.start_step, self.end_step, self.update_every)
+        self.update_masks(state.global_step)
+        self.apply_masks()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        step = state.global_step + 1  # the step being completed: global_step counts it after this event
+        if step >= self.start_step and ((step - self.start_step) % self.update_every == 0 or step >= self.end_step):
+            self.update_masks(step)
+        self.apply_masks()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.apply_masks()
+        done = all(self.current[i] == self.target(i, 10 ** 12) for i in range(len(self.units)))
+        if not done:
+            logger.warning("Training ended at step %d, before the pruning ramp ended (step %d): the model is at %.1f%% "
+                           "of the profile's sparsity, not all of it.", state.global_step, self.end_step,
+                           100 * self.sparsity() / max(self._final_sparsity(), 1e-12))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.units:
+            logs["spdy_sparsity"] = round(self.sparsity(), 6)
+
+    def _final_sparsity(self) -> float:
+        total = sum(u.numel for u in self.units)
+        return sum(self.target(i, 10 ** 12) * u.numel for i, u in enumerate(self.units)) / max(total, 1)

@@ -1,0 +1,113 @@
+"""Gradual pruning with `transformers.Trainer` toward a SPDY profile."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_gpt2
+
+from spdy_hf.errors import SPDYError
+from spdy_hf.integrations.trainer import SPDYPruningCallback, cubic_sparsity
+from spdy_hf.units import find_units
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n=32, seq=16, vocab=30522, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1000, vocab, (n, seq), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def profile_for(model, patterns=False):
+    units = find_units(model, ["*embed*", "*lm_head*"])
+    levels = [0.0, 0.5, 0.75, 0.9]
+    entries = []
+    for i, u in enumerate(units):
+        entry = {"name": u.name, "shape": list(u.shape), "sparsity": levels[i % 4], "pattern": "unstructured"}
+        if patterns and i % 4 == 1:
+            entry["pattern"] = "2:4"
+        entries.append(entry)
+    return units, entries
+
+
+class MaskChecker:
+    """Runs after the pruning callback: after every optimizer step, no masked weight is non-zero."""
+
+    def __init__(self, pruning):
+        self.pruning, self.steps, self.losses = pruning, 0, []
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.steps += 1
+        for unit, mask in zip(self.pruning.units, self.pruning.masks):
+            if mask is not None:
+                assert (unit.weight.detach()[mask] == 0).all(), unit.name
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_reaches_the_profile_and_masks_hold(tmp_path, precision):
+    from transformers import Trainer, TrainingArguments
+
+    model = make_gpt2()
+    units, entries = profile_for(model, patterns=True)
+    pruning = SPDYPruningCallback(entries, start_step=2, end_step=8, update_every=2)
+    checker = MaskChecker(pruning)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, bf16=precision == "bf16", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[pruning, checker])
+    trainer.train()
+    assert checker.steps == 12  # one check per optimizer step, not per micro-batch
+    assert checker.losses and all(math.isfinite(x) for x in checker.losses)
+    for unit, entry in zip(units, entries):
+        zeros = int((unit.weight == 0).sum())
+        if entry["pattern"] == "2:4":
+            assert zeros == unit.numel // 2
+            groups = (unit.weight.detach().reshape(unit.shape[0], -1, 4) != 0).sum(-1)
+            assert (groups <= 2).all()
+        else:
+            assert zeros == round(entry["sparsity"] * unit.numel), unit.name
+        if entry["sparsity"] == 0.0 and entry["pattern"] != "2:4":
+            assert zeros == 0
+    assert pruning.sparsity() == pytest.approx(pruning._final_sparsity(), rel=1e-3)
+
+
+def test_cubic_schedule():
+    assert cubic_sparsity(0.9, 0, 10, 20) == 0.0
+    assert cubic_sparsity(0.9, 10, 10, 20) == 0.0
+    assert cubic_sparsity(0.9, 20, 10, 20) == 0.9 == cubic_sparsity(0.9, 50, 10, 20)
+    assert cubic_sparsity(0.9, 15, 10, 20) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    values = [cubic_sparsity(0.8, t, 0, 100) for t in range(101)]
+    assert all(b >= a for a, b in zip(values, values[1:]))  # monotone, fastest early
+
+
+def test_profile_sources_and_mismatches(tmp_path):
+    model = make_gpt2()
+    _, entries = profile_for(model)
+    path = tmp_path / "spdy_profile.json"
+    path.write_text(json.dumps({"units": entries}))
+    assert SPDYPruningCallback(tmp_path).entries == entries  # the directory holding spdy_profile.json
+    assert SPDYPruningCallback(str(path)).entries == entries
+    with pytest.raises(SPDYError, match="No SPDY profile"):
+        SPDYPruningCallback(tmp_path / "nowhere")
+    with pytest.raises(SPDYError, match="start_step < end_step"):
+        SPDYPruningCallback(entries, start_step=5, end_step=5)
+    callback = SPDYPruningCallback([{"name": "no.such.module", "sparsity": 0.5}])
+    with pytest.raises(SPDYError, match="profile was made for another model"):
+        callback._bind(model)
