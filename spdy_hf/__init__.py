@@ -26,11 +26,15 @@ _LAZY = {
     "UnreachableTargetError": "errors",
     "find_units": "units",
     "FastLinear": "apply",
+    "load_pretrained": "hub",
+    "prune_pretrained": "hub",
+    "SPDYPruningCallback": "integrations.trainer",
 }
 
 __all__ = [
     "CalibrationConfig", "ConfigError", "DatabaseConfig", "FastLinear", "LatencyTable", "PruningResult", "RegimeConfig", "SPDYConfig",
     "SPDYError", "SPDYPruner", "SearchConfig", "TimingConfig", "UnreachableTargetError", "__version__", "find_units",
+    "load_pretrained", "prune_pretrained", "SPDYPruningCallback",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
         TimingConfig,
     )
     from .errors import ConfigError, SPDYError, UnreachableTargetError
+    from .hub import load_pretrained, prune_pretrained
+    from .integrations.trainer import SPDYPruningCallback
     from .latency.table import LatencyTable
     from .pruner import SPDYPruner
     from .result import PruningResult

@@ -78,6 +78,8 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
+    p.add_argument("--push-to-hub", metavar="REPO", help="Also upload the output directory to this Hub repo.")
+    p.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     p.set_defaults(func=prune_command)
     return p
@@ -149,6 +151,30 @@ def prune_command(args) -> int:
     print(f"  overall sparsity   {r['overall_sparsity']:.4f}")
     print(f"  score ({r['score_kind']})  {r['score_dense_vs_pruned']:.6g}")
     print(f"  stage seconds      {json.dumps(r['stage_seconds'])}")
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        url = push_folder(path, args.push_to_hub, private=args.private or None)
+        print(f"Pushed to {url}")
+    return 0
+
+
+def push_command_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("push", help="Upload a saved SPDY model directory to the Hub (or retry an upload).",
+                              description="Upload DIR (written by spdy-hf prune) to the Hub repo REPO, with its "
+                              "model card. The token comes from `hf auth login` or HF_TOKEN.")
+    p.add_argument("directory", help="A directory written by spdy-hf prune.")
+    p.add_argument("repo", help="Hub repo id, e.g. me/minilm-spdy-1.5x.")
+    p.add_argument("--private", action="store_true", help="Create the repo as private.")
+    p.set_defaults(func=push_command)
+    return p
+
+
+def push_command(args) -> int:
+    from .hub import push_folder
+
+    url = push_folder(args.directory, args.repo, private=args.private or None)
+    print(f"Pushed {args.directory} to {url}")
     return 0
 
 
@@ -160,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     prune_command_parser(subparsers)
     profile_command_parser(subparsers)
+    push_command_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

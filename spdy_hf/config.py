@@ -141,6 +141,10 @@ class SearchConfig:
                   "still meets the target when the latency table is off by a few percent (timing noise, cache "
                   "effects); 0 aims at the target exactly."},
     )
+    verify_corrections: int = field(
+        default=2,
+        metadata={"help": "When the verified speedup falls short of the target, re-aim the DP higher by the "
+                  "shortfall (same sensitivities, no new search) and verify again, at most this many times."})
     eval_samples: int = field(
         default=32, metadata={"help": "Calibration windows used to score each candidate profile."}
     )
@@ -166,6 +170,7 @@ class SearchConfig:
         if isinstance(self.speedup_margin, bool) or not isinstance(self.speedup_margin, (int, float)) \
                 or not 0 <= self.speedup_margin < 1:
             raise ConfigError(f"search.speedup_margin={self.speedup_margin!r} must be a number in [0, 1).")
+        _check_int("search.verify_corrections", self.verify_corrections, 0)
         _check_int("search.eval_samples", self.eval_samples, 1)
         _check_int("search.eval_batch_size", self.eval_batch_size, 1)
         _check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
@@ -193,6 +198,22 @@ class TimingConfig:
         _check_int("timing.verify_repeats", self.verify_repeats, 1)
 
 
+@dataclass
+class GradualConfig:
+    """Gradual pruning with `transformers.Trainer` toward the profile (`SPDYPruningCallback.from_config`)."""
+
+    start_step: int = field(default=0, metadata={"help": "Optimizer step the cubic sparsity ramp starts at."})
+    end_step: int | None = field(
+        default=None, metadata={"help": "Step the ramp ends at; null: two thirds of the training steps."})
+    update_every: int = field(default=10, metadata={"help": "Optimizer steps between mask updates in the ramp."})
+
+    def __post_init__(self):
+        _check_int("gradual.start_step", self.start_step, 0)
+        if self.end_step is not None:
+            _check_int("gradual.end_step", self.end_step, self.start_step + 1)
+        _check_int("gradual.update_every", self.update_every, 1)
+
+
 DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*score*")
 
 
@@ -214,6 +235,7 @@ class SPDYConfig:
         database: how the pruning database is built and where it is kept.
         search: the local search and the dynamic program.
         timing: latency measurement.
+        gradual: gradual pruning with the Trainer (`spdy_hf.SPDYPruningCallback`).
         skip_modules: glob patterns of module names never pruned (embeddings, heads by default).
         latency_table: optional path of a saved latency table to use instead of measuring.
         cache_dir: where measured latency tables are cached; default `~/.cache/spdy_hf`.
@@ -229,6 +251,7 @@ class SPDYConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
+    gradual: GradualConfig = field(default_factory=GradualConfig)
     skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
     latency_table: str | None = field(default=None, metadata={"help": "Path of a latency table to reuse."})
     cache_dir: str | None = field(default=None, metadata={"help": "Latency table cache directory."})
@@ -332,7 +355,7 @@ class SPDYConfig:
 
 
 _SECTIONS = {"regime": RegimeConfig, "calibration": CalibrationConfig, "database": DatabaseConfig,
-             "search": SearchConfig, "timing": TimingConfig}
+             "search": SearchConfig, "timing": TimingConfig, "gradual": GradualConfig}
 
 
 def _from_dict(cls, data: dict[str, Any], strict: bool, prefix: str):

@@ -29,6 +29,7 @@ from .loading import model_fingerprint
 from .result import PruningResult
 from .scoring import DistanceScorer
 from .search import Budget, compute_budget, solve_dp, spdy_search
+from .search.spdy import error_prior
 from .timing import interleaved_median_ms
 from .units import find_units
 
@@ -122,16 +123,41 @@ class SPDYPruner:
             database.stitch(profile)
             score = scorer()
 
-        sparsities = [levels[k] for k in profile]
         verify_skipped = None
+        corrections: list[dict] = []
+        aim = search_budget.target_speedup
         with self._stage("verify"):
-            if config.backend == "cuda":
-                dense_ms, deployed_dense_ms, pruned_ms, verify_skipped = self._verify_cuda(
-                    model, units, [patterns[k] for k in profile])
-            else:
-                layouts = table.layouts_for(units)
-                dense_ms, deployed_dense_ms, pruned_ms = self._verify(model, units, sparsities, layouts)
-
+            while True:
+                if config.backend == "cuda":
+                    dense_ms, deployed_dense_ms, pruned_ms, verify_skipped = self._verify_cuda(
+                        model, units, [patterns[k] for k in profile])
+                else:
+                    dense_ms, deployed_dense_ms, pruned_ms = self._verify(
+                        model, units, [levels[k] for k in profile], table.layouts_for(units))
+                if verify_skipped:
+                    break
+                measured = dense_ms / pruned_ms
+                predicted_now = budget.predicted_speedup(times[np.arange(len(units)), profile])
+                if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
+                    break
+                # The table rated this profile too fast: aim higher by the shortfall and let the DP re-solve with
+                # the search's sensitivities (no new search), as far as the model can go.
+                new_aim = min(aim * (config.target_speedup / measured) * 1.01, budget.max_reachable_speedup)
+                raised = compute_budget(times, table.base_time_ms, new_aim, reference_ms=table.reference_time_ms)
+                costs = result.sensitivities[:, None] * (error_prior(times.shape[1])[None, :] if prior is None
+                                                         else np.asarray(prior))
+                new_profile = solve_dp(costs, times, raised.budget_ms, config.search.dp_buckets) \
+                    if new_aim > aim else None
+                if new_profile is None or list(new_profile) == list(profile):
+                    break
+                corrections.append({"measured_speedup": measured, "predicted_speedup": predicted_now,
+                                    "aim": aim, "new_aim": new_aim})
+                logger.info("Measured %.3fx < target %.3gx (predicted %.3fx): re-aiming the profile at %.3fx.",
+                            measured, config.target_speedup, predicted_now, new_aim)
+                aim, profile = new_aim, new_profile
+                database.stitch(profile)
+            if corrections:
+                score = scorer()
         unit_times = times[np.arange(len(units)), profile]
         predicted = budget.predicted_speedup(unit_times)
         measured = None if verify_skipped else dense_ms / pruned_ms
@@ -165,6 +191,7 @@ class SPDYPruner:
             "measured_speedup": measured,
             "max_reachable_speedup": budget.max_reachable_speedup,
             "search_target_speedup": search_budget.target_speedup,
+            "verify_corrections": corrections,
             "dense_time_ms": dense_ms,
             "pruned_time_ms": pruned_ms,
             # the unpruned model with every unit in the deployed (FastLinear) form: shows how much of the

@@ -58,7 +58,8 @@ class PruningResult:
         return apply_sparse_kernels(self.model, self.units, [p["sparsity"] for p in self.profile], layouts)
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> str:
-        """Writes model (safetensors), config, tokenizer, `spdy_profile.json` and `spdy_report.json`.
+        """Writes model (safetensors), config, tokenizer, `spdy_profile.json`, `spdy_report.json`, the latency table,
+        a model card (README.md) and a per-layer plot (spdy_profile.svg).
 
         Everything is written into a temporary directory beside the target and renamed into place at the end,
         so an interrupted save leaves no half-written output. An existing non-empty directory is replaced
@@ -90,6 +91,9 @@ class PruningResult:
             atomic_write_json(os.path.join(tmp, REPORT_FILE), self.report)
             if self.latency_table is not None:
                 self.latency_table.save(os.path.join(tmp, LATENCY_FILE))
+            from .hub import write_card
+
+            write_card(tmp)  # README.md (model card) and spdy_profile.svg
             _replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -97,10 +101,21 @@ class PruningResult:
         logger.info("Saved the pruned model to %s.", target)
         return target
 
+    def push_to_hub(self, repo_id: str, save_directory: str | os.PathLike | None = None, token: str | None = None,
+                    private: bool | None = None, commit_message: str = "Upload SPDY-pruned model") -> str:
+        """Saves (into `save_directory`, or a temporary directory) and uploads everything to the Hub repo
+        `repo_id`: weights, config, tokenizer, profile, report, latency table, model card and plot. Returns the
+        repo URL. A failed upload keeps the files and says how to retry; the token is never logged."""
+        from .hub import push_result
+
+        return push_result(self, repo_id, save_directory=save_directory, token=token, private=private,
+                           commit_message=commit_message)
+
     def metadata(self) -> dict[str, Any]:
         """SPDY's metadata for config.json: the job's config, the per-unit sparsities and the speedups."""
         keys = ("target_speedup", "predicted_speedup", "measured_speedup", "backend", "regime", "overall_sparsity")
         return {
+            "base_model": getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
             "config": self.config.to_dict(),
             "report": {k: self.report[k] for k in keys if k in self.report},
             "profile": {p["name"]: p["sparsity"] for p in self.profile},

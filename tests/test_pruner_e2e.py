@@ -434,3 +434,42 @@ def test_magnitude_method_builds_nothing_on_disk(tiny_bert, tmp_path, tokenizer)
     result, _ = prune(tiny_bert, small_config(tmp_path, method="magnitude"), tokenizer)
     assert result.report["database"] == {"method": "magnitude"}
     assert not (tmp_path / "cache" / "database").exists()
+
+
+def test_shortfall_in_verify_re_aims_the_profile(tiny_llama, tmp_path, tokenizer, monkeypatch):
+    """When the measured speedup misses the target, the DP is re-solved with a higher aim and verified again."""
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude",
+                          search={"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000,
+                                  "speedup_margin": 0.0})
+    units = find_units(tiny_llama, config.skip_modules)
+    table = handwritten_table(tiny_llama, units, config)
+    times = table.times_for(table.keys_for(units))
+    budget = compute_budget(times, table.base_time_ms, 1.5, reference_ms=table.reference_time_ms)
+    seen = []
+
+    def fake_verify(self, model, units_, sparsities, layouts):
+        # the "machine" is 8 % slower than the table for every profile: dense 10 ms, pruned = 10 / (0.92 * predicted)
+        levels = [0.0] + sorted({s for s in table.levels if s > 0})
+        profile = [levels.index(s) for s in sparsities]
+        predicted = budget.predicted_speedup(times[np.arange(len(units_)), profile])
+        seen.append(predicted)
+        return 10.0, 10.0, 10.0 / (0.92 * predicted)
+
+    monkeypatch.setattr(SPDYPruner, "_verify", fake_verify)
+    result = SPDYPruner(tiny_llama, config, tokenizer).prune(latency_table=table, progress=False)
+    report = result.report
+    assert len(seen) >= 2 and seen[1] > seen[0]  # re-aimed at a faster profile
+    assert report["verify_corrections"] and report["verify_corrections"][0]["measured_speedup"] < 1.5
+    assert report["measured_speedup"] >= 1.5 or len(report["verify_corrections"]) == 2
+    assert report["predicted_speedup"] == pytest.approx(seen[-1])
+    # the weights in the model are those of the final profile
+    for p, unit in zip(result.profile, units):
+        assert int((unit.weight == 0).sum()) == round(p["sparsity"] * unit.numel)
+
+    config0 = small_config(tmp_path, target_speedup=1.5, method="magnitude",
+                           search={"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000,
+                                   "speedup_margin": 0.0, "verify_corrections": 0})
+    seen.clear()
+    report = SPDYPruner(MODEL_FACTORIES["llama"](), config0, tokenizer).prune(latency_table=table,
+                                                                               progress=False).report
+    assert len(seen) == 1 and report["verify_corrections"] == [] and report["measured_speedup"] < 1.5

@@ -79,6 +79,12 @@ class SPDYPruningCallback(TrainerCallback):
         self.masks: list[torch.Tensor | None] = []  # True where pruned, in the (out, in) view
         self.current: list[float] = []
 
+    @classmethod
+    def from_config(cls, profile, config) -> SPDYPruningCallback:
+        """The callback with the schedule of `config.gradual` (an `SPDYConfig`, e.g. from a recipe)."""
+        g = config.gradual
+        return cls(profile, start_step=g.start_step, end_step=g.end_step, update_every=g.update_every)
+
     # ------------------------------------------------------------------ helpers
     def _bind(self, model) -> None:
         modules = dict(model.named_modules())
