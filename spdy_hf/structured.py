@@ -1,0 +1,198 @@
+"""Structured groups: attention heads and FFN neurons, found per block, removed by zero-filling or shrinking.
+
+A `StructuredGroup` is one block's attention (groups: heads, or key/value groups under grouped-query attention)
+or FFN (groups: neurons). Its *producers* (query/key/value; up and gate) carry the groups in their output
+features, its *consumer* (the output projection; down) in its input features. Removing a group zeroes, or cuts
+out, the producer rows and the consumer columns of that group:
+
+- `zero_fill` keeps every shape: the model stays a plain checkpoint that any `from_pretrained` loads, and a
+  removed group contributes exactly nothing (its consumer columns are zero);
+- `shrink` builds smaller dense modules, so the speedup is real with any dense kernel; its outputs equal the
+  zero-filled model's.
+
+Found for BERT, GPT-2 (fused `c_attn`), OPT and Llama-family models (grouped-query attention: a group is one
+key/value head with its query heads). This is the first step of structured levels (issue 6): the search, the
+latency of structured levels and the structured OBS database build on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SPDYError
+from .units import _conv1d_class, find_blocks
+
+logger = logging.getLogger(__name__)
+
+# per family: (attention parent, producers, consumer) and (ffn producers, consumer), relative to the block
+_ATTENTION = [
+    ("attention.self", ["attention.self.query", "attention.self.key", "attention.self.value"],
+     "attention.output.dense"),  # BERT
+    ("self_attn", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.o_proj"),  # Llama
+    ("self_attn", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.out_proj"),  # OPT
+    ("attn", ["attn.c_attn"], "attn.c_proj"),  # GPT-2 (fused q, k, v)
+]
+_FFN = [
+    (["intermediate.dense"], "output.dense"),  # BERT
+    (["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"),  # Llama
+    (["fc1"], "fc2"),  # OPT
+    (["mlp.c_fc"], "mlp.c_proj"),  # GPT-2
+]
+
+
+@dataclass
+class StructuredGroup:
+    kind: str  # "attention" or "ffn"
+    block: str
+    producers: list[str]  # full module names
+    consumer: str
+    num_groups: int
+    group_size: int  # consumer input features per group
+    producer_rows: dict[str, int] = field(default_factory=dict)  # producer output features per group
+    fused_parts: int = 1  # GPT-2's c_attn holds q, k and v side by side
+    parent: str | None = None  # the attention module whose head counts follow a shrink
+
+    def consumer_columns(self, kept: list[int]) -> torch.Tensor:
+        return _expand(kept, self.group_size)
+
+    def producer_indices(self, name: str, kept: list[int]) -> torch.Tensor:
+        rows = self.producer_rows[name]
+        if self.fused_parts == 1:
+            return _expand(kept, rows)
+        part = self.num_groups * rows
+        return torch.cat([p * part + _expand(kept, rows) for p in range(self.fused_parts)])
+
+
+def _expand(kept: list[int], size: int) -> torch.Tensor:
+    kept = sorted(int(g) for g in kept)
+    if not kept:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(g * size, (g + 1) * size) for g in kept])
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if isinstance(module, _conv1d_class()) else module.weight.shape[0]
+
+
+def find_structured_groups(model: nn.Module) -> list[StructuredGroup]:
+    """The attention and FFN group of every block that has them, in model order."""
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    modules = dict(model.named_modules())
+    groups: list[StructuredGroup] = []
+    for block_name, _ in find_blocks(model):
+        for parent, producers, consumer in _ATTENTION:
+            names = [f"{block_name}.{p}" for p in producers]
+            if all(n in modules for n in names) and f"{block_name}.{consumer}" in modules and heads:
+                q_out = _out_features(modules[names[0]]) // (3 if len(names) == 1 else 1)
+                head_dim = q_out // heads
+                per_group = heads // kv_heads  # query heads per key/value head
+                rows = {names[0]: per_group * head_dim} if len(names) > 1 else {names[0]: head_dim}
+                for n in names[1:]:
+                    rows[n] = head_dim
+                groups.append(StructuredGroup(
+                    kind="attention", block=block_name, producers=names, consumer=f"{block_name}.{consumer}",
+                    num_groups=kv_heads if len(names) > 1 else heads, group_size=per_group * head_dim,
+                    producer_rows=rows, fused_parts=3 if len(names) == 1 else 1, parent=f"{block_name}.{parent}"))
+                break
+        for producers, consumer in _FFN:
+            names = [f"{block_name}.{p}" for p in producers]
+            if all(n in modules for n in names) and f"{block_name}.{consumer}" in modules:
+                neurons = _out_features(modules[names[0]])
+                groups.append(StructuredGroup(kind="ffn", block=block_name, producers=names,
+                                              consumer=f"{block_name}.{consumer}", num_groups=neurons, group_size=1,
+                                              producer_rows={n: 1 for n in names}))
+                break
+    if not groups:
+        raise SPDYError(f"Found no attention or FFN groups in {type(model).__name__}; structured levels support "
+                        "BERT, GPT-2, OPT and Llama-family models.")
+    return groups
+
+
+def _rows_view(module: nn.Module) -> tuple[torch.Tensor, bool]:
+    """The weight as (out, in) and whether it is a Conv1D (stored (in, out))."""
+    conv = isinstance(module, _conv1d_class())
+    return (module.weight.T if conv else module.weight), conv
+
+
+@torch.no_grad()
+def zero_fill(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None:
+    """Zeroes the removed groups' producer rows (and biases) and consumer columns; shapes stay."""
+    modules = dict(model.named_modules())
+    removed = [g for g in range(group.num_groups) if g not in set(kept)]
+    for name in group.producers:
+        w, _ = _rows_view(modules[name])
+        idx = group.producer_indices(name, removed)
+        w[idx] = 0
+        bias = getattr(modules[name], "bias", None)
+        if bias is not None:
+            bias[idx] = 0
+    w, _ = _rows_view(modules[group.consumer])
+    w[:, group.consumer_columns(removed)] = 0
+
+
+def _new_module(template: nn.Module, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    out_features, in_features = weight_out_in.shape
+    if isinstance(template, _conv1d_class()):
+        module = _conv1d_class()[0](out_features, in_features)
+        module.weight = nn.Parameter(weight_out_in.T.contiguous().clone())
+        module.bias = nn.Parameter(bias.clone()) if bias is not None else None
+    else:
+        module = nn.Linear(in_features, out_features, bias=bias is not None)
+        module.weight = nn.Parameter(weight_out_in.contiguous().clone())
+        if bias is not None:
+            module.bias = nn.Parameter(bias.clone())
+    return module.to(device=weight_out_in.device, dtype=weight_out_in.dtype)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+@torch.no_grad()
+def shrink(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None:
+    """Replaces the group's producers and consumer by smaller dense modules holding only the kept groups, and
+    updates the attention module's head counts. At least one group must stay (removing a whole attention or FFN
+    is a later step of issue 6)."""
+    kept = sorted(set(int(g) for g in kept))
+    if not kept:
+        raise SPDYError(f"Removing the whole {group.kind} of {group.block} by shrinking is not supported yet; "
+                        "zero-fill it instead.")
+    if kept[-1] >= group.num_groups or kept[0] < 0:
+        raise SPDYError(f"Group indices must be in [0, {group.num_groups}).")
+    modules = dict(model.named_modules())
+    for name in group.producers:
+        module = modules[name]
+        w, _ = _rows_view(module)
+        idx = group.producer_indices(name, kept).to(w.device)
+        bias = getattr(module, "bias", None)
+        _set(model, name, _new_module(module, w[idx], None if bias is None else bias[idx]))
+    consumer = modules[group.consumer]
+    w, _ = _rows_view(consumer)
+    cols = group.consumer_columns(kept).to(w.device)
+    _set(model, group.consumer, _new_module(consumer, w[:, cols], getattr(consumer, "bias", None)))
+    if group.kind == "attention" and group.parent is not None:
+        attn = model.get_submodule(group.parent)
+        heads = len(kept) * (group.group_size // _head_dim(attn, group))
+        for attr in ("num_heads", "num_attention_heads"):
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, heads)
+        for attr in ("all_head_size", "split_size"):
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, heads * _head_dim(attn, group))
+        if isinstance(getattr(attn, "num_key_value_heads", None), int):
+            attn.num_key_value_heads = len(kept)
+
+
+def _head_dim(attn: nn.Module, group: StructuredGroup) -> int:
+    for attr in ("head_dim", "attention_head_size"):
+        value = getattr(attn, attr, None)
+        if isinstance(value, int):
+            return value
+    return group.group_size
