@@ -1,0 +1,95 @@
+"""Structured OBS: which attention heads or FFN neurons to remove, and how to compensate (issue 6, a step).
+
+For a group's consumer (the output projection of an attention, the down projection of an FFN), y = W x with
+calibration Hessian H = 2 X X^T / n over its inputs, removing the input columns S of one group and updating the
+remaining columns optimally costs (Optimal Brain Surgeon for a block of weights; ZipLM and OBC apply it to heads
+and neurons)
+
+    E(S) = tr( W[:, S] ((H^-1)[S, S])^-1 W[:, S]^T ),    dW = -W[:, S] ((H^-1)[S, S])^-1 (H^-1)[S, :],
+
+and H^-1 of the remaining inputs follows by the same block elimination. Groups are removed greedily, cheapest
+first, so the levels are nested: the groups removed at one level stay removed at every sparser one. The
+producers (query/key/value, up/gate) only lose the removed groups' rows; they need no compensation.
+
+A pure function of (weight, Hessian, group size, levels): no hooks, no model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SPDYError
+from .obs import damped_inverse_cholesky
+
+
+def _damped_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    upper = damped_inverse_cholesky(hessian, damp).to(torch.float64)  # H^-1 = U^T U
+    return upper.T @ upper
+
+
+def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, keep_counts: list[int],
+                          damp: float = 0.01) -> list[tuple[list[int], torch.Tensor]]:
+    """For each number of groups to keep (any order), the kept group indices and the compensated (out, in) consumer
+    weight (removed columns zero).
+
+    Args:
+        weight: the consumer's (out, in) weight; in = num_groups * group_size.
+        hessian: (in, in) Hessian of the consumer's inputs on the calibration set.
+        group_size: input columns per group (head_dim, or head_dim * query heads per key/value head; 1 for neurons).
+    """
+    out_features, in_features = weight.shape
+    if group_size < 1 or in_features % group_size:
+        raise SPDYError(f"The consumer's {in_features} inputs do not split into groups of {group_size}.")
+    num_groups = in_features // group_size
+    if any(not 0 <= k <= num_groups for k in keep_counts):
+        raise SPDYError(f"Keep counts must be in [0, {num_groups}].")
+    w = weight.detach().to(torch.float64).clone()
+    hinv = _damped_inverse(hessian, damp)
+    alive = list(range(num_groups))
+    results: dict[int, tuple[list[int], torch.Tensor]] = {}
+    wanted = set(keep_counts)
+    if num_groups in wanted:
+        results[num_groups] = (list(alive), w.to(torch.float32).clone())
+    cols = torch.arange(in_features).reshape(num_groups, group_size)
+    removed = torch.zeros(num_groups, dtype=torch.bool)
+    while alive and len(alive) > min(wanted, default=num_groups):
+        # every group's error at once: diagonal blocks of H^-1, inverted in a batch
+        blocks = hinv.reshape(num_groups, group_size, num_groups, group_size).diagonal(dim1=0, dim2=2)
+        block_inv = torch.linalg.inv(blocks.permute(2, 0, 1))  # (G, s, s)
+        ws = w.reshape(out_features, num_groups, group_size).permute(1, 0, 2)  # (G, out, s)
+        errors = ((ws @ block_inv) * ws).sum(dim=(1, 2))
+        errors[removed] = float("inf")
+        best = int(torch.argmin(errors))
+        s = cols[best]
+        inv = block_inv[best]
+        w -= w[:, s] @ inv @ hinv[s, :]
+        w[:, s] = 0.0
+        hinv -= hinv[:, s] @ inv @ hinv[s, :]
+        hinv[s, :] = 0.0
+        hinv[:, s] = 0.0
+        hinv[s, s] = 1.0  # keeps the removed block invertible; it is never chosen again
+        removed[best] = True
+        alive.remove(best)
+        if len(alive) in wanted:
+            results[len(alive)] = (list(alive), w.to(torch.float32).clone())
+    if 0 in wanted and 0 not in results:
+        results[0] = ([], torch.zeros_like(weight, dtype=torch.float32))
+    return [results[k] for k in keep_counts]
+
+
+def group_magnitude_levels(weight: torch.Tensor, group_size: int, keep_counts: list[int]
+                           ) -> list[tuple[list[int], torch.Tensor]]:
+    """The data-free baseline: keep the groups whose consumer columns have the largest norm; no compensation."""
+    out_features, in_features = weight.shape
+    num_groups = in_features // group_size
+    norms = weight.detach().float().reshape(out_features, num_groups, group_size).pow(2).sum(dim=(0, 2))
+    order = torch.argsort(norms, descending=True, stable=True).tolist()
+    results = []
+    for k in keep_counts:
+        kept = sorted(order[:k])
+        w = torch.zeros_like(weight, dtype=torch.float32)
+        idx = torch.cat([torch.arange(g * group_size, (g + 1) * group_size) for g in kept]) if kept else None
+        if idx is not None:
+            w[:, idx] = weight.detach().float()[:, idx]
+        results.append((kept, w))
+    return results

@@ -1,0 +1,58 @@
+"""Structured OBS: greedy group removal with compensation, against the norm baseline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spdy_hf.database.structured_obs import group_magnitude_levels, structured_obs_levels
+from spdy_hf.errors import SPDYError
+
+
+def layer(out_features=24, groups=8, group_size=4, samples=400, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = groups * group_size
+    mixing = torch.randn(n, n, generator=gen) / n ** 0.5
+    x = mixing @ torch.randn(n, samples, generator=gen)  # correlated inputs: compensation can help
+    w = torch.randn(out_features, n, generator=gen)
+    return w, x, 2 * x @ x.T / samples
+
+
+def error(w_hat, w, x):
+    return float(((w_hat - w) @ x).pow(2).sum() / (w @ x).pow(2).sum())
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_structured_obs_beats_the_norm_baseline_and_is_nested(group_size):
+    w, x, h = layer(groups=32 // group_size, group_size=group_size)
+    groups = w.shape[1] // group_size
+    keep = [groups, 3 * groups // 4, groups // 2, groups // 4, 1, 0]
+    obs = structured_obs_levels(w, h, group_size, keep)
+    base = group_magnitude_levels(w, group_size, keep)
+    previous = set(range(groups))
+    for k, (kept, w_obs), (_, w_base) in zip(keep, obs, base):
+        assert len(kept) == k and set(kept) <= previous  # nested: removed groups stay removed
+        previous = set(kept)
+        removed_cols = [c for g in range(groups) if g not in kept for c in range(g * group_size, (g + 1) * group_size)]
+        assert (w_obs[:, removed_cols] == 0).all() and torch.isfinite(w_obs).all()
+        if 0 < k < groups:
+            assert error(w_obs, w, x) < error(w_base, w, x)
+    torch.testing.assert_close(obs[0][1], w)  # all kept: the dense weight
+    assert (obs[-1][1] == 0).all()
+
+
+def test_compensation_helps_over_removal_alone():
+    w, x, h = layer()
+    kept, w_obs = structured_obs_levels(w, h, 4, [4])[0]
+    cols = torch.cat([torch.arange(g * 4, g * 4 + 4) for g in kept])
+    w_cut = torch.zeros_like(w)
+    w_cut[:, cols] = w[:, cols]  # the same groups, no update of the rest
+    assert error(w_obs, w, x) < error(w_cut, w, x)
+
+
+def test_bad_group_sizes():
+    w, _, h = layer()
+    with pytest.raises(SPDYError, match="groups of 5"):
+        structured_obs_levels(w, h, 5, [1])
+    with pytest.raises(SPDYError, match="Keep counts"):
+        structured_obs_levels(w, h, 4, [9])
