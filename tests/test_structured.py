@@ -77,3 +77,27 @@ def test_shrinking_everything_away_is_refused_for_now():
         shrink(model, group, [])
     with pytest.raises(SPDYError, match="Group indices"):
         shrink(model, group, [group.num_groups])
+
+
+def test_structured_latency_levels_and_sharing(monkeypatch):
+    import spdy_hf.latency.structured as latency
+
+    model = MODEL_FACTORIES["llama"]()
+    groups = find_structured_groups(model)
+    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules() if hasattr(m, "weight")
+              and m.weight is not None and m.weight.dim() == 2}
+    calls = []
+    real = latency.time_group_levels
+
+    def counting(group, *args, **kwargs):
+        calls.append(group.kind)
+        return real(group, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "time_group_levels", counting)
+    table = latency.structured_table(groups, shapes, tokens=16, warmup=1, repeats=2)
+    assert sorted(calls) == ["attention", "ffn"]  # the two blocks share each signature: timed once
+    attention = table["model.layers.0:attention"]
+    assert attention["keep"] == [2, 1, 0] and attention["times_ms"][-1] == 0.0  # tiny llama: 2 kv groups
+    assert all(t > 0 for t in attention["times_ms"][:-1])
+    ffn = table["model.layers.1:ffn"]
+    assert ffn["keep"][0] == 64 and ffn["keep"][-1] == 0 and len(ffn["keep"]) == 9
