@@ -21,11 +21,10 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
-import torch
-import torch.nn.functional as F
+from heldout import heldout_texts, sentence_embeddings
 
 from spdy_hf import SPDYConfig, SPDYPruner, find_units
-from spdy_hf.data import builtin_corpus, load_texts, token_windows
+from spdy_hf.data import load_texts, token_windows
 from spdy_hf.database import MagnitudeDatabase, build_obs_database
 from spdy_hf.environment import environment_info
 from spdy_hf.io import atomic_write_json
@@ -35,7 +34,6 @@ from spdy_hf.pruner import anchor_level
 from spdy_hf.scoring import DistanceScorer
 from spdy_hf.search import compute_budget
 
-HELDOUT_TEXTS, HELDOUT_MAX_LENGTH, HELDOUT_BATCH = 256, 128, 32
 log = logging.getLogger("obs_database")
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,19 +82,11 @@ eval_windows = {k: v[: config.search.eval_samples] for k, v in windows.items()}
 bs = config.search.eval_batch_size
 scorer = DistanceScorer(model, [{k: v[i:i + bs] for k, v in eval_windows.items()}
                                 for i in range(0, eval_windows["input_ids"].shape[0], bs)])
-heldout = list(builtin_corpus("heldout"))[:HELDOUT_TEXTS]
+heldout = heldout_texts()
 
 
-@torch.inference_mode()
 def embeddings(texts):
-    out = []
-    for i in range(0, len(texts), HELDOUT_BATCH):
-        batch = tokenizer(texts[i:i + HELDOUT_BATCH], padding=True, truncation=True,
-                          max_length=HELDOUT_MAX_LENGTH, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1))
-    return torch.cat(out)
+    return sentence_embeddings(model, tokenizer, texts)
 
 
 dense_embeddings = embeddings(heldout)

@@ -22,12 +22,11 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from heldout import HELDOUT_MAX_LENGTH, heldout_texts, sentence_embeddings
 
 from spdy_hf import RegimeConfig, SearchConfig, SPDYConfig, SPDYPruner, find_units
 from spdy_hf.apply import KernelSwap
-from spdy_hf.data import builtin_corpus, load_texts, token_windows
+from spdy_hf.data import load_texts, token_windows
 from spdy_hf.database import MagnitudeDatabase, load_obs_database
 from spdy_hf.environment import environment_info
 from spdy_hf.errors import SPDYError
@@ -38,7 +37,6 @@ from spdy_hf.scoring import DistanceScorer
 from spdy_hf.search import compute_budget
 from spdy_hf.timing import interleaved_median_ms
 
-HELDOUT_TEXTS, HELDOUT_MAX_LENGTH, HELDOUT_BATCH = 256, 128, 32
 log = logging.getLogger("spdy_vs_uniform")
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -194,20 +192,11 @@ eval_batches = [{key: v[i:i + bs] for key, v in eval_windows.items()}
 scorer = DistanceScorer(model, eval_batches, config.search.score)  # the search's own score
 other_kind = "nmse" if scorer.kind == "cosine" else "cosine"
 other_scorer = DistanceScorer(model, eval_batches, other_kind)
-heldout = list(builtin_corpus("heldout"))[:HELDOUT_TEXTS]  # disjoint from calibration by construction
+heldout = heldout_texts()  # disjoint from calibration by construction
 
 
-@torch.inference_mode()
 def embeddings(texts):
-    """all-MiniLM-L6-v2 sentence embeddings: attention-mask-weighted mean of last_hidden_state, L2-normalised."""
-    out = []
-    for i in tqdm(range(0, len(texts), HELDOUT_BATCH), desc="held-out embeddings", leave=False):
-        batch = tokenizer(texts[i:i + HELDOUT_BATCH], padding=True, truncation=True,
-                          max_length=HELDOUT_MAX_LENGTH, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state  # (B, T, H)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1))
-    return torch.cat(out)
+    return sentence_embeddings(model, tokenizer, texts)
 
 
 dense_embeddings = embeddings(heldout)

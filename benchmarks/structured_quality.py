@@ -16,9 +16,9 @@ import sys
 from datetime import datetime, timezone
 
 import torch
-import torch.nn.functional as F
+from heldout import heldout_texts, sentence_embeddings
 
-from spdy_hf.data import builtin_corpus, load_texts, token_windows
+from spdy_hf.data import load_texts, token_windows
 from spdy_hf.database.sequential import SequentialCalibrator
 from spdy_hf.database.structured_obs import group_magnitude_levels, structured_obs_levels
 from spdy_hf.loading import load_model_and_tokenizer
@@ -52,18 +52,11 @@ def process(block, units, stats):
 batches = [{k: v[i:i + 8] for k, v in windows.items()} for i in range(0, 128, 8)]
 SequentialCalibrator(dense, consumers, batches, progress=False).run(lambda block: True, process)
 
-heldout = list(builtin_corpus("heldout"))[:256]
+heldout = heldout_texts()
 
 
-@torch.inference_mode()
-def embeddings(model):
-    out = []
-    for i in range(0, len(heldout), 32):
-        batch = tokenizer(heldout[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        h = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        out.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+def embeddings(m):
+    return sentence_embeddings(m, tokenizer, heldout)
 
 
 reference = embeddings(dense)

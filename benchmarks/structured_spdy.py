@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from heldout import heldout_texts, sentence_embeddings
 
-from spdy_hf.data import builtin_corpus, load_texts, token_windows
+from spdy_hf.data import load_texts, token_windows
 from spdy_hf.database.sequential import SequentialCalibrator
 from spdy_hf.database.structured_obs import structured_obs_levels
 from spdy_hf.latency.structured import structured_table
@@ -97,18 +97,11 @@ def stitch(profile, target=model):
 
 eval_windows = {k: v[:32] for k, v in windows.items()}
 scorer = DistanceScorer(model, [{k: v[i:i + 8] for k, v in eval_windows.items()} for i in range(0, 32, 8)], "cosine")
-heldout = list(builtin_corpus("heldout"))[:256]
+heldout = heldout_texts()
 
 
-@torch.inference_mode()
 def embeddings(m):
-    out = []
-    for i in range(0, len(heldout), 32):
-        batch = tokenizer(heldout[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        h = m(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        out.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+    return sentence_embeddings(m, tokenizer, heldout)
 
 
 reference = embeddings(dense)

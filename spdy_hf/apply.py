@@ -131,19 +131,18 @@ def deployed_modules(units: list[Unit], sparsities: list[float], layouts: list[U
     ]
 
 
-class KernelSwap:
-    """Toggles every unit between its original module and a `FastLinear` built once from its current weight.
+class ModuleSwap:
+    """Toggles units between their original modules and deployed ones (None: the unit is left as it is).
 
     Swapping is a `setattr` per unit, so original and deployed runs can be interleaved cheaply when timing.
-    Dense `FastLinear`s share the unit's live weight (no copy of the model); CSR ones hold a snapshot.
     """
 
-    def __init__(self, model: nn.Module, units: list[Unit], sparsities: list[float],
-                 layouts: list[UnitLayout] | None = None, weights: list[torch.Tensor | None] | None = None):
+    def __init__(self, model: nn.Module, units: list[Unit], deployed: list[nn.Module | None]):
         self.slots = []  # (parent, attribute, original module, deployed module)
-        for unit, module in zip(units, deployed_modules(units, sparsities, layouts, weights)):
-            parent, attr = _parent_and_attr(model, unit.name)
-            self.slots.append((parent, attr, unit.module, module))
+        for unit, module in zip(units, deployed):
+            if module is not None:
+                parent, attr = _parent_and_attr(model, unit.name)
+                self.slots.append((parent, attr, unit.module, module))
 
     def use_deployed(self) -> None:
         for parent, attr, _, deployed in self.slots:
@@ -152,6 +151,17 @@ class KernelSwap:
     def use_original(self) -> None:
         for parent, attr, original, _ in self.slots:
             setattr(parent, attr, original)
+
+
+class KernelSwap(ModuleSwap):
+    """Toggles every unit between its original module and a `FastLinear` built once from its current weight.
+
+    Dense `FastLinear`s share the unit's live weight (no copy of the model); CSR ones hold a snapshot.
+    """
+
+    def __init__(self, model: nn.Module, units: list[Unit], sparsities: list[float],
+                 layouts: list[UnitLayout] | None = None, weights: list[torch.Tensor | None] | None = None):
+        super().__init__(model, units, deployed_modules(units, sparsities, layouts, weights))
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..apply import ModuleSwap
 from ..errors import SPDYError
 from ..patterns import is_two_four, two_four_magnitude_mask
 from ..units import Unit
@@ -81,28 +82,13 @@ class TwoFourLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, sparsity=2:4"
 
 
-class TwoFourSwap:
+class TwoFourSwap(ModuleSwap):
     """Swaps the units whose pattern is "2:4" for `TwoFourLinear`s built from their (2:4) weights, and back."""
 
     def __init__(self, model: nn.Module, units: list[Unit], patterns: list[str]):
-        from ..apply import _parent_and_attr
-
-        self.slots = []
-        for unit, pattern in zip(units, patterns):
-            if pattern != "2:4":
-                continue
-            bias = getattr(unit.module, "bias", None)
-            deployed = TwoFourLinear(unit.weight.detach().contiguous(), bias)
-            parent, attr = _parent_and_attr(model, unit.name)
-            self.slots.append((parent, attr, unit.module, deployed))
-
-    def use_deployed(self) -> None:
-        for parent, attr, _, deployed in self.slots:
-            setattr(parent, attr, deployed)
-
-    def use_original(self) -> None:
-        for parent, attr, original, _ in self.slots:
-            setattr(parent, attr, original)
+        deployed = [TwoFourLinear(unit.weight.detach().contiguous(), getattr(unit.module, "bias", None))
+                    if pattern == "2:4" else None for unit, pattern in zip(units, patterns)]
+        super().__init__(model, units, deployed)
 
 
 def cuda_interleaved_median_ms(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[float]:
