@@ -18,6 +18,8 @@ _LAZY = {
     "DatabaseConfig": "config",
     "SearchConfig": "config",
     "TimingConfig": "config",
+    "StructuredConfig": "config",
+    "find_structured_groups": "structured",
     "SPDYPruner": "pruner",
     "PruningResult": "result",
     "LatencyTable": "latency.table",
@@ -34,7 +36,7 @@ _LAZY = {
 __all__ = [
     "CalibrationConfig", "ConfigError", "DatabaseConfig", "FastLinear", "LatencyTable", "PruningResult", "RegimeConfig", "SPDYConfig",
     "SPDYError", "SPDYPruner", "SearchConfig", "TimingConfig", "UnreachableTargetError", "__version__", "find_units",
-    "load_pretrained", "prune_pretrained", "SPDYPruningCallback",
+    "load_pretrained", "prune_pretrained", "SPDYPruningCallback", "StructuredConfig", "find_structured_groups",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
         RegimeConfig,
         SearchConfig,
         SPDYConfig,
+        StructuredConfig,
         TimingConfig,
     )
     from .errors import ConfigError, SPDYError, UnreachableTargetError
@@ -53,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .latency.table import LatencyTable
     from .pruner import SPDYPruner
     from .result import PruningResult
+    from .structured import find_structured_groups
     from .units import find_units
 
 

@@ -33,6 +33,9 @@ def profile_command_parser(subparsers) -> argparse.ArgumentParser:
     _regime_arguments(p)
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    p.add_argument("--family", choices=["structured", "mixed", "unstructured"],
+                   help="Level families: heads and FFN neurons removed (structured, the default), those or the "
+                        "backend's sparse levels per block (mixed), or sparse levels per layer (unstructured).")
     p.set_defaults(func=profile_command)
     return p
 
@@ -74,6 +77,9 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="Calibration windows.")
     p.add_argument("--calibration-length", type=int, help="Tokens per calibration window (default 128).")
     p.add_argument("--method", choices=["obs", "magnitude"], help="Pruning database method (default obs).")
+    p.add_argument("--family", choices=["structured", "mixed", "unstructured"],
+                   help="Level families: heads and FFN neurons removed (structured, the default), those or the "
+                        "backend's sparse levels per block (mixed), or sparse levels per layer (unstructured).")
     p.add_argument("--database-dir", help="Where the pruning database is kept (resumable); default in the cache.")
     p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
@@ -104,6 +110,8 @@ def _build_config(args):
         regime["batch_size"] = args.batch_size
     if args.sequence_length is not None:
         regime["sequence_length"] = args.sequence_length
+    if getattr(args, "family", None) is not None:
+        data["family"] = args.family
     if not hasattr(args, "calibration"):  # the profile command: no calibration or search flags
         return SPDYConfig.from_dict(data)
     calibration = data.setdefault("calibration", {})

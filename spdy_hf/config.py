@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("cpu", "cuda")
 METHODS = ("obs", "magnitude")
+FAMILIES = ("structured", "mixed", "unstructured")
 ERROR_PRIORS = ("spdy", "measured")
 PROPAGATIONS = ("pruned", "dense")
 LEVEL_GRIDS = ("auto", "spdy", "2:4")
@@ -199,6 +200,20 @@ class TimingConfig:
 
 
 @dataclass
+class StructuredConfig:
+    """Structured levels (`family: structured` or `mixed`): attention heads and FFN neurons kept per block."""
+
+    head_step: int = field(
+        default=1, metadata={"help": "Attention levels keep every head_step-th head count, down to none."})
+    ffn_grid: int = field(
+        default=8, metadata={"help": "FFN levels keep 1/ffn_grid steps of the neurons, down to none."})
+
+    def __post_init__(self):
+        _check_int("structured.head_step", self.head_step, 1)
+        _check_int("structured.ffn_grid", self.ffn_grid, 1)
+
+
+@dataclass
 class GradualConfig:
     """Gradual pruning with `transformers.Trainer` toward the profile (`SPDYPruningCallback.from_config`)."""
 
@@ -229,6 +244,11 @@ class SPDYConfig:
         levels: `"auto"` (the backend's: `"spdy"` on cpu, `"2:4"` on cuda), `"spdy"` for the reference grid
             (dense + 41 geometric levels, sparsity 0.40 to 0.99), `"2:4"` (dense or 2:4), or a list of sparsities
             in (0, 1) and patterns ("2:4").
+        family: which level families the search may give a block's attention and FFN: `"structured"` (heads
+            and FFN neurons removed, the modules shrunk; fast with any dense kernel; the default, best in
+            docs/BENCHMARKS.md), `"mixed"` (per group, structured levels or the backend's sparse `levels`: CSR
+            sparsity on cpu, 2:4 on cuda), or `"unstructured"` (every linear layer its own unit at `levels`).
+        structured: the structured levels' grid.
         method: how each unit is pruned to each level: `"obs"` (SparseGPT-style, from the calibration set) or
             `"magnitude"` (data-free).
         calibration: the calibration set.
@@ -246,6 +266,9 @@ class SPDYConfig:
     regime: RegimeConfig = field(default_factory=RegimeConfig)
     levels: str | list[float | str] = field(
         default="auto", metadata={"help": "'auto', 'spdy', '2:4', or a list of sparsities and patterns ('2:4')."})
+    family: str = field(
+        default="structured", metadata={"help": "Level families: 'structured', 'mixed' or 'unstructured'."})
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
     method: str = field(default="obs", metadata={"help": "Pruning method of the database: 'obs' or 'magnitude'."})
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -278,6 +301,7 @@ class SPDYConfig:
                 f"allowed values: {', '.join(map(repr, BACKEND_DTYPES[self.backend]))}."
             )
         _check_choice("method", self.method, METHODS)
+        _check_choice("family", self.family, FAMILIES)
         if self.search.error_prior == "measured" and self.method != "obs":
             raise ConfigError("search.error_prior='measured' needs method='obs': magnitude pruning measures no errors.")
         if isinstance(self.levels, str):
@@ -354,7 +378,7 @@ class SPDYConfig:
         return cls.from_dict(data or {}, strict=strict)
 
 
-_SECTIONS = {"regime": RegimeConfig, "calibration": CalibrationConfig, "database": DatabaseConfig,
+_SECTIONS = {"structured": StructuredConfig, "regime": RegimeConfig, "calibration": CalibrationConfig, "database": DatabaseConfig,
              "search": SearchConfig, "timing": TimingConfig, "gradual": GradualConfig}
 
 

@@ -67,8 +67,9 @@ def sparsity_plot_svg(profile: list[dict[str, Any]], width: int = 760) -> str:
 
 
 def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: dict[str, Any],
-               base_model: str | None = None, model_name: str | None = None):
-    """The model card (huggingface_hub `ModelCard`) of a pruned model."""
+               base_model: str | None = None, model_name: str | None = None,
+               groups: list[dict[str, Any]] | None = None):
+    """The model card (huggingface_hub `ModelCard`) of a pruned model; `groups`: the structured/mixed profile."""
     from huggingface_hub import ModelCard, ModelCardData
 
     backend = report.get("backend", config.get("backend", "cpu"))
@@ -76,6 +77,8 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
     tags = ["spdy", "sparse", "pruned", "spdy_hf", f"{backend}"]
     if any(p.get("pattern") == "2:4" for p in profile):
         tags.append("2:4-sparsity")
+    if groups:
+        tags.append("structured-pruning")
     data = ModelCardData(base_model=base_model, library_name="transformers", tags=tags, model_name=model_name)
     measured = report.get("measured_speedup")
     measured_text = f"**{measured:.3f}×** measured end to end" if measured is not None else \
@@ -97,16 +100,36 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
         f"| speedup | {measured_text} |",
         f"| overall sparsity of the pruned layers | {report.get('overall_sparsity', 0):.3f} |",
         f"| pruning database | {report.get('method', config.get('method'))} |",
+        f"| level families | {report.get('family', config.get('family', 'unstructured'))} |",
         f"| score vs dense ({report.get('score_kind', '?')}) | {report.get('score_dense_vs_pruned', float('nan')):.4g} |",
         "",
         "The weights are ordinary dense safetensors with zeros: `from_pretrained` loads them anywhere, without "
         "spdy_hf. The speedup needs sparse kernels: `spdy_hf.load_pretrained(path)` swaps them in for the backend "
         "above.",
         "",
+    ]
+    if groups:
+        lines += [
+            "Attention heads and FFN neurons were removed: the checkpoint holds them as zero rows and columns, and "
+            "`spdy_hf.load_pretrained(path)` cuts them out of the modules (a whole attention or FFN of a block "
+            "can be gone), which is where the speedup comes from.",
+            "",
+            "## Per-block profile",
+            "",
+            f"![per-group sparsity and time]({PLOT_FILE})",
+            "",
+            "| group | family | kept | of | sparsity | dense ms | ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for g in groups:
+            lines.append(f"| `{g['name']}` | {g['family']}{' ' + g['pattern'] if g['family'] != 'structured' else ''}"
+                         f" | {g['keep']} | {g['num_groups']} | {g['sparsity']:.4f} | {g['dense_time_ms']:.4f} | "
+                         f"{g['time_ms']:.4f} |")
+        lines += [""]
+    lines += [
         "## Per-layer profile",
         "",
-        f"![per-layer sparsity and time]({PLOT_FILE})",
-        "",
+        *([] if groups else [f"![per-layer sparsity and time]({PLOT_FILE})", ""]),
         "| layer | shape | pattern | sparsity | dense ms | ms |",
         "|---|---|---|---|---|---|",
     ]
@@ -124,16 +147,17 @@ def write_card(directory: str, model_name: str | None = None) -> None:
     from .io import atomic_write_text
 
     with open(os.path.join(directory, "spdy_profile.json"), encoding="utf-8") as f:
-        profile = json.load(f)["units"]
+        saved = json.load(f)
+    profile, groups = saved["units"], saved.get("groups")
     with open(os.path.join(directory, "spdy_report.json"), encoding="utf-8") as f:
         report = json.load(f)
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         model_config = json.load(f)
     spdy = model_config.get("spdy", {})
     base = base_model_id(spdy.get("base_model") or model_config.get("_name_or_path"))
-    card = model_card(profile, report, spdy.get("config", {}), base_model=base, model_name=model_name)
+    card = model_card(profile, report, spdy.get("config", {}), base_model=base, model_name=model_name, groups=groups)
     atomic_write_text(os.path.join(directory, CARD_FILE), str(card))
-    atomic_write_text(os.path.join(directory, PLOT_FILE), sparsity_plot_svg(profile))
+    atomic_write_text(os.path.join(directory, PLOT_FILE), sparsity_plot_svg(groups or profile))
 
 
 # ---------------------------------------------------------------------------------------------- Hub
@@ -208,12 +232,30 @@ def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: 
         raise SPDYError(f"{name_or_path} is not a saved SPDY model (no 'spdy' key in config.json or no "
                         "spdy_profile.json); load it with from_pretrained instead.")
     with open(profile_path, encoding="utf-8") as f:
-        profile = json.load(f)["units"]
+        saved = json.load(f)
+    profile = saved["units"]
     if not kernels:
+        return model, tokenizer, profile
+    backend = spdy.get("config", {}).get("backend", "cpu")
+    if saved.get("groups") is not None:  # structured / mixed: cut the removed heads and neurons out
+        from .structured_pruner import deploy_groups
+
+        if backend == "cuda":
+            if not torch.cuda.is_available():
+                logger.warning("%s was profiled for an NVIDIA GPU; there is none here, so its structured levels run "
+                               "shrunk on the CPU without 2:4 kernels.", name_or_path)
+                backend = None
+            else:
+                dtype = getattr(torch, spdy.get("config", {}).get("regime", {}).get("dtype", "float16"))
+                model.to(device="cuda", dtype=dtype)
+        groups = saved["groups"]
+        if backend is None:
+            groups = [g if g["family"] == "structured" else {**g, "family": "dense"} for g in groups]
+        deploy_groups(model, groups, backend or "cpu", {p["name"]: p.get("layout", "cc") for p in profile},
+                      {p["name"]: p["input_leader"] for p in profile if p.get("input_leader")})
         return model, tokenizer, profile
     modules = dict(model.named_modules())
     units = [Unit(name=p["name"], module=modules[p["name"]], block=p["name"].rsplit(".", 1)[0]) for p in profile]
-    backend = spdy.get("config", {}).get("backend", "cpu")
     if backend == "cuda":
         if not torch.cuda.is_available():
             logger.warning("%s was profiled for 2:4 kernels on an NVIDIA GPU; there is none here, so it runs dense "

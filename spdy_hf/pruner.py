@@ -81,6 +81,10 @@ class SPDYPruner:
         self._check_model(model)
         self._to_target_device(model)
         data = self._calibration_windows(calibration)
+        if config.family != "unstructured":
+            from .structured_pruner import prune_structured
+
+            return prune_structured(self, model, data, latency_table, progress)
 
         with self._stage("profile"):
             example = {k: v[:1].to(self._device(model)) for k, v in data.items()}
@@ -335,13 +339,18 @@ class SPDYPruner:
 
     def profile(self, latency_table: LatencyTable | str | None = None, progress: bool = True) -> LatencyTable:
         """Only the profiling stage: the latency table of this model in the config's regime, on its backend
-        (measured, or read from the cache). Measure it on the target machine, then pass it (saved with
+        (measured, or read from the cache); with the structured or mixed family, it holds the structured levels'
+        times too. Measure it on the target machine, then pass it (saved with
         `LatencyTable.save`) as `latency_table` to prune anywhere."""
         model = self.model.eval()
         self._check_model(model)
         self._to_target_device(model)
         example = {k: v.to(self._device(model)) for k, v in self._regime_inputs(model).items()}
         units = find_units(model, self.config.skip_modules, example_inputs=example)
+        if self.config.family != "unstructured":
+            from .structured_pruner import profile_structured
+
+            return profile_structured(self, model, units, latency_table, progress)
         return self._latency_table(model, units, get_levels(self.config.levels), latency_table, progress)
 
     def _table_environment(self) -> dict:

@@ -41,12 +41,21 @@ class PruningResult:
     profile: list[dict[str, Any]] = field(repr=False)
     report: dict[str, Any] = field(default_factory=dict)
     latency_table: Any = field(default=None, repr=False)
+    # structured and mixed families: per attention/FFN group its family, kept heads/neurons or sparse level
+    groups: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     def to_sparse_kernels(self) -> nn.Module:
         """Swaps the units for their fast kernels, in place, for inference (save before this): on the cpu
-        backend `FastLinear`s (CSR where sparse), on cuda `TwoFourLinear`s where the profile chose 2:4."""
+        backend `FastLinear`s (CSR where sparse), on cuda `TwoFourLinear`s where the profile chose 2:4; with
+        structured levels, the removed heads and neurons are cut out of the modules first."""
         from .apply import UnitLayout
 
+        if self.groups is not None:  # structured / mixed: cut out the removed heads and neurons
+            from .structured_pruner import deploy_groups
+
+            return deploy_groups(self.model, self.groups, self.config.backend,
+                                 {p["name"]: p.get("layout", "cc") for p in self.profile},
+                                 {p["name"]: p["input_leader"] for p in self.profile if p.get("input_leader")})
         if self.config.backend == "cuda":
             from .latency.cuda import TwoFourSwap
 
@@ -66,10 +75,12 @@ class PruningResult:
         only with `overwrite=True`.
         """
         from .apply import FastLinear
+        from .structured import RemovedAttention
 
-        if any(isinstance(m, FastLinear) for m in self.model.modules()):
-            raise SPDYError("The model runs on sparse kernels (to_sparse_kernels) and cannot be saved as a checkpoint; "
-                            "save the result before calling to_sparse_kernels().")
+        if any(isinstance(m, (FastLinear, RemovedAttention)) for m in self.model.modules()) or \
+                self._shrunk():
+            raise SPDYError("The model runs on sparse kernels or shrunken modules (to_sparse_kernels) and cannot be "
+                            "saved as a checkpoint; save the result before calling to_sparse_kernels().")
         target = os.path.abspath(os.fspath(save_directory))
         check_output_dir(target, overwrite)
         parent = os.path.dirname(target)
@@ -87,7 +98,8 @@ class PruningResult:
                     delattr(config, CONFIG_KEY)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            atomic_write_json(os.path.join(tmp, PROFILE_FILE), {"units": self.profile})
+            atomic_write_json(os.path.join(tmp, PROFILE_FILE), {"units": self.profile, **(
+                {"groups": self.groups} if self.groups is not None else {})})
             atomic_write_json(os.path.join(tmp, REPORT_FILE), self.report)
             if self.latency_table is not None:
                 self.latency_table.save(os.path.join(tmp, LATENCY_FILE))
@@ -111,6 +123,20 @@ class PruningResult:
         return push_result(self, repo_id, save_directory=save_directory, token=token, private=private,
                            commit_message=commit_message)
 
+    def _shrunk(self) -> bool:
+        """Whether a structured profile's modules were cut down (to_sparse_kernels): not saveable then."""
+        if not self.groups:
+            return False
+        modules = dict(self.model.named_modules())
+        for p in self.profile:
+            module = modules.get(p["name"])
+            if module is None:
+                return True
+            shape = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+            if list(shape) != list(p["shape"]):
+                return True
+        return False
+
     def metadata(self) -> dict[str, Any]:
         """SPDY's metadata for config.json: the job's config, the per-unit sparsities and the speedups."""
         keys = ("target_speedup", "predicted_speedup", "measured_speedup", "backend", "regime", "overall_sparsity")
@@ -119,6 +145,8 @@ class PruningResult:
             "config": self.config.to_dict(),
             "report": {k: self.report[k] for k in keys if k in self.report},
             "profile": {p["name"]: p["sparsity"] for p in self.profile},
+            **({"structured": {e["name"]: e["keep"] for e in self.groups if e["family"] == "structured"}}
+               if self.groups is not None else {}),
         }
 
 

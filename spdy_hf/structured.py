@@ -11,13 +11,15 @@ out, the producer rows and the consumer columns of that group:
   zero-filled model's.
 
 Found for BERT, GPT-2 (fused `c_attn`), OPT and Llama-family models (grouped-query attention: a group is one
-key/value head with its query heads). This is the first step of structured levels (issue 6): the search, the
-latency of structured levels and the structured OBS database build on it.
+key/value head with its query heads). Keeping no group removes the whole attention or FFN of a block: shrinking
+then puts a `RemovedAttention` in place of the attention (it returns the output projection's bias, or a
+zero-width tensor where the projection sits outside it, as in BERT) and zero-width `nn.Linear`s in the FFN.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +116,11 @@ def find_structured_groups(model: nn.Module) -> list[StructuredGroup]:
     return groups
 
 
+def group_name(group: StructuredGroup) -> str:
+    """How reports, tables and saved models name a group: "<block>:attention" or "<block>:ffn"."""
+    return f"{group.block}:{group.kind}"
+
+
 def _rows_view(module: nn.Module) -> tuple[torch.Tensor, bool]:
     """The weight as (out, in) and whether it is a Conv1D (stored (in, out))."""
     conv = isinstance(module, _conv1d_class())
@@ -138,12 +145,15 @@ def zero_fill(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None
 
 def _new_module(template: nn.Module, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     out_features, in_features = weight_out_in.shape
-    if isinstance(template, _conv1d_class()):
+    # GPT-2's Conv1D reshapes with -1, which a zero-width input cannot take: zero-width modules are nn.Linear
+    if isinstance(template, _conv1d_class()) and out_features and in_features:
         module = _conv1d_class()[0](out_features, in_features)
         module.weight = nn.Parameter(weight_out_in.T.contiguous().clone())
         module.bias = nn.Parameter(bias.clone()) if bias is not None else None
     else:
-        module = nn.Linear(in_features, out_features, bias=bias is not None)
+        with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op": the weight is replaced
+            warnings.simplefilter("ignore", UserWarning)
+            module = nn.Linear(in_features, out_features, bias=bias is not None)
         module.weight = nn.Parameter(weight_out_in.contiguous().clone())
         if bias is not None:
             module.bias = nn.Parameter(bias.clone())
@@ -155,17 +165,52 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
+class RemovedAttention(nn.Module):
+    """Stands in for an attention module whose every head was removed. Where the output projection is inside the
+    module (GPT-2, OPT, Llama), the output is that projection's bias (zeros without one); where it is outside
+    (BERT), a zero-width context, which the shrunken projection maps to its bias. Returns (output, None) like the
+    attention modules of transformers."""
+
+    def __init__(self, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        shape = (*hidden_states.shape[:-1], self.out_features)
+        out = hidden_states.new_zeros(shape)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out, None
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}, removed"
+
+
+def _remove_attention(model: nn.Module, group: StructuredGroup) -> None:
+    modules = dict(model.named_modules())
+    consumer = modules[group.consumer]
+    inside = group.consumer.startswith(group.parent + ".")
+    if inside:
+        _set(model, group.parent, RemovedAttention(_out_features(consumer), getattr(consumer, "bias", None)))
+        return
+    _set(model, group.parent, RemovedAttention(0, None))
+    w, _ = _rows_view(consumer)
+    _set(model, group.consumer, _new_module(consumer, w[:, :0], getattr(consumer, "bias", None)))
+
+
 @torch.no_grad()
 def shrink(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None:
     """Replaces the group's producers and consumer by smaller dense modules holding only the kept groups, and
-    updates the attention module's head counts. At least one group must stay (removing a whole attention or FFN
-    is a later step of issue 6)."""
+    updates the attention module's head counts. Keeping none removes the block's whole attention or FFN."""
     kept = sorted(set(int(g) for g in kept))
-    if not kept:
-        raise SPDYError(f"Removing the whole {group.kind} of {group.block} by shrinking is not supported yet; "
-                        "zero-fill it instead.")
-    if kept[-1] >= group.num_groups or kept[0] < 0:
+    if kept and (kept[-1] >= group.num_groups or kept[0] < 0):
         raise SPDYError(f"Group indices must be in [0, {group.num_groups}).")
+    if not kept and group.kind == "attention":
+        if group.parent is None:
+            raise SPDYError(f"Cannot remove the attention of {group.block}: its attention module is unknown.")
+        _remove_attention(model, group)
+        return
     modules = dict(model.named_modules())
     for name in group.producers:
         module = modules[name]

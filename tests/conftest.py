@@ -122,6 +122,7 @@ def small_config(tmp_path, target_speedup: float = 2.0, **overrides) -> SPDYConf
         timing={"warmup": 1, "repeats": 2, "model_repeats": 2, "verify_repeats": 10},
         regime={"batch_size": 1, "sequence_length": 32},
         cache_dir=str(tmp_path / "cache"),
+        family="unstructured",  # the per-layer family; structured tests ask for theirs
     )
     data.update(overrides)
     return SPDYConfig.from_dict(data)

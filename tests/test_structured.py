@@ -70,34 +70,28 @@ def test_zero_filled_whole_ffn_and_attention_still_run_and_save(tmp_path):
     torch.testing.assert_close(outputs(type(model).from_pretrained(tmp_path / "m").eval(), inputs), out)
 
 
-def test_shrinking_everything_away_is_refused_for_now():
+@pytest.mark.parametrize("name", MODELS)
+def test_whole_attention_and_ffn_removed_by_shrinking_run_save_and_match(name, tmp_path):
+    inputs = example_inputs(2, 12)
+    zeroed, shrunk = MODEL_FACTORIES[name](), MODEL_FACTORIES[name]()
+    dense_out = outputs(zeroed, inputs)
+    for model in (zeroed, shrunk):
+        for group in find_structured_groups(model):
+            if group.block.endswith(".0"):  # block 0: no attention, no FFN
+                (zero_fill if model is zeroed else shrink)(model, group, [])
+    expected, got = outputs(zeroed, inputs), outputs(shrunk, inputs)
+    assert got.shape == dense_out.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, dense_out)
+    block0 = [m for n, m in shrunk.named_modules() if ".0." in n and isinstance(m, torch.nn.Linear)]
+    assert all(0 in m.weight.shape for m in block0)  # no weights of block 0 survive the shrink
+    # the zero-filled form is the checkpoint: a plain from_pretrained loads it with the same outputs
+    zeroed.save_pretrained(tmp_path / "m")
+    torch.testing.assert_close(outputs(type(zeroed).from_pretrained(tmp_path / "m").eval(), inputs), expected)
+
+
+def test_out_of_range_group_indices_are_refused():
     model = MODEL_FACTORIES["bert"]()
     group = find_structured_groups(model)[0]
-    with pytest.raises(SPDYError, match="zero-fill it instead"):
-        shrink(model, group, [])
     with pytest.raises(SPDYError, match="Group indices"):
         shrink(model, group, [group.num_groups])
-
-
-def test_structured_latency_levels_and_sharing(monkeypatch):
-    import spdy_hf.latency.structured as latency
-
-    model = MODEL_FACTORIES["llama"]()
-    groups = find_structured_groups(model)
-    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules() if hasattr(m, "weight")
-              and m.weight is not None and m.weight.dim() == 2}
-    calls = []
-    real = latency.time_group_levels
-
-    def counting(group, *args, **kwargs):
-        calls.append(group.kind)
-        return real(group, *args, **kwargs)
-
-    monkeypatch.setattr(latency, "time_group_levels", counting)
-    table = latency.structured_table(groups, shapes, tokens=16, warmup=1, repeats=2)
-    assert sorted(calls) == ["attention", "ffn"]  # the two blocks share each signature: timed once
-    attention = table["model.layers.0:attention"]
-    assert attention["keep"] == [2, 1, 0] and attention["times_ms"][-1] == 0.0  # tiny llama: 2 kv groups
-    assert all(t > 0 for t in attention["times_ms"][:-1])
-    ffn = table["model.layers.1:ffn"]
-    assert ffn["keep"][0] == 64 and ffn["keep"][-1] == 0 and len(ffn["keep"]) == 9

@@ -55,6 +55,9 @@ def _load_profile(profile) -> list[dict]:
         entries = list(profile)
     if not entries or not all(isinstance(e, dict) and "name" in e and "sparsity" in e for e in entries):
         raise SPDYError("A profile is a list of {'name', 'sparsity'[, 'pattern']} entries (spdy_profile.json).")
+    if any(e.get("family") == "structured" for e in entries):
+        raise SPDYError("Gradual pruning ramps unstructured (or 2:4) masks; this profile removes whole heads and FFN "
+                        "neurons (family: structured/mixed). Prune with family: unstructured for a gradual profile.")
     return entries
 
 

@@ -1,71 +1,111 @@
-"""Latency of structured levels on the cpu backend: the shrunken dense computation of a group (issue 6, a step).
+"""Latency of structured levels: each group's time at every keep count, measured in the whole model (issue 6).
 
-A structured level of a group (`spdy_hf.structured.StructuredGroup`) keeps k of its heads or neurons. Its time is
-that of the real shrunken products in the regime: every producer (tokens x in -> tokens x k * rows) and the
-consumer (tokens x k * group_size -> tokens x out), dense, timed together as one call after a warm-up (median
-of repeats). Keeping nothing costs nothing. Groups of one shape share one measurement.
+A structured level of a group (`spdy_hf.structured.StructuredGroup`) keeps k of its heads or neurons. Timed
+alone, a group's matrix products miss most of what removing heads saves (the attention scores, softmax and
+context products of those heads, the reshapes, the cache misses of a real forward pass): the prototype that did
+so predicted 1.5x for a profile that measured 1.9x. So levels are measured where they run: for every distinct
+group signature (kind and shapes) and keep count k, a copy of the model with *every* group of that signature
+shrunk to k heads/neurons is timed against the dense model, interleaved (CUDA events on the cuda backend). If n
+groups share the signature, one of them at k saves s(k) = (t_dense - t_k) / n, and its time is
+
+    T(k) = s(0) - s(k),        T(0) = 0 (the whole attention or FFN is gone),
+
+so that the model's time under any profile is predicted as t_dense - sum over groups of (T(full) - T(k)).
+T is made non-decreasing in k (a keep count never costs less than a smaller one) against timing noise.
+Keep counts with k = full are the dense model itself. Each distinct shape is timed once per level.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
 
-from ..structured import StructuredGroup
-from ..timing import median_ms
+from ..structured import StructuredGroup, group_name, shrink
+
+logger = logging.getLogger(__name__)
 
 
-def default_keep_counts(group: StructuredGroup) -> list[int]:
-    """Levels of a group, most kept first: every head count for attention, eighths of the neurons for an FFN."""
+def keep_counts(group: StructuredGroup, head_step: int = 1, ffn_grid: int = 8) -> list[int]:
+    """Levels of a group, most kept first, down to 0 (removed): every `head_step`-th head count for attention
+    (the full count always included), `ffn_grid` equal steps of the neurons for an FFN."""
     if group.kind == "attention":
-        return list(range(group.num_groups, -1, -1))
-    return sorted({round(group.num_groups * f / 8) for f in range(8, -1, -1)}, reverse=True)
+        counts = set(range(group.num_groups, -1, -head_step)) | {0}
+    else:
+        counts = {round(group.num_groups * f / ffn_grid) for f in range(ffn_grid, -1, -1)}
+    return sorted(counts, reverse=True)
 
 
-def group_signature(group: StructuredGroup, shapes: dict[str, tuple[int, int]]) -> tuple:
-    """What a group's time depends on: producer and consumer shapes, rows per group, number of groups."""
-    return (group.kind, group.num_groups, group.group_size, group.fused_parts,
-            tuple((shapes[p][1], group.producer_rows[p]) for p in group.producers), shapes[group.consumer][0])
+def _weight_shape(module: nn.Module) -> list[int]:
+    return list(module.weight.shape)
 
 
-def time_group_levels(group: StructuredGroup, shapes: dict[str, tuple[int, int]], keep_counts: list[int],
-                      tokens: int, warmup: int = 3, repeats: int = 25, seed: int = 0) -> list[float]:
-    """Milliseconds of the group's shrunken products at each keep count. `shapes` maps module names to
-    (out, in)."""
-    gen = torch.Generator().manual_seed(seed)
-    times = []
-    for k in keep_counts:
-        if k == 0:
-            times.append(0.0)
-            continue
-        xs, ws = [], []
-        for name in group.producers:
-            in_features = shapes[name][1]
-            rows = group.producer_rows[name] * k * group.fused_parts
-            xs.append(torch.randn(tokens, in_features, generator=gen))
-            ws.append(torch.randn(rows, in_features, generator=gen))
-        hidden = torch.randn(tokens, group.group_size * k, generator=gen)
-        consumer = torch.randn(shapes[group.consumer][0], group.group_size * k, generator=gen)
-
-        def call(xs=xs, ws=ws, hidden=hidden, consumer=consumer):
-            for x, w in zip(xs, ws):
-                F.linear(x, w)
-            F.linear(hidden, consumer)
-
-        times.append(median_ms(call, warmup, repeats))
-    return times
+def group_signature(model: nn.Module, group: StructuredGroup) -> str:
+    """What a group's time depends on: its kind, group count and size, and the shapes of its modules."""
+    modules = dict(model.named_modules())
+    shapes = ";".join("x".join(map(str, _weight_shape(modules[n]))) for n in [*group.producers, group.consumer])
+    return f"{group.kind}:{group.num_groups}x{group.group_size}:{shapes}"
 
 
-def structured_table(groups: list[StructuredGroup], shapes: dict[str, tuple[int, int]], tokens: int,
-                     warmup: int = 3, repeats: int = 25) -> dict[str, dict]:
-    """Per group: its keep counts and times, distinct signatures timed once."""
-    cache: dict[tuple, tuple[list[int], list[float]]] = {}
-    out = {}
-    for group in groups:
-        signature = group_signature(group, shapes)
-        if signature not in cache:
-            counts = default_keep_counts(group)
-            cache[signature] = (counts, time_group_levels(group, shapes, counts, tokens, warmup, repeats))
-        counts, times = cache[signature]
-        out[f"{group.block}:{group.kind}"] = {"keep": counts, "times_ms": times}
-    return out
+def measure_structured_latency(
+    model: nn.Module,
+    groups: list[StructuredGroup],
+    counts: list[list[int]],
+    run: Callable[[nn.Module], Callable[[], object]],
+    timer: Callable[[list[Callable[[], object]], int, int], list[float]],
+    warmup: int = 3,
+    repeats: int = 40,
+    progress: bool = True,
+) -> dict:
+    """Every group's time at each of its keep counts, in milliseconds, measured in the whole model.
+
+    Args:
+        counts: per group, its keep counts, the full count first (`keep_counts`).
+        run: given a model, a function that runs one forward pass of it in the regime.
+        timer: interleaved timer, `(functions, warmup, repeats) -> median ms of each`.
+
+    Returns:
+        `{"signatures": {signature: {"keep": [...], "times_ms": [...], "groups": n}}, "groups": {group name:
+        signature}, "dense_ms": t}`, ready to be stored in a `LatencyTable`'s `structured` field.
+    """
+    by_signature: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        if counts[i][0] != group.num_groups:
+            raise ValueError(f"The keep counts of {group_name(group)} must start with the full count.")
+        by_signature.setdefault(group_signature(model, group), []).append(i)
+    jobs = [(sig, k) for sig, members in by_signature.items() for k in counts[members[0]][1:]]
+    logger.info("Timing %d structured levels of %d distinct group shapes in the whole model.", len(jobs),
+                len(by_signature))
+    dense_run = run(model)
+    saved: dict[str, dict[int, float]] = {sig: {} for sig in by_signature}
+    dense_samples = []
+    for sig, k in tqdm(jobs, desc="Structured latency", disable=not progress):
+        members = by_signature[sig]
+        shrunk = copy.deepcopy(model)
+        for i in members:
+            shrink(shrunk, groups[i], list(range(k)))
+        with torch.inference_mode():
+            dense_ms, shrunk_ms = timer([dense_run, run(shrunk)], warmup, repeats)
+        dense_samples.append(dense_ms)
+        saved[sig][k] = (dense_ms - shrunk_ms) / len(members)  # what one group at k saves
+        del shrunk
+    signatures = {}
+    for sig, members in by_signature.items():
+        keep = counts[members[0]]
+        s0 = max(saved[sig][0], 0.0) if 0 in saved[sig] else max(saved[sig].values(), default=0.0)
+        times = {keep[0]: s0}
+        for k in keep[1:]:
+            times[k] = max(s0 - saved[sig][k], 0.0)
+        running = 0.0  # non-decreasing in k, from the smallest count up
+        for k in sorted(times):
+            running = max(running, times[k])
+            times[k] = running
+        times[keep[0]] = max(times[keep[0]], running)
+        signatures[sig] = {"keep": list(keep), "times_ms": [float(times[k]) for k in keep], "groups": len(members)}
+    dense = float(sorted(dense_samples)[len(dense_samples) // 2]) if dense_samples else float("nan")
+    return {"signatures": signatures, "groups": {group_name(groups[i]): sig for sig, members in by_signature.items()
+                                                 for i in members}, "dense_ms": dense}

@@ -42,6 +42,9 @@ class LatencyTable:
     # the pattern of each level: "dense", "unstructured" or "2:4"; None (older tables): dense then unstructured
     patterns: list[str] | None = None
     ineligible: dict[str, str] = field(default_factory=dict)  # shape key -> why a sparse kernel cannot run it
+    # structured levels (`spdy_hf.latency.structured.measure_structured_latency`): per group signature its keep
+    # counts and times in the whole (plain) model, each group's signature, and the dense model's time there
+    structured: dict[str, Any] = field(default_factory=dict)
     version: int = TABLE_VERSION
 
     def __post_init__(self):
@@ -148,11 +151,12 @@ class LatencyTable:
         return cls.from_dict(data)
 
 
-def cache_key(backend: str, regime: dict, levels: list[float], model: str, environment: dict) -> str:
+def cache_key(backend: str, regime: dict, levels: list[float], model: str, environment: dict,
+              extra: dict | None = None) -> str:
     """A stable name for a cached table: it is reused only when all of these match."""
     payload = json.dumps(
         {"version": TABLE_VERSION, "backend": backend, "regime": regime, "levels": [round(x, 9) for x in levels],
-         "model": model, "environment": environment},
+         "model": model, "environment": environment, **({"extra": extra} if extra else {})},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]

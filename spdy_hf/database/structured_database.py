@@ -1,0 +1,194 @@
+"""The structured database: for every attention/FFN group, which heads or neurons each keep count leaves, and the
+compensated output projection (issue 6).
+
+One sequential calibration pass (`SequentialCalibrator`, dense propagation) collects the Hessian of every
+group's consumer (the attention output projection, the FFN down projection); `structured_obs_levels` then removes
+groups greedily by their OBS cost and updates the remaining consumer columns, so the levels are nested. Each
+group is stored as it finishes, in the same on-disk store as the unstructured database (`DatabaseStore`: a
+`build.json` first, one safetensors file per group written atomically, a manifest last), so an interrupted
+build resumes with the missing groups only. With `method="magnitude"` the groups with the largest consumer
+column norms are kept, without calibration or compensation.
+
+The database stitches a profile in zero-filled form (`spdy_hf.structured.zero_fill`): shapes stay, removed
+producer rows and consumer columns are zero, the kept consumer columns hold the compensated weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import release_free_memory
+from ..structured import StructuredGroup, _rows_view, group_name
+from ..units import Unit
+from .obs_database import relative_output_errors, windows_digest
+from .sequential import SequentialCalibrator, UnitStatistics
+from .store import STORE_VERSION, DatabaseStore
+from .structured_obs import group_magnitude_levels, structured_obs_levels
+
+logger = logging.getLogger(__name__)
+
+
+class StructuredDatabase:
+    """Every group at every keep count: the kept group indices and the (out, in) consumer weight; `errors[i]`
+    holds group i's relative output error at each of its keep counts.
+
+    `stitch(model, group_index, level)` writes a level into the live model in zero-filled form; the dense
+    weights of the groups' modules are kept once to restore from.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[StructuredGroup], counts: list[list[int]],
+                 entries: list[dict[str, torch.Tensor]], errors: list[np.ndarray] | None = None):
+        self.groups, self.counts, self.entries, self.errors = groups, counts, entries, errors
+        modules = dict(model.named_modules())
+        self._modules = modules
+        self._dense = {}
+        for g in groups:
+            for name in [*g.producers, g.consumer]:
+                m = modules[name]
+                self._dense[name] = (m.weight.detach().clone(),
+                                     None if getattr(m, "bias", None) is None else m.bias.detach().clone())
+
+    def kept(self, group_index: int, level: int) -> list[int]:
+        return self.entries[group_index][f"kept.{level}"].tolist()
+
+    def consumer_weight(self, group_index: int, level: int) -> torch.Tensor:
+        return self.entries[group_index][f"weight.{level}"]
+
+    @torch.no_grad()
+    def restore(self, group_index: int) -> None:
+        """Puts the group's dense weights back."""
+        for name in [*self.groups[group_index].producers, self.groups[group_index].consumer]:
+            weight, bias = self._dense[name]
+            module = self._modules[name]
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+
+    @torch.no_grad()
+    def stitch(self, group_index: int, level: int) -> None:
+        """The group at `level` in zero-filled form: producers' removed rows zero, the consumer's weight the
+        compensated one (its removed columns zero)."""
+        from ..structured import zero_fill
+
+        group = self.groups[group_index]
+        self.restore(group_index)
+        if level == 0:
+            return
+        zero_fill_model_view = _ModulesView(self._modules)
+        zero_fill(zero_fill_model_view, group, self.kept(group_index, level))
+        w, _ = _rows_view(self._modules[group.consumer])
+        w.copy_(self.consumer_weight(group_index, level).to(w.dtype))
+
+
+class _ModulesView:
+    """What `zero_fill` needs of a model (`named_modules`), from a stored name -> module map."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self._modules = modules
+
+    def named_modules(self):
+        return iter(self._modules.items())
+
+
+def _solve_group(group: StructuredGroup, counts: list[int], weight: torch.Tensor, hessian: torch.Tensor | None,
+                 method: str, dampening: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    if method == "magnitude":
+        levels = group_magnitude_levels(weight, group.group_size, counts)
+    else:
+        levels = structured_obs_levels(weight, hessian, group.group_size, counts, damp=dampening)
+    tensors = {}
+    for j, (kept, w) in enumerate(levels):
+        tensors[f"kept.{j}"] = torch.tensor(sorted(kept), dtype=torch.int64)
+        tensors[f"weight.{j}"] = w.to(torch.float32).contiguous()
+    errors = relative_output_errors([w for _, w in levels], hessian) if hessian is not None \
+        else torch.tensor([1.0 - k / group.num_groups for k in counts], dtype=torch.float64)
+    return tensors, errors
+
+
+def build_structured_database(
+    model: nn.Module,
+    groups: list[StructuredGroup],
+    counts: list[list[int]],
+    windows: dict[str, torch.Tensor] | None,
+    *,
+    directory: str | os.PathLike | None,
+    method: str = "obs",
+    build_info: dict | None = None,
+    dampening: float = 0.01,
+    batch_size: int = 8,
+    device: str | None = None,
+    progress: bool = True,
+) -> StructuredDatabase:
+    """Builds (or resumes, or loads) the structured database of `groups` at their keep `counts`.
+
+    Args:
+        counts: per group, its keep counts, the full count first.
+        windows: calibration token windows (unused with `method="magnitude"`).
+        directory: where the database lives (None: in memory only, for magnitude).
+    """
+    consumers = [Unit(name=g.consumer, module=dict(model.named_modules())[g.consumer], block=g.block)
+                 for g in groups]
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    errors: dict[str, torch.Tensor] = {}
+    if method == "magnitude":
+        for g, unit, c in zip(groups, consumers, counts):
+            entries[g.consumer], errors[g.consumer] = _solve_group(g, c, unit.weight.detach().float(), None,
+                                                                   method, dampening)
+        return StructuredDatabase(model, groups, counts, [entries[g.consumer] for g in groups],
+                                  [errors[g.consumer].numpy() for g in groups])
+    build = {
+        "store_version": STORE_VERSION, "method": "structured-obs",
+        "groups": [[group_name(g), g.consumer, g.num_groups, g.group_size, list(c)] for g, c in zip(groups, counts)],
+        "calibration": windows_digest(windows), "propagation": "dense", "dampening": float(dampening),
+        **(build_info or {}),
+    }
+    store = DatabaseStore(directory, build)
+    store.open()
+    if store.is_complete():
+        logger.info("Loading the finished structured database from %s.", store.directory)
+    for name in store.stored_units() & {g.consumer for g in groups}:
+        entries[name], errors[name] = store.load_unit(name)
+    if len(entries) < len(groups):
+        start = time.perf_counter()
+        by_consumer = {g.consumer: (g, c) for g, c in zip(groups, counts)}
+        solved = 0
+
+        def needs_statistics(block_name: str) -> bool:
+            return any(u.name not in entries for u in consumers if u.block == block_name)
+
+        def process_block(block_name: str, block_units: list[Unit], stats: dict[str, UnitStatistics]):
+            nonlocal solved
+            for unit in block_units:
+                if unit.name in entries:
+                    continue
+                group, c = by_consumer[unit.name]
+                s = stats[unit.name]
+                entries[unit.name], errors[unit.name] = _solve_group(group, c, s.weight, s.hessian, method,
+                                                                     dampening)
+                store.save_unit(unit.name, entries[unit.name], errors[unit.name])
+                solved += 1
+                release_free_memory()
+            return None  # dense propagation: the next block sees the dense block's outputs
+
+        batches = [{k: v[i:i + batch_size] for k, v in windows.items()}
+                   for i in range(0, windows["input_ids"].shape[0], batch_size)]
+        was_training = model.training
+        model.eval()
+        try:
+            SequentialCalibrator(model, consumers, batches, device=device, progress=progress).run(
+                needs_statistics, process_block)
+        finally:
+            model.train(was_training)
+        logger.info("Structured database: %d groups solved, %d loaded, in %.1f s.", solved, len(groups) - solved,
+                    time.perf_counter() - start)
+    if not store.is_complete():
+        store.write_manifest([{"name": g.consumer, "group": group_name(g), "keep": list(c),
+                               "errors": errors[g.consumer].tolist()} for g, c in zip(groups, counts)])
+    return StructuredDatabase(model, groups, counts, [entries[g.consumer] for g in groups],
+                              [errors[g.consumer].numpy() for g in groups])

@@ -1,0 +1,413 @@
+"""The structured and mixed families of `SPDYPruner` (issue 6): search units are attention and FFN groups.
+
+Each block's attention and FFN is one search unit (`spdy_hf.structured.StructuredGroup`). Its levels:
+
+- `family="structured"`: keep counts of heads / neurons, from all down to none; times measured in the whole
+  model (`spdy_hf.latency.structured`); weights from the structured OBS database (nested, compensated);
+- `family="mixed"`: those, plus the backend's sparse levels (`config.levels`) on all the group's linear layers at
+  once: CSR sparsity on cpu, 2:4 on cuda; their time is the group's dense time plus the latency table's
+  sparse-minus-dense times of its layers, their weights the unstructured OBS database's.
+
+SPDY's DP and local search choose one level per group, under the same budget arithmetic as the unstructured
+family. The levels of two families have no common index, so the DP's prior is the database's measured relative
+output error of each level (the fraction of the group removed, squared, with `method="magnitude"`). The search
+scores profiles in zero-filled form (shapes unchanged); the verify step measures the deployed form: a copy of
+the model with the removed heads and neurons cut out (`spdy_hf.structured.shrink`) and sparse kernels on the
+groups that got a sparse level.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SPDYError, UnreachableTargetError
+from .latency.structured import keep_counts, measure_structured_latency
+from .latency.table import LatencyTable, cache_key, default_cache_dir
+from .levels import get_levels, get_patterns
+from .loading import model_fingerprint
+from .scoring import DistanceScorer
+from .search import compute_budget, solve_dp, spdy_search
+from .structured import find_structured_groups, group_name, shrink
+from .units import Unit, find_units
+
+logger = logging.getLogger(__name__)
+
+
+def deploy_groups(model: nn.Module, group_entries: list[dict], backend: str = "cpu",
+                  unit_layouts: dict[str, str] | None = None, input_leaders: dict[str, str] | None = None
+                  ) -> nn.Module:
+    """Puts a structured/mixed profile's fast form into `model` (zero-filled weights), in place: groups with a
+    structured level are shrunk to their kept heads/neurons; groups with a sparse level run their layers on the
+    backend's sparse kernels. Not saveable afterwards (save the zero-filled model)."""
+    groups = {group_name(g): g for g in find_structured_groups(model)}
+    sparse_units, sparsities, patterns = [], [], []
+    modules = dict(model.named_modules())
+    for entry in group_entries:
+        group = groups.get(entry["name"])
+        if group is None:
+            raise SPDYError(f"The model has no group {entry['name']}; was it saved from another architecture?")
+        if entry["family"] == "structured" and len(entry["kept"]) < group.num_groups:
+            shrink(model, group, entry["kept"])
+        elif entry["family"] == "unstructured" and (entry.get("sparsity", 0) > 0 or entry.get("pattern") == "2:4"):
+            for name in [*group.producers, group.consumer]:
+                sparse_units.append(Unit(name=name, module=modules[name], block=group.block))
+                sparsities.append(entry.get("sparsity", 0.5))
+                patterns.append(entry.get("pattern", "unstructured"))
+    if not sparse_units:
+        return model
+    if backend == "cuda":
+        from .latency.cuda import TwoFourSwap
+
+        TwoFourSwap(model, sparse_units, patterns).use_deployed()
+        return model
+    from .apply import UnitLayout, apply_sparse_kernels
+
+    index = {u.name: i for i, u in enumerate(sparse_units)}
+    layouts = [UnitLayout((unit_layouts or {}).get(u.name, "cc"), index.get((input_leaders or {}).get(u.name)))
+               for u in sparse_units]
+    apply_sparse_kernels(model, sparse_units, sparsities, layouts)
+    return model
+
+
+def _structured_latency(pruner, model, groups, counts, table: LatencyTable | None, progress: bool) -> dict:
+    """The structured part of the latency table: reused from `table` or the cache when it covers these groups and
+    keep counts, else measured in the whole model."""
+    config = pruner.config
+
+    def covers(structured: dict) -> bool:
+        if not structured:
+            return False
+        for g, c in zip(groups, counts):
+            sig = structured.get("groups", {}).get(group_name(g))
+            if sig is None or structured["signatures"].get(sig, {}).get("keep") != list(c):
+                return False
+        return True
+
+    if table is not None and covers(table.structured):
+        return table.structured
+    regime = {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
+              "dtype": config.regime.dtype}
+    key = cache_key(config.backend, regime, [0.0], model_fingerprint(model), pruner._table_environment(),
+                    extra={"structured": [[group_name(g), list(c)] for g, c in zip(groups, counts)]})
+    path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"structured-{key}.json")
+    if os.path.isfile(path):
+        try:
+            cached = LatencyTable.load(path)
+            if covers(cached.structured):
+                logger.info("Reusing the structured latency table cached at %s.", path)
+                return cached.structured
+        except SPDYError as e:
+            logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
+    inputs = pruner._regime_inputs(model)
+
+    def run(m):
+        return lambda: m(**inputs)
+
+    if config.backend == "cuda":
+        from .latency.cuda import cuda_interleaved_median_ms as timer
+    else:
+        from .timing import interleaved_median_ms as timer
+    with torch.inference_mode():  # spin up: an idle CPU runs its first passes slower
+        for _ in range(config.timing.warmup + 5):
+            model(**inputs)
+    structured = measure_structured_latency(model, groups, counts, run, timer, warmup=config.timing.warmup,
+                                            repeats=2 * config.timing.model_repeats, progress=progress)
+    LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={}, base_time_ms=structured["dense_ms"],
+                 model=model_fingerprint(model), environment=pruner._table_environment(),
+                 structured=structured).save(path)
+    logger.info("Structured latency table cached at %s.", path)
+    return structured
+
+
+def _plan(pruner, model: nn.Module, units: list[Unit], latency_table, progress: bool) -> dict:
+    """Groups, their levels and times (G, K) for the config's family, and the latency table holding them."""
+    config = pruner.config
+    mixed = config.family == "mixed"
+    if isinstance(latency_table, (str, os.PathLike)):
+        latency_table = LatencyTable.load(latency_table)
+    unit_names = {u.name for u in units}
+    groups = [g for g in find_structured_groups(model) if all(n in unit_names for n in [*g.producers, g.consumer])]
+    if not groups:
+        raise SPDYError("No attention or FFN group has all its layers among the searchable units (check "
+                        "skip_modules), so there is nothing to prune structurally; use family: unstructured.")
+    counts = [keep_counts(g, config.structured.head_step, config.structured.ffn_grid) for g in groups]
+    by_name = {u.name: u for u in units}
+    group_units = [[by_name[n] for n in [*g.producers, g.consumer]] for g in groups]
+    utable = levels = patterns = None
+    if mixed:
+        levels, patterns = get_levels(config.levels), get_patterns(config.levels)
+        utable = pruner._latency_table(model, units, levels, latency_table, progress)
+    structured = _structured_latency(pruner, model, groups, counts, latency_table or utable, progress)
+    n_struct = [len(c) for c in counts]
+    n_levels = max(n_struct) + (len(levels) - 1 if mixed else 0)
+    times = np.full((len(groups), n_levels), np.inf)
+    for i, g in enumerate(groups):
+        times[i, :n_struct[i]] = structured["signatures"][structured["groups"][group_name(g)]]["times_ms"]
+        if mixed:
+            ut = utable.times_for(utable.keys_for(group_units[i]))  # (layers, K)
+            extra = (ut[:, 1:] - ut[:, :1]).sum(axis=0)  # sparse minus dense, summed over the group's layers
+            times[i, max(n_struct):] = times[i, 0] + extra
+    base_ms = structured["dense_ms"]
+    regime = {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
+              "dtype": config.regime.dtype}
+    table = copy.copy(utable) if utable is not None else LatencyTable(
+        backend=config.backend, regime=regime, levels=[0.0], shapes={}, base_time_ms=base_ms,
+        model=model_fingerprint(model), environment=pruner._table_environment())
+    table.structured = structured
+    return {"groups": groups, "counts": counts, "group_units": group_units, "n_struct": n_struct, "times": times,
+            "table": table, "utable": utable, "levels": levels, "patterns": patterns, "base_ms": base_ms}
+
+
+def profile_structured(pruner, model: nn.Module, units: list[Unit], latency_table, progress: bool) -> LatencyTable:
+    """`SPDYPruner.profile` for the structured and mixed families: the table with the structured levels' times
+    (and, for mixed, the per-layer sparse levels')."""
+    return _plan(pruner, model, units, latency_table, progress)["table"]
+
+
+def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], latency_table, progress: bool):
+    """`SPDYPruner.prune` for `family` "structured" and "mixed"; returns a `PruningResult`."""
+    from .pruner import _batches, _fits, anchor_level, build_database
+    from .result import PruningResult
+
+    config = pruner.config
+    mixed = config.family == "mixed"
+    with pruner._stage("profile"):
+        example = {k: v[:1].to(pruner._device(model)) for k, v in data.items()}
+        units = find_units(model, config.skip_modules, example_inputs=example)
+        plan = _plan(pruner, model, units, latency_table, progress)
+    groups, counts, group_units, n_struct, times, table = (plan["groups"], plan["counts"], plan["group_units"],
+                                                           plan["n_struct"], plan["times"], plan["table"])
+    utable, levels, patterns = plan["utable"], plan["levels"], plan["patterns"]
+    base_ms = plan["base_ms"]
+    budget = compute_budget(times, base_ms, config.target_speedup)
+    logger.info("%d groups (%s); dense model %.3f ms, groups %.3f ms; max reachable speedup %.3fx.", len(groups),
+                config.family, base_ms, budget.prunable_ms, budget.max_reachable_speedup)
+    if not budget.reachable or not _fits(times, budget, config.search.dp_buckets):
+        raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup)
+    margin_aim = min(config.target_speedup * (1 + config.search.speedup_margin), budget.max_reachable_speedup)
+    search_budget = compute_budget(times, base_ms, margin_aim)
+    if not _fits(times, search_budget, config.search.dp_buckets):
+        search_budget = budget
+
+    with pruner._stage("database"):
+        from .database.structured_database import build_structured_database
+
+        fingerprint = model_fingerprint(model)
+        n = min(config.calibration.num_samples, data["input_ids"].shape[0])
+        windows = {k: v[:n] for k, v in data.items()}
+        directory = config.database.dir
+        if config.method == "obs":
+            from .database.obs_database import windows_digest
+            from .database.store import STORE_VERSION
+
+            key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "calibration": windows_digest(windows),
+                              "groups": [[group_name(g), c] for g, c in zip(groups, counts)],
+                              "dampening": config.database.dampening}, sort_keys=True)
+            root = directory or os.path.join(config.cache_dir or default_cache_dir(), "database")
+            directory = os.path.join(root, "structured-" + hashlib.sha1(key.encode()).hexdigest()[:16])
+        sdb = build_structured_database(
+            model, groups, counts, windows, directory=directory, method=config.method,
+            build_info={"model": fingerprint}, dampening=config.database.dampening,
+            batch_size=config.database.batch_size, device=config.database.device, progress=progress)
+        database_info = {"method": config.method, "family": config.family,
+                         "structured_dir": None if config.method == "magnitude" else os.path.abspath(directory)}
+        udb = None
+        if mixed:
+            flat = [u for us in group_units for u in us]
+            flat_times = np.concatenate([utable.times_for(utable.keys_for(us)) for us in group_units])
+            share = search_budget.budget_ms / max(budget.prunable_ms, 1e-9)  # the groups' share of their time
+            anchor = anchor_level(flat_times, share * float(flat_times[:, 0].sum()))
+            udb, info = build_database(config, model, flat, levels, data, anchor, progress, patterns=patterns)
+            database_info["unstructured"] = info
+            offsets = np.cumsum([0] + [len(us) for us in group_units])
+
+    # the prior: measured relative output errors where the databases have them, else the fraction removed squared
+    prior = np.zeros_like(times)
+    for i, g in enumerate(groups):
+        if config.method == "obs":
+            prior[i, :n_struct[i]] = sdb.errors[i]
+        else:
+            prior[i, :n_struct[i]] = [(1 - k / g.num_groups) ** 2 for k in counts[i]]
+        if mixed:
+            sizes = np.array([u.numel for u in group_units[i]], dtype=np.float64)
+            if getattr(udb, "errors", None) is not None:
+                errs = udb.errors[offsets[i]:offsets[i + 1], 1:]  # (layers, K-1)
+                prior[i, max(n_struct):] = (sizes[:, None] * errs).sum(0) / sizes.sum()
+            else:
+                prior[i, max(n_struct):] = np.asarray(levels[1:]) ** 2
+    prior[~np.isfinite(times)] = prior.max() + 1.0  # padding levels: never chosen (their time is inf anyway)
+
+    current = [0] * len(groups)
+
+    @torch.no_grad()
+    def stitch(profile) -> None:
+        for i, level in enumerate(profile):
+            level = int(level)
+            if current[i] == level:
+                continue
+            if level < n_struct[i]:
+                sdb.stitch(i, level)
+            else:
+                sdb.restore(i)
+                j = level - max(n_struct) + 1
+                for offset, unit in enumerate(group_units[i]):
+                    unit.weight.copy_(udb.weight(int(offsets[i]) + offset, j).to(unit.weight.dtype))
+            current[i] = level
+
+    with pruner._stage("search"):
+        eval_windows = {k: v[: config.search.eval_samples] for k, v in data.items()}
+        batches = _batches({k: v.to(pruner._device(model)) for k, v in eval_windows.items()},
+                           config.search.eval_batch_size)
+        scorer = DistanceScorer(model, batches, config.search.score)
+
+        def evaluate(profile: np.ndarray) -> float:
+            stitch(profile)
+            return scorer()
+
+        s = config.search
+        result = spdy_search(evaluate, times, search_budget.budget_ms, num_random_inits=s.num_random_inits,
+                             patience=s.patience, neighbourhood_fraction=s.neighbourhood_fraction,
+                             buckets=s.dp_buckets, seed=s.seed, prior=prior, progress=progress)
+        profile = result.profile
+        stitch(profile)
+        score = scorer()
+
+    def entries_of(profile) -> list[dict]:
+        out = []
+        for i, (g, level) in enumerate(zip(groups, profile)):
+            level = int(level)
+            entry = {"name": group_name(g), "kind": g.kind, "block": g.block, "num_groups": g.num_groups,
+                     "producers": list(g.producers), "consumer": g.consumer, "level": level,
+                     "dense_time_ms": float(times[i, 0]), "time_ms": float(times[i, level])}
+            if level < n_struct[i]:
+                entry.update(family="structured", keep=counts[i][level], kept=sdb.kept(i, level),
+                             sparsity=1 - counts[i][level] / g.num_groups, pattern="structured")
+            else:
+                j = level - max(n_struct) + 1
+                entry.update(family="unstructured", keep=g.num_groups, kept=list(range(g.num_groups)),
+                             sparsity=levels[j], pattern=patterns[j])
+            out.append(entry)
+        return out
+
+    def deployed_copy(profile):
+        fast = copy.deepcopy(model)
+        return deploy_groups(fast, entries_of(profile), config.backend,
+                             utable.unit_layouts if utable is not None else None,
+                             utable.input_leaders if utable is not None else None)
+
+    inputs = pruner._regime_inputs(model)
+    verify_skipped = None
+    corrections: list[dict] = []
+    aim = search_budget.target_speedup
+    dense_ms = pruned_ms = None
+    with pruner._stage("verify"):
+        while True:
+            if config.backend == "cuda" and (not torch.cuda.is_available() or
+                                            pruner._device(model).type != "cuda"):
+                verify_skipped = ("the cuda backend needs a CUDA GPU to measure the speedup; run the pruned model "
+                                  "there (the profile comes from the latency table measured on the GPU)")
+                break
+            fast = deployed_copy(profile)
+            if config.backend == "cuda":
+                from .latency.cuda import cuda_interleaved_median_ms as timer
+            else:
+                from .timing import interleaved_median_ms as timer
+            with torch.inference_mode():
+                dense_ms, pruned_ms = timer([lambda: model(**inputs), lambda f=fast: f(**inputs)],
+                                            config.timing.warmup, max(10, config.timing.verify_repeats))
+            del fast
+            measured = dense_ms / pruned_ms
+            predicted_now = budget.predicted_speedup(times[np.arange(len(groups)), profile])
+            if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
+                break
+            new_aim = min(aim * (config.target_speedup / measured) * 1.01, budget.max_reachable_speedup)
+            raised = compute_budget(times, base_ms, new_aim)
+            new_profile = solve_dp(result.sensitivities[:, None] * prior, times, raised.budget_ms,
+                                   config.search.dp_buckets) if new_aim > aim else None
+            if new_profile is None or list(new_profile) == list(profile):
+                break
+            corrections.append({"measured_speedup": measured, "predicted_speedup": predicted_now, "aim": aim,
+                                "new_aim": new_aim})
+            logger.info("Measured %.3fx < target %.3gx (predicted %.3fx): re-aiming the profile at %.3fx.",
+                        measured, config.target_speedup, predicted_now, new_aim)
+            aim, profile = new_aim, new_profile
+            stitch(profile)
+        if corrections:
+            score = scorer()
+    group_times = times[np.arange(len(groups)), profile]
+    predicted = budget.predicted_speedup(group_times)
+    measured = None if verify_skipped else dense_ms / pruned_ms
+    if measured is None:
+        logger.warning("Predicted speedup %.3fx, not verified: %s", predicted, verify_skipped)
+    else:
+        logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).", predicted, measured,
+                    dense_ms, pruned_ms)
+        if measured < 0.95 * config.target_speedup:
+            logger.warning("Measured speedup %.3fx falls short of the target %.3gx by more than 5%%: the latency "
+                           "table may be stale or the machine busy. Re-measure it on an idle machine (delete its "
+                           "cache file).", measured, config.target_speedup)
+
+    group_entries = entries_of(profile)
+    family_of = {n: e for e in group_entries for n in [*e["producers"], e["consumer"]]}
+    profile_entries = []
+    zeros = total = 0
+    for unit in units:
+        w = unit.weight
+        n_zero = int((w == 0).sum())
+        zeros += n_zero
+        total += unit.numel
+        entry = family_of.get(unit.name)
+        sparsity = n_zero / unit.numel
+        profile_entries.append({
+            "name": unit.name, "shape": list(unit.shape), "sparsity": sparsity,
+            "family": "dense" if entry is None or (entry["family"] == "structured" and entry["keep"] ==
+                                                   entry["num_groups"]) else entry["family"],
+            "group": None if entry is None else entry["name"],
+            # the unit's kernel: structured units run dense (shrunk), sparse ones on the backend's kernel
+            "pattern": "dense" if entry is None or entry["family"] == "structured" else entry["pattern"],
+            "layout": table.layout_of(unit.name) if utable is not None else "cc",
+            "input_leader": table.input_leaders.get(unit.name) if utable is not None else None,
+        })
+    report = {
+        "target_speedup": config.target_speedup,
+        "predicted_speedup": predicted,
+        "measured_speedup": measured,
+        "max_reachable_speedup": budget.max_reachable_speedup,
+        "search_target_speedup": search_budget.target_speedup,
+        "verify_corrections": corrections,
+        "dense_time_ms": dense_ms,
+        "pruned_time_ms": pruned_ms,
+        "verify_skipped": verify_skipped,
+        "family": config.family,
+        "families": {f: sum(1 for e in group_entries if e["family"] == f) for f in ("structured", "unstructured")},
+        "kept_heads": {e["block"]: e["keep"] for e in group_entries if e["kind"] == "attention"},
+        "kept_ffn_neurons": {e["block"]: e["keep"] for e in group_entries if e["kind"] == "ffn"},
+        "overall_sparsity": zeros / max(total, 1),
+        "score_dense_vs_pruned": score,
+        "score_kind": scorer.kind,
+        "backend": config.backend,
+        "regime": {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
+                   "dtype": config.regime.dtype},
+        "method": config.method,
+        "database": database_info,
+        "error_prior": "measured" if config.method == "obs" else "removed-fraction",
+        "num_units": len(groups),
+        "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
+                   "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
+        "search": {"candidates": result.candidates, "evaluations": result.evaluations},
+        "stage_seconds": dict(pruner.stage_seconds),
+    }
+    from .environment import environment_info
+
+    report["environment"] = environment_info()
+    return PruningResult(model=model, tokenizer=pruner.tokenizer, config=config, units=units,
+                         profile=profile_entries, report=report, latency_table=table, groups=group_entries)
+

@@ -1,0 +1,253 @@
+"""The structured and mixed families end to end on tiny models, with hand-written structured latencies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, example_inputs, handwritten_table, small_config
+
+from spdy_hf import LatencyTable, SPDYPruner
+from spdy_hf.database.structured_database import build_structured_database
+from spdy_hf.errors import SPDYError
+from spdy_hf.hub import load_pretrained
+from spdy_hf.latency.structured import group_signature, keep_counts, measure_structured_latency
+from spdy_hf.structured import RemovedAttention, find_structured_groups, group_name
+from spdy_hf.units import find_units
+
+MODELS = ["bert", "gpt2", "opt", "llama"]
+AUTO = {"bert": "AutoModel", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM",
+        "opt": "AutoModelForCausalLM"}
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def structured_part(model, config, removal_ms: float | None = None) -> dict:
+    """Hand-written structured latencies: a group's time is proportional to what it keeps (1 ms per 1000 of its
+    weights); `removal_ms`, when set, replaces the time of removing a group (to make removal unattractive)."""
+    signatures, names = {}, {}
+    modules = dict(model.named_modules())
+    total = 0.0
+    for g in find_structured_groups(model):
+        sig = group_signature(model, g)
+        counts = keep_counts(g, config.structured.head_step, config.structured.ffn_grid)
+        size = sum(modules[n].weight.numel() for n in [*g.producers, g.consumer]) / 1000
+        times = [size * k / g.num_groups for k in counts]
+        if removal_ms is not None:
+            times[-1] = removal_ms
+        signatures[sig] = {"keep": counts, "times_ms": times, "groups": 2}
+        names[group_name(g)] = sig
+        total += size
+    return {"signatures": signatures, "groups": names, "dense_ms": 1.25 * total}
+
+
+def structured_table(model, config, removal_ms=None) -> LatencyTable:
+    part = structured_part(model, config, removal_ms)
+    return LatencyTable(backend="cpu", regime={"batch_size": 1, "sequence_length": 32, "dtype": "float32"},
+                        levels=[0.0], shapes={}, base_time_ms=part["dense_ms"], structured=part)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_structured_pruning_keeps_shapes_saves_and_loads_shrunk(name, tmp_path, tokenizer):
+    model = MODEL_FACTORIES[name]()
+    inputs = example_inputs(2, 16)
+    dense_out = outputs(model, inputs)
+    config = small_config(tmp_path, target_speedup=1.6, family="structured")
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=structured_table(model, config),
+                                                       progress=False)
+    report = result.report
+    assert report["family"] == "structured" and report["families"]["structured"] == 4
+    assert report["predicted_speedup"] >= 1.6  # the DP's guarantee on the table
+    assert report["measured_speedup"] is not None
+    kept = sorted(e["keep"] for e in result.groups)
+    assert any(e["keep"] < e["num_groups"] for e in result.groups)  # something was removed
+    # the zero-filled model keeps every shape and runs
+    pruned_out = outputs(result.model, inputs)
+    assert pruned_out.shape == dense_out.shape and torch.isfinite(pruned_out).all()
+    assert not torch.allclose(pruned_out, dense_out)
+    # saved: a plain from_pretrained loads a working (zero-filled) model with the same outputs
+    out_dir = result.save_pretrained(tmp_path / "out")
+    import transformers
+
+    plain = getattr(transformers, AUTO[name]).from_pretrained(out_dir).eval()
+    torch.testing.assert_close(outputs(plain, inputs), pruned_out, rtol=1e-4, atol=1e-5)
+    with open(tmp_path / "out" / "spdy_profile.json") as f:
+        saved = json.load(f)
+    assert [e["keep"] for e in saved["groups"]] == [e["keep"] for e in result.groups]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Per-block profile" in card and "structured-pruning" in card and "| level families | structured |" in card
+    # loaded with spdy_hf: shrunk (fewer parameters), same outputs as the zero-filled model
+    fast, _, _ = load_pretrained(str(out_dir))
+    assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in plain.parameters())
+    torch.testing.assert_close(outputs(fast, inputs), pruned_out, rtol=1e-4, atol=1e-5)
+    assert sorted(kept) == kept
+
+
+def test_whole_block_removal_in_a_profile_runs_and_saves(tmp_path, tokenizer):
+    """A tight target on tiny BERT removes whole attentions/FFNs; the shrunk model still matches and saves."""
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=3.0, family="structured")
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=structured_table(model, config),
+                                                       progress=False)
+    assert any(e["keep"] == 0 for e in result.groups)
+    inputs = example_inputs(1, 16)
+    expected = outputs(result.model, inputs)
+    out_dir = result.save_pretrained(tmp_path / "out")
+    result.to_sparse_kernels()  # shrinks in place
+    removed = [e for e in result.groups if e["keep"] == 0 and e["kind"] == "attention"]
+    if removed:
+        assert any(isinstance(m, RemovedAttention) for m in result.model.modules())
+    torch.testing.assert_close(outputs(result.model, inputs), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SPDYError, match="cannot be saved"):
+        result.save_pretrained(tmp_path / "again")
+    fast, _, _ = load_pretrained(str(out_dir))
+    torch.testing.assert_close(outputs(fast, inputs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_family_can_choose_sparse_levels_and_deploys_them(tmp_path, tokenizer):
+    """With structured levels made useless (removal very slow, keeping saves nothing), the mixed search must use
+    the sparse levels; the deployed form (CSR kernels on those groups) gives the zero-filled model's outputs."""
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.3, family="mixed", method="magnitude")
+    units = find_units(model, config.skip_modules)
+    table = handwritten_table(model, units, config)
+    part = structured_part(model, config, removal_ms=1e3)
+    for sig in part["signatures"].values():  # every keep count costs as much as the dense group
+        sig["times_ms"][:-1] = [sig["times_ms"][0]] * (len(sig["times_ms"]) - 1)
+    part["dense_ms"] = table.base_time_ms
+    table.structured = part
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    assert result.report["families"]["unstructured"] >= 1
+    sparse_groups = [e for e in result.groups if e["family"] == "unstructured"]
+    assert all(0 < e["sparsity"] < 1 for e in sparse_groups)
+    inputs = example_inputs(1, 16)
+    expected = outputs(result.model, inputs)
+    result.to_sparse_kernels()
+    from spdy_hf.apply import FastLinear
+
+    assert any(isinstance(m, FastLinear) and m.sparse for m in result.model.modules())
+    torch.testing.assert_close(outputs(result.model, inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unreachable_structured_target_names_the_best(tmp_path, tokenizer):
+    from spdy_hf import UnreachableTargetError
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=50.0, family="structured")
+    with pytest.raises(UnreachableTargetError) as err:
+        SPDYPruner(model, config, tokenizer).prune(latency_table=structured_table(model, config), progress=False)
+    assert 1 < err.value.max_reachable_speedup < 50
+
+
+def test_structured_latency_is_measured_in_the_model_and_shared_by_signature():
+    """A fake timer that charges 1 ms per 1000 parameters: T(k) must be what a group at k keeps."""
+    model = MODEL_FACTORIES["llama"]()
+    groups = find_structured_groups(model)
+    counts = [keep_counts(g, 1, 4) for g in groups]
+    calls = []
+
+    def run(m):
+        params = sum(p.numel() for p in m.parameters())
+        return lambda: params
+
+    def timer(fns, warmup, repeats):
+        calls.append(1)
+        return [fn() / 1000 for fn in fns]
+
+    out = measure_structured_latency(model, groups, counts, run, timer, progress=False)
+    assert len(calls) == sum(len(c) - 1 for c in counts[:2])  # two blocks share each signature: timed once
+    modules = dict(model.named_modules())
+    for g, c in zip(groups, counts):
+        entry = out["signatures"][out["groups"][group_name(g)]]
+        size = sum(modules[n].weight.numel() for n in [*g.producers, g.consumer])
+        # bias-free Llama: a group at k keeps k / n of its weights (the RemovedAttention holds none)
+        np.testing.assert_allclose(entry["times_ms"], [size * k / g.num_groups / 1000 for k in c], rtol=1e-6)
+        assert entry["times_ms"][-1] == 0.0 and entry["keep"] == c
+
+
+def test_structured_database_resumes_and_loads(tmp_path, monkeypatch):
+    import spdy_hf.database.structured_database as sdb_module
+
+    model = MODEL_FACTORIES["gpt2"]()
+    groups = find_structured_groups(model)
+    counts = [keep_counts(g, 1, 4) for g in groups]
+    gen = torch.Generator().manual_seed(0)
+    windows = {"input_ids": torch.randint(1000, 30000, (8, 16), generator=gen)}
+    windows["attention_mask"] = torch.ones_like(windows["input_ids"])
+    solved = []
+    real = sdb_module._solve_group
+
+    def counting(group, *args, **kwargs):
+        solved.append(group.consumer)
+        if len(solved) == 3 and not hasattr(counting, "failed"):
+            counting.failed = True
+            raise RuntimeError("injected failure")
+        return real(group, *args, **kwargs)
+
+    monkeypatch.setattr(sdb_module, "_solve_group", counting)
+    directory = tmp_path / "db"
+    with pytest.raises(RuntimeError, match="injected"):
+        build_structured_database(model, groups, counts, windows, directory=directory, progress=False)
+    assert not (directory / "manifest.json").exists()
+    solved.clear()
+    db = build_structured_database(model, groups, counts, windows, directory=directory, progress=False)
+    assert len(solved) == 2  # only the two groups the failed build had not stored
+    solved.clear()
+    again = build_structured_database(model, groups, counts, windows, directory=directory, progress=False)
+    assert solved == []
+    for i, c in enumerate(counts):
+        assert [len(again.kept(i, j)) for j in range(len(c))] == c
+        for j in range(len(c)):
+            torch.testing.assert_close(again.consumer_weight(i, j), db.consumer_weight(i, j))
+        kept = [set(again.kept(i, j)) for j in range(len(c))]
+        assert all(b <= a for a, b in zip(kept, kept[1:]))  # nested
+        assert again.errors[i][0] == pytest.approx(0.0, abs=1e-6) and again.errors[i][-1] == pytest.approx(1.0)
+    with pytest.raises(SPDYError, match="other inputs"):
+        build_structured_database(model, groups, [c[:2] for c in counts], windows, directory=directory,
+                                  progress=False)
+
+
+def test_stitched_levels_equal_zero_fill_and_restore():
+    model = MODEL_FACTORIES["opt"]()
+    groups = find_structured_groups(model)
+    counts = [keep_counts(g, 1, 4) for g in groups]
+    inputs = example_inputs(1, 8)
+    dense_out = outputs(model, inputs)
+    db = build_structured_database(model, groups, counts, None, directory=None, method="magnitude")
+    for i in range(len(groups)):
+        db.stitch(i, len(counts[i]) - 2)
+    assert not torch.allclose(outputs(model, inputs), dense_out)
+    for i in range(len(groups)):
+        db.stitch(i, 0)
+    torch.testing.assert_close(outputs(model, inputs), dense_out)
+
+
+def test_gradual_callback_refuses_a_structured_profile():
+    from spdy_hf.integrations.trainer import SPDYPruningCallback
+
+    with pytest.raises(SPDYError, match="family: unstructured"):
+        SPDYPruningCallback([{"name": "a", "sparsity": 0.5, "family": "structured"}])
+
+
+def test_family_flag_and_config():
+    import argparse
+
+    from spdy_hf import SPDYConfig
+    from spdy_hf.cli import _build_config, prune_command_parser
+    from spdy_hf.errors import ConfigError
+
+    assert SPDYConfig().family == "structured"
+    with pytest.raises(ConfigError, match="family"):
+        SPDYConfig(family="rows")
+    with pytest.raises(ConfigError, match="ffn_grid"):
+        SPDYConfig(structured={"ffn_grid": 0})
+    parser = argparse.ArgumentParser()
+    prune_command_parser(parser.add_subparsers())
+    assert _build_config(parser.parse_args(["prune", "--family", "mixed"])).family == "mixed"
+    assert _build_config(parser.parse_args(["prune"])).family == "structured"
