@@ -6,7 +6,9 @@ For a BERT-base-shaped encoder and a Llama-shaped ~1 B decoder, both built from 
 1. profiles every distinct unit shape dense vs 2:4 (`spdy_hf.latency.cuda`) and prints the 2:4/dense time
    ratio per shape (below 1: 2:4 pays);
 2. runs SPDY (magnitude 2:4 database, a short search) at the largest reachable target up to 1.3x and verifies
-   the speedup end to end with CUDA events.
+   the speedup end to end with CUDA events;
+3. runs the mixed family (per block: heads / FFN neurons removed, or 2:4 on its layers; structured levels timed
+   in the whole model with CUDA events) at --mixed-target, verified the same way.
 
     python benchmarks/gpu_check.py --output benchmarks/out/gpu_check.json
 
@@ -37,6 +39,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
 parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
 parser.add_argument("--max-target", type=float, default=1.3, help="SPDY runs at min(this, max reachable - 2%%).")
+parser.add_argument("--mixed-target", type=float, default=1.5, help="Target of the mixed-family run.")
 parser.add_argument("--output", default="benchmarks/out/gpu_check.json")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,7 +66,7 @@ for name in args.models:
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (32, 128), generator=gen)
         windows = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        base = dict(backend="cuda", method="magnitude", regime={"batch_size": batch, "sequence_length": seq,
+        base = dict(backend="cuda", method="magnitude", family="unstructured", regime={"batch_size": batch, "sequence_length": seq,
                                                                 "dtype": args.dtype},
                     calibration={"num_samples": 32, "sequence_length": 128},
                     search={"num_random_inits": 20, "patience": 10, "eval_samples": 16, "eval_batch_size": 8},
@@ -98,6 +101,17 @@ for name in args.models:
                 run["units"] = len(result.profile)
             except UnreachableTargetError as e:
                 run["error"] = str(e)
+        # 3. the mixed family: structured levels or 2:4 per block
+        torch.manual_seed(0)
+        model = MODELS[name]().eval()
+        config = SPDYConfig.from_dict({**base, "family": "mixed", "target_speedup": args.mixed_target})
+        try:
+            result = SPDYPruner(model, config).prune(calibration=windows, latency_table=table, progress=False)
+            report = result.report
+            run["mixed"] = {k: report[k] for k in ("predicted_speedup", "measured_speedup", "families",
+                                                   "kept_heads", "kept_ffn_neurons")}
+        except UnreachableTargetError as e:
+            run["mixed"] = {"error": str(e)}
         run["seconds"] = time.perf_counter() - t0
         results["runs"].append(run)
         del model
@@ -107,7 +121,9 @@ for name in args.models:
                                  for k, v in run["shape_ratios_2to4_over_dense"].items())
                      + f" | {reachable:.3f}x | {target:.3f}x | "
                      + (f"{run['predicted_speedup']:.3f}x | {run['measured_speedup']:.3f}x |"
-                        if "measured_speedup" in run and run["measured_speedup"] else "- | - |"))
+                        if "measured_speedup" in run and run["measured_speedup"] else "- | - |")
+                     + (f" {run['mixed']['measured_speedup']:.3f}x |" if run["mixed"].get("measured_speedup")
+                        else " - |"))
         log.info("%s at %dx%d done in %.1f s: %s", name, batch, seq, run["seconds"], json.dumps(
             {k: run.get(k) for k in ("max_reachable_speedup", "predicted_speedup", "measured_speedup")}))
 
@@ -115,8 +131,8 @@ results["seconds"] = time.perf_counter() - started
 print(f"GPU: {results['gpu'].get('gpu')}, torch {torch.__version__}, cuSPARSELt {results['gpu'].get('cusparselt')}, "
       f"{args.dtype}, {results['seconds']:.0f} s in all")
 print("| model | regime | dense ms | 2:4/dense time per shape (out x in) | max reachable | target | predicted | "
-      "measured |")
-print("|---|---|---|---|---|---|---|---|")
+      f"measured | mixed family at {args.mixed_target}x, measured |")
+print("|---|---|---|---|---|---|---|---|---|")
 print("\n".join(lines))
 atomic_write_json(args.output, results)
 log.info("Results written to %s.", args.output)

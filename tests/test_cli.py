@@ -19,6 +19,7 @@ SMALL_RECIPE = {
     "search": {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000},
     "timing": {"warmup": 1, "repeats": 2, "model_repeats": 2, "verify_repeats": 10},
     "regime": {"batch_size": 1, "sequence_length": 32},
+    "family": "unstructured",  # the hand-written tables here are per-layer ones
 }
 
 
@@ -213,3 +214,23 @@ def test_cuda_backend_flags_without_a_gpu(tiny_model_dir, tmp_path, capsys):
     code = main(["prune", str(model_dir), "--recipe", str(recipe), "--backend", "cuda", "-o", str(tmp_path / "o"),
                  "--no-progress"])
     assert code == 2 and "regime.dtype='float32' is not supported by backend 'cuda'" in capsys.readouterr().err
+
+
+def test_prune_structured_family_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    from test_structured_pruner import structured_table
+
+    from spdy_hf import SPDYConfig
+
+    model_dir, _, recipe = tiny_model_dir
+    config = SPDYConfig.load(recipe)
+    table = tmp_path / "structured_table.json"
+    structured_table(make_bert(), config).save(table)
+    out = tmp_path / "out"
+    code = main(["prune", str(model_dir), "--recipe", str(recipe), "--family", "structured", "--latency-table",
+                 str(table), "--target-speedup", "1.6", "-o", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "spdy_profile.json") as f:
+        groups = json.load(f)["groups"]
+    assert len(groups) == 4 and any(g["keep"] < g["num_groups"] for g in groups)
+    with open(out / "spdy_report.json") as f:
+        assert json.load(f)["family"] == "structured"
