@@ -251,3 +251,50 @@ def test_family_flag_and_config():
     prune_command_parser(parser.add_subparsers())
     assert _build_config(parser.parse_args(["prune", "--family", "mixed"])).family == "mixed"
     assert _build_config(parser.parse_args(["prune"])).family == "structured"
+
+
+def test_mixed_family_on_cuda_chooses_two_four_per_block_without_a_gpu(tmp_path, tokenizer):
+    """Structured plus 2:4 (the cuda backend's mixed family) from tables measured elsewhere: groups that get the
+    2:4 level hold 2:4 weights in every layer; verifying needs the GPU and is skipped here."""
+    from test_cuda_backend import cuda_config, cuda_table
+
+    from spdy_hf.patterns import is_two_four
+
+    model = MODEL_FACTORIES["llama"]()
+    config = cuda_config(tmp_path, 1.2, method="magnitude", family="mixed")
+    units = find_units(model, config.skip_modules)
+    table = cuda_table(model, units, config)
+    part = structured_part(model, config, removal_ms=1e3)
+    for sig in part["signatures"].values():  # keeping fewer heads/neurons saves nothing here: 2:4 must do it
+        sig["times_ms"][:-1] = [sig["times_ms"][0]] * (len(sig["times_ms"]) - 1)
+    part["dense_ms"] = table.base_time_ms
+    table.structured = part
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    assert result.report["predicted_speedup"] >= 1.2
+    two_four = [e for e in result.groups if e["family"] == "unstructured"]
+    assert two_four and all(e["pattern"] == "2:4" for e in two_four)
+    modules = dict(model.named_modules())
+    for e in two_four:
+        for name in [*e["producers"], e["consumer"]]:
+            assert is_two_four(modules[name].weight.detach())
+    if not torch.cuda.is_available():
+        assert result.report["measured_speedup"] is None and "needs a CUDA GPU" in result.report["verify_skipped"]
+
+
+def test_profile_of_the_structured_family_travels_to_prune(tmp_path, tokenizer, monkeypatch):
+    """`SPDYPruner.profile` measures the structured levels once; a prune with that table measures nothing."""
+    import spdy_hf.structured_pruner as sp
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.02, family="structured")
+    table = SPDYPruner(model, config, tokenizer).profile(progress=False)
+    assert table.structured["signatures"] and len(table.structured["groups"]) == 4
+    path = tmp_path / "table.json"
+    table.save(path)
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("the structured levels were measured again")
+
+    monkeypatch.setattr(sp, "measure_structured_latency", must_not_measure)
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=str(path), progress=False)
+    assert result.report["predicted_speedup"] >= 1.02
