@@ -110,19 +110,8 @@ class SPDYPruner:
             prior = database.errors
 
         with self._stage("search"):
-            eval_windows = {k: v[: config.search.eval_samples] for k, v in data.items()}
-            batches = _batches({k: v.to(self._device(model)) for k, v in eval_windows.items()},
-                               config.search.eval_batch_size)
-            scorer = DistanceScorer(model, batches, config.search.score)
-
-            def evaluate(profile: np.ndarray) -> float:
-                database.stitch(profile)
-                return scorer()
-
-            s = config.search
-            result = spdy_search(evaluate, times, search_budget.budget_ms, num_random_inits=s.num_random_inits,
-                                 patience=s.patience, neighbourhood_fraction=s.neighbourhood_fraction,
-                                 buckets=s.dp_buckets, seed=s.seed, prior=prior, progress=progress)
+            result, scorer = search_profile(config, model, data, times, search_budget.budget_ms, prior,
+                                            database.stitch, progress)
             profile = result.profile
             database.stitch(profile)
             score = scorer()
@@ -141,40 +130,21 @@ class SPDYPruner:
                 if verify_skipped:
                     break
                 measured = dense_ms / pruned_ms
-                predicted_now = budget.predicted_speedup(times[np.arange(len(units)), profile])
-                if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
-                    break
-                # The table rated this profile too fast: aim higher by the shortfall and let the DP re-solve with
-                # the search's sensitivities (no new search), as far as the model can go.
-                new_aim = min(aim * (config.target_speedup / measured) * 1.01, budget.max_reachable_speedup)
-                raised = compute_budget(times, table.base_time_ms, new_aim, reference_ms=table.reference_time_ms)
                 costs = result.sensitivities[:, None] * (error_prior(times.shape[1])[None, :] if prior is None
                                                          else np.asarray(prior))
-                new_profile = solve_dp(costs, times, raised.budget_ms, config.search.dp_buckets) \
-                    if new_aim > aim else None
-                if new_profile is None or list(new_profile) == list(profile):
+                step = reaim(config, times, costs, budget, profile, aim, measured, corrections,
+                             reference_ms=table.reference_time_ms)
+                if step is None:
                     break
-                corrections.append({"measured_speedup": measured, "predicted_speedup": predicted_now,
-                                    "aim": aim, "new_aim": new_aim})
-                logger.info("Measured %.3fx < target %.3gx (predicted %.3fx): re-aiming the profile at %.3fx.",
-                            measured, config.target_speedup, predicted_now, new_aim)
-                aim, profile = new_aim, new_profile
+                aim, profile = step
                 database.stitch(profile)
             if corrections:
                 score = scorer()
         unit_times = times[np.arange(len(units)), profile]
         predicted = budget.predicted_speedup(unit_times)
-        measured = None if verify_skipped else dense_ms / pruned_ms
-        if measured is None:
-            logger.warning("Predicted speedup %.3fx, not verified: %s", predicted, verify_skipped)
-        else:
-            logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).",
-                        predicted, measured, dense_ms, pruned_ms)
-        if measured is not None and measured < 0.95 * config.target_speedup:
-            logger.warning(
-                "Measured speedup %.3fx falls short of the target %.3gx by more than 5%%: the latency table may be "
-                "stale or the machine busy. Re-measure the table on an idle machine (delete its cache file).",
-                measured, config.target_speedup)
+        speedups = verify_summary(config, budget, search_budget, predicted, dense_ms, pruned_ms, verify_skipped,
+                                  corrections)
+        measured = speedups["measured_speedup"]
 
         profile_entries = []
         zeros = total = 0
@@ -190,36 +160,17 @@ class SPDYPruner:
                 "dense_time_ms": float(times[u, 0]), "time_ms": float(t),
             })
         report = {
-            "target_speedup": config.target_speedup,
-            "predicted_speedup": predicted,
-            "measured_speedup": measured,
-            "max_reachable_speedup": budget.max_reachable_speedup,
-            "search_target_speedup": search_budget.target_speedup,
-            "verify_corrections": corrections,
-            "dense_time_ms": dense_ms,
-            "pruned_time_ms": pruned_ms,
+            **speedups,
             # the unpruned model with every unit in the deployed (FastLinear) form: shows how much of the
             # speedup the kernel form gives alone, and how much the sparsity adds on top
             "deployed_dense_time_ms": deployed_dense_ms,
             "measured_speedup_vs_deployed_dense": None if measured is None else deployed_dense_ms / pruned_ms,
-            "verify_skipped": verify_skipped,
             "ineligible_units": [{"name": u.name, "shape": list(u.shape), "reason": table.ineligible[key]}
                                  for u, key in zip(units, table.keys_for(units)) if key in table.ineligible],
             "overall_sparsity": zeros / total,
-            "score_dense_vs_pruned": score,
-            "score_kind": scorer.kind,
-            "backend": config.backend,
-            "regime": {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
-                       "dtype": config.regime.dtype},
-            "method": config.method,
-            "database": database_info,
             "error_prior": config.search.error_prior,
             "num_units": len(units),
-            "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
-                       "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
-            "search": {"candidates": result.candidates, "evaluations": result.evaluations},
-            "stage_seconds": dict(self.stage_seconds),
-            "environment": environment_info(),
+            **job_summary(config, score, scorer, database_info, budget, search_budget, result, self.stage_seconds),
         }
         return PruningResult(model=model, tokenizer=self.tokenizer, config=config, units=units,
                              profile=profile_entries, report=report, latency_table=table)
@@ -427,6 +378,98 @@ class SPDYPruner:
         finally:
             pruned.use_original()
         return dense_ms, deployed_ms, pruned_ms
+
+
+def search_profile(config: SPDYConfig, model: nn.Module, data: dict[str, torch.Tensor], times: np.ndarray,
+                   budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True):
+    """SPDY's search with the config's settings: each candidate profile is stitched into the live model (`stitch`)
+    and scored against the dense model on the first `search.eval_samples` calibration windows. Returns the
+    `SearchResult` and the scorer (the best profile is not stitched yet)."""
+    eval_windows = {k: v[: config.search.eval_samples] for k, v in data.items()}
+    device = SPDYPruner._device(model)
+    batches = _batches({k: v.to(device) for k, v in eval_windows.items()}, config.search.eval_batch_size)
+    scorer = DistanceScorer(model, batches, config.search.score)
+
+    def evaluate(profile: np.ndarray) -> float:
+        stitch(profile)
+        return scorer()
+
+    s = config.search
+    result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
+                         neighbourhood_fraction=s.neighbourhood_fraction, buckets=s.dp_buckets, seed=s.seed,
+                         prior=prior, progress=progress)
+    return result, scorer
+
+
+def job_summary(config: SPDYConfig, score: float, scorer: DistanceScorer, database_info: dict, budget: Budget,
+                search_budget: Budget, result, stage_seconds: dict) -> dict:
+    """The report entries every family shares: score, regime, database, budget, search, stages, environment."""
+    return {
+        "score_dense_vs_pruned": score,
+        "score_kind": scorer.kind,
+        "backend": config.backend,
+        "regime": {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
+                   "dtype": config.regime.dtype},
+        "method": config.method,
+        "database": database_info,
+        "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
+                   "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
+        "search": {"candidates": result.candidates, "evaluations": result.evaluations},
+        "stage_seconds": dict(stage_seconds),
+        "environment": environment_info(),
+    }
+
+
+def reaim(config: SPDYConfig, times: np.ndarray, costs: np.ndarray, budget: Budget, profile: np.ndarray,
+          aim: float, measured: float, corrections: list[dict], reference_ms: float | None = None
+          ) -> tuple[float, np.ndarray] | None:
+    """One verify correction: if the measured speedup misses the target and corrections are left, the table rated
+    the profile too fast, so aim higher by the shortfall and let the DP re-solve with the search's costs (no new
+    search), as far as the model can go. Returns (new aim, new profile) and records the correction, or None."""
+    if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
+        return None
+    new_aim = min(aim * (config.target_speedup / measured) * 1.01, budget.max_reachable_speedup)
+    if new_aim <= aim:
+        return None
+    raised = compute_budget(times, budget.base_ms, new_aim, reference_ms=reference_ms)
+    new_profile = solve_dp(costs, times, raised.budget_ms, config.search.dp_buckets)
+    if new_profile is None or list(new_profile) == list(profile):
+        return None
+    predicted = budget.predicted_speedup(times[np.arange(len(profile)), profile])
+    corrections.append({"measured_speedup": measured, "predicted_speedup": predicted, "aim": aim,
+                        "new_aim": new_aim})
+    logger.info("Measured %.3fx < target %.3gx (predicted %.3fx): re-aiming the profile at %.3fx.",
+                measured, config.target_speedup, predicted, new_aim)
+    return new_aim, new_profile
+
+
+def verify_summary(config: SPDYConfig, budget: Budget, search_budget: Budget, predicted: float,
+                   dense_ms: float | None, pruned_ms: float | None, verify_skipped: str | None,
+                   corrections: list[dict]) -> dict:
+    """Logs the verify outcome (a warning when the target is missed by more than 5 %) and returns the report's
+    speedup entries, shared by every family."""
+    measured = None if verify_skipped else dense_ms / pruned_ms
+    if measured is None:
+        logger.warning("Predicted speedup %.3fx, not verified: %s", predicted, verify_skipped)
+    else:
+        logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).",
+                    predicted, measured, dense_ms, pruned_ms)
+        if measured < 0.95 * config.target_speedup:
+            logger.warning(
+                "Measured speedup %.3fx falls short of the target %.3gx by more than 5%%: the latency table may be "
+                "stale or the machine busy. Re-measure the table on an idle machine (delete its cache file).",
+                measured, config.target_speedup)
+    return {
+        "target_speedup": config.target_speedup,
+        "predicted_speedup": predicted,
+        "measured_speedup": measured,
+        "max_reachable_speedup": budget.max_reachable_speedup,
+        "search_target_speedup": search_budget.target_speedup,
+        "verify_corrections": corrections,
+        "dense_time_ms": dense_ms,
+        "pruned_time_ms": pruned_ms,
+        "verify_skipped": verify_skipped,
+    }
 
 
 def anchor_level(times: np.ndarray, budget_ms: float) -> int:

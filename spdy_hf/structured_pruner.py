@@ -33,8 +33,7 @@ from .latency.structured import keep_counts, measure_structured_latency
 from .latency.table import LatencyTable, cache_key, default_cache_dir
 from .levels import get_levels, get_patterns
 from .loading import model_fingerprint
-from .scoring import DistanceScorer
-from .search import compute_budget, solve_dp, spdy_search
+from .search import compute_budget
 from .structured import find_structured_groups, group_name, shrink
 from .units import Unit, find_units
 
@@ -174,7 +173,15 @@ def profile_structured(pruner, model: nn.Module, units: list[Unit], latency_tabl
 
 def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], latency_table, progress: bool):
     """`SPDYPruner.prune` for `family` "structured" and "mixed"; returns a `PruningResult`."""
-    from .pruner import _batches, _fits, anchor_level, build_database
+    from .pruner import (
+        _fits,
+        anchor_level,
+        build_database,
+        job_summary,
+        reaim,
+        search_profile,
+        verify_summary,
+    )
     from .result import PruningResult
 
     config = pruner.config
@@ -263,19 +270,8 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
             current[i] = level
 
     with pruner._stage("search"):
-        eval_windows = {k: v[: config.search.eval_samples] for k, v in data.items()}
-        batches = _batches({k: v.to(pruner._device(model)) for k, v in eval_windows.items()},
-                           config.search.eval_batch_size)
-        scorer = DistanceScorer(model, batches, config.search.score)
-
-        def evaluate(profile: np.ndarray) -> float:
-            stitch(profile)
-            return scorer()
-
-        s = config.search
-        result = spdy_search(evaluate, times, search_budget.budget_ms, num_random_inits=s.num_random_inits,
-                             patience=s.patience, neighbourhood_fraction=s.neighbourhood_fraction,
-                             buckets=s.dp_buckets, seed=s.seed, prior=prior, progress=progress)
+        result, scorer = search_profile(config, model, data, times, search_budget.budget_ms, prior, stitch,
+                                        progress)
         profile = result.profile
         stitch(profile)
         score = scorer()
@@ -324,36 +320,17 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
                 dense_ms, pruned_ms = timer([lambda: model(**inputs), lambda f=fast: f(**inputs)],
                                             config.timing.warmup, max(10, config.timing.verify_repeats))
             del fast
-            measured = dense_ms / pruned_ms
-            predicted_now = budget.predicted_speedup(times[np.arange(len(groups)), profile])
-            if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
+            step = reaim(config, times, result.sensitivities[:, None] * prior, budget, profile, aim,
+                         dense_ms / pruned_ms, corrections)
+            if step is None:
                 break
-            new_aim = min(aim * (config.target_speedup / measured) * 1.01, budget.max_reachable_speedup)
-            raised = compute_budget(times, base_ms, new_aim)
-            new_profile = solve_dp(result.sensitivities[:, None] * prior, times, raised.budget_ms,
-                                   config.search.dp_buckets) if new_aim > aim else None
-            if new_profile is None or list(new_profile) == list(profile):
-                break
-            corrections.append({"measured_speedup": measured, "predicted_speedup": predicted_now, "aim": aim,
-                                "new_aim": new_aim})
-            logger.info("Measured %.3fx < target %.3gx (predicted %.3fx): re-aiming the profile at %.3fx.",
-                        measured, config.target_speedup, predicted_now, new_aim)
-            aim, profile = new_aim, new_profile
+            aim, profile = step
             stitch(profile)
         if corrections:
             score = scorer()
-    group_times = times[np.arange(len(groups)), profile]
-    predicted = budget.predicted_speedup(group_times)
-    measured = None if verify_skipped else dense_ms / pruned_ms
-    if measured is None:
-        logger.warning("Predicted speedup %.3fx, not verified: %s", predicted, verify_skipped)
-    else:
-        logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).", predicted, measured,
-                    dense_ms, pruned_ms)
-        if measured < 0.95 * config.target_speedup:
-            logger.warning("Measured speedup %.3fx falls short of the target %.3gx by more than 5%%: the latency "
-                           "table may be stale or the machine busy. Re-measure it on an idle machine (delete its "
-                           "cache file).", measured, config.target_speedup)
+    predicted = budget.predicted_speedup(times[np.arange(len(groups)), profile])
+    speedups = verify_summary(config, budget, search_budget, predicted, dense_ms, pruned_ms, verify_skipped,
+                              corrections)
 
     group_entries = entries_of(profile)
     family_of = {n: e for e in group_entries for n in [*e["producers"], e["consumer"]]}
@@ -377,37 +354,16 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
             "input_leader": table.input_leaders.get(unit.name) if utable is not None else None,
         })
     report = {
-        "target_speedup": config.target_speedup,
-        "predicted_speedup": predicted,
-        "measured_speedup": measured,
-        "max_reachable_speedup": budget.max_reachable_speedup,
-        "search_target_speedup": search_budget.target_speedup,
-        "verify_corrections": corrections,
-        "dense_time_ms": dense_ms,
-        "pruned_time_ms": pruned_ms,
-        "verify_skipped": verify_skipped,
+        **speedups,
         "family": config.family,
         "families": {f: sum(1 for e in group_entries if e["family"] == f) for f in ("structured", "unstructured")},
         "kept_heads": {e["block"]: e["keep"] for e in group_entries if e["kind"] == "attention"},
         "kept_ffn_neurons": {e["block"]: e["keep"] for e in group_entries if e["kind"] == "ffn"},
         "overall_sparsity": zeros / max(total, 1),
-        "score_dense_vs_pruned": score,
-        "score_kind": scorer.kind,
-        "backend": config.backend,
-        "regime": {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
-                   "dtype": config.regime.dtype},
-        "method": config.method,
-        "database": database_info,
         "error_prior": "measured" if config.method == "obs" else "removed-fraction",
         "num_units": len(groups),
-        "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
-                   "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
-        "search": {"candidates": result.candidates, "evaluations": result.evaluations},
-        "stage_seconds": dict(pruner.stage_seconds),
+        **job_summary(config, score, scorer, database_info, budget, search_budget, result, pruner.stage_seconds),
     }
-    from .environment import environment_info
-
-    report["environment"] = environment_info()
     return PruningResult(model=model, tokenizer=pruner.tokenizer, config=config, units=units,
                          profile=profile_entries, report=report, latency_table=table, groups=group_entries)
 

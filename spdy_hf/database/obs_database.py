@@ -24,7 +24,7 @@ from ..io import release_free_memory
 from ..units import Unit
 from .base import PruningDatabase
 from .obs import obs_prune_levels, obs_prune_nm
-from .sequential import SequentialCalibrator, UnitStatistics
+from .sequential import UnitStatistics, calibrate_windows
 from .store import STORE_VERSION, DatabaseStore, decode_level, encode_levels
 
 logger = logging.getLogger(__name__)
@@ -179,15 +179,8 @@ def build_obs_database(
                 return None
             return {u.name: level_weight(encoded[u.name], anchor, patterns) for u in block_units}
 
-        batches = [{k: v[i:i + batch_size] for k, v in windows.items()}
-                   for i in range(0, windows["input_ids"].shape[0], batch_size)]
-        was_training = model.training
-        model.eval()
-        try:
-            SequentialCalibrator(model, units, batches, device=device, progress=progress).run(
-                needs_statistics, process_block)
-        finally:
-            model.train(was_training)
+        calibrate_windows(model, units, windows, batch_size, needs_statistics, process_block, device=device,
+                          progress=progress)
         logger.info("OBS database: %d units solved, %d loaded, in %.1f s.", solved, len(units) - solved,
                     time.perf_counter() - start)
     if not store.is_complete():

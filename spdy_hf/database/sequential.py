@@ -345,3 +345,26 @@ def _replace_output(unit: Unit, weight: torch.Tensor):
         return F.linear(x, w, None if bias is None else bias.to(device=x.device, dtype=x.dtype))
 
     return unit.module.register_forward_hook(hook)
+
+
+def calibrate_windows(
+    model: nn.Module,
+    units: list[Unit],
+    windows: dict[str, torch.Tensor],
+    batch_size: int,
+    needs_statistics: Callable[[str], bool],
+    process_block: Callable[[str, list[Unit], dict[str, UnitStatistics]], dict[str, torch.Tensor] | None],
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> None:
+    """`SequentialCalibrator.run` over calibration windows split into batches, with the model in eval mode for
+    the pass (its training flag is restored afterwards)."""
+    batches = [{k: v[i:i + batch_size] for k, v in windows.items()}
+               for i in range(0, windows["input_ids"].shape[0], batch_size)]
+    was_training = model.training
+    model.eval()
+    try:
+        SequentialCalibrator(model, units, batches, device=device, progress=progress).run(
+            needs_statistics, process_block)
+    finally:
+        model.train(was_training)

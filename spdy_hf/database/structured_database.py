@@ -27,7 +27,7 @@ from ..io import release_free_memory
 from ..structured import StructuredGroup, _rows_view, group_name
 from ..units import Unit
 from .obs_database import relative_output_errors, windows_digest
-from .sequential import SequentialCalibrator, UnitStatistics
+from .sequential import UnitStatistics, calibrate_windows
 from .store import STORE_VERSION, DatabaseStore
 from .structured_obs import group_magnitude_levels, structured_obs_levels
 
@@ -176,15 +176,8 @@ def build_structured_database(
                 release_free_memory()
             return None  # dense propagation: the next block sees the dense block's outputs
 
-        batches = [{k: v[i:i + batch_size] for k, v in windows.items()}
-                   for i in range(0, windows["input_ids"].shape[0], batch_size)]
-        was_training = model.training
-        model.eval()
-        try:
-            SequentialCalibrator(model, consumers, batches, device=device, progress=progress).run(
-                needs_statistics, process_block)
-        finally:
-            model.train(was_training)
+        calibrate_windows(model, consumers, windows, batch_size, needs_statistics, process_block, device=device,
+                          progress=progress)
         logger.info("Structured database: %d groups solved, %d loaded, in %.1f s.", solved, len(groups) - solved,
                     time.perf_counter() - start)
     if not store.is_complete():
