@@ -108,7 +108,8 @@ class DatabaseConfig:
         default=None, metadata={"help": "Where blocks run while calibrating (e.g. 'cuda'); default the model's."})
     dir: str | None = field(
         default=None,
-        metadata={"help": "Directory of the database (resumable); default <cache_dir>/database/<key>."})
+        metadata={"help": "Directory of the database (resumable); default <cache_dir>/database/<key>. With family "
+                          "structured or mixed it holds structured/ (and unstructured/ for mixed)."})
 
     def __post_init__(self):
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) \

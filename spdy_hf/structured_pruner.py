@@ -210,16 +210,18 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
         fingerprint = model_fingerprint(model)
         n = min(config.calibration.num_samples, data["input_ids"].shape[0])
         windows = {k: v[:n] for k, v in data.items()}
-        directory = config.database.dir
-        if config.method == "obs":
+        directory = None
+        if config.method == "obs" and config.database.dir is not None:  # the user's directory: one store each
+            directory = os.path.join(config.database.dir, "structured")
+        elif config.method == "obs":
             from .database.obs_database import windows_digest
             from .database.store import STORE_VERSION
 
             key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "calibration": windows_digest(windows),
                               "groups": [[group_name(g), c] for g, c in zip(groups, counts)],
                               "dampening": config.database.dampening}, sort_keys=True)
-            root = directory or os.path.join(config.cache_dir or default_cache_dir(), "database")
-            directory = os.path.join(root, "structured-" + hashlib.sha1(key.encode()).hexdigest()[:16])
+            directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
+                                     "structured-" + hashlib.sha1(key.encode()).hexdigest()[:16])
         sdb = build_structured_database(
             model, groups, counts, windows, directory=directory, method=config.method,
             build_info={"model": fingerprint}, dampening=config.database.dampening,
@@ -232,7 +234,11 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
             flat_times = np.concatenate([utable.times_for(utable.keys_for(us)) for us in group_units])
             share = search_budget.budget_ms / max(budget.prunable_ms, 1e-9)  # the groups' share of their time
             anchor = anchor_level(flat_times, share * float(flat_times[:, 0].sum()))
-            udb, info = build_database(config, model, flat, levels, data, anchor, progress, patterns=patterns)
+            uconfig = config
+            if config.database.dir is not None:
+                uconfig = copy.deepcopy(config)
+                uconfig.database.dir = os.path.join(config.database.dir, "unstructured")
+            udb, info = build_database(uconfig, model, flat, levels, data, anchor, progress, patterns=patterns)
             database_info["unstructured"] = info
             offsets = np.cumsum([0] + [len(us) for us in group_units])
 

@@ -114,7 +114,7 @@ def test_mixed_family_can_choose_sparse_levels_and_deploys_them(tmp_path, tokeni
     """With structured levels made useless (removal very slow, keeping saves nothing), the mixed search must use
     the sparse levels; the deployed form (CSR kernels on those groups) gives the zero-filled model's outputs."""
     model = MODEL_FACTORIES["bert"]()
-    config = small_config(tmp_path, target_speedup=1.3, family="mixed", method="magnitude")
+    config = small_config(tmp_path, target_speedup=1.3, family="mixed", database={"dir": str(tmp_path / "db")})
     units = find_units(model, config.skip_modules)
     table = handwritten_table(model, units, config)
     part = structured_part(model, config, removal_ms=1e3)
@@ -123,6 +123,9 @@ def test_mixed_family_can_choose_sparse_levels_and_deploys_them(tmp_path, tokeni
     part["dense_ms"] = table.base_time_ms
     table.structured = part
     result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    # both OBS databases live in the user's directory, each in its own resumable store
+    assert (tmp_path / "db" / "structured" / "manifest.json").is_file()
+    assert (tmp_path / "db" / "unstructured" / "manifest.json").is_file()
     assert result.report["families"]["unstructured"] >= 1
     sparse_groups = [e for e in result.groups if e["family"] == "unstructured"]
     assert all(0 < e["sparsity"] < 1 for e in sparse_groups)
