@@ -130,6 +130,7 @@ def _plan(pruner, model: nn.Module, units: list[Unit], latency_table, progress: 
     """Groups, their levels and times (G, K) for the config's family, and the latency table holding them."""
     config = pruner.config
     mixed = config.family == "mixed"
+    latency_table = latency_table if latency_table is not None else config.latency_table
     if isinstance(latency_table, (str, os.PathLike)):
         latency_table = LatencyTable.load(latency_table)
     unit_names = {u.name for u in units}
