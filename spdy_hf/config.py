@@ -208,10 +208,14 @@ class StructuredConfig:
         default=1, metadata={"help": "Attention levels keep every head_step-th head count, down to none."})
     ffn_grid: int = field(
         default=8, metadata={"help": "FFN levels keep 1/ffn_grid steps of the neurons, down to none."})
+    mixed_combos: int = field(
+        default=8, metadata={"help": "Family mixed: how many of a group's sparse levels that are faster than dense "
+                                     "(the least sparse first) also combine with its partial structured levels."})
 
     def __post_init__(self):
         _check_int("structured.head_step", self.head_step, 1)
         _check_int("structured.ffn_grid", self.ffn_grid, 1)
+        _check_int("structured.mixed_combos", self.mixed_combos, 0)
 
 
 @dataclass

@@ -40,12 +40,16 @@ from .units import Unit, find_units
 logger = logging.getLogger(__name__)
 
 
+STRUCTURED_SPARSE = "structured+sparse"  # the mixed family's combination: heads/neurons removed, the rest sparse
+
+
 def deploy_groups(model: nn.Module, group_entries: list[dict], backend: str = "cpu",
                   unit_layouts: dict[str, str] | None = None, input_leaders: dict[str, str] | None = None
                   ) -> nn.Module:
     """Puts a structured/mixed profile's fast form into `model` (zero-filled weights), in place: groups with a
     structured level are shrunk to their kept heads/neurons; groups with a sparse level run their layers on the
-    backend's sparse kernels. Not saveable afterwards (save the zero-filled model)."""
+    backend's sparse kernels; groups with both are shrunk, then their remaining layers run sparse. Not saveable
+    afterwards (save the zero-filled model)."""
     groups = {group_name(g): g for g in find_structured_groups(model)}
     sparse_units, sparsities, patterns = [], [], []
     modules = dict(model.named_modules())
@@ -53,9 +57,11 @@ def deploy_groups(model: nn.Module, group_entries: list[dict], backend: str = "c
         group = groups.get(entry["name"])
         if group is None:
             raise SPDYError(f"The model has no group {entry['name']}; was it saved from another architecture?")
-        if entry["family"] == "structured" and len(entry["kept"]) < group.num_groups:
+        if entry["family"] in ("structured", STRUCTURED_SPARSE) and len(entry["kept"]) < group.num_groups:
             shrink(model, group, entry["kept"])
-        elif entry["family"] == "unstructured" and (entry.get("sparsity", 0) > 0 or entry.get("pattern") == "2:4"):
+            modules = dict(model.named_modules())
+        if entry["family"] in ("unstructured", STRUCTURED_SPARSE) and entry["kept"] and (
+                entry.get("sparsity", 0) > 0 or entry.get("pattern") == "2:4"):
             for name in [*group.producers, group.consumer]:
                 sparse_units.append(Unit(name=name, module=modules[name], block=group.block))
                 sparsities.append(entry.get("sparsity", 0.5))
@@ -146,15 +152,34 @@ def _plan(pruner, model: nn.Module, units: list[Unit], latency_table, progress: 
         levels, patterns = get_levels(config.levels), get_patterns(config.levels)
         utable = pruner._latency_table(model, units, levels, latency_table, progress)
     structured = _structured_latency(pruner, model, groups, counts, latency_table or utable, progress)
-    n_struct = [len(c) for c in counts]
-    n_levels = max(n_struct) + (len(levels) - 1 if mixed else 0)
-    times = np.full((len(groups), n_levels), np.inf)
+    # per group, what each level index means: ("structured", a, 0) keeps counts[a] heads/neurons; ("unstructured",
+    # 0, j) puts every layer at sparse level j; (STRUCTURED_SPARSE, a, j) keeps counts[a] and puts the rest at j
+    level_maps, rows = [], []
     for i, g in enumerate(groups):
-        times[i, :n_struct[i]] = structured["signatures"][structured["groups"][group_name(g)]]["times_ms"]
+        st = structured["signatures"][structured["groups"][group_name(g)]]["times_ms"]
+        level_map, row = [("structured", a, 0) for a in range(len(st))], list(st)
         if mixed:
             ut = utable.times_for(utable.keys_for(group_units[i]))  # (layers, K)
-            extra = (ut[:, 1:] - ut[:, :1]).sum(axis=0)  # sparse minus dense, summed over the group's layers
-            times[i, max(n_struct):] = times[i, 0] + extra
+            delta = (ut[:, 1:] - ut[:, :1]).sum(axis=0)  # sparse minus dense, summed over the group's layers
+            for j in range(1, len(levels)):
+                level_map.append(("unstructured", 0, j))
+                row.append(st[0] + delta[j - 1])
+            # the sparse levels that pay for this group, least sparse first, also combine with partial keeps; a
+            # shrunk layer's sparse-minus-dense time is taken as its full one scaled by the share it keeps
+            paying = [j for j in range(1, len(levels)) if np.isfinite(delta[j - 1]) and delta[j - 1] < 0]
+            paying = paying[:config.structured.mixed_combos]
+            for a in range(1, len(st) - 1):
+                share = counts[i][a] / g.num_groups
+                for j in paying:
+                    if patterns[j] == "2:4" and not _two_four_fits(model, g, counts[i][a], config):
+                        continue
+                    level_map.append((STRUCTURED_SPARSE, a, j))
+                    row.append(st[a] + share * delta[j - 1])
+        level_maps.append(level_map)
+        rows.append(row)
+    times = np.full((len(groups), max(len(r) for r in rows)), np.inf)
+    for i, row in enumerate(rows):
+        times[i, :len(row)] = row
     base_ms = structured["dense_ms"]
     regime = {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
               "dtype": config.regime.dtype}
@@ -162,8 +187,24 @@ def _plan(pruner, model: nn.Module, units: list[Unit], latency_table, progress: 
         backend=config.backend, regime=regime, levels=[0.0], shapes={}, base_time_ms=base_ms,
         model=model_fingerprint(model), environment=pruner._table_environment())
     table.structured = structured
-    return {"groups": groups, "counts": counts, "group_units": group_units, "n_struct": n_struct, "times": times,
-            "table": table, "utable": utable, "levels": levels, "patterns": patterns, "base_ms": base_ms}
+    return {"groups": groups, "counts": counts, "group_units": group_units, "level_maps": level_maps,
+            "times": times, "table": table, "utable": utable, "levels": levels, "patterns": patterns,
+            "base_ms": base_ms}
+
+
+def _two_four_fits(model: nn.Module, group, keep: int, config) -> bool:
+    """Whether every layer of `group` shrunk to `keep` heads/neurons can still run as 2:4 on the GPU."""
+    from .latency.cuda import two_four_ineligibility
+
+    modules = dict(model.named_modules())
+    shapes = []
+    for name in group.producers:
+        in_features = modules[name].weight.shape[0 if not isinstance(modules[name], nn.Linear) else 1]
+        shapes.append((len(group.producer_indices(name, list(range(keep)))), int(in_features)))
+    consumer = modules[group.consumer]
+    out_features = consumer.weight.shape[1 if not isinstance(consumer, nn.Linear) else 0]
+    shapes.append((int(out_features), keep * group.group_size))
+    return all(two_four_ineligibility(shape, config.regime.dtype) is None for shape in shapes)
 
 
 def profile_structured(pruner, model: nn.Module, units: list[Unit], latency_table, progress: bool) -> LatencyTable:
@@ -192,8 +233,8 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
         example = {k: v[:1].to(pruner._device(model)) for k, v in data.items()}
         units = find_units(model, config.skip_modules, example_inputs=example)
         plan = _plan(pruner, model, units, latency_table, progress)
-    groups, counts, group_units, n_struct, times, table = (plan["groups"], plan["counts"], plan["group_units"],
-                                                           plan["n_struct"], plan["times"], plan["table"])
+    groups, counts, group_units, level_maps, times, table = (plan["groups"], plan["counts"], plan["group_units"],
+                                                             plan["level_maps"], plan["times"], plan["table"])
     utable, levels, patterns = plan["utable"], plan["levels"], plan["patterns"]
     base_ms = plan["base_ms"]
     budget = compute_budget(times, base_ms, config.target_speedup)
@@ -213,6 +254,7 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
         n = min(config.calibration.num_samples, data["input_ids"].shape[0])
         windows = {k: v[:n] for k, v in data.items()}
         directory = None
+        store_hessian = mixed and config.structured.mixed_combos > 0
         if config.method == "obs" and config.database.dir is not None:  # the user's directory: one store each
             directory = os.path.join(config.database.dir, "structured")
         elif config.method == "obs":
@@ -221,13 +263,14 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
 
             key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "calibration": windows_digest(windows),
                               "groups": [[group_name(g), c] for g, c in zip(groups, counts)],
-                              "dampening": config.database.dampening}, sort_keys=True)
+                              "dampening": config.database.dampening, "hessians": store_hessian}, sort_keys=True)
             directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
                                      "structured-" + hashlib.sha1(key.encode()).hexdigest()[:16])
         sdb = build_structured_database(
             model, groups, counts, windows, directory=directory, method=config.method,
             build_info={"model": fingerprint}, dampening=config.database.dampening,
-            batch_size=config.database.batch_size, device=config.database.device, progress=progress)
+            batch_size=config.database.batch_size, device=config.database.device,
+            store_hessian=store_hessian, progress=progress)
         database_info = {"method": config.method, "family": config.family,
                          "structured_dir": None if config.method == "magnitude" else os.path.abspath(directory)}
         udb = None
@@ -245,19 +288,21 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
             offsets = np.cumsum([0] + [len(us) for us in group_units])
 
     # the prior: measured relative output errors where the databases have them, else the fraction removed squared
+    # (a combination's prior is the sum of its two parts' errors)
     prior = np.zeros_like(times)
     for i, g in enumerate(groups):
-        if config.method == "obs":
-            prior[i, :n_struct[i]] = sdb.errors[i]
-        else:
-            prior[i, :n_struct[i]] = [(1 - k / g.num_groups) ** 2 for k in counts[i]]
+        struct_err = sdb.errors[i] if config.method == "obs" else [(1 - k / g.num_groups) ** 2 for k in counts[i]]
+        sparse_err = None
         if mixed:
             sizes = np.array([u.numel for u in group_units[i]], dtype=np.float64)
             if getattr(udb, "errors", None) is not None:
-                errs = udb.errors[offsets[i]:offsets[i + 1], 1:]  # (layers, K-1)
-                prior[i, max(n_struct):] = (sizes[:, None] * errs).sum(0) / sizes.sum()
+                errs = udb.errors[offsets[i]:offsets[i + 1]]  # (layers, K)
+                sparse_err = (sizes[:, None] * errs).sum(0) / sizes.sum()
             else:
-                prior[i, max(n_struct):] = np.asarray(levels[1:]) ** 2
+                sparse_err = np.asarray(levels) ** 2
+        for level, (kind, a, j) in enumerate(level_maps[i]):
+            prior[i, level] = (struct_err[a] if kind != "unstructured" else 0.0) + \
+                (sparse_err[j] if kind != "structured" else 0.0)
     prior[~np.isfinite(times)] = prior.max() + 1.0  # padding levels: never chosen (their time is inf anyway)
 
     current = [0] * len(groups)
@@ -268,13 +313,21 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
             level = int(level)
             if current[i] == level:
                 continue
-            if level < n_struct[i]:
-                sdb.stitch(i, level)
-            else:
+            kind, a, j = level_maps[i][level]
+            if kind == "structured":
+                sdb.stitch(i, a)
+            elif kind == "unstructured":
                 sdb.restore(i)
-                j = level - max(n_struct) + 1
                 for offset, unit in enumerate(group_units[i]):
                     unit.weight.copy_(udb.weight(int(offsets[i]) + offset, j).to(unit.weight.dtype))
+            else:  # removed heads/neurons zero, the kept producer rows and consumer columns at sparse level j
+                sdb.stitch(i, a)
+                group, kept = groups[i], sdb.kept(i, a)
+                for offset, unit in enumerate(group_units[i][:-1]):
+                    rows = group.producer_indices(unit.name, kept)
+                    unit.weight[rows] = udb.weight(int(offsets[i]) + offset, j)[rows].to(unit.weight.dtype)
+                consumer = group_units[i][-1]
+                consumer.weight.copy_(sdb.combo_weight(i, a, levels[j], patterns[j]).to(consumer.weight.dtype))
             current[i] = level
 
     with pruner._stage("search"):
@@ -291,13 +344,16 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
             entry = {"name": group_name(g), "kind": g.kind, "block": g.block, "num_groups": g.num_groups,
                      "producers": list(g.producers), "consumer": g.consumer, "level": level,
                      "dense_time_ms": float(times[i, 0]), "time_ms": float(times[i, level])}
-            if level < n_struct[i]:
-                entry.update(family="structured", keep=counts[i][level], kept=sdb.kept(i, level),
-                             sparsity=1 - counts[i][level] / g.num_groups, pattern="structured")
-            else:
-                j = level - max(n_struct) + 1
+            kind, a, j = level_maps[i][level]
+            if kind == "structured":
+                entry.update(family="structured", keep=counts[i][a], kept=sdb.kept(i, a),
+                             sparsity=1 - counts[i][a] / g.num_groups, pattern="structured")
+            elif kind == "unstructured":
                 entry.update(family="unstructured", keep=g.num_groups, kept=list(range(g.num_groups)),
                              sparsity=levels[j], pattern=patterns[j])
+            else:
+                entry.update(family=STRUCTURED_SPARSE, keep=counts[i][a], kept=sdb.kept(i, a), sparsity=levels[j],
+                             pattern=patterns[j])
             out.append(entry)
         return out
 
@@ -370,7 +426,8 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
     report = {
         **speedups,
         "family": config.family,
-        "families": {f: sum(1 for e in group_entries if e["family"] == f) for f in ("structured", "unstructured")},
+        "families": {f: sum(1 for e in group_entries if e["family"] == f)
+                     for f in ("structured", "unstructured", STRUCTURED_SPARSE)},
         "kept_heads": {e["block"]: e["keep"] for e in group_entries if e["kind"] == "attention"},
         "kept_ffn_neurons": {e["block"]: e["keep"] for e in group_entries if e["kind"] == "ffn"},
         "overall_sparsity": zeros / max(total, 1),

@@ -301,3 +301,44 @@ def test_profile_of_the_structured_family_travels_to_prune(tmp_path, tokenizer, 
     monkeypatch.setattr(sp, "measure_structured_latency", must_not_measure)
     result = SPDYPruner(model, config, tokenizer).prune(latency_table=str(path), progress=False)
     assert result.report["predicted_speedup"] >= 1.02
+
+
+def test_mixed_family_combines_removed_heads_with_sparse_remaining_weights(tmp_path, tokenizer):
+    """Hand-written times where only the combination reaches the target: removing a whole group is forbidden
+    (very slow), one sparse level (50 %, 0.8 of dense) exists, and keeping k of n costs k / n of the group. The
+    search must remove heads/neurons *and* sparsify what remains; the deployed form equals the zero-filled one,
+    and so does the model loaded back with spdy_hf."""
+    from conftest import MS_PER_WEIGHT
+
+    from spdy_hf.apply import FastLinear
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=2.35, family="mixed", levels=[0.5])
+    units = find_units(model, config.skip_modules)
+    table = handwritten_table(model, units, config)
+    modules = dict(model.named_modules())
+    signatures, names = {}, {}
+    for g in find_structured_groups(model):
+        dense = sum(MS_PER_WEIGHT * modules[n].weight.numel() for n in [*g.producers, g.consumer])
+        counts = keep_counts(g, config.structured.head_step, config.structured.ffn_grid)
+        sig = group_signature(model, g)
+        signatures[sig] = {"keep": counts, "times_ms": [dense * k / g.num_groups for k in counts[:-1]] + [1e3],
+                           "groups": 2}
+        names[group_name(g)] = sig
+    table.structured = {"signatures": signatures, "groups": names, "dense_ms": table.base_time_ms}
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    assert result.report["predicted_speedup"] >= 2.35
+    combined = [e for e in result.groups if e["family"] == "structured+sparse"]
+    assert combined and all(0 < e["keep"] < e["num_groups"] and e["sparsity"] == 0.5 for e in combined)
+    for e in combined:  # the kept rows/columns are half zero; the removed ones all zero
+        consumer = modules[e["consumer"]].weight
+        assert 0.5 < float((consumer == 0).float().mean()) < 1.0
+    inputs = example_inputs(1, 16)
+    expected = outputs(result.model, inputs)
+    out_dir = result.save_pretrained(tmp_path / "out")
+    result.to_sparse_kernels()
+    assert any(isinstance(m, FastLinear) and m.sparse for m in result.model.modules())
+    torch.testing.assert_close(outputs(result.model, inputs), expected, rtol=1e-4, atol=1e-4)
+    fast, _, _ = load_pretrained(str(out_dir))
+    assert any(isinstance(m, FastLinear) and m.sparse for m in fast.modules())
+    torch.testing.assert_close(outputs(fast, inputs), expected, rtol=1e-4, atol=1e-4)

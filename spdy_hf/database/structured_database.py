@@ -45,6 +45,7 @@ class StructuredDatabase:
     def __init__(self, model: nn.Module, groups: list[StructuredGroup], counts: list[list[int]],
                  entries: list[dict[str, torch.Tensor]], errors: list[np.ndarray] | None = None):
         self.groups, self.counts, self.entries, self.errors = groups, counts, entries, errors
+        self._combos: dict[tuple, torch.Tensor] = {}
         modules = dict(model.named_modules())
         self._modules = modules
         self._dense = {}
@@ -53,6 +54,37 @@ class StructuredDatabase:
                 m = modules[name]
                 self._dense[name] = (m.weight.detach().clone(),
                                      None if getattr(m, "bias", None) is None else m.bias.detach().clone())
+
+    def combo_weight(self, group_index: int, level: int, sparsity: float, pattern: str) -> torch.Tensor:
+        """The consumer at a structured level with its kept columns also pruned to `sparsity` (or 2:4): OBS on
+        the kept columns' Hessian where the database holds it, magnitude otherwise. Cached."""
+        key = (group_index, level, float(sparsity), pattern)
+        if key not in self._combos:
+            from .obs import obs_prune_levels, obs_prune_nm
+
+            group = self.groups[group_index]
+            cols = group.consumer_columns(self.kept(group_index, level))
+            w = self.consumer_weight(group_index, level)[:, cols].float()
+            hessian = self.entries[group_index].get("hessian")
+            if pattern == "2:4" and w.shape[1] % 4:
+                sub = w  # a shape 2:4 cannot take; the latency table gives it no time either
+            elif hessian is not None:
+                h = hessian[cols][:, cols].float()
+                sub = obs_prune_nm(w, h, 2, 4) if pattern == "2:4" else obs_prune_levels(w, h, [sparsity])[-1]
+            elif pattern == "2:4":
+                from ..patterns import two_four_magnitude_mask
+
+                sub = w.masked_fill(two_four_magnitude_mask(w), 0.0)
+            else:
+                n = int(round(sparsity * w.numel()))
+                order = torch.argsort(w.abs().flatten(), stable=True)[:n]
+                sub = w.flatten().clone()
+                sub[order] = 0.0
+                sub = sub.view_as(w)
+            full = torch.zeros_like(self.consumer_weight(group_index, level), dtype=torch.float32)
+            full[:, cols] = sub.cpu()
+            self._combos[key] = full
+        return self._combos[key]
 
     def kept(self, group_index: int, level: int) -> list[int]:
         return self.entries[group_index][f"kept.{level}"].tolist()
@@ -97,7 +129,8 @@ class _ModulesView:
 
 
 def _solve_group(group: StructuredGroup, counts: list[int], weight: torch.Tensor, hessian: torch.Tensor | None,
-                 method: str, dampening: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                 method: str, dampening: float, store_hessian: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     if method == "magnitude":
         levels = group_magnitude_levels(weight, group.group_size, counts)
     else:
@@ -106,6 +139,8 @@ def _solve_group(group: StructuredGroup, counts: list[int], weight: torch.Tensor
     for j, (kept, w) in enumerate(levels):
         tensors[f"kept.{j}"] = torch.tensor(sorted(kept), dtype=torch.int64)
         tensors[f"weight.{j}"] = w.to(torch.float32).contiguous()
+    if store_hessian and hessian is not None:
+        tensors["hessian"] = hessian.detach().float().cpu().contiguous()
     errors = relative_output_errors([w for _, w in levels], hessian) if hessian is not None \
         else torch.tensor([1.0 - k / group.num_groups for k in counts], dtype=torch.float64)
     return tensors, errors
@@ -123,6 +158,7 @@ def build_structured_database(
     dampening: float = 0.01,
     batch_size: int = 8,
     device: str | None = None,
+    store_hessian: bool = False,
     progress: bool = True,
 ) -> StructuredDatabase:
     """Builds (or resumes, or loads) the structured database of `groups` at their keep `counts`.
@@ -131,6 +167,8 @@ def build_structured_database(
         counts: per group, its keep counts, the full count first.
         windows: calibration token windows (unused with `method="magnitude"`).
         directory: where the database lives (None: in memory only, for magnitude).
+        store_hessian: also keep each consumer's Hessian, so that the mixed family can prune the kept columns
+            further (`StructuredDatabase.combo_weight`).
     """
     consumers = [Unit(name=g.consumer, module=dict(model.named_modules())[g.consumer], block=g.block)
                  for g in groups]
@@ -146,6 +184,7 @@ def build_structured_database(
         "store_version": STORE_VERSION, "method": "structured-obs",
         "groups": [[group_name(g), g.consumer, g.num_groups, g.group_size, list(c)] for g, c in zip(groups, counts)],
         "calibration": windows_digest(windows), "propagation": "dense", "dampening": float(dampening),
+        **({"hessians": True} if store_hessian else {}),
         **(build_info or {}),
     }
     store = DatabaseStore(directory, build)
@@ -170,7 +209,7 @@ def build_structured_database(
                 group, c = by_consumer[unit.name]
                 s = stats[unit.name]
                 entries[unit.name], errors[unit.name] = _solve_group(group, c, s.weight, s.hessian, method,
-                                                                     dampening)
+                                                                     dampening, store_hessian)
                 store.save_unit(unit.name, entries[unit.name], errors[unit.name])
                 solved += 1
                 release_free_memory()
