@@ -251,8 +251,8 @@ class SPDYConfig:
             in (0, 1) and patterns ("2:4").
         family: which level families the search may give a block's attention and FFN: `"structured"` (heads
             and FFN neurons removed, the modules shrunk; fast with any dense kernel; the default, best in
-            docs/BENCHMARKS.md), `"mixed"` (per group, structured levels or the backend's sparse `levels`: CSR
-            sparsity on cpu, 2:4 on cuda), or `"unstructured"` (every linear layer its own unit at `levels`).
+            docs/BENCHMARKS.md), `"mixed"` (per group, structured levels, the backend's sparse `levels` (CSR
+            sparsity on cpu, 2:4 on cuda), or heads/neurons removed and the rest sparse), or `"unstructured"` (every linear layer its own unit at `levels`).
         structured: the structured levels' grid.
         method: how each unit is pruned to each level: `"obs"` (SparseGPT-style, from the calibration set) or
             `"magnitude"` (data-free).

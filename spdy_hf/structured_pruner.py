@@ -6,11 +6,16 @@ Each block's attention and FFN is one search unit (`spdy_hf.structured.Structure
   model (`spdy_hf.latency.structured`); weights from the structured OBS database (nested, compensated);
 - `family="mixed"`: those, plus the backend's sparse levels (`config.levels`) on all the group's linear layers at
   once: CSR sparsity on cpu, 2:4 on cuda; their time is the group's dense time plus the latency table's
-  sparse-minus-dense times of its layers, their weights the unstructured OBS database's.
+  sparse-minus-dense times of its layers, their weights the unstructured OBS database's. And combinations
+  ("structured+sparse"): a partial keep count with the remaining weights at one of the group's sparse levels
+  that pay (at most `structured.mixed_combos`); time: the structured level's plus the sparse-minus-dense time
+  scaled by the share kept; weights: the unstructured database's kept producer rows, and an OBS pass over the
+  kept consumer columns (`StructuredDatabase.combo_weight`).
 
 SPDY's DP and local search choose one level per group, under the same budget arithmetic as the unstructured
 family. The levels of two families have no common index, so the DP's prior is the database's measured relative
-output error of each level (the fraction of the group removed, squared, with `method="magnitude"`). The search
+output error of each level (the fraction of the group removed, squared, with `method="magnitude"`; the sum of
+both parts for a combination). The search
 scores profiles in zero-filled form (shapes unchanged); the verify step measures the deployed form: a copy of
 the model with the removed heads and neurons cut out (`spdy_hf.structured.shrink`) and sparse kernels on the
 groups that got a sparse level.
