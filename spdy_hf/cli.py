@@ -12,11 +12,15 @@ logger = logging.getLogger("spdy_hf.cli")
 
 
 def _regime_arguments(p) -> None:
+    """The flags that decide what is timed: backend, regime and level family."""
     p.add_argument("--backend", choices=["cpu", "cuda"], help="Target backend (default cpu).")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="Regime: dtype (cpu: float32; cuda: float16 or bfloat16).")
     p.add_argument("--batch-size", type=int, help="Regime: sequences per forward pass.")
     p.add_argument("--sequence-length", type=int, help="Regime: tokens per sequence.")
+    p.add_argument("--family", choices=["structured", "mixed", "unstructured"],
+                   help="Level families: heads and FFN neurons removed (structured, the default), those or the "
+                        "backend's sparse levels per block (mixed), or sparse levels per layer (unstructured).")
 
 
 def profile_command_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,9 +37,6 @@ def profile_command_parser(subparsers) -> argparse.ArgumentParser:
     _regime_arguments(p)
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
-    p.add_argument("--family", choices=["structured", "mixed", "unstructured"],
-                   help="Level families: heads and FFN neurons removed (structured, the default), those or the "
-                        "backend's sparse levels per block (mixed), or sparse levels per layer (unstructured).")
     p.set_defaults(func=profile_command)
     return p
 
@@ -77,9 +78,6 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="Calibration windows.")
     p.add_argument("--calibration-length", type=int, help="Tokens per calibration window (default 128).")
     p.add_argument("--method", choices=["obs", "magnitude"], help="Pruning database method (default obs).")
-    p.add_argument("--family", choices=["structured", "mixed", "unstructured"],
-                   help="Level families: heads and FFN neurons removed (structured, the default), those or the "
-                        "backend's sparse levels per block (mixed), or sparse levels per layer (unstructured).")
     p.add_argument("--database-dir", help="Where the pruning database is kept (resumable); default in the cache.")
     p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")

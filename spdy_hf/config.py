@@ -55,6 +55,10 @@ class RegimeConfig:
         _check_int("regime.sequence_length", self.sequence_length, 1)
         _check_choice("regime.dtype", self.dtype, DTYPES)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The regime as latency tables and reports record it."""
+        return {"batch_size": self.batch_size, "sequence_length": self.sequence_length, "dtype": self.dtype}
+
     @property
     def tokens(self) -> int:
         return self.batch_size * self.sequence_length

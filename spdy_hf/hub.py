@@ -238,7 +238,7 @@ def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: 
         return model, tokenizer, profile
     backend = spdy.get("config", {}).get("backend", "cpu")
     if saved.get("groups") is not None:  # structured / mixed: cut the removed heads and neurons out
-        from .structured_pruner import deploy_groups
+        from .structured_pruner import deploy_groups, layout_maps
 
         if backend == "cuda":
             if not torch.cuda.is_available():
@@ -251,8 +251,7 @@ def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: 
         groups = saved["groups"]
         if backend is None:
             groups = [g if g["family"] == "structured" else {**g, "family": "dense"} for g in groups]
-        deploy_groups(model, groups, backend or "cpu", {p["name"]: p.get("layout", "cc") for p in profile},
-                      {p["name"]: p["input_leader"] for p in profile if p.get("input_leader")})
+        deploy_groups(model, groups, backend or "cpu", *layout_maps(profile))
         return model, tokenizer, profile
     modules = dict(model.named_modules())
     units = [Unit(name=p["name"], module=modules[p["name"]], block=p["name"].rsplit(".", 1)[0]) for p in profile]

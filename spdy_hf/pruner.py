@@ -99,7 +99,7 @@ class SPDYPruner:
         # the second test: times rounded up to DP buckets may not fit where the true times just do
         if not budget.reachable or not _fits(times, budget, config.search.dp_buckets):
             raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup)
-        search_budget = self._search_budget(times, table, budget)
+        search_budget = self._search_budget(times, budget, reference_ms=table.reference_time_ms)
 
         with self._stage("database"):
             anchor = anchor_level(times, search_budget.budget_ms)
@@ -187,13 +187,14 @@ class SPDYPruner:
         finally:
             self.stage_seconds[name] = round(time.perf_counter() - start, 3)
 
-    def _search_budget(self, times: np.ndarray, table: LatencyTable, budget: Budget) -> Budget:
-        """The budget the search aims at: the target raised by `search.speedup_margin`, as far as it is reachable."""
+    def _search_budget(self, times: np.ndarray, budget: Budget, reference_ms: float | None = None) -> Budget:
+        """The budget the search aims at: the target raised by `search.speedup_margin`, as far as it is reachable.
+        `reference_ms` as in `compute_budget`."""
         margin = self.config.search.speedup_margin
         aim = min(budget.target_speedup * (1 + margin), budget.max_reachable_speedup)
         if aim <= budget.target_speedup:
             return budget
-        raised = compute_budget(times, table.base_time_ms, aim, reference_ms=table.reference_time_ms)
+        raised = compute_budget(times, budget.base_ms, aim, reference_ms=reference_ms)
         if not _fits(times, raised, self.config.search.dp_buckets):
             return budget
         logger.info("Searching for %.3fx (target %.3gx with a margin of %.0f%% for timing error).",
@@ -258,8 +259,7 @@ class SPDYPruner:
 
     def _latency_table(self, model, units, levels, table, progress: bool) -> LatencyTable:
         config = self.config
-        regime = {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
-                  "dtype": config.regime.dtype}
+        regime = config.regime.to_dict()
         table = table if table is not None else config.latency_table
         if isinstance(table, (str, os.PathLike)):
             table = LatencyTable.load(table)
@@ -305,6 +305,15 @@ class SPDYPruner:
 
             return profile_structured(self, model, units, latency_table, progress)
         return self._latency_table(model, units, get_levels(self.config.levels), latency_table, progress)
+
+    def _interleaved_timer(self):
+        """The backend's interleaved timer, `(functions, warmup, repeats) -> median ms each`: CUDA events on cuda,
+        wall clock on cpu."""
+        if self.config.backend == "cuda":
+            from .latency.cuda import cuda_interleaved_median_ms
+
+            return cuda_interleaved_median_ms
+        return interleaved_median_ms
 
     def _table_environment(self) -> dict:
         if self.config.backend == "cuda":
@@ -410,8 +419,7 @@ def job_summary(config: SPDYConfig, score: float, scorer: DistanceScorer, databa
         "score_dense_vs_pruned": score,
         "score_kind": scorer.kind,
         "backend": config.backend,
-        "regime": {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
-                   "dtype": config.regime.dtype},
+        "regime": config.regime.to_dict(),
         "method": config.method,
         "database": database_info,
         "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,

@@ -51,11 +51,9 @@ class PruningResult:
         from .apply import UnitLayout
 
         if self.groups is not None:  # structured / mixed: cut out the removed heads and neurons
-            from .structured_pruner import deploy_groups
+            from .structured_pruner import deploy_groups, layout_maps
 
-            return deploy_groups(self.model, self.groups, self.config.backend,
-                                 {p["name"]: p.get("layout", "cc") for p in self.profile},
-                                 {p["name"]: p["input_leader"] for p in self.profile if p.get("input_leader")})
+            return deploy_groups(self.model, self.groups, self.config.backend, *layout_maps(self.profile))
         if self.config.backend == "cuda":
             from .latency.cuda import TwoFourSwap
 

@@ -66,11 +66,11 @@ def deploy_groups(model: nn.Module, group_entries: list[dict], backend: str = "c
             shrink(model, group, entry["kept"])
             modules = dict(model.named_modules())
         if entry["family"] in ("unstructured", STRUCTURED_SPARSE) and entry["kept"] and (
-                entry.get("sparsity", 0) > 0 or entry.get("pattern") == "2:4"):
+                entry["sparsity"] > 0 or entry["pattern"] == "2:4"):
             for name in [*group.producers, group.consumer]:
                 sparse_units.append(Unit(name=name, module=modules[name], block=group.block))
-                sparsities.append(entry.get("sparsity", 0.5))
-                patterns.append(entry.get("pattern", "unstructured"))
+                sparsities.append(entry["sparsity"])
+                patterns.append(entry["pattern"])
     if not sparse_units:
         return model
     if backend == "cuda":
@@ -85,6 +85,12 @@ def deploy_groups(model: nn.Module, group_entries: list[dict], backend: str = "c
                for u in sparse_units]
     apply_sparse_kernels(model, sparse_units, sparsities, layouts)
     return model
+
+
+def layout_maps(profile: list[dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """Each unit's layout code and input leader, from saved profile entries (what `deploy_groups` takes)."""
+    return ({p["name"]: p.get("layout", "cc") for p in profile},
+            {p["name"]: p["input_leader"] for p in profile if p.get("input_leader")})
 
 
 def _structured_latency(pruner, model, groups, counts, table: LatencyTable | None, progress: bool) -> dict:
@@ -103,8 +109,7 @@ def _structured_latency(pruner, model, groups, counts, table: LatencyTable | Non
 
     if table is not None and covers(table.structured):
         return table.structured
-    regime = {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
-              "dtype": config.regime.dtype}
+    regime = config.regime.to_dict()
     key = cache_key(config.backend, regime, [0.0], model_fingerprint(model), pruner._table_environment(),
                     extra={"structured": [[group_name(g), list(c)] for g, c in zip(groups, counts)]})
     path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"structured-{key}.json")
@@ -121,14 +126,11 @@ def _structured_latency(pruner, model, groups, counts, table: LatencyTable | Non
     def run(m):
         return lambda: m(**inputs)
 
-    if config.backend == "cuda":
-        from .latency.cuda import cuda_interleaved_median_ms as timer
-    else:
-        from .timing import interleaved_median_ms as timer
-    with torch.inference_mode():  # spin up: an idle CPU runs its first passes slower
-        for _ in range(config.timing.warmup + 5):
-            model(**inputs)
-    structured = measure_structured_latency(model, groups, counts, run, timer, warmup=config.timing.warmup,
+    from .latency.cpu import _spin_up
+
+    _spin_up(model, inputs, seconds=2.0)  # an idle CPU (or a VM's vCPU) runs its first passes slower
+    structured = measure_structured_latency(model, groups, counts, run, pruner._interleaved_timer(),
+                                            warmup=config.timing.warmup,
                                             repeats=2 * config.timing.model_repeats, progress=progress)
     LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={}, base_time_ms=structured["dense_ms"],
                  model=model_fingerprint(model), environment=pruner._table_environment(),
@@ -186,8 +188,7 @@ def _plan(pruner, model: nn.Module, units: list[Unit], latency_table, progress: 
     for i, row in enumerate(rows):
         times[i, :len(row)] = row
     base_ms = structured["dense_ms"]
-    regime = {"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
-              "dtype": config.regime.dtype}
+    regime = config.regime.to_dict()
     table = copy.copy(utable) if utable is not None else LatencyTable(
         backend=config.backend, regime=regime, levels=[0.0], shapes={}, base_time_ms=base_ms,
         model=model_fingerprint(model), environment=pruner._table_environment())
@@ -202,13 +203,9 @@ def _two_four_fits(model: nn.Module, group, keep: int, config) -> bool:
     from .latency.cuda import two_four_ineligibility
 
     modules = dict(model.named_modules())
-    shapes = []
-    for name in group.producers:
-        in_features = modules[name].weight.shape[0 if not isinstance(modules[name], nn.Linear) else 1]
-        shapes.append((len(group.producer_indices(name, list(range(keep)))), int(in_features)))
-    consumer = modules[group.consumer]
-    out_features = consumer.weight.shape[1 if not isinstance(consumer, nn.Linear) else 0]
-    shapes.append((int(out_features), keep * group.group_size))
+    shape = {n: Unit(name=n, module=modules[n], block=group.block).shape for n in [*group.producers, group.consumer]}
+    shapes = [(len(group.producer_indices(n, list(range(keep)))), shape[n][1]) for n in group.producers]
+    shapes.append((shape[group.consumer][0], keep * group.group_size))
     return all(two_four_ineligibility(shape, config.regime.dtype) is None for shape in shapes)
 
 
@@ -247,10 +244,7 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
                 config.family, base_ms, budget.prunable_ms, budget.max_reachable_speedup)
     if not budget.reachable or not _fits(times, budget, config.search.dp_buckets):
         raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup)
-    margin_aim = min(config.target_speedup * (1 + config.search.speedup_margin), budget.max_reachable_speedup)
-    search_budget = compute_budget(times, base_ms, margin_aim)
-    if not _fits(times, search_budget, config.search.dp_buckets):
-        search_budget = budget
+    search_budget = pruner._search_budget(times, budget)
 
     with pruner._stage("database"):
         from .database.structured_database import build_structured_database
@@ -295,8 +289,8 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
     # the prior: measured relative output errors where the databases have them, else the fraction removed squared
     # (a combination's prior is the sum of its two parts' errors)
     prior = np.zeros_like(times)
-    for i, g in enumerate(groups):
-        struct_err = sdb.errors[i] if config.method == "obs" else [(1 - k / g.num_groups) ** 2 for k in counts[i]]
+    for i in range(len(groups)):
+        struct_err = sdb.errors[i]
         sparse_err = None
         if mixed:
             sizes = np.array([u.numel for u in group_units[i]], dtype=np.float64)
@@ -381,10 +375,7 @@ def prune_structured(pruner, model: nn.Module, data: dict[str, torch.Tensor], la
                                   "there (the profile comes from the latency table measured on the GPU)")
                 break
             fast = deployed_copy(profile)
-            if config.backend == "cuda":
-                from .latency.cuda import cuda_interleaved_median_ms as timer
-            else:
-                from .timing import interleaved_median_ms as timer
+            timer = pruner._interleaved_timer()
 
             def measure(fast=fast, timer=timer):
                 with torch.inference_mode():

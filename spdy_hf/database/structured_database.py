@@ -141,8 +141,9 @@ def _solve_group(group: StructuredGroup, counts: list[int], weight: torch.Tensor
         tensors[f"weight.{j}"] = w.to(torch.float32).contiguous()
     if store_hessian and hessian is not None:
         tensors["hessian"] = hessian.detach().float().cpu().contiguous()
+    # without data, the DP's prior falls back to the fraction of the group removed, squared (SPDY's curve shape)
     errors = relative_output_errors([w for _, w in levels], hessian) if hessian is not None \
-        else torch.tensor([1.0 - k / group.num_groups for k in counts], dtype=torch.float64)
+        else torch.tensor([(1.0 - k / group.num_groups) ** 2 for k in counts], dtype=torch.float64)
     return tensors, errors
 
 
@@ -170,8 +171,8 @@ def build_structured_database(
         store_hessian: also keep each consumer's Hessian, so that the mixed family can prune the kept columns
             further (`StructuredDatabase.combo_weight`).
     """
-    consumers = [Unit(name=g.consumer, module=dict(model.named_modules())[g.consumer], block=g.block)
-                 for g in groups]
+    modules = dict(model.named_modules())
+    consumers = [Unit(name=g.consumer, module=modules[g.consumer], block=g.block) for g in groups]
     entries: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, torch.Tensor] = {}
     if method == "magnitude":

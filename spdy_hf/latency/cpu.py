@@ -276,8 +276,7 @@ def measure_latency_table(
                 "%.1f%% (median).", base, deployed_dense, len(totals), 100 * error)
     return LatencyTable(
         backend="cpu",
-        regime={"batch_size": config.regime.batch_size, "sequence_length": config.regime.sequence_length,
-                "dtype": config.regime.dtype},
+        regime=config.regime.to_dict(),
         levels=list(levels),
         shapes=table_shapes,
         base_time_ms=base,

@@ -188,7 +188,7 @@ def measure_cuda_latency_table(model: nn.Module, units: list[Unit], levels: list
                 torch.cuda.get_device_name(), len(units), prunable)
     return LatencyTable(
         backend="cuda",
-        regime={"batch_size": regime.batch_size, "sequence_length": regime.sequence_length, "dtype": regime.dtype},
+        regime=regime.to_dict(),
         levels=list(levels),
         patterns=list(patterns),
         shapes=table_shapes,

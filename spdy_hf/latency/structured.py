@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -106,6 +107,6 @@ def measure_structured_latency(
             times[k] = running
         times[keep[0]] = max(times[keep[0]], running)
         signatures[sig] = {"keep": list(keep), "times_ms": [float(times[k]) for k in keep], "groups": len(members)}
-    dense = float(sorted(dense_samples)[len(dense_samples) // 2]) if dense_samples else float("nan")
+    dense = float(statistics.median(dense_samples)) if dense_samples else float("nan")
     return {"signatures": signatures, "groups": {group_name(groups[i]): sig for sig, members in by_signature.items()
                                                  for i in members}, "dense_ms": dense}
