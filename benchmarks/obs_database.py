@@ -23,16 +23,16 @@ from datetime import datetime, timezone
 
 from heldout import heldout_texts, sentence_embeddings
 
-from spdy_hf import SPDYConfig, SPDYPruner, find_units
+from spdy_hf import SPDYConfig, find_units
 from spdy_hf.data import load_texts, token_windows
 from spdy_hf.database import MagnitudeDatabase, build_obs_database
 from spdy_hf.environment import environment_info
+from spdy_hf.families.unstructured import UnstructuredFamily
 from spdy_hf.io import atomic_write_json
 from spdy_hf.levels import get_levels
 from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.pruner import anchor_level
 from spdy_hf.scoring import DistanceScorer
-from spdy_hf.search import compute_budget
+from spdy_hf.search import anchor_level, compute_budget, with_margin
 
 log = logging.getLogger("obs_database")
 
@@ -57,11 +57,12 @@ cal = config.calibration
 windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
 units = find_units(model, config.skip_modules, example_inputs={k: v[:1] for k, v in windows.items()})
 
-pruner = SPDYPruner(model, config, tokenizer)  # its latency table (cached after the first run) sets the anchor
-table = pruner._latency_table(model, units, levels, None, progress=True)
-times = table.times_for(table.keys_for(units))
-budget = compute_budget(times, table.base_time_ms, config.target_speedup, reference_ms=table.reference_time_ms)
-anchor = anchor_level(times, pruner._search_budget(times, table, budget).budget_ms)  # with the search margin
+# the unstructured family's latency table (cached after the first run) sets the anchor, as a prune would
+plan = UnstructuredFamily(config, model).plan(units)
+budget = compute_budget(plan.times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms)
+search_budget = with_margin(plan.times, budget, config.search.speedup_margin, config.search.dp_buckets,
+                            reference_ms=plan.reference_ms)  # the search's aim, with its margin
+anchor = anchor_level(plan.times, search_budget.budget_ms)
 log.info("Anchor level %d (sparsity %.4f) for %.2fx.", anchor, levels[anchor], args.target_speedup)
 
 rss_before = peak_rss_gb()

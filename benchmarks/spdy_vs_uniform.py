@@ -5,7 +5,7 @@
 2. On a fresh dense copy of the model, each method's database is loaded (OBS: from the directory the pruner
    stored it in; magnitude: from the dense weights). The uniform baseline puts every unit at one level: the
    smallest level whose measured time is at most SPDY+OBS's (the first method's), each candidate timed
-   interleaved with the dense model and the SPDY profiles in the same session (as `SPDYPruner._verify` times).
+   interleaved with the dense model and the SPDY profiles in the same session (as the unstructured family's verify times them).
    Uniform + OBS and uniform + magnitude share that level (the same number of zeros per unit, so the same time).
 3. Every model is scored against the dense model: the search's calibration score (DistanceScorer on the pruner's
    eval windows) and the mean cosine of held-out sentence embeddings (mean pooling + L2, as the model card), on
@@ -111,7 +111,7 @@ def overall_sparsity(profile):
 
 
 # ----------------------------------------------------------------------------- 3. timing, interleaved
-gen = torch.Generator().manual_seed(0)  # the regime's input, as SPDYPruner._regime_inputs draws it
+gen = torch.Generator().manual_seed(0)  # the regime's input, as spdy_hf.backend.regime_inputs draws it
 ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.sequence_length), generator=gen)
 regime_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 warmup, repeats = config.timing.warmup, max(10, config.timing.verify_repeats)
@@ -127,7 +127,7 @@ def kernels(profile, method=first):
 @torch.inference_mode()
 def measure(swaps, repeats=repeats):
     """Median ms of the dense model, then of each swap, interleaved. Dense BLAS does not skip zeros, so the
-    original modules holding any pruned weights take the dense model's time (as in `SPDYPruner._verify`)."""
+    original modules holding any pruned weights take the dense model's time (as in `spdy_hf.families.unstructured.time_kernels`)."""
     def run(swap):
         def fn():
             swap.use_deployed() if swap is not None else swaps[0].use_original()

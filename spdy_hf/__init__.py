@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import VERSION as __version__
 
 _LAZY = {
     "SPDYConfig": "config",
@@ -28,8 +28,8 @@ _LAZY = {
     "UnreachableTargetError": "errors",
     "find_units": "units",
     "FastLinear": "apply",
-    "load_pretrained": "hub",
-    "prune_pretrained": "hub",
+    "load_pretrained": "loading",
+    "prune_pretrained": "pruner",
     "SPDYPruningCallback": "integrations.trainer",
 }
 
@@ -51,10 +51,10 @@ if TYPE_CHECKING:  # pragma: no cover
         TimingConfig,
     )
     from .errors import ConfigError, SPDYError, UnreachableTargetError
-    from .hub import load_pretrained, prune_pretrained
     from .integrations.trainer import SPDYPruningCallback
     from .latency.table import LatencyTable
-    from .pruner import SPDYPruner
+    from .loading import load_pretrained
+    from .pruner import SPDYPruner, prune_pretrained
     from .result import PruningResult
     from .structured import find_structured_groups
     from .units import find_units

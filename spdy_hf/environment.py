@@ -6,6 +6,8 @@ import os
 import platform
 from functools import cache
 
+from .version import VERSION
+
 
 @cache
 def processor_name() -> str:
@@ -23,8 +25,6 @@ def environment_info() -> dict:
     import torch
     import transformers
 
-    from . import __version__
-
     return {
         "processor": processor_name(),
         "cpu_count": os.cpu_count(),
@@ -33,7 +33,7 @@ def environment_info() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "spdy_hf": __version__,
+        "spdy_hf": VERSION,
     }
 
 

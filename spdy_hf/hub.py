@@ -1,9 +1,8 @@
-"""The Hugging Face side of a pruned model: model card, sparsity plot, pushing to the Hub, loading back, and the
-one-line prune-from-pretrained.
+"""The Hub side of a saved pruned model: its model card (huggingface_hub's `ModelCard`), the sparsity plot, and
+uploading the directory.
 
-A saved SPDY model is an ordinary checkpoint (dense safetensors with zeros) plus sidecars; `load_pretrained`
-reads it back with spdy_hf's kernels swapped in for the backend it was profiled for, and `push_to_hub` uploads
-the whole directory with a model card made by huggingface_hub's `ModelCard`.
+A saved SPDY model is an ordinary checkpoint (dense safetensors with zeros) plus sidecars; loading it back with
+kernels is `spdy_hf.loading.load_pretrained`, and pruning from a Hub id is `spdy_hf.pruner.prune_pretrained`.
 """
 
 from __future__ import annotations
@@ -208,84 +207,3 @@ def push_result(result, repo_id: str, save_directory: str | os.PathLike | None =
     if temporary:
         shutil.rmtree(directory, ignore_errors=True)
     return url
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: bool = False):
-    """Loads a saved SPDY model (safetensors only) and, with `kernels`, swaps in the sparse kernels of the backend
-    it was profiled for: CSR `FastLinear`s on cpu, 2:4 semi-structured weights on cuda (on the GPU, in the
-    profile's dtype). Where that backend is missing here, the model stays dense, with a warning.
-
-    Returns (model, tokenizer, profile entries). The zeros are the masks: for further training keep them with
-    `spdy_hf.integrations.trainer.SPDYPruningCallback(path)`.
-    """
-    import torch
-
-    from .apply import UnitLayout, apply_sparse_kernels
-    from .loading import load_model_and_tokenizer
-    from .units import Unit
-
-    model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-    spdy = getattr(model.config, "spdy", None)
-    profile_path = os.path.join(name_or_path, "spdy_profile.json") if os.path.isdir(name_or_path) else None
-    if not spdy or profile_path is None or not os.path.isfile(profile_path):
-        raise SPDYError(f"{name_or_path} is not a saved SPDY model (no 'spdy' key in config.json or no "
-                        "spdy_profile.json); load it with from_pretrained instead.")
-    with open(profile_path, encoding="utf-8") as f:
-        saved = json.load(f)
-    profile = saved["units"]
-    if not kernels:
-        return model, tokenizer, profile
-    backend = spdy.get("config", {}).get("backend", "cpu")
-    if saved.get("groups") is not None:  # structured / mixed: cut the removed heads and neurons out
-        from .structured_pruner import deploy_groups, layout_maps
-
-        if backend == "cuda":
-            if not torch.cuda.is_available():
-                logger.warning("%s was profiled for an NVIDIA GPU; there is none here, so its structured levels run "
-                               "shrunk on the CPU without 2:4 kernels.", name_or_path)
-                backend = None
-            else:
-                dtype = getattr(torch, spdy.get("config", {}).get("regime", {}).get("dtype", "float16"))
-                model.to(device="cuda", dtype=dtype)
-        groups = saved["groups"]
-        if backend is None:
-            groups = [g if g["family"] == "structured" else {**g, "family": "dense"} for g in groups]
-        deploy_groups(model, groups, backend or "cpu", *layout_maps(profile))
-        return model, tokenizer, profile
-    modules = dict(model.named_modules())
-    units = [Unit(name=p["name"], module=modules[p["name"]], block=p["name"].rsplit(".", 1)[0]) for p in profile]
-    if backend == "cuda":
-        if not torch.cuda.is_available():
-            logger.warning("%s was profiled for 2:4 kernels on an NVIDIA GPU; there is none here, so it runs dense "
-                           "(same outputs, no speedup).", name_or_path)
-            return model, tokenizer, profile
-        from .latency.cuda import TwoFourSwap
-
-        dtype = getattr(torch, spdy.get("config", {}).get("regime", {}).get("dtype", "float16"))
-        model.to(device="cuda", dtype=dtype)
-        TwoFourSwap(model, units, [p.get("pattern", "dense") for p in profile]).use_deployed()
-        return model, tokenizer, profile
-    index = {p["name"]: i for i, p in enumerate(profile)}
-    layouts = [UnitLayout(p.get("layout", "cc"), index.get(p.get("input_leader"))) for p in profile]
-    apply_sparse_kernels(model, units, [p["sparsity"] for p in profile], layouts)
-    return model, tokenizer, profile
-
-
-def prune_pretrained(name_or_path: str | None = None, config=None, calibration=None, trust_remote_code: bool = False,
-                     progress: bool = True):
-    """The one-liner: load a model (safetensors only; the bundled MiniLM by default) and prune it to
-    `config.target_speedup` on `config.backend`, calibrating on `config.calibration` (the built-in corpus by
-    default). Returns the `PruningResult` (`.model`, `.report`, `.save_pretrained`, `.push_to_hub`).
-
-        result = spdy_hf.prune_pretrained("sentence-transformers/all-MiniLM-L6-v2", SPDYConfig(target_speedup=1.5))
-    """
-    from .config import SPDYConfig
-    from .loading import load_model_and_tokenizer
-    from .pruner import SPDYPruner
-
-    config = config if config is not None else SPDYConfig()
-    if isinstance(config, dict):
-        config = SPDYConfig.from_dict(config)
-    model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-    return SPDYPruner(model, config, tokenizer=tokenizer).prune(calibration=calibration, progress=progress)

@@ -68,3 +68,42 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         data.pop(volatile, None)
     payload = json.dumps({"class": type(model).__name__, "config": data}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: bool = False):
+    """Loads a saved SPDY model (safetensors only) and, with `kernels`, puts it in its fast form for the backend it
+    was profiled for: removed heads and neurons cut out, CSR `FastLinear`s on cpu, 2:4 semi-structured weights on
+    cuda (on the GPU, in the profile's dtype). Where that backend is missing here, the sparse parts stay dense, with
+    a warning.
+
+    Returns (model, tokenizer, profile entries). The zeros are the masks: for further training keep them with
+    `spdy_hf.integrations.trainer.SPDYPruningCallback(path)`.
+    """
+    from .deploy import deploy_profile
+
+    model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    spdy = getattr(model.config, "spdy", None)
+    profile_path = os.path.join(name_or_path, "spdy_profile.json") if os.path.isdir(name_or_path) else None
+    if not spdy or profile_path is None or not os.path.isfile(profile_path):
+        raise SPDYError(f"{name_or_path} is not a saved SPDY model (no 'spdy' key in config.json or no "
+                        "spdy_profile.json); load it with from_pretrained instead.")
+    with open(profile_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    profile, groups = saved["units"], saved.get("groups")
+    if not kernels:
+        return model, tokenizer, profile
+    job = spdy.get("config", {})
+    backend = job.get("backend", "cpu")
+    if backend == "cuda" and not torch.cuda.is_available():
+        if groups is None:
+            logger.warning("%s was profiled for 2:4 kernels on an NVIDIA GPU; there is none here, so it runs dense "
+                           "(same outputs, no speedup).", name_or_path)
+            return model, tokenizer, profile
+        logger.warning("%s was profiled for an NVIDIA GPU; there is none here, so its structured levels run "
+                       "shrunk on the CPU without 2:4 kernels.", name_or_path)
+        backend = "cpu"
+        groups = [g if g["family"] == "structured" else {**g, "family": "dense"} for g in groups]
+    elif backend == "cuda":
+        model.to(device="cuda", dtype=getattr(torch, job.get("regime", {}).get("dtype", "float16")))
+    deploy_profile(model, profile, groups, backend)
+    return model, tokenizer, profile

@@ -11,7 +11,6 @@ from typing import Any
 
 from torch import nn
 
-from .apply import apply_sparse_kernels
 from .config import SPDYConfig
 from .errors import SPDYError
 from .io import atomic_write_json, default_mode
@@ -48,21 +47,9 @@ class PruningResult:
         """Swaps the units for their fast kernels, in place, for inference (save before this): on the cpu
         backend `FastLinear`s (CSR where sparse), on cuda `TwoFourLinear`s where the profile chose 2:4; with
         structured levels, the removed heads and neurons are cut out of the modules first."""
-        from .apply import UnitLayout
+        from .deploy import deploy_profile
 
-        if self.groups is not None:  # structured / mixed: cut out the removed heads and neurons
-            from .structured_pruner import deploy_groups, layout_maps
-
-            return deploy_groups(self.model, self.groups, self.config.backend, *layout_maps(self.profile))
-        if self.config.backend == "cuda":
-            from .latency.cuda import TwoFourSwap
-
-            TwoFourSwap(self.model, self.units, [p.get("pattern", "dense") for p in self.profile]).use_deployed()
-            return self.model
-
-        index = {p["name"]: i for i, p in enumerate(self.profile)}
-        layouts = [UnitLayout(p.get("layout", "cc"), index.get(p.get("input_leader"))) for p in self.profile]
-        return apply_sparse_kernels(self.model, self.units, [p["sparsity"] for p in self.profile], layouts)
+        return deploy_profile(self.model, self.profile, self.groups, self.config.backend)
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> str:
         """Writes model (safetensors), config, tokenizer, `spdy_profile.json`, `spdy_report.json`, the latency table,

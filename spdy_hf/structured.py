@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import SPDYError
-from .units import _conv1d_class, find_blocks
+from .units import conv1d_classes, find_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _expand(kept: list[int], size: int) -> torch.Tensor:
 
 
 def _out_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if isinstance(module, _conv1d_class()) else module.weight.shape[0]
+    return module.weight.shape[1] if isinstance(module, conv1d_classes()) else module.weight.shape[0]
 
 
 def find_structured_groups(model: nn.Module) -> list[StructuredGroup]:
@@ -121,9 +121,9 @@ def group_name(group: StructuredGroup) -> str:
     return f"{group.block}:{group.kind}"
 
 
-def _rows_view(module: nn.Module) -> tuple[torch.Tensor, bool]:
+def rows_view(module: nn.Module) -> tuple[torch.Tensor, bool]:
     """The weight as (out, in) and whether it is a Conv1D (stored (in, out))."""
-    conv = isinstance(module, _conv1d_class())
+    conv = isinstance(module, conv1d_classes())
     return (module.weight.T if conv else module.weight), conv
 
 
@@ -133,21 +133,21 @@ def zero_fill(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None
     modules = dict(model.named_modules())
     removed = [g for g in range(group.num_groups) if g not in set(kept)]
     for name in group.producers:
-        w, _ = _rows_view(modules[name])
+        w, _ = rows_view(modules[name])
         idx = group.producer_indices(name, removed)
         w[idx] = 0
         bias = getattr(modules[name], "bias", None)
         if bias is not None:
             bias[idx] = 0
-    w, _ = _rows_view(modules[group.consumer])
+    w, _ = rows_view(modules[group.consumer])
     w[:, group.consumer_columns(removed)] = 0
 
 
 def _new_module(template: nn.Module, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     out_features, in_features = weight_out_in.shape
     # GPT-2's Conv1D reshapes with -1, which a zero-width input cannot take: zero-width modules are nn.Linear
-    if isinstance(template, _conv1d_class()) and out_features and in_features:
-        module = _conv1d_class()[0](out_features, in_features)
+    if isinstance(template, conv1d_classes()) and out_features and in_features:
+        module = conv1d_classes()[0](out_features, in_features)
         module.weight = nn.Parameter(weight_out_in.T.contiguous().clone())
         module.bias = nn.Parameter(bias.clone()) if bias is not None else None
     else:
@@ -195,7 +195,7 @@ def _remove_attention(model: nn.Module, group: StructuredGroup) -> None:
         _set(model, group.parent, RemovedAttention(_out_features(consumer), getattr(consumer, "bias", None)))
         return
     _set(model, group.parent, RemovedAttention(0, None))
-    w, _ = _rows_view(consumer)
+    w, _ = rows_view(consumer)
     _set(model, group.consumer, _new_module(consumer, w[:, :0], getattr(consumer, "bias", None)))
 
 
@@ -214,12 +214,12 @@ def shrink(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None:
     modules = dict(model.named_modules())
     for name in group.producers:
         module = modules[name]
-        w, _ = _rows_view(module)
+        w, _ = rows_view(module)
         idx = group.producer_indices(name, kept).to(w.device)
         bias = getattr(module, "bias", None)
         _set(model, name, _new_module(module, w[idx], None if bias is None else bias[idx]))
     consumer = modules[group.consumer]
-    w, _ = _rows_view(consumer)
+    w, _ = rows_view(consumer)
     cols = group.consumer_columns(kept).to(w.device)
     _set(model, group.consumer, _new_module(consumer, w[:, cols], getattr(consumer, "bias", None)))
     if group.kind == "attention" and group.parent is not None:

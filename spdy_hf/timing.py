@@ -36,3 +36,10 @@ def interleaved_median_ms(fns: list[Callable[[], object]], warmup: int, repeats:
             fn()
             out.append(time.perf_counter() - start)
     return [statistics.median(s) * 1e3 for s in samples]
+
+
+def spin_up(fn: Callable[[], object], seconds: float) -> None:
+    """Calls `fn` for a while before timing: an idle CPU (or a VM's vCPU) runs its first passes slower."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()

@@ -20,7 +20,8 @@ from .errors import SPDYError
 logger = logging.getLogger(__name__)
 
 
-def _conv1d_class():
+def conv1d_classes() -> tuple[type, ...]:
+    """transformers' Conv1D (GPT-2's linear layer, weight stored (in, out)), as a tuple for isinstance."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -29,7 +30,7 @@ def _conv1d_class():
 
 
 def is_prunable_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, *_conv1d_class()))
+    return isinstance(module, (nn.Linear, *conv1d_classes()))
 
 
 @dataclass

@@ -10,8 +10,8 @@ from conftest import example_inputs
 from spdy_hf.apply import FastLinear, KernelSwap, SharedInput, UnitLayout, deployed_kernels, deployed_modules
 from spdy_hf.config import DEFAULT_SKIP_MODULES, SPDYConfig
 from spdy_hf.database import MagnitudeDatabase
+from spdy_hf.families.unstructured import build_database
 from spdy_hf.levels import get_levels
-from spdy_hf.pruner import build_database
 from spdy_hf.units import find_units
 
 LEVELS = [0.0, 0.25, 0.5, 0.75, 0.9, 0.99]

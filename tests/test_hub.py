@@ -16,7 +16,8 @@ from conftest import example_inputs, handwritten_table, make_bert, small_config
 from spdy_hf import SPDYPruner
 from spdy_hf.cli import main
 from spdy_hf.errors import SPDYError
-from spdy_hf.hub import base_model_id, load_pretrained, push_folder, sparsity_plot_svg
+from spdy_hf.hub import base_model_id, push_folder, sparsity_plot_svg
+from spdy_hf.loading import load_pretrained
 from spdy_hf.units import find_units
 
 TOKEN = "hf_abcdefghijklmnopqrstuvwx"

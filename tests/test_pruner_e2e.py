@@ -12,9 +12,11 @@ import torch
 from conftest import MODEL_FACTORIES, example_inputs, handwritten_table, small_config
 from safetensors.torch import load_file
 
+import spdy_hf.families.unstructured as unstructured
 from spdy_hf import LatencyTable, PruningResult, SPDYPruner, UnreachableTargetError
 from spdy_hf.apply import FastLinear
 from spdy_hf.errors import SPDYError
+from spdy_hf.families import Measurement
 from spdy_hf.search import compute_budget
 from spdy_hf.units import find_units
 
@@ -216,14 +218,14 @@ def test_deterministic_for_a_seed(tmp_path, tokenizer):
 
 
 def test_unreachable_target_raises_before_any_other_stage(tiny_bert, tmp_path, tokenizer, monkeypatch):
-    import spdy_hf.pruner as pruner_module
+    import spdy_hf.pipeline as pipeline
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a stage after the budget check ran")
 
-    monkeypatch.setattr(pruner_module, "build_database", must_not_run)
-    monkeypatch.setattr(pruner_module, "spdy_search", must_not_run)
-    monkeypatch.setattr(SPDYPruner, "_verify", must_not_run)
+    monkeypatch.setattr(unstructured, "build_database", must_not_run)
+    monkeypatch.setattr(pipeline, "spdy_search", must_not_run)
+    monkeypatch.setattr(unstructured, "time_kernels", must_not_run)
     before = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
     config = small_config(tmp_path, target_speedup=50.0)
     units = find_units(tiny_bert, config.skip_modules)
@@ -360,7 +362,7 @@ def test_measured_table_is_cached_and_reused(tiny_bert, tmp_path, tokenizer, mon
     # a corrupted cache file is measured again, with a warning, and replaced
     cached[0].write_text("{")
     monkeypatch.undo()
-    with caplog.at_level(logging.WARNING, logger="spdy_hf.pruner"):
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.families.unstructured"):
         run()
     assert "unreadable" in caplog.text
     assert LatencyTable.load(cached[0]).levels == [0.0, 0.5, 0.95]
@@ -447,15 +449,15 @@ def test_shortfall_in_verify_re_aims_the_profile(tiny_llama, tmp_path, tokenizer
     budget = compute_budget(times, table.base_time_ms, 1.5, reference_ms=table.reference_time_ms)
     seen = []
 
-    def fake_verify(self, model, units_, sparsities, layouts):
+    def fake_verify(model, units_, sparsities, layouts, inputs, timing):
         # the "machine" is 8 % slower than the table for every profile: dense 10 ms, pruned = 10 / (0.92 * predicted)
         levels = [0.0] + sorted({s for s in table.levels if s > 0})
         profile = [levels.index(s) for s in sparsities]
         predicted = budget.predicted_speedup(times[np.arange(len(units_)), profile])
         seen.append(predicted)
-        return 10.0, 10.0, 10.0 / (0.92 * predicted)
+        return Measurement(10.0, 10.0 / (0.92 * predicted), 10.0)
 
-    monkeypatch.setattr(SPDYPruner, "_verify", fake_verify)
+    monkeypatch.setattr(unstructured, "time_kernels", fake_verify)
     result = SPDYPruner(tiny_llama, config, tokenizer).prune(latency_table=table, progress=False)
     report = result.report
     assert len(seen) >= 3 and seen[1] == seen[0]  # a miss is measured twice before re-aiming
@@ -483,11 +485,11 @@ def test_a_miss_that_was_noise_is_not_re_aimed(tiny_llama, tmp_path, tokenizer, 
     table = handwritten_table(tiny_llama, units, config)
     calls = []
 
-    def noisy_verify(self, model, units_, sparsities, layouts):
+    def noisy_verify(model, units_, sparsities, layouts, inputs, timing):
         calls.append(list(sparsities))
-        return (10.0, 10.0, 10.0 / 1.3) if len(calls) == 1 else (10.0, 10.0, 10.0 / 1.6)
+        return Measurement(10.0, 10.0 / 1.3, 10.0) if len(calls) == 1 else Measurement(10.0, 10.0 / 1.6, 10.0)
 
-    monkeypatch.setattr(SPDYPruner, "_verify", noisy_verify)
+    monkeypatch.setattr(unstructured, "time_kernels", noisy_verify)
     report = SPDYPruner(tiny_llama, config, tokenizer).prune(latency_table=table, progress=False).report
     assert len(calls) == 2 and calls[0] == calls[1]  # the same profile, measured again
     assert report["verify_corrections"] == [] and report["measured_speedup"] == pytest.approx(1.6)

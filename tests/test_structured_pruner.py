@@ -12,8 +12,8 @@ from conftest import MODEL_FACTORIES, example_inputs, handwritten_table, small_c
 from spdy_hf import LatencyTable, SPDYPruner
 from spdy_hf.database.structured_database import build_structured_database
 from spdy_hf.errors import SPDYError
-from spdy_hf.hub import load_pretrained
 from spdy_hf.latency.structured import group_signature, keep_counts, measure_structured_latency
+from spdy_hf.loading import load_pretrained
 from spdy_hf.structured import RemovedAttention, find_structured_groups, group_name
 from spdy_hf.units import find_units
 
@@ -295,7 +295,7 @@ def test_mixed_family_on_cuda_chooses_two_four_per_block_without_a_gpu(tmp_path,
 
 def test_profile_of_the_structured_family_travels_to_prune(tmp_path, tokenizer, monkeypatch):
     """`SPDYPruner.profile` measures the structured levels once; a prune with that table measures nothing."""
-    import spdy_hf.structured_pruner as sp
+    import spdy_hf.families.structured as sp
 
     model = MODEL_FACTORIES["bert"]()
     config = small_config(tmp_path, target_speedup=1.02, family="structured")

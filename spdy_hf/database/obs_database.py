@@ -85,6 +85,28 @@ def windows_digest(windows: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def solve_unit(stats: UnitStatistics, levels: list[float], patterns: list[str], dampening: float,
+               block_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One unit's levels from its weight and Hessian: the nested unstructured levels by OBS (encoded), 2:4 levels by
+    OBS saliency in every group of 4 inputs; and the relative output error of each level."""
+    nested = [k for k, p in enumerate(patterns) if p != "2:4"]
+    nested_weights, masks = obs_prune_levels(stats.weight, stats.hessian, [levels[k] for k in nested],
+                                             damp=dampening, blocksize=block_size, return_masks=True)
+    nested_weights = [w.cpu() for w in nested_weights]
+    weights = [None] * len(levels)
+    for k, w in zip(nested, nested_weights):
+        weights[k] = w
+    tensors = encode_levels(nested_weights, [m.cpu() for m in masks])
+    for k, pattern in enumerate(patterns):
+        if pattern == "2:4":
+            if stats.weight.shape[1] % 4 == 0:
+                w = obs_prune_nm(stats.weight, stats.hessian, 2, 4, damp=dampening, blocksize=block_size).cpu()
+            else:  # a shape 2:4 cannot take; the latency table gives it no 2:4 time either
+                w = stats.weight.clone()
+            weights[k] = tensors[f"nm.{k}"] = w.contiguous()
+    return tensors, relative_output_errors(weights, stats.hessian)
+
+
 def build_obs_database(
     model: nn.Module,
     units: list[Unit],
@@ -123,7 +145,6 @@ def build_obs_database(
     patterns = list(patterns) if patterns is not None else default_patterns(levels)
     if len(patterns) != n_levels or patterns[0] != "dense":
         raise SPDYError("patterns must give one pattern per level, 'dense' first.")
-    nested = [k for k, p in enumerate(patterns) if p != "2:4"]
     anchor = n_levels - 1 if anchor_level is None else int(anchor_level)
     if not 0 <= anchor < n_levels:
         raise SPDYError(f"anchor_level={anchor_level} is outside the {n_levels} levels.")
@@ -154,24 +175,8 @@ def build_obs_database(
             for unit in block_units:
                 if unit.name in encoded:
                     continue
-                s = stats[unit.name]
-                nested_weights, masks = obs_prune_levels(s.weight, s.hessian, [levels[k] for k in nested],
-                                                         damp=dampening, blocksize=block_size, return_masks=True)
-                nested_weights = [w.cpu() for w in nested_weights]
-                weights = [None] * n_levels
-                for k, w in zip(nested, nested_weights):
-                    weights[k] = w
-                tensors = encode_levels(nested_weights, [m.cpu() for m in masks])
-                for k in range(n_levels):
-                    if patterns[k] == "2:4":
-                        if s.weight.shape[1] % 4 == 0:
-                            w = obs_prune_nm(s.weight, s.hessian, 2, 4, damp=dampening, blocksize=block_size).cpu()
-                        else:  # a shape 2:4 cannot take; the latency table gives it no 2:4 time either
-                            w = s.weight.clone()
-                        weights[k] = tensors[f"nm.{k}"] = w.contiguous()
-                errors[unit.name] = relative_output_errors(weights, s.hessian)
-                encoded[unit.name] = tensors
-                del weights, masks, nested_weights
+                encoded[unit.name], errors[unit.name] = solve_unit(stats[unit.name], levels, patterns, dampening,
+                                                                   block_size)
                 store.save_unit(unit.name, encoded[unit.name], errors[unit.name])
                 solved += 1
                 release_free_memory()

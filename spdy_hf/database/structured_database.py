@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..io import release_free_memory
-from ..structured import StructuredGroup, _rows_view, group_name
+from ..structured import StructuredGroup, group_name, rows_view
 from ..units import Unit
 from .obs_database import relative_output_errors, windows_digest
 from .sequential import UnitStatistics, calibrate_windows
@@ -114,7 +114,7 @@ class StructuredDatabase:
             return
         zero_fill_model_view = _ModulesView(self._modules)
         zero_fill(zero_fill_model_view, group, self.kept(group_index, level))
-        w, _ = _rows_view(self._modules[group.consumer])
+        w, _ = rows_view(self._modules[group.consumer])
         w.copy_(self.consumer_weight(group_index, level).to(w.dtype))
 
 

@@ -19,7 +19,7 @@ from ..apply import FastLinear, KernelSwap, UnitLayout
 from ..config import SPDYConfig
 from ..environment import table_environment
 from ..errors import SPDYError
-from ..timing import interleaved_median_ms, median_ms
+from ..timing import interleaved_median_ms, median_ms, spin_up
 from ..units import Unit
 from .table import LatencyTable
 
@@ -221,14 +221,6 @@ def _run(model: torch.nn.Module, inputs: dict, swap: KernelSwap, deployed: bool)
         swap.use_original()
 
 
-@torch.inference_mode()
-def _spin_up(model: torch.nn.Module, inputs: dict, seconds: float) -> None:
-    """Runs forward passes for a while first: an idle CPU (or a VM's vCPU) runs the first passes slower."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        model(**inputs)
-
-
 def measure_latency_table(
     model: torch.nn.Module,
     units: list[Unit],
@@ -248,7 +240,8 @@ def measure_latency_table(
     logger.info("Timing %d units (%d distinct shapes/layouts) in place at %d levels on the cpu backend.",
                 len(units), len(set(keys)), len(levels))
     warmup, repeats = config.timing.warmup, config.timing.model_repeats
-    _spin_up(model, inputs, seconds=2.0)
+    with torch.inference_mode():
+        spin_up(lambda: model(**inputs), seconds=2.0)
     samples, configs, totals = time_units_in_place(model, units, layouts, levels, inputs,
                                                    rounds=config.timing.profile_rounds, progress=progress)
     # units of one shape and layout share one row: the median of all their samples at each level

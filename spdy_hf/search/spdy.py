@@ -1,4 +1,4 @@
-"""SPDY's budget arithmetic and its local search over layer sensitivities (DESIGN.md section 2).
+"""SPDY's local search over unit sensitivities (Frantar & Alistarh, ICML 2022).
 
 Pure: the search sees times as arrays and scores candidates through a callback; it owns no model.
 """
@@ -15,59 +15,6 @@ from tqdm.auto import tqdm
 from .dp import solve_dp
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Budget:
-    """Where the time of one forward pass goes, and what a target leaves for the searched units."""
-
-    base_ms: float  # the dense model, measured end to end: speedups are relative to it
-    prunable_ms: float  # sum of the searched units' dense times
-    constant_ms: float  # everything not searched: reference - prunable (skipped layers, attention, norms, ...)
-    target_speedup: float
-    budget_ms: float  # time the searched units may take: base / target - constant
-    min_prunable_ms: float  # every unit at its fastest level
-
-    @property
-    def max_reachable_speedup(self) -> float:
-        return self.base_ms / (self.constant_ms + self.min_prunable_ms)
-
-    @property
-    def reachable(self) -> bool:
-        return self.min_prunable_ms <= self.budget_ms
-
-    def predicted_speedup(self, unit_times_ms: np.ndarray) -> float:
-        return self.base_ms / (self.constant_ms + float(np.sum(unit_times_ms)))
-
-
-def compute_budget(
-    times: np.ndarray, base_ms: float, target_speedup: float, reference_ms: float | None = None
-) -> Budget:
-    """The time budget of the searched units for a target speedup.
-
-    Args:
-        times: (U, K) unit times with the dense level first; inf where a level cannot run.
-        base_ms: the dense model's time; the speedup is measured against it.
-        reference_ms: the time of the model whose units run in the form `times` were measured in, all dense
-            (on the cpu backend, every unit a dense `FastLinear`); the constant is `reference_ms - sum of dense
-            unit times`. Defaults to `base_ms`.
-    """
-    times = np.asarray(times, dtype=np.float64)
-    prunable = float(times[:, 0].sum())
-    constant = (base_ms if reference_ms is None else reference_ms) - prunable
-    if constant < 0:
-        logger.warning(
-            "The searched units alone (%.3f ms) take longer than the whole dense model (%.3f ms): the "
-            "latency table and the model time disagree, so predicted speedups are unreliable.", prunable, base_ms
-        )
-    return Budget(
-        base_ms=float(base_ms),
-        prunable_ms=prunable,
-        constant_ms=constant,
-        target_speedup=float(target_speedup),
-        budget_ms=base_ms / target_speedup - constant,
-        min_prunable_ms=float(times.min(axis=1).sum()),
-    )
 
 
 def error_prior(n_levels: int) -> np.ndarray:

@@ -1,0 +1,125 @@
+"""The interface every level family implements, and what it hands the pipeline.
+
+A family decides what a search unit is (a layer, or a block's attention or FFN), which levels it has, what those
+levels cost (latency), which weights they leave (the pruning database), how a profile is put into the live model
+for scoring (`stitch`) and into its fast form for timing (`measure`), and how the result is described. The
+pipeline (`spdy_hf.pipeline`) runs the stages in order and never looks inside.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backend import interleaved_timer, regime_inputs, table_environment
+from ..config import SPDYConfig
+from ..latency.table import LatencyTable
+from ..loading import model_fingerprint
+from ..search import Budget
+from ..units import Unit
+
+
+@dataclass
+class Plan:
+    """What the profile stage hands on."""
+
+    units: list[Unit]  # every prunable layer of the model (the result describes each)
+    names: list[str]  # the search units: layers, or "<block>:attention" / "<block>:ffn" groups
+    times: np.ndarray  # (U, K) ms of each search unit at each of its levels, dense first; inf: no such level
+    base_ms: float  # the dense model end to end: speedups are relative to it
+    reference_ms: float | None  # the all-dense model in the form `times` were measured in (None: base_ms)
+    table: LatencyTable  # the latency table behind `times`, saved with the result
+
+
+@dataclass
+class Measurement:
+    """One end-to-end measurement of the pruned model in its deployed form against the dense model."""
+
+    dense_ms: float
+    pruned_ms: float
+    deployed_dense_ms: float | None = None  # the dense model in the deployed form, where the family measures it
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.pruned_ms
+
+
+@dataclass
+class Entries:
+    """How a family describes a chosen profile."""
+
+    profile: list[dict[str, Any]]  # per layer (`spdy_profile.json`'s "units")
+    groups: list[dict[str, Any]] | None = None  # per attention/FFN group, for families that have them
+    report: dict[str, Any] = field(default_factory=dict)  # the family's own report entries
+
+
+class Family:
+    """A level family: subclass it, implement the six methods, and register it (`spdy_hf.families`).
+
+    One instance serves one job: `plan` comes first and may keep what later methods need.
+    """
+
+    name = ""
+
+    def __init__(self, config: SPDYConfig, model: nn.Module, progress: bool = True):
+        self.config = config
+        self.model = model
+        self.progress = progress
+
+    def plan(self, units: list[Unit], latency_table: LatencyTable | str | None = None) -> Plan:
+        """The profile stage: search units, their levels' times (from `latency_table`, the cache, or measured)."""
+        raise NotImplementedError
+
+    def build_database(self, plan: Plan, windows: dict[str, torch.Tensor], budget: Budget,
+                       search_budget: Budget) -> dict[str, Any]:
+        """The database stage: the pruned weights of every level (built, resumed or loaded); returns the report's
+        summary of it."""
+        raise NotImplementedError
+
+    def prior(self) -> np.ndarray:
+        """The DP's error prior, (U, K) or (1, K): a level's cost is the unit's sensitivity times this."""
+        raise NotImplementedError
+
+    def stitch(self, profile: np.ndarray) -> None:
+        """Puts the database's weights of `profile` (a level index per search unit) into the live model, in place,
+        in a form that keeps every shape (for scoring and saving)."""
+        raise NotImplementedError
+
+    def measure(self, profile: np.ndarray) -> Measurement:
+        """Times the stitched profile in its deployed form against the dense model, end to end, interleaved."""
+        raise NotImplementedError
+
+    def entries(self, profile: np.ndarray, measurement: Measurement | None) -> Entries:
+        """The profile as the result, the saved files and the report describe it."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers every family uses
+    @cached_property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """One forward pass's inputs in the regime."""
+        return regime_inputs(self.model, self.config.regime)
+
+    @property
+    def timer(self):
+        return interleaved_timer(self.config.backend)
+
+    @cached_property
+    def environment(self) -> dict:
+        return table_environment(self.config.backend)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+    def given_table(self, latency_table: LatencyTable | str | os.PathLike | None) -> LatencyTable | None:
+        """The table passed to this job (an object or a path), else the config's, else None."""
+        table = latency_table if latency_table is not None else self.config.latency_table
+        if isinstance(table, (str, os.PathLike)):
+            table = LatencyTable.load(table)
+        return table

@@ -1,0 +1,254 @@
+"""The structured family: each block's attention and FFN is a search unit (`spdy_hf.structured.StructuredGroup`),
+its levels keep counts of heads / neurons from all down to none.
+
+Times are measured in the whole model (`spdy_hf.latency.structured`); weights come from the structured database
+(OBS: nested, compensated; or magnitude). The DP's prior is the database's measured relative output error of each
+level (with `method="magnitude"`, the fraction of the group removed, squared). The search scores profiles in
+zero-filled form (shapes unchanged); verify measures the deployed form: a copy of the model with the removed heads
+and neurons cut out (`spdy_hf.deploy`).
+
+A level index of group i means `level_maps[i][index] = (kind, a, j)`: kind "structured" keeps `counts[i][a]`
+heads/neurons. The mixed family (`spdy_hf.families.mixed`) extends the maps with sparse levels and combinations.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import SPDYConfig
+from ..database.obs_database import windows_digest
+from ..database.store import STORE_VERSION
+from ..database.structured_database import StructuredDatabase, build_structured_database
+from ..deploy import STRUCTURED_SPARSE, deploy_groups
+from ..errors import SPDYError
+from ..latency.structured import keep_counts, measure_structured_latency
+from ..latency.table import LatencyTable, cache_key, default_cache_dir
+from ..loading import model_fingerprint
+from ..structured import StructuredGroup, find_structured_groups, group_name
+from ..timing import spin_up
+from .base import Entries, Family, Measurement, Plan
+
+logger = logging.getLogger(__name__)
+
+
+class StructuredFamily(Family):
+    name = "structured"
+    unit_table: LatencyTable | None = None  # the per-layer table (the mixed family's sparse levels)
+
+    # ------------------------------------------------------------------ profile
+    def plan(self, units, latency_table=None) -> Plan:
+        table = self.given_table(latency_table)
+        self.units = units
+        unit_names = {u.name for u in units}
+        self.groups = [g for g in find_structured_groups(self.model)
+                       if all(n in unit_names for n in [*g.producers, g.consumer])]
+        if not self.groups:
+            raise SPDYError("No attention or FFN group has all its layers among the searchable units (check "
+                            "skip_modules), so there is nothing to prune structurally; use family: unstructured.")
+        s = self.config.structured
+        self.counts = [keep_counts(g, s.head_step, s.ffn_grid) for g in self.groups]
+        by_name = {u.name: u for u in units}
+        self.group_units = [[by_name[n] for n in [*g.producers, g.consumer]] for g in self.groups]
+        self.unit_table = self.plan_unit_table(units, table)
+        structured = structured_latency(self, table or self.unit_table)
+        self.level_maps, rows = [], []
+        for i, g in enumerate(self.groups):
+            group_times = structured["signatures"][structured["groups"][group_name(g)]]["times_ms"]
+            level_map, row = self.group_levels(i, group_times)
+            self.level_maps.append(level_map)
+            rows.append(row)
+        self.times = np.full((len(self.groups), max(len(r) for r in rows)), np.inf)
+        for i, row in enumerate(rows):
+            self.times[i, :len(row)] = row
+        base_ms = structured["dense_ms"]
+        self.table = copy.copy(self.unit_table) if self.unit_table is not None else LatencyTable(
+            backend=self.config.backend, regime=self.config.regime.to_dict(), levels=[0.0], shapes={},
+            base_time_ms=base_ms, model=self.fingerprint, environment=self.environment)
+        self.table.structured = structured
+        return Plan(units=units, names=[group_name(g) for g in self.groups], times=self.times, base_ms=base_ms,
+                    reference_ms=None, table=self.table)
+
+    def plan_unit_table(self, units, table: LatencyTable | None) -> LatencyTable | None:
+        """The per-layer latency table this family needs besides the structured levels' (none here)."""
+        return None
+
+    def group_levels(self, i: int, group_times: list[float]) -> tuple[list[tuple[str, int, int]], list[float]]:
+        """Group i's levels, as (kind, keep-count index, sparse level index), and their times."""
+        return [("structured", a, 0) for a in range(len(group_times))], list(group_times)
+
+    # ------------------------------------------------------------------ database
+    def build_database(self, plan, windows, budget, search_budget) -> dict:
+        self.sdb, info = build_group_database(self.config, self.model, self.groups, self.counts, windows,
+                                              store_hessian=self.keeps_hessians(), progress=self.progress)
+        self.current = [0] * len(self.groups)  # the level each group has in the live model
+        return info
+
+    def keeps_hessians(self) -> bool:
+        """Whether the structured store keeps each consumer's Hessian (for the mixed family's combinations)."""
+        return False
+
+    def prior(self) -> np.ndarray:
+        prior = np.zeros_like(self.times)
+        for i in range(len(self.groups)):
+            struct_err, sparse_err = self.sdb.errors[i], self.sparse_errors(i)
+            for level, (kind, a, j) in enumerate(self.level_maps[i]):
+                prior[i, level] = (struct_err[a] if kind != "unstructured" else 0.0) + \
+                    (sparse_err[j] if kind != "structured" else 0.0)
+        prior[~np.isfinite(self.times)] = prior.max() + 1.0  # padding levels: never chosen (their time is inf)
+        return prior
+
+    def sparse_errors(self, i: int) -> np.ndarray | None:
+        """Group i's relative output error at each sparse level (mixed family only)."""
+        return None
+
+    # ------------------------------------------------------------------ stitch, measure, describe
+    @torch.no_grad()
+    def stitch(self, profile) -> None:
+        for i, level in enumerate(profile):
+            level = int(level)
+            if self.current[i] != level:
+                self.stitch_level(i, *self.level_maps[i][level])
+                self.current[i] = level
+
+    def stitch_level(self, i: int, kind: str, a: int, j: int) -> None:
+        """Writes group i's level (kind, a, j) into the live model in zero-filled form."""
+        self.sdb.stitch(i, a)
+
+    def measure(self, profile) -> Measurement:
+        fast = copy.deepcopy(self.model)
+        ut = self.unit_table
+        deploy_groups(fast, self.group_entries(profile), self.config.backend,
+                      ut.unit_layouts if ut is not None else None, ut.input_leaders if ut is not None else None)
+        model, inputs = self.model, self.inputs
+        with torch.inference_mode():
+            dense_ms, pruned_ms = self.timer([lambda: model(**inputs), lambda: fast(**inputs)],
+                                             self.config.timing.warmup, max(10, self.config.timing.verify_repeats))
+        return Measurement(dense_ms, pruned_ms)
+
+    def group_entries(self, profile) -> list[dict]:
+        """Per group: its name, layers, level, times and what the level keeps (`spdy_profile.json`'s "groups")."""
+        out = []
+        for i, (g, level) in enumerate(zip(self.groups, profile)):
+            level = int(level)
+            entry = {"name": group_name(g), "kind": g.kind, "block": g.block, "num_groups": g.num_groups,
+                     "producers": list(g.producers), "consumer": g.consumer, "level": level,
+                     "dense_time_ms": float(self.times[i, 0]), "time_ms": float(self.times[i, level])}
+            entry.update(self.describe_level(i, *self.level_maps[i][level]))
+            out.append(entry)
+        return out
+
+    def describe_level(self, i: int, kind: str, a: int, j: int) -> dict:
+        """Group i's level (kind, a, j) as entries: family, keep, kept, sparsity, pattern."""
+        g, keep = self.groups[i], self.counts[i][a]
+        return dict(family="structured", keep=keep, kept=self.sdb.kept(i, a), sparsity=1 - keep / g.num_groups,
+                    pattern="structured")
+
+    def entries(self, profile, measurement) -> Entries:
+        groups = self.group_entries(profile)
+        family_of = {n: e for e in groups for n in [*e["producers"], e["consumer"]]}
+        table = self.table if self.unit_table is not None else None
+        units, zeros, total = [], 0, 0
+        for unit in self.units:
+            n_zero = int((unit.weight == 0).sum())
+            zeros += n_zero
+            total += unit.numel
+            e = family_of.get(unit.name)
+            dense = e is None or (e["family"] == "structured" and e["keep"] == e["num_groups"])
+            units.append({
+                "name": unit.name, "shape": list(unit.shape), "sparsity": n_zero / unit.numel,
+                "family": "dense" if dense else e["family"],
+                "group": None if e is None else e["name"],
+                # the unit's kernel: structured units run dense (shrunk), sparse ones on the backend's kernel
+                "pattern": "dense" if e is None or e["family"] == "structured" else e["pattern"],
+                "layout": table.layout_of(unit.name) if table is not None else "cc",
+                "input_leader": table.input_leaders.get(unit.name) if table is not None else None,
+            })
+        report = {
+            "family": self.config.family,
+            "families": {f: sum(1 for e in groups if e["family"] == f)
+                         for f in ("structured", "unstructured", STRUCTURED_SPARSE)},
+            "kept_heads": {e["block"]: e["keep"] for e in groups if e["kind"] == "attention"},
+            "kept_ffn_neurons": {e["block"]: e["keep"] for e in groups if e["kind"] == "ffn"},
+            "overall_sparsity": zeros / max(total, 1),
+            "error_prior": "measured" if self.config.method == "obs" else "removed-fraction",
+            "num_units": len(self.groups),
+        }
+        return Entries(profile=units, groups=groups, report=report)
+
+
+def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> dict:
+    """The structured part of the latency table: reused from `table` or the cache when it covers these groups and
+    keep counts, else measured in the whole model and cached."""
+    config, groups, counts = family.config, family.groups, family.counts
+
+    def covers(structured: dict) -> bool:
+        if not structured:
+            return False
+        for g, c in zip(groups, counts):
+            sig = structured.get("groups", {}).get(group_name(g))
+            if sig is None or structured["signatures"].get(sig, {}).get("keep") != list(c):
+                return False
+        return True
+
+    if table is not None and covers(table.structured):
+        return table.structured
+    regime = config.regime.to_dict()
+    key = cache_key(config.backend, regime, [0.0], family.fingerprint, family.environment,
+                    extra={"structured": [[group_name(g), list(c)] for g, c in zip(groups, counts)]})
+    path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"structured-{key}.json")
+    if os.path.isfile(path):
+        try:
+            cached = LatencyTable.load(path)
+            if covers(cached.structured):
+                logger.info("Reusing the structured latency table cached at %s.", path)
+                return cached.structured
+        except SPDYError as e:
+            logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
+    inputs, model = family.inputs, family.model
+
+    def run(m):
+        return lambda: m(**inputs)
+
+    with torch.inference_mode():
+        spin_up(run(model), seconds=2.0)
+    structured = measure_structured_latency(model, groups, counts, run, family.timer, warmup=config.timing.warmup,
+                                            repeats=2 * config.timing.model_repeats, progress=family.progress)
+    LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={}, base_time_ms=structured["dense_ms"],
+                 model=family.fingerprint, environment=family.environment, structured=structured).save(path)
+    logger.info("Structured latency table cached at %s.", path)
+    return structured
+
+
+def build_group_database(config: SPDYConfig, model: nn.Module, groups: list[StructuredGroup],
+                         counts: list[list[int]], windows: dict[str, torch.Tensor], store_hessian: bool = False,
+                         progress: bool = True) -> tuple[StructuredDatabase, dict]:
+    """The structured database of `config.method` (in `database.dir`/structured, or keyed in the cache), with a
+    summary for the report."""
+    fingerprint = model_fingerprint(model)
+    n = min(config.calibration.num_samples, windows["input_ids"].shape[0])
+    windows = {k: v[:n] for k, v in windows.items()}
+    directory = None
+    if config.method == "obs" and config.database.dir is not None:  # the user's directory: one store each
+        directory = os.path.join(config.database.dir, "structured")
+    elif config.method == "obs":
+        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "calibration": windows_digest(windows),
+                          "groups": [[group_name(g), c] for g, c in zip(groups, counts)],
+                          "dampening": config.database.dampening, "hessians": store_hessian}, sort_keys=True)
+        directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
+                                 "structured-" + hashlib.sha1(key.encode()).hexdigest()[:16])
+    sdb = build_structured_database(
+        model, groups, counts, windows, directory=directory, method=config.method,
+        build_info={"model": fingerprint}, dampening=config.database.dampening,
+        batch_size=config.database.batch_size, device=config.database.device,
+        store_hessian=store_hessian, progress=progress)
+    info = {"method": config.method, "family": config.family,
+            "structured_dir": None if config.method == "magnitude" else os.path.abspath(directory)}
+    return sdb, info

@@ -1,0 +1,205 @@
+"""The unstructured family: every linear layer is a search unit, its levels the backend's sparse levels
+(`config.levels`: CSR sparsities on cpu, 2:4 on cuda), its times the latency table's, its weights the pruning
+database's (OBS, or magnitude)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..apply import KernelSwap, UnitLayout
+from ..config import SPDYConfig, TimingConfig
+from ..database import MagnitudeDatabase, PruningDatabase, build_obs_database
+from ..database.obs_database import windows_digest
+from ..database.store import STORE_VERSION
+from ..errors import SPDYError
+from ..latency.table import LatencyTable, cache_key, default_cache_dir
+from ..levels import get_levels, get_patterns
+from ..loading import model_fingerprint
+from ..search import anchor_level, error_prior
+from ..timing import interleaved_median_ms
+from ..units import Unit
+from .base import Entries, Family, Measurement, Plan
+
+logger = logging.getLogger(__name__)
+
+
+class UnstructuredFamily(Family):
+    name = "unstructured"
+
+    def plan(self, units, latency_table=None) -> Plan:
+        self.units = units
+        self.levels, self.patterns = get_levels(self.config.levels), get_patterns(self.config.levels)
+        self.table = unit_latency_table(self, units, self.given_table(latency_table))
+        self.times = self.table.times_for(self.table.keys_for(units))  # (U, K) ms
+        return Plan(units=units, names=[u.name for u in units], times=self.times, base_ms=self.table.base_time_ms,
+                    reference_ms=self.table.reference_time_ms, table=self.table)
+
+    def build_database(self, plan, windows, budget, search_budget) -> dict:
+        anchor = anchor_level(plan.times, search_budget.budget_ms)
+        self.database, info = build_database(self.config, self.model, self.units, self.levels, windows, anchor,
+                                             self.progress, patterns=self.patterns)
+        return info
+
+    def prior(self) -> np.ndarray:
+        if self.config.search.error_prior == "measured":
+            return self.database.errors
+        return error_prior(len(self.levels))[None, :]
+
+    def stitch(self, profile) -> None:
+        self.database.stitch(profile)
+
+    def measure(self, profile) -> Measurement:
+        if self.config.backend == "cuda":
+            return time_two_four(self.model, self.units, [self.patterns[k] for k in profile], self.inputs,
+                                 self.config.timing)
+        return time_kernels(self.model, self.units, [self.levels[k] for k in profile],
+                            self.table.layouts_for(self.units), self.inputs, self.config.timing)
+
+    def entries(self, profile, measurement) -> Entries:
+        table, units, times = self.table, self.units, self.times
+        entries, zeros, total = [], 0, 0
+        for u, (unit, k) in enumerate(zip(units, profile)):
+            zeros += int(round(self.levels[k] * unit.numel))
+            total += unit.numel
+            entries.append({
+                "name": unit.name, "shape": list(unit.shape), "level": int(k), "sparsity": self.levels[k],
+                "pattern": self.patterns[k], "layout": table.layout_of(unit.name),
+                "input_leader": table.input_leaders.get(unit.name),
+                "dense_time_ms": float(times[u, 0]), "time_ms": float(times[u, k]),
+            })
+        deployed_dense_ms = None if measurement is None else measurement.deployed_dense_ms
+        report = {
+            # the unpruned model with every unit in the deployed (FastLinear) form: shows how much of the
+            # speedup the kernel form gives alone, and how much the sparsity adds on top
+            "deployed_dense_time_ms": deployed_dense_ms,
+            "measured_speedup_vs_deployed_dense": None if measurement is None
+            else deployed_dense_ms / measurement.pruned_ms,
+            "ineligible_units": [{"name": u.name, "shape": list(u.shape), "reason": table.ineligible[key]}
+                                 for u, key in zip(units, table.keys_for(units)) if key in table.ineligible],
+            "overall_sparsity": zeros / total,
+            "error_prior": self.config.search.error_prior,
+            "num_units": len(units),
+        }
+        return Entries(profile=entries, report=report)
+
+
+def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | None) -> LatencyTable:
+    """The per-layer latency table: `table` when given (checked against the job), else the cached one, else
+    measured on the backend and cached."""
+    config = family.config
+    regime = config.regime.to_dict()
+    levels, patterns = get_levels(config.levels), get_patterns(config.levels)
+    if table is not None:
+        table.check_matches(config.backend, regime, levels, patterns, family.environment)
+        return table
+    key = cache_key(config.backend, regime, levels, family.fingerprint, family.environment)
+    path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"{key}.json")
+    if os.path.isfile(path):
+        logger.info("Reusing the latency table cached at %s.", path)
+        try:
+            return LatencyTable.load(path)
+        except SPDYError as e:
+            logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
+    if config.backend == "cuda":
+        from ..latency.cuda import measure_cuda_latency_table
+
+        table = measure_cuda_latency_table(family.model, units, levels, patterns, config, family.inputs,
+                                           family.fingerprint, progress=family.progress)
+    else:
+        from ..latency.cpu import measure_latency_table
+
+        table = measure_latency_table(family.model, units, levels, config, family.inputs, family.fingerprint,
+                                      progress=family.progress)
+    table.save(path)
+    logger.info("Latency table cached at %s.", path)
+    return table
+
+
+def build_database(config: SPDYConfig, model: nn.Module, units: list[Unit], levels: list[float],
+                   windows: dict[str, torch.Tensor], anchor: int, progress: bool = True,
+                   patterns: list[str] | None = None) -> tuple[PruningDatabase, dict]:
+    """The pruning database of `config.method`, with a summary for the report."""
+    if config.method == "magnitude":
+        return MagnitudeDatabase(units, levels, patterns), {"method": "magnitude"}
+    if config.method != "obs":
+        raise ValueError(f"Unknown pruning method {config.method!r}.")
+    db = config.database
+    fingerprint = model_fingerprint(model)
+    n = min(config.calibration.num_samples, windows["input_ids"].shape[0])
+    windows = {k: v[:n] for k, v in windows.items()}
+    directory = db.dir
+    if directory is None:
+        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "levels": list(levels),
+                          "patterns": patterns, "units": [u.name for u in units],
+                          "calibration": windows_digest(windows), "propagation": db.propagation,
+                          "anchor": anchor if db.propagation == "pruned" else None,
+                          "dampening": db.dampening, "block_size": db.block_size}, sort_keys=True)
+        directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
+                                 "obs-" + hashlib.sha1(key.encode()).hexdigest()[:16])
+    logger.info("OBS pruning database in %s (%d calibration windows; later blocks see outputs %s).", directory, n,
+                f"pruned to level {anchor} (sparsity {levels[anchor]:.4f})" if db.propagation == "pruned"
+                else "of the dense blocks")
+    database = build_obs_database(
+        model, units, levels, windows, directory=directory, patterns=patterns, build_info={"model": fingerprint},
+        anchor_level=anchor, propagation=db.propagation, dampening=db.dampening, block_size=db.block_size,
+        batch_size=db.batch_size, device=db.device, progress=progress)
+    info = {"method": "obs", "dir": os.path.abspath(directory), "calibration_windows": n,
+            "propagation": db.propagation, "anchor_level": anchor if db.propagation == "pruned" else None,
+            "anchor_sparsity": levels[anchor] if db.propagation == "pruned" else None,
+            "dampening": db.dampening}
+    return database, info
+
+
+@torch.inference_mode()
+def time_kernels(model: nn.Module, units: list[Unit], sparsities: list[float], layouts: list[UnitLayout],
+                 inputs: dict, timing: TimingConfig) -> Measurement:
+    """The dense model, its deployed dense form and the pruned model, interleaved, median of repeats each.
+
+    All three run on the same module tree: the dense run swaps the original modules back in. Dense BLAS does
+    not skip zeros, so the original modules holding pruned weights take the dense model's time, and no
+    copy of the model is needed.
+    """
+    pruned = KernelSwap(model, units, sparsities, layouts)
+    deployed_dense = KernelSwap(model, units, [0.0] * len(units), layouts)
+
+    def run(swap):
+        def fn():
+            swap.use_deployed() if swap is not None else pruned.use_original()
+            model(**inputs)
+        return fn
+
+    try:
+        dense_ms, deployed_ms, pruned_ms = interleaved_median_ms(
+            [run(None), run(deployed_dense), run(pruned)], timing.warmup, max(10, timing.verify_repeats))
+    finally:
+        pruned.use_original()
+    return Measurement(dense_ms, pruned_ms, deployed_ms)
+
+
+@torch.inference_mode()
+def time_two_four(model: nn.Module, units: list[Unit], patterns: list[str], inputs: dict,
+                  timing: TimingConfig) -> Measurement:
+    """Dense vs pruned (2:4 units as semi-structured tensors), interleaved, CUDA events."""
+    from ..latency.cuda import TwoFourSwap, cuda_interleaved_median_ms
+
+    swap = TwoFourSwap(model, units, patterns)
+
+    def run(deployed: bool):
+        def fn():
+            swap.use_deployed() if deployed else swap.use_original()
+            model(**inputs)
+        return fn
+
+    try:
+        dense_ms, pruned_ms = cuda_interleaved_median_ms([run(False), run(True)], timing.warmup,
+                                                         max(10, timing.verify_repeats))
+    finally:
+        swap.use_original()
+    return Measurement(dense_ms, pruned_ms, dense_ms)

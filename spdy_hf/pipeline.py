@@ -1,0 +1,148 @@
+"""SPDY's pipeline, once for every level family:
+
+    profile -> budget -> database -> search -> verify -> result
+
+profile: the family's search units and the times of their levels (latency table). budget: what the target leaves
+for the searched units; an unreachable target stops here, before any costly stage. database: the pruned weights
+of every level. search: SPDY's DP and local search over sensitivities, each candidate stitched into the live model
+and scored against the dense model. verify: the chosen profile timed end to end, re-aimed on a confirmed miss.
+result: the pruned model (dense weights with zeros), its profile and the report.
+
+The family (`spdy_hf.families`) does everything that depends on what a unit is; this module only orders the stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backend import model_device
+from .config import SPDYConfig
+from .environment import environment_info
+from .errors import UnreachableTargetError
+from .families import Plan, get_family
+from .result import PruningResult
+from .scoring import DistanceScorer
+from .search import Budget, SearchResult, compute_budget, fits, spdy_search, with_margin
+from .units import find_units
+from .verify import verify, verify_summary
+
+logger = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Wall seconds of each stage, for the report; `with stages("name"): ...`."""
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds = seconds if seconds is not None else {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        logger.info("Stage %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], tokenizer=None,
+                 latency_table=None, progress: bool = True, stage_seconds: dict[str, float] | None = None
+                 ) -> PruningResult:
+    """Every stage in order, for `config.family`; the model is pruned in place.
+
+    Args:
+        windows: calibration token windows, `{"input_ids": (N, L), "attention_mask": (N, L)}`.
+        latency_table: a `LatencyTable` or its path, instead of the cache or a measurement.
+        stage_seconds: a dict the stages' wall seconds are written into as they end (the report has them too).
+
+    Raises:
+        UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
+    """
+    family = get_family(config.family)(config, model, progress)
+    stages = StageTimer(stage_seconds)
+    with stages("profile"):
+        example = {k: v[:1].to(model_device(model)) for k, v in windows.items()}
+        plan = family.plan(find_units(model, config.skip_modules, example_inputs=example), latency_table)
+    budget, search_budget = check_budget(config, plan)
+    with stages("database"):
+        database_info = family.build_database(plan, windows, budget, search_budget)
+    prior = family.prior()
+    with stages("search"):
+        result, scorer = search_profile(config, model, windows, plan.times, search_budget.budget_ms, prior,
+                                        family.stitch, progress)
+        family.stitch(result.profile)
+        score = scorer()
+    with stages("verify"):
+        verification = verify(config, family, plan, budget, search_budget, result, prior)
+        if verification.corrections:
+            score = scorer()
+    entries = family.entries(verification.profile, verification.measurement)
+    report = {**verify_summary(config, plan, budget, search_budget, verification), **entries.report,
+              **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages.seconds)}
+    return PruningResult(model=model, tokenizer=tokenizer, config=config, units=plan.units, profile=entries.profile,
+                         report=report, latency_table=plan.table, groups=entries.groups)
+
+
+def check_budget(config: SPDYConfig, plan: Plan) -> tuple[Budget, Budget]:
+    """The target's budget, and the one the search aims at (raised by `search.speedup_margin` where it can be).
+
+    Raises:
+        UnreachableTargetError: no profile meets the target, even with every unit at its fastest level.
+    """
+    times, buckets = plan.times, config.search.dp_buckets
+    budget = compute_budget(times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms)
+    logger.info("%d search units (%s family); dense model %.3f ms, searched units %.3f ms; max reachable speedup "
+                "%.3fx.", len(plan.names), config.family, budget.base_ms, budget.prunable_ms,
+                budget.max_reachable_speedup)
+    # the second test: times rounded up to DP buckets may not fit where the true times just do
+    if not budget.reachable or not fits(times, budget, buckets):
+        raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup)
+    search_budget = with_margin(times, budget, config.search.speedup_margin, buckets, reference_ms=plan.reference_ms)
+    return budget, search_budget
+
+
+def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], times: np.ndarray,
+                   budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True
+                   ) -> tuple[SearchResult, DistanceScorer]:
+    """SPDY's search with the config's settings: each candidate profile is stitched into the live model (`stitch`)
+    and scored against the dense model on the first `search.eval_samples` calibration windows. Returns the
+    `SearchResult` and the scorer (the best profile is not stitched yet)."""
+    s = config.search
+    device = model_device(model)
+    eval_windows = {k: v[: s.eval_samples].to(device) for k, v in windows.items()}
+    n = eval_windows["input_ids"].shape[0]
+    batches = [{k: v[i:i + s.eval_batch_size] for k, v in eval_windows.items()} for i in range(0, n, s.eval_batch_size)]
+    scorer = DistanceScorer(model, batches, s.score)
+
+    def evaluate(profile: np.ndarray) -> float:
+        stitch(profile)
+        return scorer()
+
+    result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
+                         neighbourhood_fraction=s.neighbourhood_fraction, buckets=s.dp_buckets, seed=s.seed,
+                         prior=prior, progress=progress)
+    return result, scorer
+
+
+def job_summary(config: SPDYConfig, score: float, score_kind: str, database_info: dict, budget: Budget,
+                search_budget: Budget, result: SearchResult, stage_seconds: dict) -> dict:
+    """The report entries every family shares: score, regime, database, budget, search, stages, environment."""
+    return {
+        "score_dense_vs_pruned": score,
+        "score_kind": score_kind,
+        "backend": config.backend,
+        "regime": config.regime.to_dict(),
+        "method": config.method,
+        "database": database_info,
+        "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
+                   "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
+        "search": {"candidates": result.candidates, "evaluations": result.evaluations},
+        "stage_seconds": dict(stage_seconds),
+        "environment": environment_info(),
+    }

@@ -1,0 +1,99 @@
+"""SPDY's budget arithmetic: where a forward pass's time goes, what a target speedup leaves for the searched units,
+and whether any profile fits. Pure: arrays in, numbers out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dp import solve_dp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Budget:
+    """Where the time of one forward pass goes, and what a target leaves for the searched units."""
+
+    base_ms: float  # the dense model, measured end to end: speedups are relative to it
+    prunable_ms: float  # sum of the searched units' dense times
+    constant_ms: float  # everything not searched: reference - prunable (skipped layers, attention, norms, ...)
+    target_speedup: float
+    budget_ms: float  # time the searched units may take: base / target - constant
+    min_prunable_ms: float  # every unit at its fastest level
+
+    @property
+    def max_reachable_speedup(self) -> float:
+        return self.base_ms / (self.constant_ms + self.min_prunable_ms)
+
+    @property
+    def reachable(self) -> bool:
+        return self.min_prunable_ms <= self.budget_ms
+
+    def predicted_speedup(self, unit_times_ms: np.ndarray) -> float:
+        return self.base_ms / (self.constant_ms + float(np.sum(unit_times_ms)))
+
+
+def compute_budget(
+    times: np.ndarray, base_ms: float, target_speedup: float, reference_ms: float | None = None
+) -> Budget:
+    """The time budget of the searched units for a target speedup.
+
+    Args:
+        times: (U, K) unit times with the dense level first; inf where a level cannot run.
+        base_ms: the dense model's time; the speedup is measured against it.
+        reference_ms: the time of the model whose units run in the form `times` were measured in, all dense
+            (on the cpu backend, every unit a dense `FastLinear`); the constant is `reference_ms - sum of dense
+            unit times`. Defaults to `base_ms`.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    prunable = float(times[:, 0].sum())
+    constant = (base_ms if reference_ms is None else reference_ms) - prunable
+    if constant < 0:
+        logger.warning(
+            "The searched units alone (%.3f ms) take longer than the whole dense model (%.3f ms): the "
+            "latency table and the model time disagree, so predicted speedups are unreliable.", prunable, base_ms
+        )
+    return Budget(
+        base_ms=float(base_ms),
+        prunable_ms=prunable,
+        constant_ms=constant,
+        target_speedup=float(target_speedup),
+        budget_ms=base_ms / target_speedup - constant,
+        min_prunable_ms=float(times.min(axis=1).sum()),
+    )
+
+
+def fits(times: np.ndarray, budget: Budget, buckets: int) -> bool:
+    """Whether some profile fits the budget once times are rounded up to DP buckets (the true times may fit where
+    the rounded ones do not)."""
+    return budget.budget_ms > 0 and solve_dp(np.zeros_like(times), times, budget.budget_ms, buckets) is not None
+
+
+def with_margin(times: np.ndarray, budget: Budget, margin: float, buckets: int,
+                reference_ms: float | None = None) -> Budget:
+    """The budget the search aims at: the target raised by `margin` (a fraction) for timing error, as far as it is
+    reachable and fits the DP's buckets; else `budget` itself. `reference_ms` as in `compute_budget`."""
+    aim = min(budget.target_speedup * (1 + margin), budget.max_reachable_speedup)
+    if aim <= budget.target_speedup:
+        return budget
+    raised = compute_budget(times, budget.base_ms, aim, reference_ms=reference_ms)
+    if not fits(times, raised, buckets):
+        return budget
+    logger.info("Searching for %.3fx (target %.3gx with a margin of %.0f%% for timing error).",
+                aim, budget.target_speedup, 100 * (aim / budget.target_speedup - 1))
+    return raised
+
+
+def anchor_level(times: np.ndarray, budget_ms: float) -> int:
+    """The uniform level that meets the budget: the smallest level k >= 1 whose every-unit-at-k profile fits,
+    else the level with the least total time. Data-aware databases calibrate later blocks on the outputs of
+    earlier ones pruned to this level: the level the search's profiles are, on average, near."""
+    totals = np.asarray(times, dtype=np.float64).sum(axis=0)  # (K,)
+    for k in range(1, len(totals)):
+        if totals[k] <= budget_ms:
+            return k
+    return int(np.argmin(np.where(np.isfinite(totals), totals, np.inf)[1:])) + 1 if len(totals) > 1 else 0

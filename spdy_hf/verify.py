@@ -1,0 +1,115 @@
+"""The verify stage: the chosen profile measured end to end, and corrected when the measurement misses the target.
+
+A measured miss is measured a second time before anything changes (one noisy moment of a busy machine should not
+cost quality). A confirmed miss means the latency table rated the profile too fast: the DP is re-solved, with the
+search's costs, for an aim raised by the shortfall (no new search), up to `search.verify_corrections` times.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import verify_unavailable
+from .config import SPDYConfig
+from .families import Family, Measurement, Plan
+from .search import Budget, SearchResult, compute_budget, solve_dp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Verification:
+    """What the verify stage ends with: the final profile and its measurement (None where it was skipped)."""
+
+    profile: np.ndarray
+    measurement: Measurement | None
+    skipped: str | None = None  # why nothing was measured
+    corrections: list[dict] = field(default_factory=list)
+
+
+def verify(config: SPDYConfig, family: Family, plan: Plan, budget: Budget, search_budget: Budget,
+           result: SearchResult, prior: np.ndarray) -> Verification:
+    """Measures the stitched profile; re-aims and re-stitches it while a confirmed miss leaves corrections."""
+    out = Verification(profile=result.profile, measurement=None,
+                       skipped=verify_unavailable(config.backend, family.model))
+    costs = result.sensitivities[:, None] * np.asarray(prior)
+    aim = search_budget.target_speedup
+    while out.skipped is None:
+        out.measurement = family.measure(out.profile)
+        if needs_confirmation(config, out.measurement.speedup, out.corrections):
+            out.measurement = family.measure(out.profile)
+        step = reaim(config, plan.times, costs, budget, out.profile, aim, out.measurement.speedup, out.corrections,
+                     reference_ms=plan.reference_ms)
+        if step is None:
+            break
+        aim, out.profile = step
+        family.stitch(out.profile)
+    return out
+
+
+def needs_confirmation(config: SPDYConfig, measured: float, corrections: list[dict]) -> bool:
+    """Whether a measured miss should be measured again before the profile is re-aimed: a re-aim costs quality,
+    and one noisy moment of a busy machine should not cause it. The second measurement is the one that counts."""
+    if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
+        return False
+    logger.info("Measured %.3fx < target %.3gx: measuring again to confirm before re-aiming.", measured,
+                config.target_speedup)
+    return True
+
+
+def reaim(config: SPDYConfig, times: np.ndarray, costs: np.ndarray, budget: Budget, profile: np.ndarray,
+          aim: float, measured: float, corrections: list[dict], reference_ms: float | None = None
+          ) -> tuple[float, np.ndarray] | None:
+    """One verify correction: if the measured speedup misses the target and corrections are left, the table rated
+    the profile too fast, so aim higher by the shortfall and let the DP re-solve with the search's costs (no new
+    search), as far as the model can go. Returns (new aim, new profile) and records the correction, or None."""
+    if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
+        return None
+    new_aim = min(aim * (config.target_speedup / measured) * 1.01, budget.max_reachable_speedup)
+    if new_aim <= aim:
+        return None
+    raised = compute_budget(times, budget.base_ms, new_aim, reference_ms=reference_ms)
+    new_profile = solve_dp(costs, times, raised.budget_ms, config.search.dp_buckets)
+    if new_profile is None or list(new_profile) == list(profile):
+        return None
+    predicted = budget.predicted_speedup(times[np.arange(len(profile)), profile])
+    corrections.append({"measured_speedup": measured, "predicted_speedup": predicted, "aim": aim,
+                        "new_aim": new_aim})
+    logger.info("Measured %.3fx < target %.3gx (predicted %.3fx): re-aiming the profile at %.3fx.",
+                measured, config.target_speedup, predicted, new_aim)
+    return new_aim, new_profile
+
+
+def verify_summary(config: SPDYConfig, plan: Plan, budget: Budget, search_budget: Budget,
+                   verification: Verification) -> dict:
+    """Logs the verify outcome (a warning when the target is missed by more than 5 %) and returns the report's
+    speedup entries."""
+    profile = verification.profile
+    predicted = budget.predicted_speedup(plan.times[np.arange(len(profile)), profile])
+    m = verification.measurement
+    dense_ms, pruned_ms = (None, None) if m is None else (m.dense_ms, m.pruned_ms)
+    measured = None if verification.skipped else m.speedup
+    if measured is None:
+        logger.warning("Predicted speedup %.3fx, not verified: %s", predicted, verification.skipped)
+    else:
+        logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).",
+                    predicted, measured, dense_ms, pruned_ms)
+        if measured < 0.95 * config.target_speedup:
+            logger.warning(
+                "Measured speedup %.3fx falls short of the target %.3gx by more than 5%%: the latency table may be "
+                "stale or the machine busy. Re-measure the table on an idle machine (delete its cache file).",
+                measured, config.target_speedup)
+    return {
+        "target_speedup": config.target_speedup,
+        "predicted_speedup": predicted,
+        "measured_speedup": measured,
+        "max_reachable_speedup": budget.max_reachable_speedup,
+        "search_target_speedup": search_budget.target_speedup,
+        "verify_corrections": verification.corrections,
+        "dense_time_ms": dense_ms,
+        "pruned_time_ms": pruned_ms,
+        "verify_skipped": verification.skipped,
+    }

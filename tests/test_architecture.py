@@ -1,0 +1,163 @@
+"""The shape of the code, kept by a test: no two modules of spdy_hf import each other (directly or through
+others, lazy imports inside functions and TYPE_CHECKING blocks included), no module imports another's private
+(`_`-prefixed) names, and functions and modules stay short enough to read top to bottom."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "spdy_hf"
+MAX_FUNCTION_LINES = 90  # "about 80"
+MAX_MODULE_LINES = 420  # "about 400"
+
+
+def modules_of(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file under the package `root`."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or "", line) for every import of the package's own modules in `path`,
+    wherever it stands (module level, inside functions, under TYPE_CHECKING). `from pkg import sub` counts as an
+    import of the module `pkg.sub`; importing a module does not count as importing its parent package."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    top = next(iter(modules)).split(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "", node.lineno) for a in node.names if a.name in modules]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != top:
+                continue
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                found.append((target, "", node.lineno) if target in modules else (base, alias.name, node.lineno))
+    return found
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """The groups of modules that import one another (strongly connected components of more than one module, or a
+    module importing itself)."""
+    modules = modules_of(root)
+    graph = {m: sorted({t for t, _, _ in imports_of(m, p, modules) if t in modules}) for m, p in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph[v]:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def private_imports(root: Path) -> list[str]:
+    """`module:line imports other._name` for each import of a `_`-prefixed name from another module."""
+    modules = modules_of(root)
+    return [f"{m}:{line} imports {target}.{imported}" for m, p in modules.items()
+            for target, imported, line in imports_of(m, p, modules)
+            if imported.startswith("_") and target != m]
+
+
+def long_definitions(root: Path) -> list[str]:
+    too_long = []
+    for name, path in modules_of(root).items():
+        source = path.read_text(encoding="utf-8")
+        if source.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name}: {length} lines")
+    return too_long
+
+
+def test_no_module_imports_another_that_imports_it_back():
+    assert import_cycles(PACKAGE) == []
+
+
+def test_no_module_imports_private_names_of_another():
+    assert private_imports(PACKAGE) == []
+
+
+def test_functions_and_modules_stay_short():
+    assert long_definitions(PACKAGE) == []
+
+
+def test_every_family_is_a_plug_in_of_one_interface():
+    from spdy_hf.config import FAMILIES as NAMES
+    from spdy_hf.families import FAMILIES, Family
+
+    assert set(FAMILIES) == set(NAMES)
+    assert all(issubclass(cls, Family) and cls.name == name for name, cls in FAMILIES.items())
+
+
+# ------------------------------------------------------------------ the checks themselves catch what they name
+def write_package(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / "pkg" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root / "pkg"
+
+
+@pytest.mark.parametrize("files, cycle", [
+    ({"__init__.py": "", "a.py": "from .b import f\n", "b.py": "def f():\n    from .a import g\n"}, ["pkg.a", "pkg.b"]),
+    ({"__init__.py": "", "a.py": "from . import b\n", "b.py": "from .c import x\n", "c.py": "import pkg.a\n"},
+     ["pkg.a", "pkg.b", "pkg.c"]),
+    ({"__init__.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import A\n",
+      "a.py": "from pkg import version\n", "version.py": ""}, None),
+    ({"__init__.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import A\n",
+      "a.py": "from . import __version__\n"}, ["pkg", "pkg.a"]),
+    ({"__init__.py": "", "sub/__init__.py": "from .x import y\n", "sub/x.py": "from ..a import z\n", "a.py": ""},
+     None),
+])
+def test_cycle_check_finds_direct_indirect_and_lazy_cycles(tmp_path, files, cycle):
+    cycles = import_cycles(write_package(tmp_path, files))
+    assert cycles == ([cycle] if cycle else [])
+
+
+def test_private_import_check(tmp_path):
+    root = write_package(tmp_path, {"__init__.py": "", "a.py": "def _f(): ...\n_X = 1\n",
+                                    "b.py": "from .a import _f\n", "c.py": "def g():\n    from pkg.a import _X\n"})
+    assert private_imports(root) == ["pkg.b:1 imports pkg.a._f", "pkg.c:2 imports pkg.a._X"]
+
+
+def test_length_check(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    root = write_package(tmp_path, {"__init__.py": "", "a.py": f"def long():\n{body}\n"})
+    assert long_definitions(root) == [f"pkg.a.long: {MAX_FUNCTION_LINES + 1} lines"]
