@@ -61,13 +61,26 @@ def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the model's class and config: latency tables are cached per fingerprint."""
+    """A short hash of the model's class and config: latency tables (which depend on shapes, not on weights) are
+    cached per fingerprint. Anything that depends on the weights is keyed by `weights_fingerprint` too."""
     config = getattr(model, "config", None)
     data = config.to_dict() if config is not None else {}
     for volatile in ("_name_or_path", "transformers_version", "name_or_path", "spdy"):
         data.pop(volatile, None)
     payload = json.dumps({"class": type(model).__name__, "config": data}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of every tensor of the model's state dict (names, dtypes, shapes and bytes): two checkpoints
+    with one config but different weights (two fine-tunes of one base) differ here. Reads the weights once,
+    at memory speed (about a second per GB)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: bool = False):

@@ -20,7 +20,7 @@ from torch import nn
 from ..backend import interleaved_timer, regime_inputs, table_environment
 from ..config import SPDYConfig
 from ..latency.table import LatencyTable
-from ..loading import model_fingerprint
+from ..loading import model_fingerprint, weights_fingerprint
 from ..search import Budget
 from ..units import Unit
 
@@ -115,7 +115,13 @@ class Family:
 
     @cached_property
     def fingerprint(self) -> str:
+        """The model's class and config (what latency depends on)."""
         return model_fingerprint(self.model)
+
+    @cached_property
+    def weights(self) -> str:
+        """The model's weights (what pruning databases depend on); read once, while the model is still dense."""
+        return weights_fingerprint(self.model)
 
     def given_table(self, latency_table: LatencyTable | str | os.PathLike | None) -> LatencyTable | None:
         """The table passed to this job (an object or a path), else the config's, else None."""

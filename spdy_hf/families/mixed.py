@@ -73,7 +73,7 @@ class MixedFamily(StructuredFamily):
             config = copy.deepcopy(config)
             config.database.dir = os.path.join(self.config.database.dir, "unstructured")
         self.udb, info["unstructured"] = build_database(config, self.model, flat, self.levels, windows, anchor,
-                                                        self.progress, patterns=self.patterns)
+                                                        self.progress, patterns=self.patterns, weights=self.weights)
         self.offsets = np.cumsum([0] + [len(us) for us in self.group_units])
         return info
 

@@ -31,7 +31,7 @@ from ..deploy import STRUCTURED_SPARSE, deploy_groups
 from ..errors import SPDYError
 from ..latency.structured import keep_counts, measure_structured_latency
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
-from ..loading import model_fingerprint
+from ..loading import model_fingerprint, weights_fingerprint
 from ..structured import StructuredGroup, find_structured_groups, group_name
 from ..timing import spin_up
 from .base import Entries, Family, Measurement, Plan
@@ -87,7 +87,8 @@ class StructuredFamily(Family):
     # ------------------------------------------------------------------ database
     def build_database(self, plan, windows, budget, search_budget) -> dict:
         self.sdb, info = build_group_database(self.config, self.model, self.groups, self.counts, windows,
-                                              store_hessian=self.keeps_hessians(), progress=self.progress)
+                                              store_hessian=self.keeps_hessians(), progress=self.progress,
+                                              weights=self.weights)
         self.current = [0] * len(self.groups)  # the level each group has in the live model
         return info
 
@@ -229,24 +230,26 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
 
 def build_group_database(config: SPDYConfig, model: nn.Module, groups: list[StructuredGroup],
                          counts: list[list[int]], windows: dict[str, torch.Tensor], store_hessian: bool = False,
-                         progress: bool = True) -> tuple[StructuredDatabase, dict]:
-    """The structured database of `config.method` (in `database.dir`/structured, or keyed in the cache), with a
-    summary for the report."""
+                         progress: bool = True, weights: str | None = None) -> tuple[StructuredDatabase, dict]:
+    """The structured database of `config.method` (in `database.dir`/structured, or keyed in the cache by the model's
+    config and weights, see `build_database`), with a summary for the report."""
     fingerprint = model_fingerprint(model)
+    weights = weights if weights is not None else weights_fingerprint(model)
     n = min(config.calibration.num_samples, windows["input_ids"].shape[0])
     windows = {k: v[:n] for k, v in windows.items()}
     directory = None
     if config.method == "obs" and config.database.dir is not None:  # the user's directory: one store each
         directory = os.path.join(config.database.dir, "structured")
     elif config.method == "obs":
-        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "calibration": windows_digest(windows),
+        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "weights": weights,
+                          "calibration": windows_digest(windows),
                           "groups": [[group_name(g), c] for g, c in zip(groups, counts)],
                           "dampening": config.database.dampening, "hessians": store_hessian}, sort_keys=True)
         directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
                                  "structured-" + hashlib.sha1(key.encode()).hexdigest()[:16])
     sdb = build_structured_database(
         model, groups, counts, windows, directory=directory, method=config.method,
-        build_info={"model": fingerprint}, dampening=config.database.dampening,
+        build_info={"model": fingerprint, "weights": weights}, dampening=config.database.dampening,
         batch_size=config.database.batch_size, device=config.database.device,
         store_hessian=store_hessian, progress=progress)
     info = {"method": config.method, "family": config.family,

@@ -21,7 +21,7 @@ from ..database.store import STORE_VERSION
 from ..errors import SPDYError
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..levels import get_levels, get_patterns
-from ..loading import model_fingerprint
+from ..loading import model_fingerprint, weights_fingerprint
 from ..search import anchor_level, error_prior
 from ..timing import interleaved_median_ms
 from ..units import Unit
@@ -44,7 +44,7 @@ class UnstructuredFamily(Family):
     def build_database(self, plan, windows, budget, search_budget) -> dict:
         anchor = anchor_level(plan.times, search_budget.budget_ms)
         self.database, info = build_database(self.config, self.model, self.units, self.levels, windows, anchor,
-                                             self.progress, patterns=self.patterns)
+                                             self.progress, patterns=self.patterns, weights=self.weights)
         return info
 
     def prior(self) -> np.ndarray:
@@ -124,19 +124,22 @@ def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | 
 
 def build_database(config: SPDYConfig, model: nn.Module, units: list[Unit], levels: list[float],
                    windows: dict[str, torch.Tensor], anchor: int, progress: bool = True,
-                   patterns: list[str] | None = None) -> tuple[PruningDatabase, dict]:
-    """The pruning database of `config.method`, with a summary for the report."""
+                   patterns: list[str] | None = None, weights: str | None = None) -> tuple[PruningDatabase, dict]:
+    """The pruning database of `config.method`, with a summary for the report. It is keyed by, and records, the
+    model's config and its weights (`weights`: `weights_fingerprint(model)`, computed here when not given), so a
+    database is never reused for another checkpoint of the same architecture."""
     if config.method == "magnitude":
         return MagnitudeDatabase(units, levels, patterns), {"method": "magnitude"}
     if config.method != "obs":
         raise ValueError(f"Unknown pruning method {config.method!r}.")
     db = config.database
     fingerprint = model_fingerprint(model)
+    weights = weights if weights is not None else weights_fingerprint(model)
     n = min(config.calibration.num_samples, windows["input_ids"].shape[0])
     windows = {k: v[:n] for k, v in windows.items()}
     directory = db.dir
     if directory is None:
-        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "levels": list(levels),
+        key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "weights": weights, "levels": list(levels),
                           "patterns": patterns, "units": [u.name for u in units],
                           "calibration": windows_digest(windows), "propagation": db.propagation,
                           "anchor": anchor if db.propagation == "pruned" else None,
@@ -147,7 +150,7 @@ def build_database(config: SPDYConfig, model: nn.Module, units: list[Unit], leve
                 f"pruned to level {anchor} (sparsity {levels[anchor]:.4f})" if db.propagation == "pruned"
                 else "of the dense blocks")
     database = build_obs_database(
-        model, units, levels, windows, directory=directory, patterns=patterns, build_info={"model": fingerprint},
+        model, units, levels, windows, directory=directory, patterns=patterns, build_info={"model": fingerprint, "weights": weights},
         anchor_level=anchor, propagation=db.propagation, dampening=db.dampening, block_size=db.block_size,
         batch_size=db.batch_size, device=db.device, progress=progress)
     info = {"method": "obs", "dir": os.path.abspath(directory), "calibration_windows": n,

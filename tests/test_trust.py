@@ -1,0 +1,66 @@
+"""Nothing silent: caches keyed by what they depend on, tables checked in every family, settings honoured or
+refused, invalid times refused with a message that names the unit and level."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, handwritten_table, small_config
+from safetensors.torch import load_file
+from test_structured_pruner import structured_table
+
+from spdy_hf import SPDYPruner
+from spdy_hf.errors import SPDYError
+from spdy_hf.units import find_units
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """The same architecture and config with other weights (another fine-tune of one base, say)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def prune_saved(model, config, tokenizer, table, out) -> dict[str, torch.Tensor]:
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    result.save_pretrained(out)
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("family", ["structured", "unstructured"])
+def test_two_checkpoints_of_one_config_get_their_own_databases(family, tmp_path, tokenizer):
+    """Pruned one after the other into one cache, the second model's output is exactly what it is when pruned
+    alone: its database was built from its own weights, not loaded from the first model's."""
+    def table_for(model, config):
+        if family == "structured":
+            return structured_table(model, config)
+        return handwritten_table(model, find_units(model, config.skip_modules), config)
+
+    search = {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000,
+              "verify_corrections": 0}  # a re-aim depends on a timing: off, so both runs choose alike
+    shared = small_config(tmp_path / "shared", target_speedup=1.6, family=family, search=search)
+    first, second = MODEL_FACTORIES["bert"](), perturbed(MODEL_FACTORIES["bert"]())
+    assert first.config.to_dict() == second.config.to_dict()
+    prune_saved(first, shared, tokenizer, table_for(first, shared), tmp_path / "first")
+    second_shared = prune_saved(second, shared, tokenizer, table_for(second, shared), tmp_path / "second")
+    databases = sorted(p.name for p in (tmp_path / "shared" / "cache" / "database").iterdir())
+    assert len(databases) == 2, databases
+
+    alone = small_config(tmp_path / "alone", target_speedup=1.6, family=family, search=search)
+    model = perturbed(MODEL_FACTORIES["bert"]())
+    second_alone = prune_saved(model, alone, tokenizer, table_for(model, alone), tmp_path / "alone-out")
+    assert second_shared.keys() == second_alone.keys()
+    for name in second_alone:
+        assert torch.equal(second_shared[name], second_alone[name]), name
+
+
+def test_a_database_directory_refuses_a_model_with_other_weights(tmp_path, tokenizer):
+    config = small_config(tmp_path, target_speedup=1.6, database={"dir": str(tmp_path / "db")})
+    model = MODEL_FACTORIES["bert"]()
+    table = handwritten_table(model, find_units(model, config.skip_modules), config)
+    SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    other = perturbed(MODEL_FACTORIES["bert"]())
+    with pytest.raises(SPDYError, match="other inputs.*weights"):
+        SPDYPruner(other, config, tokenizer).prune(latency_table=table, progress=False)
