@@ -3,6 +3,9 @@ refused, invalid times refused with a message that names the unit and level."""
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
 from conftest import MODEL_FACTORIES, handwritten_table, small_config
@@ -64,3 +67,35 @@ def test_a_database_directory_refuses_a_model_with_other_weights(tmp_path, token
     other = perturbed(MODEL_FACTORIES["bert"]())
     with pytest.raises(SPDYError, match="other inputs.*weights"):
         SPDYPruner(other, config, tokenizer).prune(latency_table=table, progress=False)
+
+
+@pytest.mark.parametrize("family", ["structured", "mixed"])
+def test_every_family_checks_a_table_from_another_regime_or_backend(family, tmp_path, tokenizer, caplog):
+    from test_structured_pruner import structured_part
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.3, family=family, method="magnitude")
+    table = handwritten_table(model, find_units(model, config.skip_modules), config)
+    table.structured = structured_part(model, config)
+    table.base_time_ms = table.structured["dense_ms"]
+    table.regime = {**table.regime, "batch_size": 8}  # measured for another batch size
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.latency.table"):
+        result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    assert "measured in regime" in caplog.text and "'batch_size': 8" in caplog.text
+    assert result.latency_table.regime["batch_size"] == 8  # saved under the labels it was measured with
+    result.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "spdy_latency_table.json").read_text())
+    assert saved["regime"]["batch_size"] == 8 and saved["structured"] == table.structured
+
+    table.backend = "cuda"
+    with pytest.raises(SPDYError, match="measured for backend 'cuda', not 'cpu'"):
+        SPDYPruner(MODEL_FACTORIES["bert"](), config, tokenizer).prune(latency_table=table, progress=False)
+
+
+def test_a_table_without_this_models_structured_times_is_refused(tmp_path, tokenizer):
+    config = small_config(tmp_path, target_speedup=1.3, family="structured", method="magnitude")
+    other = MODEL_FACTORIES["llama"]()
+    table = structured_table(other, config)  # another model's groups
+    with pytest.raises(SPDYError, match="no structured times for this model"):
+        SPDYPruner(MODEL_FACTORIES["bert"](), config, tokenizer).prune(latency_table=table, progress=False)
+    assert not (tmp_path / "cache" / "latency").exists()  # nothing measured, nothing cached

@@ -58,7 +58,8 @@ class StructuredFamily(Family):
         by_name = {u.name: u for u in units}
         self.group_units = [[by_name[n] for n in [*g.producers, g.consumer]] for g in self.groups]
         self.unit_table = self.plan_unit_table(units, table)
-        structured = structured_latency(self, table or self.unit_table)
+        source = structured_latency(self, table or self.unit_table)  # the table the structured times come from
+        structured = source.structured
         self.level_maps, rows = [], []
         for i, g in enumerate(self.groups):
             group_times = structured["signatures"][structured["groups"][group_name(g)]]["times_ms"]
@@ -69,15 +70,17 @@ class StructuredFamily(Family):
         for i, row in enumerate(rows):
             self.times[i, :len(row)] = row
         base_ms = structured["dense_ms"]
-        self.table = copy.copy(self.unit_table) if self.unit_table is not None else LatencyTable(
-            backend=self.config.backend, regime=self.config.regime.to_dict(), levels=[0.0], shapes={},
-            base_time_ms=base_ms, model=self.fingerprint, environment=self.environment)
+        # saved with the result under the labels it was measured with (backend, regime, environment)
+        self.table = copy.copy(self.unit_table if self.unit_table is not None else source)
         self.table.structured = structured
         return Plan(units=units, names=[group_name(g) for g in self.groups], times=self.times, base_ms=base_ms,
                     reference_ms=None, table=self.table)
 
     def plan_unit_table(self, units, table: LatencyTable | None) -> LatencyTable | None:
-        """The per-layer latency table this family needs besides the structured levels' (none here)."""
+        """The per-layer latency table this family needs besides the structured levels' (none here), after checking
+        a given `table` against the job: another backend is an error; another regime or environment a warning."""
+        if table is not None:
+            table.check_matches(self.config.backend, self.config.regime.to_dict(), environment=self.environment)
         return None
 
     def group_levels(self, i: int, group_times: list[float]) -> tuple[list[tuple[str, int, int]], list[float]]:
@@ -185,9 +188,9 @@ class StructuredFamily(Family):
         return Entries(profile=units, groups=groups, report=report)
 
 
-def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> dict:
-    """The structured part of the latency table: reused from `table` or the cache when it covers these groups and
-    keep counts, else measured in the whole model and cached."""
+def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> LatencyTable:
+    """The latency table holding the structured levels' times (its `structured` part): the given `table`, which
+    must cover these groups and keep counts; else the cached one; else measured in the whole model and cached."""
     config, groups, counts = family.config, family.groups, family.counts
 
     def covers(structured: dict) -> bool:
@@ -199,8 +202,14 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
                 return False
         return True
 
-    if table is not None and covers(table.structured):
-        return table.structured
+    if table is not None:
+        if not covers(table.structured):
+            raise SPDYError(
+                "The latency table has no structured times for this model's attention/FFN groups at the keep counts "
+                "of `structured` (it was measured for another model, another family or other structured levels). "
+                "Measure one for this model: drop --latency-table, or run `spdy-hf profile --family "
+                f"{config.family}`.")
+        return table
     regime = config.regime.to_dict()
     key = cache_key(config.backend, regime, [0.0], family.fingerprint, family.environment,
                     extra={"structured": [[group_name(g), list(c)] for g, c in zip(groups, counts)]})
@@ -210,7 +219,7 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
             cached = LatencyTable.load(path)
             if covers(cached.structured):
                 logger.info("Reusing the structured latency table cached at %s.", path)
-                return cached.structured
+                return cached
         except SPDYError as e:
             logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
     inputs, model = family.inputs, family.model
@@ -222,10 +231,12 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
         spin_up(run(model), seconds=2.0)
     structured = measure_structured_latency(model, groups, counts, run, family.timer, warmup=config.timing.warmup,
                                             repeats=2 * config.timing.model_repeats, progress=family.progress)
-    LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={}, base_time_ms=structured["dense_ms"],
-                 model=family.fingerprint, environment=family.environment, structured=structured).save(path)
+    table = LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={},
+                         base_time_ms=structured["dense_ms"], model=family.fingerprint,
+                         environment=family.environment, structured=structured)
+    table.save(path)
     logger.info("Structured latency table cached at %s.", path)
-    return structured
+    return table
 
 
 def build_group_database(config: SPDYConfig, model: nn.Module, groups: list[StructuredGroup],

@@ -99,14 +99,16 @@ class LatencyTable:
         rows = [[np.inf if t is None else float(t) for t in self.shapes[k]] for k in shape_keys]
         return np.asarray(rows, dtype=np.float64)
 
-    def check_matches(self, backend: str, regime: dict[str, Any], levels: list[float],
+    def check_matches(self, backend: str, regime: dict[str, Any], levels: list[float] | None = None,
                       patterns: list[str] | None = None, environment: dict[str, Any] | None = None) -> None:
         """Raises if the table cannot serve this search (other levels, patterns or backend); warns when it was
-        measured in another regime or environment (another GPU, driver, torch or cuSPARSELt version)."""
+        measured in another regime or environment (another GPU, driver, torch or cuSPARSELt version). `levels`
+        None: the per-layer levels are not used (a structured-only search)."""
         if self.backend != backend:
             raise SPDYError(f"The latency table was measured for backend {self.backend!r}, not {backend!r}.")
-        if len(levels) != len(self.levels) or not np.allclose(levels, self.levels, atol=1e-9) \
-                or (patterns is not None and list(patterns) != list(self.patterns)):
+        if levels is not None and (
+                len(levels) != len(self.levels) or not np.allclose(levels, self.levels, atol=1e-9)
+                or (patterns is not None and list(patterns) != list(self.patterns))):
             raise SPDYError(
                 "The latency table was measured for other sparsity levels than the config asks for; "
                 "measure it again with these levels."
