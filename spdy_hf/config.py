@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("cpu", "cuda")
 METHODS = ("obs", "magnitude")
 FAMILIES = ("structured", "mixed", "unstructured")
-ERROR_PRIORS = ("spdy", "measured")
-PROPAGATIONS = ("pruned", "dense")
+ERROR_PRIORS = ("auto", "spdy", "measured")
+PROPAGATIONS = ("auto", "pruned", "dense")
 LEVEL_GRIDS = ("auto", "spdy", "2:4")
 LEVEL_PATTERNS = ("2:4",)
 DEFAULT_LEVELS = {"cpu": "spdy", "cuda": "2:4"}  # what levels "auto" means on each backend
@@ -104,9 +104,10 @@ class DatabaseConfig:
         default=0.01, metadata={"help": "OBS: fraction of the Hessian's mean diagonal added before inversion."})
     block_size: int = field(default=128, metadata={"help": "OBS: columns per lazy batch of updates."})
     propagation: str = field(
-        default="pruned",
+        default="auto",
         metadata={"help": "What the next block is calibrated on: 'pruned' (outputs of the block pruned to the "
-                  "anchor level, the uniform level that meets the target) or 'dense' (outputs of the dense block)."})
+                  "anchor level, the uniform level that meets the target; per-layer databases only) or 'dense' "
+                  "(outputs of the dense block); 'auto': pruned for per-layer databases, dense for structured ones."})
     batch_size: int = field(default=8, metadata={"help": "Calibration windows per forward pass."})
     device: str | None = field(
         default=None, metadata={"help": "Where blocks run while calibrating (e.g. 'cuda'); default the model's."})
@@ -114,6 +115,12 @@ class DatabaseConfig:
         default=None,
         metadata={"help": "Directory of the database (resumable); default <cache_dir>/database/<key>. With family "
                           "structured or mixed it holds structured/ (and unstructured/ for mixed)."})
+
+    def propagation_for(self, database: str) -> str:
+        """What a "per-layer" or "structured" database propagates, with 'auto' decided."""
+        if self.propagation != "auto":
+            return self.propagation
+        return "pruned" if database == "per-layer" else "dense"
 
     def __post_init__(self):
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) \
@@ -156,9 +163,11 @@ class SearchConfig:
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass while scoring."})
     error_prior: str = field(
-        default="spdy",
-        metadata={"help": "Per-level error prior of the DP: 'spdy' is (k/(K-1))^2; 'measured' is each unit's "
-                  "relative output error on the calibration set (method 'obs')."})
+        default="auto",
+        metadata={"help": "Per-level error prior of the DP: 'spdy', SPDY's reference prior ((k/(K-1))^2 over a "
+                  "layer's levels; the fraction of a group removed, squared, for structured levels); 'measured', "
+                  "each level's relative output error on the calibration set (method 'obs'); 'auto': measured for "
+                  "the structured and mixed families with OBS, else spdy."})
     score: str = field(
         default="auto",
         metadata={"help": "Distance to the dense model that the search minimises: 'auto' (KL of next-token "
@@ -243,31 +252,15 @@ DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*sc
 
 @dataclass
 class SPDYConfig:
-    """Everything that defines a speedup-targeted pruning job.
+    """Everything that defines a speedup-targeted pruning job; each field's `help` metadata says what it does.
 
-    Args:
-        target_speedup: end-to-end speedup to reach over the dense model, in the regime, on the backend.
-        backend: where the model will run; `"cpu"` profiles dense vs `torch.sparse` CSR products, `"cuda"`
-            dense vs 2:4 semi-structured products on an NVIDIA GPU.
-        regime: deployment batch size, sequence length and dtype.
-        levels: `"auto"` (the backend's: `"spdy"` on cpu, `"2:4"` on cuda), `"spdy"` for the reference grid
-            (dense + 41 geometric levels, sparsity 0.40 to 0.99), `"2:4"` (dense or 2:4), or a list of sparsities
-            in (0, 1) and patterns ("2:4").
-        family: which level families the search may give a block's attention and FFN: `"structured"` (heads
-            and FFN neurons removed, the modules shrunk; fast with any dense kernel; the default, best in
-            docs/BENCHMARKS.md), `"mixed"` (per group, structured levels, the backend's sparse `levels` (CSR
-            sparsity on cpu, 2:4 on cuda), or heads/neurons removed and the rest sparse), or `"unstructured"` (every linear layer its own unit at `levels`).
-        structured: the structured levels' grid.
-        method: how each unit is pruned to each level: `"obs"` (SparseGPT-style, from the calibration set) or
-            `"magnitude"` (data-free).
-        calibration: the calibration set.
-        database: how the pruning database is built and where it is kept.
-        search: the local search and the dynamic program.
-        timing: latency measurement.
-        gradual: gradual pruning with the Trainer (`spdy_hf.SPDYPruningCallback`).
-        skip_modules: glob patterns of module names never pruned (embeddings, heads by default).
-        latency_table: optional path of a saved latency table to use instead of measuring.
-        cache_dir: where measured latency tables are cached; default `~/.cache/spdy_hf`.
+    The main ones: `target_speedup` (end to end, over the dense model), `backend` (`"cpu"`: dense vs `torch.sparse`
+    CSR; `"cuda"`: dense vs 2:4 on an NVIDIA GPU), `regime` (batch size, sequence length, dtype), `family`
+    (`"structured"`: heads and FFN neurons removed, the default; `"mixed"`: those or the backend's sparse `levels`
+    per block, or both; `"unstructured"`: every linear layer its own unit at `levels`), `levels` (`"auto"`: the
+    backend's, `"spdy"` on cpu (dense + 41 sparsities from 0.40 to 0.99), `"2:4"` on cuda; or a list of
+    sparsities and patterns), `method` (`"obs"`, SparseGPT-style from calibration data, or `"magnitude"`), and the
+    sections `calibration`, `database`, `search`, `timing`, `structured` and `gradual`.
     """
 
     target_speedup: float = field(default=1.5, metadata={"help": "End-to-end speedup to reach (> 1)."})
@@ -313,6 +306,10 @@ class SPDYConfig:
         _check_choice("family", self.family, FAMILIES)
         if self.search.error_prior == "measured" and self.method != "obs":
             raise ConfigError("search.error_prior='measured' needs method='obs': magnitude pruning measures no errors.")
+        if self.database.propagation == "pruned" and self.family != "unstructured":
+            raise ConfigError(f"database.propagation='pruned' is not available with family {self.family!r}: the "
+                              "structured database calibrates every block on the dense model's outputs. Use 'auto' "
+                              "(pruned for the per-layer database, dense for the structured one) or 'dense'.")
         if isinstance(self.levels, str):
             _check_choice("levels", self.levels, LEVEL_GRIDS)
             if self.levels == "auto":
@@ -342,6 +339,13 @@ class SPDYConfig:
         if isinstance(self.skip_modules, str) or not all(isinstance(p, str) for p in self.skip_modules):
             raise ConfigError("skip_modules must be a list of glob patterns of module names.")
         self.skip_modules = list(self.skip_modules)
+
+    def resolved_error_prior(self) -> str:
+        """`search.error_prior` with 'auto' decided: measured errors for the structured and mixed families with OBS
+        (their levels have no common index), SPDY's reference prior otherwise."""
+        if self.search.error_prior != "auto":
+            return self.search.error_prior
+        return "measured" if self.family != "unstructured" and self.method == "obs" else "spdy"
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

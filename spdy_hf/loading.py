@@ -92,7 +92,7 @@ def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: 
     Returns (model, tokenizer, profile entries). The zeros are the masks: for further training keep them with
     `spdy_hf.integrations.trainer.SPDYPruningCallback(path)`.
     """
-    from .deploy import deploy_profile
+    from .deploy import STRUCTURED_SPARSE, deploy_profile
 
     model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     spdy = getattr(model.config, "spdy", None)
@@ -112,10 +112,12 @@ def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: 
             logger.warning("%s was profiled for 2:4 kernels on an NVIDIA GPU; there is none here, so it runs dense "
                            "(same outputs, no speedup).", name_or_path)
             return model, tokenizer, profile
-        logger.warning("%s was profiled for an NVIDIA GPU; there is none here, so its structured levels run "
-                       "shrunk on the CPU without 2:4 kernels.", name_or_path)
+        logger.warning("%s was profiled for an NVIDIA GPU; there is none here, so its removed heads and neurons are "
+                       "cut out, and what the profile made 2:4 runs as dense (zero-filled) on the CPU.", name_or_path)
         backend = "cpu"
-        groups = [g if g["family"] == "structured" else {**g, "family": "dense"} for g in groups]
+        # a combination keeps its shrink; a sparse level has no kernel here, so its zeros stay in dense weights
+        kind = {"structured": "structured", STRUCTURED_SPARSE: "structured"}
+        groups = [{**g, "family": kind.get(g["family"], "dense")} for g in groups]
     elif backend == "cuda":
         model.to(device="cuda", dtype=getattr(torch, job.get("regime", {}).get("dtype", "float16")))
     deploy_profile(model, profile, groups, backend)

@@ -25,7 +25,14 @@ def test_defaults():
     assert isinstance(c.search, SearchConfig)
     assert c.search.num_random_inits == 100 and c.search.patience == 100
     assert c.search.neighbourhood_fraction == 0.1 and c.search.dp_buckets == 10_000
-    assert c.search.error_prior == "spdy"
+    assert c.search.error_prior == "auto" and c.database.propagation == "auto"
+    # 'auto' decided per family: measured errors for structured OBS, SPDY's prior for per-layer levels
+    assert c.resolved_error_prior() == "measured"
+    assert SPDYConfig(family="unstructured").resolved_error_prior() == "spdy"
+    assert SPDYConfig(method="magnitude").resolved_error_prior() == "spdy"
+    assert SPDYConfig(search={"error_prior": "spdy"}).resolved_error_prior() == "spdy"
+    assert c.database.propagation_for("structured") == "dense"
+    assert c.database.propagation_for("per-layer") == "pruned"
     assert isinstance(c.timing, TimingConfig)
     assert "*embed*" in c.skip_modules and "*lm_head*" in c.skip_modules
     assert c.latency_table is None and c.cache_dir is None
@@ -150,6 +157,8 @@ def test_config_error_is_an_spdy_error_and_a_value_error():
         ({"search": {"error_prior": "measured"}, "method": "magnitude"}, "error_prior", "method='obs'"),
         ({"database": {"dampening": 0}}, "database.dampening", "(0, 1)"),
         ({"database": {"propagation": "both"}}, "database.propagation", "'dense'"),
+        ({"database": {"propagation": "pruned"}}, "database.propagation='pruned'", "family 'structured'"),
+        ({"database": {"propagation": "pruned"}, "family": "mixed"}, "database.propagation", "'auto'"),
         ({"database": {"batch_size": 0}}, "database.batch_size", ">= 1"),
         ({"database": {"dir": ""}}, "database.dir", "non-empty"),
         ({"database": {"solver": "x"}}, "database.solver", "database.dampening"),

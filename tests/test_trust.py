@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from conftest import MODEL_FACTORIES, handwritten_table, small_config
@@ -99,3 +100,89 @@ def test_a_table_without_this_models_structured_times_is_refused(tmp_path, token
     with pytest.raises(SPDYError, match="no structured times for this model"):
         SPDYPruner(MODEL_FACTORIES["bert"](), config, tokenizer).prune(latency_table=table, progress=False)
     assert not (tmp_path / "cache" / "latency").exists()  # nothing measured, nothing cached
+
+
+@pytest.mark.parametrize("family", ["structured", "mixed"])
+def test_the_error_prior_setting_is_honoured_by_the_structured_families(family, tmp_path, tokenizer, monkeypatch):
+    """'spdy' gives SPDY's reference curve (the fraction of a group removed, squared); 'measured' the database's
+    relative output errors: the DP receives what was asked for, and the report says which."""
+    from test_structured_pruner import structured_part
+
+    import spdy_hf.pipeline as pipeline
+
+    seen = {}
+    real_search = pipeline.spdy_search
+
+    def spy(evaluate, times, budget_ms, **kwargs):
+        seen["prior"] = kwargs["prior"]
+        return real_search(evaluate, times, budget_ms, **kwargs)
+
+    monkeypatch.setattr(pipeline, "spdy_search", spy)
+    priors, families = {}, {}
+    for choice in ("spdy", "measured"):
+        model = MODEL_FACTORIES["bert"]()
+        config = small_config(tmp_path, target_speedup=1.3, family=family, levels=[0.5],
+                              search={"num_random_inits": 3, "patience": 2, "eval_samples": 4, "dp_buckets": 1000,
+                                      "error_prior": choice, "verify_corrections": 0})
+        table = handwritten_table(model, find_units(model, config.skip_modules), config)
+        table.structured = structured_part(model, config)
+        result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+        assert result.report["error_prior"] == choice
+        priors[choice], families[choice] = np.asarray(seen["prior"]), result.groups
+    # the structured levels' prior under 'spdy': removed fraction squared, for every group
+    for i, group in enumerate(families["spdy"]):
+        counts = table.structured["signatures"][table.structured["groups"][group["name"]]]["keep"]
+        expected = [(1 - k / group["num_groups"]) ** 2 for k in counts]
+        np.testing.assert_allclose(priors["spdy"][i, :len(counts)], expected)
+    assert not np.allclose(priors["spdy"], priors["measured"])
+
+
+def test_a_structured_plus_sparse_group_stays_shrunk_when_loaded_without_its_gpu(tmp_path, tokenizer, monkeypatch):
+    """A mixed profile made for cuda, loaded where there is no GPU: groups with heads/neurons removed and the rest
+    2:4 keep their shrink (only the 2:4 kernel is missing), with the zero-filled model's outputs."""
+    from conftest import example_inputs
+    from test_structured_pruner import outputs
+
+    from spdy_hf.deploy import STRUCTURED_SPARSE
+    from spdy_hf.loading import load_pretrained
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=2.35, family="mixed", method="magnitude", levels=[0.5])
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=combination_table(model, config),
+                                                        progress=False)
+    combined = [e for e in result.groups if e["family"] == STRUCTURED_SPARSE]
+    assert combined
+    inputs = example_inputs(1, 16)
+    expected = outputs(result.model, inputs)
+    out = result.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    saved["spdy"]["config"]["backend"] = "cuda"  # as if profiled on a GPU
+    (tmp_path / "out" / "config.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded, _, _ = load_pretrained(out)
+    modules, dense = dict(loaded.named_modules()), dict(MODEL_FACTORIES["bert"]().named_modules())
+    for e in combined:  # the consumer reads only the kept heads/neurons: shrunk by keep / num_groups
+        full = dense[e["consumer"]].weight.shape[1]
+        assert modules[e["consumer"]].weight.shape[1] == full * e["keep"] // e["num_groups"] < full
+    torch.testing.assert_close(outputs(loaded, inputs), expected, rtol=1e-4, atol=1e-5)
+
+
+def combination_table(model, config):
+    """Hand-written times where only a combination reaches the target: removing a whole group is very slow, one
+    sparse level (50 %) exists, and keeping k of n costs k / n of the group."""
+    from conftest import MS_PER_WEIGHT
+
+    from spdy_hf.latency.structured import group_signature, keep_counts
+    from spdy_hf.structured import find_structured_groups, group_name
+
+    table = handwritten_table(model, find_units(model, config.skip_modules), config)
+    modules = dict(model.named_modules())
+    signatures, names = {}, {}
+    for g in find_structured_groups(model):
+        dense = sum(MS_PER_WEIGHT * modules[n].weight.numel() for n in [*g.producers, g.consumer])
+        counts = keep_counts(g, config.structured.head_step, config.structured.ffn_grid)
+        signatures[group_signature(model, g)] = {
+            "keep": counts, "times_ms": [dense * k / g.num_groups for k in counts[:-1]] + [1e3], "groups": 2}
+        names[group_name(g)] = group_signature(model, g)
+    table.structured = {"signatures": signatures, "groups": names, "dense_ms": table.base_time_ms}
+    return table

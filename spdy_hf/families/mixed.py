@@ -78,8 +78,10 @@ class MixedFamily(StructuredFamily):
         return info
 
     def sparse_errors(self, i):
+        """Group i's prior at each sparse level: its layers' measured errors weighted by size, or the sparsity
+        squared (`error_prior: spdy`, and magnitude pruning)."""
         sizes = np.array([u.numel for u in self.group_units[i]], dtype=np.float64)
-        if getattr(self.udb, "errors", None) is None:
+        if self.config.resolved_error_prior() != "measured":
             return np.asarray(self.levels) ** 2
         errs = self.udb.errors[self.offsets[i]:self.offsets[i + 1]]  # (layers, K)
         return (sizes[:, None] * errs).sum(0) / sizes.sum()

@@ -100,14 +100,23 @@ class StructuredFamily(Family):
         return False
 
     def prior(self) -> np.ndarray:
+        """Per level, the structured part's error plus the sparse part's (`search.error_prior`: measured relative
+        output errors, or the fraction removed, squared)."""
         prior = np.zeros_like(self.times)
         for i in range(len(self.groups)):
-            struct_err, sparse_err = self.sdb.errors[i], self.sparse_errors(i)
+            struct_err, sparse_err = self.structured_errors(i), self.sparse_errors(i)
             for level, (kind, a, j) in enumerate(self.level_maps[i]):
                 prior[i, level] = (struct_err[a] if kind != "unstructured" else 0.0) + \
                     (sparse_err[j] if kind != "structured" else 0.0)
         prior[~np.isfinite(self.times)] = prior.max() + 1.0  # padding levels: never chosen (their time is inf)
         return prior
+
+    def structured_errors(self, i: int) -> np.ndarray:
+        """Group i's prior at each keep count: the database's measured relative output errors, or with
+        `error_prior: spdy` (and with magnitude pruning) the fraction of the group removed, squared."""
+        if self.config.resolved_error_prior() == "measured":
+            return self.sdb.errors[i]
+        return np.array([(1.0 - k / self.groups[i].num_groups) ** 2 for k in self.counts[i]], dtype=np.float64)
 
     def sparse_errors(self, i: int) -> np.ndarray | None:
         """Group i's relative output error at each sparse level (mixed family only)."""
@@ -182,7 +191,7 @@ class StructuredFamily(Family):
             "kept_heads": {e["block"]: e["keep"] for e in groups if e["kind"] == "attention"},
             "kept_ffn_neurons": {e["block"]: e["keep"] for e in groups if e["kind"] == "ffn"},
             "overall_sparsity": zeros / max(total, 1),
-            "error_prior": "measured" if self.config.method == "obs" else "removed-fraction",
+            "error_prior": self.config.resolved_error_prior(),
             "num_units": len(self.groups),
         }
         return Entries(profile=units, groups=groups, report=report)
@@ -264,5 +273,6 @@ def build_group_database(config: SPDYConfig, model: nn.Module, groups: list[Stru
         batch_size=config.database.batch_size, device=config.database.device,
         store_hessian=store_hessian, progress=progress)
     info = {"method": config.method, "family": config.family,
-            "structured_dir": None if config.method == "magnitude" else os.path.abspath(directory)}
+            "structured_dir": None if config.method == "magnitude" else os.path.abspath(directory),
+            "propagation": config.database.propagation_for("structured")}
     return sdb, info

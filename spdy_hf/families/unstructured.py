@@ -48,7 +48,7 @@ class UnstructuredFamily(Family):
         return info
 
     def prior(self) -> np.ndarray:
-        if self.config.search.error_prior == "measured":
+        if self.config.resolved_error_prior() == "measured":
             return self.database.errors
         return error_prior(len(self.levels))[None, :]
 
@@ -84,7 +84,7 @@ class UnstructuredFamily(Family):
             "ineligible_units": [{"name": u.name, "shape": list(u.shape), "reason": table.ineligible[key]}
                                  for u, key in zip(units, table.keys_for(units)) if key in table.ineligible],
             "overall_sparsity": zeros / total,
-            "error_prior": self.config.search.error_prior,
+            "error_prior": self.config.resolved_error_prior(),
             "num_units": len(units),
         }
         return Entries(profile=entries, report=report)
@@ -133,6 +133,7 @@ def build_database(config: SPDYConfig, model: nn.Module, units: list[Unit], leve
     if config.method != "obs":
         raise ValueError(f"Unknown pruning method {config.method!r}.")
     db = config.database
+    propagation = db.propagation_for("per-layer")
     fingerprint = model_fingerprint(model)
     weights = weights if weights is not None else weights_fingerprint(model)
     n = min(config.calibration.num_samples, windows["input_ids"].shape[0])
@@ -141,21 +142,21 @@ def build_database(config: SPDYConfig, model: nn.Module, units: list[Unit], leve
     if directory is None:
         key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "weights": weights, "levels": list(levels),
                           "patterns": patterns, "units": [u.name for u in units],
-                          "calibration": windows_digest(windows), "propagation": db.propagation,
-                          "anchor": anchor if db.propagation == "pruned" else None,
+                          "calibration": windows_digest(windows), "propagation": propagation,
+                          "anchor": anchor if propagation == "pruned" else None,
                           "dampening": db.dampening, "block_size": db.block_size}, sort_keys=True)
         directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
                                  "obs-" + hashlib.sha1(key.encode()).hexdigest()[:16])
     logger.info("OBS pruning database in %s (%d calibration windows; later blocks see outputs %s).", directory, n,
-                f"pruned to level {anchor} (sparsity {levels[anchor]:.4f})" if db.propagation == "pruned"
+                f"pruned to level {anchor} (sparsity {levels[anchor]:.4f})" if propagation == "pruned"
                 else "of the dense blocks")
     database = build_obs_database(
         model, units, levels, windows, directory=directory, patterns=patterns, build_info={"model": fingerprint, "weights": weights},
-        anchor_level=anchor, propagation=db.propagation, dampening=db.dampening, block_size=db.block_size,
+        anchor_level=anchor, propagation=propagation, dampening=db.dampening, block_size=db.block_size,
         batch_size=db.batch_size, device=db.device, progress=progress)
     info = {"method": "obs", "dir": os.path.abspath(directory), "calibration_windows": n,
-            "propagation": db.propagation, "anchor_level": anchor if db.propagation == "pruned" else None,
-            "anchor_sparsity": levels[anchor] if db.propagation == "pruned" else None,
+            "propagation": propagation, "anchor_level": anchor if propagation == "pruned" else None,
+            "anchor_sparsity": levels[anchor] if propagation == "pruned" else None,
             "dampening": db.dampening}
     return database, info
 
