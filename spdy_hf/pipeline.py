@@ -96,7 +96,8 @@ def check_budget(config: SPDYConfig, plan: Plan) -> tuple[Budget, Budget]:
         UnreachableTargetError: no profile meets the target, even with every unit at its fastest level.
     """
     times, buckets = plan.times, config.search.dp_buckets
-    budget = compute_budget(times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms)
+    budget = compute_budget(times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms,
+                            names=plan.names)
     logger.info("%d search units (%s family); dense model %.3f ms, searched units %.3f ms; max reachable speedup "
                 "%.3fx.", len(plan.names), config.family, budget.base_ms, budget.prunable_ms,
                 budget.max_reachable_speedup)

@@ -186,3 +186,60 @@ def combination_table(model, config):
         names[group_name(g)] = group_signature(model, g)
     table.structured = {"signatures": signatures, "groups": names, "dense_ms": table.base_time_ms}
     return table
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.5, "fast", float("inf")])
+def test_a_table_with_an_invalid_time_is_refused_where_it_is_read(bad, tmp_path, tokenizer):
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path)
+    data = handwritten_table(model, find_units(model, config.skip_modules), config).to_dict()
+    key = sorted(data["shapes"])[0]
+    data["shapes"][key][2] = bad
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(data))  # NaN and Infinity are what json writes for them
+    with pytest.raises(SPDYError, match=f"shape {key} at level 2.*not a valid time"):
+        SPDYPruner(model, config, tokenizer).prune(latency_table=str(path), progress=False)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(base_time_ms=0.0), "base_time_ms: 0.0"),
+    (lambda d: d.update(base_time_ms=float("inf")), "base_time_ms: inf"),
+    (lambda d: d.update(deployed_dense_time_ms=-1.0), "deployed_dense_time_ms: -1.0"),
+    (lambda d: d["structured"]["signatures"][next(iter(d["structured"]["signatures"]))]["times_ms"].__setitem__(
+        1, -2.0), "keeping .*: -2.0"),
+    (lambda d: d["structured"].update(dense_ms=float("nan")), "structured dense_ms: nan"),
+])
+def test_invalid_table_figures_are_refused(edit, message, tmp_path):
+    from test_structured_pruner import structured_part
+
+    from spdy_hf.latency.table import LatencyTable
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path)
+    data = handwritten_table(model, find_units(model, config.skip_modules), config).to_dict()
+    data["structured"] = structured_part(model, config)
+    LatencyTable.from_dict(json.loads(json.dumps(data)))  # valid as written
+    edit(data)
+    with pytest.raises(SPDYError, match=message):
+        LatencyTable.from_dict(data)
+
+
+def test_the_dp_and_the_budget_refuse_invalid_times_naming_the_unit_and_level():
+    from spdy_hf.search import compute_budget, solve_dp
+
+    names = ["layer.0.q", "layer.0.k"]
+    times = np.array([[1.0, 0.5, np.inf], [1.0, -0.25, 0.2]])  # inf: a level that cannot run (allowed)
+    with pytest.raises(SPDYError, match=r"unit layer.0.k at level 1: -0.25 ms"):
+        compute_budget(times, 4.0, 1.5, names=names)
+    with pytest.raises(SPDYError, match=r"unit #1 at level 1: -0.25 ms"):
+        solve_dp(np.zeros_like(times), times, 2.0, 100)
+    with pytest.raises(SPDYError, match=r"unit layer.0.q at level 0: nan"):
+        compute_budget(np.array([[np.nan, 0.5], [1.0, 0.5]]), 4.0, 1.5, names=names)
+    with pytest.raises(SPDYError, match=r"costs \(2, 2\), times \(2, 3\)"):
+        solve_dp(np.zeros((2, 2)), times.clip(0), 2.0, 100)
+    # the searched units cannot take longer than the model: no negative or infinite "max reachable speedup"
+    with pytest.raises(SPDYError, match=r"searched units alone take 2.000 ms, longer than the whole dense model "
+                                        r"\(1.500 ms\)"):
+        compute_budget(times.clip(0), 1.5, 1.2, names=names)
+    budget = compute_budget(times.clip(0), 4.0, 1.5, names=names)
+    assert np.isfinite(budget.max_reachable_speedup) and budget.max_reachable_speedup > 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -56,17 +57,38 @@ class LatencyTable:
         if not self.levels or self.levels[0] != 0.0:
             raise SPDYError("A latency table's levels must start with 0.0 (dense).")
         for key, times in self.shapes.items():
-            if len(times) != len(self.levels):
-                raise SPDYError(f"Latency table shape {key}: {len(times)} times for {len(self.levels)} levels.")
+            if not isinstance(times, list) or len(times) != len(self.levels):
+                raise SPDYError(f"Latency table shape {key}: {len(times) if isinstance(times, list) else times!r} "
+                                f"times for {len(self.levels)} levels.")
             if times[0] is None:
                 raise SPDYError(f"Latency table shape {key}: the dense level must have a time.")
-        if not self.base_time_ms > 0:
-            raise SPDYError("A latency table's base_time_ms must be positive.")
+            for k, t in enumerate(times):
+                _check_time(f"shape {key} at level {k}", t, none_ok=k > 0)
+        _check_time("base_time_ms", self.base_time_ms, positive=True)
+        if self.deployed_dense_time_ms is not None:
+            _check_time("deployed_dense_time_ms", self.deployed_dense_time_ms, positive=True)
+        if self.structured:
+            self._check_structured()
         if self.patterns is None:
             self.patterns = ["dense"] + ["unstructured"] * (len(self.levels) - 1)
         if len(self.patterns) != len(self.levels):
             raise SPDYError(f"A latency table needs one pattern per level: {len(self.patterns)} for "
                             f"{len(self.levels)} levels.")
+
+    def _check_structured(self) -> None:
+        part = self.structured
+        if not isinstance(part.get("signatures"), dict) or not isinstance(part.get("groups"), dict):
+            raise SPDYError("A latency table's structured part needs 'signatures' and 'groups' mappings.")
+        _check_time("structured dense_ms", part.get("dense_ms"), positive=True)
+        for sig, entry in part["signatures"].items():
+            keep, times = entry.get("keep"), entry.get("times_ms")
+            if not isinstance(keep, list) or not isinstance(times, list) or len(keep) != len(times):
+                raise SPDYError(f"Latency table structured signature {sig}: one time per keep count is needed.")
+            for k, t in zip(keep, times):
+                _check_time(f"structured signature {sig} keeping {k}", t)
+        unknown = sorted({s for s in part["groups"].values() if s not in part["signatures"]})
+        if unknown:
+            raise SPDYError(f"Latency table structured groups name unknown signatures: {unknown[:3]}.")
 
     # ------------------------------------------------------------------ queries
     @property
@@ -151,6 +173,17 @@ class LatencyTable:
             except json.JSONDecodeError as e:
                 raise SPDYError(f"Latency table {path!r} is not valid JSON: {e}") from e
         return cls.from_dict(data)
+
+
+def _check_time(what: str, value: Any, none_ok: bool = False, positive: bool = False) -> None:
+    """A time must be a finite number >= 0 (> 0 with `positive`); None only where a level cannot run."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise SPDYError(f"Latency table {what}: {value!r} is not a valid time in ms (a finite number "
+                        f"{'> 0' if positive else '>= 0'}{'; null where the level cannot run' if none_ok else ''}). "
+                        "The table is corrupt or was edited; measure it again.")
 
 
 def cache_key(backend: str, regime: dict, levels: list[float], model: str, environment: dict,

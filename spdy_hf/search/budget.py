@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dp import solve_dp
+from ..errors import SPDYError
+from .dp import check_times, solve_dp
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class Budget:
 
 
 def compute_budget(
-    times: np.ndarray, base_ms: float, target_speedup: float, reference_ms: float | None = None
+    times: np.ndarray, base_ms: float, target_speedup: float, reference_ms: float | None = None,
+    names: list[str] | None = None,
 ) -> Budget:
     """The time budget of the searched units for a target speedup.
 
@@ -48,15 +50,25 @@ def compute_budget(
         reference_ms: the time of the model whose units run in the form `times` were measured in, all dense
             (on the cpu backend, every unit a dense `FastLinear`); the constant is `reference_ms - sum of dense
             unit times`. Defaults to `base_ms`.
+        names: the units' names, for error messages.
+
+    Raises:
+        SPDYError: a time that is negative or not a number (naming the unit and level), a dense time that is not
+            finite, a non-positive model time, or searched units that take longer than the whole model.
     """
-    times = np.asarray(times, dtype=np.float64)
+    times = check_times(times, names)
+    for name, value in (("base_ms", base_ms), ("reference_ms", reference_ms), ("target_speedup", target_speedup)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise SPDYError(f"The budget needs a positive, finite {name}; got {value!r}.")
     prunable = float(times[:, 0].sum())
-    constant = (base_ms if reference_ms is None else reference_ms) - prunable
+    reference = base_ms if reference_ms is None else reference_ms
+    constant = reference - prunable
     if constant < 0:
-        logger.warning(
-            "The searched units alone (%.3f ms) take longer than the whole dense model (%.3f ms): the "
-            "latency table and the model time disagree, so predicted speedups are unreliable.", prunable, base_ms
-        )
+        raise SPDYError(
+            f"The latency table says the searched units alone take {prunable:.3f} ms, longer than the whole dense "
+            f"model ({reference:.3f} ms): the table and the model time disagree (measured on a busy machine, or for "
+            "another model or regime), so no speedup it predicts can be trusted. Measure the table again on an "
+            "idle machine (delete its file under the latency cache, or drop --latency-table).")
     return Budget(
         base_ms=float(base_ms),
         prunable_ms=prunable,
