@@ -295,3 +295,19 @@ def test_cosine_score_is_scale_invariant_and_skips_padding(tiny_bert):
     assert out.shape == (2, 8, 32)
     with pytest.raises(ValueError, match="LM head"):
         DistanceScorer(tiny_bert, [batch], "kl")
+
+    # padding: whatever the model outputs at padded positions does not count, and the mean runs over real tokens
+    def replace(positions):
+        def hook(module, args, output):
+            output = output.clone()
+            for b, t in positions:
+                output[b, t] = -output[b, t]  # cosine -1 with the dense output there: 1 - cos = 2
+            return output
+        return tiny_bert.encoder.layer[-1].output.register_forward_hook(hook)
+
+    handle = replace([(1, 5), (1, 6), (1, 7)])  # padded positions only
+    assert scorer() == pytest.approx(0.0, abs=1e-6)
+    handle.remove()
+    handle = replace([(1, 2)])  # one real token of the 8 + 5 real ones
+    assert scorer() == pytest.approx(2.0 / 13, rel=1e-5)
+    handle.remove()

@@ -148,7 +148,8 @@ def test_unreachable_structured_target_names_the_best(tmp_path, tokenizer):
     config = small_config(tmp_path, target_speedup=50.0, family="structured")
     with pytest.raises(UnreachableTargetError) as err:
         SPDYPruner(model, config, tokenizer).prune(latency_table=structured_table(model, config), progress=False)
-    assert 1 < err.value.max_reachable_speedup < 50
+    # the hand-written table: groups take 0.8 of the dense model's time and may all be removed -> 1 / 0.2
+    assert err.value.max_reachable_speedup == pytest.approx(5.0)
 
 
 def test_structured_latency_is_measured_in_the_model_and_shared_by_signature():

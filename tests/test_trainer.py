@@ -60,7 +60,7 @@ class MaskChecker:
             self.losses.append(logs["loss"])
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_trainer_reaches_the_profile_and_masks_hold(tmp_path, precision):
     from transformers import Trainer, TrainingArguments
 
@@ -70,9 +70,12 @@ def test_trainer_reaches_the_profile_and_masks_hold(tmp_path, precision):
     checker = MaskChecker(pruning)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[],
-                             save_strategy="no", use_cpu=True, bf16=precision == "bf16", disable_tqdm=True)
+                             save_strategy="no", use_cpu=True, bf16=precision == "bf16", fp16=precision == "fp16",
+                             disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[pruning, checker])
     trainer.train()
+    # the precision asked for is the one that ran (torch autocasts fp16 and bf16 on the CPU)
+    assert trainer.accelerator.mixed_precision == ("no" if precision == "fp32" else precision)
     assert checker.steps == 12  # one check per optimizer step, not per micro-batch
     assert checker.losses and all(math.isfinite(x) for x in checker.losses)
     for unit, entry in zip(units, entries):
