@@ -138,7 +138,7 @@ class DatabaseConfig:
 
 @dataclass
 class SearchConfig:
-    """SPDY's local search over layer sensitivities and its dynamic program (DESIGN.md section 2)."""
+    """SPDY's local search over unit sensitivities and its dynamic program (docs/ALGORITHM.md)."""
 
     num_random_inits: int = field(default=100, metadata={"help": "Random sensitivity vectors tried first."})
     patience: int = field(

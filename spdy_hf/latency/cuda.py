@@ -8,8 +8,8 @@ outside them gets only the dense level, with the reason recorded in the table.
 
 Each distinct (out, in) shape is timed once, alone, on a random activation of the regime's tokens x in: the
 dense product and the 2:4 product, interleaved, medians of CUDA-event times after a warm-up. 2:4 speeds up only
-compute-bound products (DESIGN.md: BERT-base fp16 on an A100 ran 0.71x at batch 4, 1.2x at batch 16-64), so
-a level slower than dense simply stays in the table: the search then keeps that unit dense.
+compute-bound products (PyTorch's BERT-base tutorial, fp16 on an A100: 0.71x at batch 4, 1.22x at batch 16-64;
+docs/ALGORITHM.md), so a level slower than dense simply stays in the table: the search then keeps that unit dense.
 """
 
 from __future__ import annotations
