@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, example_inputs, handwritten_table, small_config
+from conftest import MODEL_FACTORIES, MS_PER_WEIGHT, example_inputs, handwritten_table, small_config
 
 from spdy_hf import LatencyTable, SPDYPruner
 from spdy_hf.database.structured_database import build_structured_database
@@ -28,16 +28,17 @@ def outputs(model, inputs):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def structured_part(model, config, removal_ms: float | None = None) -> dict:
-    """Hand-written structured latencies: a group's time is proportional to what it keeps (1 ms per 1000 of its
-    weights); `removal_ms`, when set, replaces the time of removing a group (to make removal unattractive)."""
+def structured_part(model, config, removal_ms: float | None = None, ms_per_weight: float = 1e-3) -> dict:
+    """Hand-written structured latencies: a group's time is proportional to what it keeps (`ms_per_weight` for
+    each of its weights; `conftest.MS_PER_WEIGHT` matches the hand-written per-layer table); `removal_ms`, when
+    set, replaces the time of removing a group (to make removal unattractive)."""
     signatures, names = {}, {}
     modules = dict(model.named_modules())
     total = 0.0
     for g in find_structured_groups(model):
         sig = group_signature(model, g)
         counts = keep_counts(g, config.structured.head_step, config.structured.ffn_grid)
-        size = sum(modules[n].weight.numel() for n in [*g.producers, g.consumer]) / 1000
+        size = sum(modules[n].weight.numel() for n in [*g.producers, g.consumer]) * ms_per_weight
         times = [size * k / g.num_groups for k in counts]
         if removal_ms is not None:
             times[-1] = removal_ms
@@ -120,7 +121,7 @@ def test_mixed_family_can_choose_sparse_levels_and_deploys_them(tmp_path, tokeni
     config = small_config(tmp_path, target_speedup=1.3, family="mixed", database={"dir": str(tmp_path / "db")})
     units = find_units(model, config.skip_modules)
     table = handwritten_table(model, units, config)
-    part = structured_part(model, config, removal_ms=1e3)
+    part = structured_part(model, config, removal_ms=1e3, ms_per_weight=MS_PER_WEIGHT)
     for sig in part["signatures"].values():  # every keep count costs as much as the dense group
         sig["times_ms"][:-1] = [sig["times_ms"][0]] * (len(sig["times_ms"]) - 1)
     part["dense_ms"] = table.base_time_ms
@@ -277,7 +278,7 @@ def test_mixed_family_on_cuda_chooses_two_four_per_block_without_a_gpu(tmp_path,
     config = cuda_config(tmp_path, 1.2, method="magnitude", family="mixed")
     units = find_units(model, config.skip_modules)
     table = cuda_table(model, units, config)
-    part = structured_part(model, config, removal_ms=1e3)
+    part = structured_part(model, config, removal_ms=1e3, ms_per_weight=MS_PER_WEIGHT)
     for sig in part["signatures"].values():  # keeping fewer heads/neurons saves nothing here: 2:4 must do it
         sig["times_ms"][:-1] = [sig["times_ms"][0]] * (len(sig["times_ms"]) - 1)
     part["dense_ms"] = table.base_time_ms
@@ -318,8 +319,6 @@ def test_mixed_family_combines_removed_heads_with_sparse_remaining_weights(tmp_p
     (very slow), one sparse level (50 %, 0.8 of dense) exists, and keeping k of n costs k / n of the group. The
     search must remove heads/neurons *and* sparsify what remains; the deployed form equals the zero-filled one,
     and so does the model loaded back with spdy_hf."""
-    from conftest import MS_PER_WEIGHT
-
     from spdy_hf.apply import FastLinear
 
     model = MODEL_FACTORIES["bert"]()

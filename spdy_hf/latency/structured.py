@@ -6,7 +6,8 @@ context products of those heads, the reshapes, the cache misses of a real forwar
 so predicted 1.5x for a profile that measured 1.9x. So levels are measured where they run: for every distinct
 group signature (kind and shapes) and keep count k, a copy of the model with *every* group of that signature
 shrunk to k heads/neurons is timed against the dense model, interleaved (CUDA events on the cuda backend). If n
-groups share the signature, one of them at k saves s(k) = (t_dense - t_k) / n, and its time is
+groups share the signature, one of them at k saves s(k) = (1 - t_k / t_dense) / n of the dense model's time (the
+median over all runs; a ratio, so a machine whose speed drifts between runs does not skew it), and its time is
 
     T(k) = s(0) - s(k),        T(0) = 0 (the whole attention or FFN is gone),
 
@@ -92,8 +93,12 @@ def measure_structured_latency(
         with torch.inference_mode():
             dense_ms, shrunk_ms = timer([dense_run, run(shrunk)], warmup, repeats)
         dense_samples.append(dense_ms)
-        saved[sig][k] = (dense_ms - shrunk_ms) / len(members)  # what one group at k saves
+        # what one group at k saves, as a share of the dense time of the same interleaved run: a machine whose
+        # speed drifts between runs (a busy one) changes both times of a run alike, not their ratio
+        saved[sig][k] = (1.0 - shrunk_ms / dense_ms) / len(members)
         del shrunk
+    dense = float(statistics.median(dense_samples)) if dense_samples else float("nan")
+    saved = {sig: {k: share * dense for k, share in by_count.items()} for sig, by_count in saved.items()}
     signatures = {}
     for sig, members in by_signature.items():
         keep = counts[members[0]]
@@ -107,6 +112,5 @@ def measure_structured_latency(
             times[k] = running
         times[keep[0]] = max(times[keep[0]], running)
         signatures[sig] = {"keep": list(keep), "times_ms": [float(times[k]) for k in keep], "groups": len(members)}
-    dense = float(statistics.median(dense_samples)) if dense_samples else float("nan")
     return {"signatures": signatures, "groups": {group_name(groups[i]): sig for sig, members in by_signature.items()
                                                  for i in members}, "dense_ms": dense}

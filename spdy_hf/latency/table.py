@@ -181,8 +181,9 @@ def _check_time(what: str, value: Any, none_ok: bool = False, positive: bool = F
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0 or (positive and value == 0):
-        raise SPDYError(f"Latency table {what}: {value!r} is not a valid time in ms (a finite number "
-                        f"{'> 0' if positive else '>= 0'}{'; null where the level cannot run' if none_ok else ''}). "
+        raise SPDYError(f"Latency table {what}: {value!r} is not a valid time in ms (a finite, "
+                        f"{'positive' if positive else 'non-negative'} number"
+                        f"{'; null where the level cannot run' if none_ok else ''}). "
                         "The table is corrupt or was edited; measure it again.")
 
 

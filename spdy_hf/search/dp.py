@@ -7,14 +7,16 @@ import numpy as np
 from ..errors import SPDYError
 
 
-def check_times(times, names: list[str] | None = None) -> np.ndarray:
+def check_times(times, names: list[str] | None = None, dense_finite: bool = True) -> np.ndarray:
     """`times` as a (U, K) float array, after checking that every time is a number >= 0 (inf: the level cannot
-    run) and every dense time (level 0) finite; raises `SPDYError` naming the first bad unit and level."""
+    run) and, with `dense_finite`, every dense time (level 0) finite; raises `SPDYError` naming the first bad unit
+    and level."""
     times = np.asarray(times, dtype=np.float64)
     if times.ndim != 2 or times.shape[1] < 1:
         raise SPDYError(f"Times must be a (units, levels) array with the dense level first; got shape {times.shape}.")
     bad = np.isnan(times) | (times < 0)
-    bad[:, 0] |= ~np.isfinite(times[:, 0])
+    if dense_finite:
+        bad[:, 0] |= ~np.isfinite(times[:, 0])
     if bad.any():
         u, k = (int(i) for i in np.argwhere(bad)[0])
         name = names[u] if names is not None else f"#{u}"
@@ -51,7 +53,7 @@ def solve_dp(costs: np.ndarray, times: np.ndarray, budget: float, buckets: int =
         (U,) level index per unit, or None when no choice fits the budget.
     """
     costs = np.asarray(costs, dtype=np.float64)
-    times = check_times(times)
+    times = check_times(times, dense_finite=False)  # the DP itself needs no runnable dense level
     if costs.shape != times.shape or np.isnan(costs).any():
         raise SPDYError(f"The DP needs one cost per unit and level, no NaN: costs {costs.shape}, times {times.shape}.")
     n_units, n_levels = costs.shape
