@@ -103,7 +103,7 @@ def check_budget(config: SPDYConfig, plan: Plan) -> tuple[Budget, Budget]:
                 budget.max_reachable_speedup)
     # the second test: times rounded up to DP buckets may not fit where the true times just do
     if not budget.reachable or not fits(times, budget, buckets):
-        raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup)
+        raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup, config.family)
     search_budget = with_margin(times, budget, config.search.speedup_margin, buckets, reference_ms=plan.reference_ms)
     return budget, search_budget
 

@@ -2,8 +2,8 @@
 its levels keep counts of heads / neurons from all down to none.
 
 Times are measured in the whole model (`spdy_hf.latency.structured`); weights come from the structured database
-(OBS: nested, compensated; or magnitude). The DP's prior is the database's measured relative output error of each
-level (with `method="magnitude"`, the fraction of the group removed, squared). The search scores profiles in
+(OBS: nested, compensated; or magnitude). The DP's prior follows `search.error_prior`: the database's measured
+relative output error of each level, or SPDY's reference curve in structured terms (the fraction removed, squared). The search scores profiles in
 zero-filled form (shapes unchanged); verify measures the deployed form: a copy of the model with the removed heads
 and neurons cut out (`spdy_hf.deploy`).
 
