@@ -3,9 +3,9 @@ its levels keep counts of heads / neurons from all down to none.
 
 Times are measured in the whole model (`spdy_hf.latency.structured`); weights come from the structured database
 (OBS: nested, compensated; or magnitude). The DP's prior follows `search.error_prior`: the database's measured
-relative output error of each level, or SPDY's reference curve in structured terms (the fraction removed, squared). The search scores profiles in
-zero-filled form (shapes unchanged); verify measures the deployed form: a copy of the model with the removed heads
-and neurons cut out (`spdy_hf.deploy`).
+relative output error of each level, or SPDY's reference curve in structured terms (the fraction removed,
+squared). The search scores profiles in zero-filled form (shapes unchanged); verify measures the deployed form: a
+copy of the model with the removed heads and neurons cut out (`spdy_hf.deploy`).
 
 A level index of group i means `level_maps[i][index] = (kind, a, j)`: kind "structured" keeps `counts[i][a]`
 heads/neurons. The mixed family (`spdy_hf.families.mixed`) extends the maps with sparse levels and combinations.

@@ -151,9 +151,10 @@ def build_database(config: SPDYConfig, model: nn.Module, units: list[Unit], leve
                 f"pruned to level {anchor} (sparsity {levels[anchor]:.4f})" if propagation == "pruned"
                 else "of the dense blocks")
     database = build_obs_database(
-        model, units, levels, windows, directory=directory, patterns=patterns, build_info={"model": fingerprint, "weights": weights},
-        anchor_level=anchor, propagation=propagation, dampening=db.dampening, block_size=db.block_size,
-        batch_size=db.batch_size, device=db.device, progress=progress)
+        model, units, levels, windows, directory=directory, patterns=patterns,
+        build_info={"model": fingerprint, "weights": weights}, anchor_level=anchor, propagation=propagation,
+        dampening=db.dampening, block_size=db.block_size, batch_size=db.batch_size, device=db.device,
+        progress=progress)
     info = {"method": "obs", "dir": os.path.abspath(directory), "calibration_windows": n,
             "propagation": propagation, "anchor_level": anchor if propagation == "pruned" else None,
             "anchor_sparsity": levels[anchor] if propagation == "pruned" else None,
