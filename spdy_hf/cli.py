@@ -10,6 +10,8 @@ import sys
 
 logger = logging.getLogger("spdy_hf.cli")
 
+SHORTFALL_EXIT = 3  # the output was written, but the measured speedup missed the target
+
 
 def _regime_arguments(p) -> None:
     """The flags that decide what is timed: backend, regime and level family."""
@@ -82,6 +84,9 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
+    p.add_argument("--allow-shortfall", action="store_true",
+                   help="Exit 0 even when the measured speedup misses the target (by more than "
+                   "search.target_tolerance); by default that exits with code 3, after writing the output.")
     p.add_argument("--push-to-hub", metavar="REPO", help="Also upload the output directory to this Hub repo.")
     p.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
@@ -157,6 +162,12 @@ def prune_command(args) -> int:
     print(f"  overall sparsity   {r['overall_sparsity']:.4f}")
     print(f"  score ({r['score_kind']})  {r['score_dense_vs_pruned']:.6g}")
     print(f"  stage seconds      {json.dumps(r['stage_seconds'])}")
+    if r.get("target_met") is False and not args.allow_shortfall:
+        print(f"spdy-hf: target missed: measured {r['measured_speedup']:.3f}x for a {r['target_speedup']:g}x target "
+              f"(tolerance {100 * config.search.target_tolerance:g}%). The output is written to {path}, marked "
+              "target_met: false in spdy_report.json and on the model card; it was not pushed. Measure again on an "
+              "idle machine (delete the latency cache), or pass --allow-shortfall to accept it.", file=sys.stderr)
+        return SHORTFALL_EXIT
     if args.push_to_hub:
         from .hub import push_folder
 

@@ -37,6 +37,13 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
 
 
+def _check_minimums(section, prefix: str) -> None:
+    """Every field whose metadata names a "min" must be an integer at least that."""
+    for f in dataclasses.fields(section):
+        if "min" in f.metadata:
+            _check_int(f"{prefix}.{f.name}", getattr(section, f.name), f.metadata["min"])
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
@@ -46,13 +53,12 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 class RegimeConfig:
     """The deployment regime the model must be fast in: what one forward pass looks like in production."""
 
-    batch_size: int = field(default=1, metadata={"help": "Sequences per forward pass at deployment."})
-    sequence_length: int = field(default=128, metadata={"help": "Tokens per sequence at deployment."})
+    batch_size: int = field(default=1, metadata={"min": 1, "help": "Sequences per forward pass at deployment."})
+    sequence_length: int = field(default=128, metadata={"min": 1, "help": "Tokens per sequence at deployment."})
     dtype: str = field(default="float32", metadata={"help": "Weight and activation dtype at deployment."})
 
     def __post_init__(self):
-        _check_int("regime.batch_size", self.batch_size, 1)
-        _check_int("regime.sequence_length", self.sequence_length, 1)
+        _check_minimums(self, "regime")
         _check_choice("regime.dtype", self.dtype, DTYPES)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,13 +82,14 @@ class CalibrationConfig:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     split: str = field(default="train", metadata={"help": "Dataset split (Hub datasets and data files)."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text (datasets and data files)."})
-    num_samples: int = field(default=128, metadata={"help": "Number of calibration windows."})
+    num_samples: int = field(default=128, metadata={"min": 1, "help": "Number of calibration windows."})
     sequence_length: int | None = field(
         default=128,
         metadata={"help": "Tokens per calibration window; null takes the model's maximum number of positions."})
-    seed: int = field(default=0, metadata={"help": "Seed for drawing the windows."})
+    seed: int = field(default=0, metadata={"min": 0, "help": "Seed for drawing the windows."})
 
     def __post_init__(self):
+        _check_minimums(self, "calibration")
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError("calibration.source must be 'builtin', a data file or a Hub dataset name.")
         if self.dataset_config is not None and not isinstance(self.dataset_config, str):
@@ -90,10 +97,8 @@ class CalibrationConfig:
         for name in ("split", "text_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"calibration.{name} must be a non-empty string.")
-        _check_int("calibration.num_samples", self.num_samples, 1)
         if self.sequence_length is not None:
             _check_int("calibration.sequence_length", self.sequence_length, 8)
-        _check_int("calibration.seed", self.seed, 0)
 
 
 @dataclass
@@ -102,13 +107,13 @@ class DatabaseConfig:
 
     dampening: float = field(
         default=0.01, metadata={"help": "OBS: fraction of the Hessian's mean diagonal added before inversion."})
-    block_size: int = field(default=128, metadata={"help": "OBS: columns per lazy batch of updates."})
+    block_size: int = field(default=128, metadata={"min": 1, "help": "OBS: columns per lazy batch of updates."})
     propagation: str = field(
         default="auto",
         metadata={"help": "What the next block is calibrated on: 'pruned' (outputs of the block pruned to the "
                   "anchor level, the uniform level that meets the target; per-layer databases only) or 'dense' "
                   "(outputs of the dense block); 'auto': pruned for per-layer databases, dense for structured ones."})
-    batch_size: int = field(default=8, metadata={"help": "Calibration windows per forward pass."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Calibration windows per forward pass."})
     device: str | None = field(
         default=None, metadata={"help": "Where blocks run while calibrating (e.g. 'cuda'); default the model's."})
     dir: str | None = field(
@@ -123,13 +128,12 @@ class DatabaseConfig:
         return "pruned" if database == "per-layer" else "dense"
 
     def __post_init__(self):
+        _check_minimums(self, "database")
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) \
                 or not 0 < self.dampening < 1:
             raise ConfigError(f"database.dampening={self.dampening!r} must be a number in (0, 1).")
         self.dampening = float(self.dampening)
-        _check_int("database.block_size", self.block_size, 1)
         _check_choice("database.propagation", self.propagation, PROPAGATIONS)
-        _check_int("database.batch_size", self.batch_size, 1)
         for name in ("device", "dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -140,14 +144,14 @@ class DatabaseConfig:
 class SearchConfig:
     """SPDY's local search over unit sensitivities and its dynamic program (docs/ALGORITHM.md)."""
 
-    num_random_inits: int = field(default=100, metadata={"help": "Random sensitivity vectors tried first."})
+    num_random_inits: int = field(default=100, metadata={"min": 1, "help": "Random sensitivity vectors tried first."})
     patience: int = field(
-        default=100, metadata={"help": "Consecutive failed mutations before the neighbourhood shrinks."}
+        default=100, metadata={"min": 1, "help": "Consecutive failed mutations before the neighbourhood shrinks."}
     )
     neighbourhood_fraction: float = field(
         default=0.1, metadata={"help": "Initial share of units redrawn per mutation (rounded, at least 1)."}
     )
-    dp_buckets: int = field(default=10_000, metadata={"help": "Time buckets of the dynamic program."})
+    dp_buckets: int = field(default=10_000, metadata={"min": 10, "help": "Time buckets of the dynamic program."})
     speedup_margin: float = field(
         default=0.05,
         metadata={"help": "The search aims at target * (1 + margin), as far as reachable, so that the measured speedup "
@@ -156,12 +160,17 @@ class SearchConfig:
     )
     verify_corrections: int = field(
         default=2,
-        metadata={"help": "When the verified speedup falls short of the target, re-aim the DP higher by the "
+        metadata={"min": 0, "help": "When the verified speedup falls short of the target, re-aim the DP higher by the "
                   "shortfall (same sensitivities, no new search) and verify again, at most this many times."})
+    target_tolerance: float = field(
+        default=0.02,
+        metadata={"help": "How far below the target (a fraction of it) a measured speedup may land and still count "
+                  "as met (timing noise). A larger shortfall, after the corrections, sets target_met: false in the "
+                  "report and on the model card, and `spdy-hf prune` exits with code 3."})
     eval_samples: int = field(
-        default=32, metadata={"help": "Calibration windows used to score each candidate profile."}
+        default=32, metadata={"min": 1, "help": "Calibration windows used to score each candidate profile."}
     )
-    eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass while scoring."})
+    eval_batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per forward pass while scoring."})
     error_prior: str = field(
         default="auto",
         metadata={"help": "Per-level error prior of the DP: 'spdy', SPDY's reference prior ((k/(K-1))^2 over a "
@@ -173,44 +182,37 @@ class SearchConfig:
         metadata={"help": "Distance to the dense model that the search minimises: 'auto' (KL of next-token "
                   "distributions with an LM head, else 'cosine'), 'kl', 'cosine' (1 - cosine of each token's final "
                   "hidden state) or 'nmse' (normalised MSE of the final hidden states)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the local search."})
+    seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the local search."})
 
     def __post_init__(self):
-        _check_int("search.num_random_inits", self.num_random_inits, 1)
+        _check_minimums(self, "search")
         _check_choice("search.score", self.score, ("auto", "kl", "cosine", "nmse"))
-        _check_int("search.patience", self.patience, 1)
         if not isinstance(self.neighbourhood_fraction, (int, float)) or not 0 < self.neighbourhood_fraction <= 1:
             raise ConfigError(f"search.neighbourhood_fraction={self.neighbourhood_fraction!r} must be in (0, 1].")
-        _check_int("search.dp_buckets", self.dp_buckets, 10)
         if isinstance(self.speedup_margin, bool) or not isinstance(self.speedup_margin, (int, float)) \
                 or not 0 <= self.speedup_margin < 1:
             raise ConfigError(f"search.speedup_margin={self.speedup_margin!r} must be a number in [0, 1).")
-        _check_int("search.verify_corrections", self.verify_corrections, 0)
-        _check_int("search.eval_samples", self.eval_samples, 1)
-        _check_int("search.eval_batch_size", self.eval_batch_size, 1)
         _check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
-        _check_int("search.seed", self.seed, 0)
+        if isinstance(self.target_tolerance, bool) or not isinstance(self.target_tolerance, (int, float)) \
+                or not 0 <= self.target_tolerance < 1:
+            raise ConfigError(f"search.target_tolerance={self.target_tolerance!r} must be a number in [0, 1).")
 
 
 @dataclass
 class TimingConfig:
     """How latencies are measured: every number is a median of repeats after a warm-up."""
 
-    warmup: int = field(default=3, metadata={"help": "Untimed calls before timing."})
-    repeats: int = field(default=25, metadata={"help": "Timed calls of a layer alone (kernel benchmarks)."})
-    model_repeats: int = field(default=20, metadata={"help": "Timed forward passes of the whole model (median)."})
+    warmup: int = field(default=3, metadata={"min": 0, "help": "Untimed calls before timing."})
+    repeats: int = field(default=25, metadata={"min": 1, "help": "Timed calls of a layer alone (kernel benchmarks)."})
+    model_repeats: int = field(default=20, metadata={"min": 1, "help": "Timed forward passes of the whole model (median)."})
     profile_rounds: int = field(
-        default=3, metadata={"help": "Rounds of in-place unit profiling; each times every unit once at every level."})
+        default=3, metadata={"min": 1, "help": "Rounds of in-place unit profiling; each times every unit once at every level."})
     verify_repeats: int = field(
-        default=50, metadata={"help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
+        default=50, metadata={"min": 1, "help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
     )
 
     def __post_init__(self):
-        _check_int("timing.warmup", self.warmup, 0)
-        _check_int("timing.repeats", self.repeats, 1)
-        _check_int("timing.model_repeats", self.model_repeats, 1)
-        _check_int("timing.profile_rounds", self.profile_rounds, 1)
-        _check_int("timing.verify_repeats", self.verify_repeats, 1)
+        _check_minimums(self, "timing")
 
 
 @dataclass
@@ -218,33 +220,30 @@ class StructuredConfig:
     """Structured levels (`family: structured` or `mixed`): attention heads and FFN neurons kept per block."""
 
     head_step: int = field(
-        default=1, metadata={"help": "Attention levels keep every head_step-th head count, down to none."})
+        default=1, metadata={"min": 1, "help": "Attention levels keep every head_step-th head count, down to none."})
     ffn_grid: int = field(
-        default=8, metadata={"help": "FFN levels keep 1/ffn_grid steps of the neurons, down to none."})
+        default=8, metadata={"min": 1, "help": "FFN levels keep 1/ffn_grid steps of the neurons, down to none."})
     mixed_combos: int = field(
-        default=8, metadata={"help": "Family mixed: how many of a group's sparse levels that are faster than dense "
+        default=8, metadata={"min": 0, "help": "Family mixed: how many of a group's sparse levels that are faster than dense "
                                      "(the least sparse first) also combine with its partial structured levels."})
 
     def __post_init__(self):
-        _check_int("structured.head_step", self.head_step, 1)
-        _check_int("structured.ffn_grid", self.ffn_grid, 1)
-        _check_int("structured.mixed_combos", self.mixed_combos, 0)
+        _check_minimums(self, "structured")
 
 
 @dataclass
 class GradualConfig:
     """Gradual pruning with `transformers.Trainer` toward the profile (`SPDYPruningCallback.from_config`)."""
 
-    start_step: int = field(default=0, metadata={"help": "Optimizer step the cubic sparsity ramp starts at."})
+    start_step: int = field(default=0, metadata={"min": 0, "help": "Optimizer step the cubic sparsity ramp starts at."})
     end_step: int | None = field(
         default=None, metadata={"help": "Step the ramp ends at; null: two thirds of the training steps."})
-    update_every: int = field(default=10, metadata={"help": "Optimizer steps between mask updates in the ramp."})
+    update_every: int = field(default=10, metadata={"min": 1, "help": "Optimizer steps between mask updates in the ramp."})
 
     def __post_init__(self):
-        _check_int("gradual.start_step", self.start_step, 0)
+        _check_minimums(self, "gradual")
         if self.end_step is not None:
             _check_int("gradual.end_step", self.end_step, self.start_step + 1)
-        _check_int("gradual.update_every", self.update_every, 1)
 
 
 DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*score*")

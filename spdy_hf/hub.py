@@ -97,6 +97,7 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
         f"| target speedup | {report.get('target_speedup', 0):g}× |",
         f"| predicted speedup | {report.get('predicted_speedup', float('nan')):.3f}× |",
         f"| speedup | {measured_text} |",
+        f"| target met | {_target_met_text(report)} |",
         f"| overall sparsity of the pruned layers | {report.get('overall_sparsity', 0):.3f} |",
         f"| pruning database | {report.get('method', config.get('method'))} |",
         f"| level families | {report.get('family', config.get('family', 'unstructured'))} |",
@@ -139,6 +140,14 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
                      f"{'' if dense_ms is None else f'{dense_ms:.4f}'} | {'' if ms is None else f'{ms:.4f}'} |")
     lines += ["", "The full report is in `spdy_report.json`, the per-layer profile in `spdy_profile.json`.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _target_met_text(report: dict[str, Any]) -> str:
+    met = report.get("target_met")
+    if met is None:
+        return "not measured"
+    return "yes" if met else (f"**no**: measured {report.get('measured_speedup', 0):.3f}× for a "
+                              f"{report.get('target_speedup', 0):g}× target")
 
 
 def write_card(directory: str, model_name: str | None = None) -> None:

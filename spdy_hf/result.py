@@ -43,6 +43,12 @@ class PruningResult:
     # structured and mixed families: per attention/FFN group its family, kept heads/neurons or sparse level
     groups: list[dict[str, Any]] | None = field(default=None, repr=False)
 
+    @property
+    def target_met(self) -> bool | None:
+        """Whether the measured speedup met the target (within `search.target_tolerance`); None where it could not
+        be measured (the cuda backend without a GPU)."""
+        return self.report.get("target_met")
+
     def to_sparse_kernels(self) -> nn.Module:
         """Swaps the units for their fast kernels, in place, for inference (save before this): on the cpu
         backend `FastLinear`s (CSR where sparse), on cuda `TwoFourLinear`s where the profile chose 2:4; with
@@ -124,7 +130,8 @@ class PruningResult:
 
     def metadata(self) -> dict[str, Any]:
         """SPDY's metadata for config.json: the job's config, the per-unit sparsities and the speedups."""
-        keys = ("target_speedup", "predicted_speedup", "measured_speedup", "backend", "regime", "overall_sparsity")
+        keys = ("target_speedup", "predicted_speedup", "measured_speedup", "target_met", "backend", "regime",
+                "overall_sparsity")
         return {
             "base_model": getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
             "config": self.config.to_dict(),

@@ -97,15 +97,16 @@ def verify_summary(config: SPDYConfig, plan: Plan, budget: Budget, search_budget
     else:
         logger.info("Predicted speedup %.3fx, measured %.3fx (dense %.3f ms, pruned %.3f ms).",
                     predicted, measured, dense_ms, pruned_ms)
-        if measured < 0.95 * config.target_speedup:
+        if not target_met(config, measured):
             logger.warning(
-                "Measured speedup %.3fx falls short of the target %.3gx by more than 5%%: the latency table may be "
-                "stale or the machine busy. Re-measure the table on an idle machine (delete its cache file).",
-                measured, config.target_speedup)
+                "Measured speedup %.3fx falls short of the target %.3gx by more than %.0f%% (search.target_tolerance): "
+                "the latency table may be stale or the machine busy. Re-measure the table on an idle machine (delete "
+                "its cache file).", measured, config.target_speedup, 100 * config.search.target_tolerance)
     return {
         "target_speedup": config.target_speedup,
         "predicted_speedup": predicted,
         "measured_speedup": measured,
+        "target_met": None if measured is None else target_met(config, measured),
         "max_reachable_speedup": budget.max_reachable_speedup,
         "search_target_speedup": search_budget.target_speedup,
         "verify_corrections": verification.corrections,
@@ -113,3 +114,8 @@ def verify_summary(config: SPDYConfig, plan: Plan, budget: Budget, search_budget
         "pruned_time_ms": pruned_ms,
         "verify_skipped": verification.skipped,
     }
+
+
+def target_met(config: SPDYConfig, measured: float) -> bool:
+    """Whether a measured speedup meets the target, allowing `search.target_tolerance` of timing noise."""
+    return measured >= config.target_speedup * (1 - config.search.target_tolerance)
