@@ -207,6 +207,8 @@ class TimingConfig:
     model_repeats: int = field(default=20, metadata={"min": 1, "help": "Timed forward passes of the whole model (median)."})
     profile_rounds: int = field(
         default=3, metadata={"min": 1, "help": "Rounds of in-place unit profiling; each times every unit once at every level."})
+    attempts: int = field(default=3, metadata={"min": 1, "help": "Measurements of a latency table before a "
+                                                "table that fails its checks (a busy machine) stops the job."})
     verify_repeats: int = field(
         default=50, metadata={"min": 1, "help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
     )

@@ -29,6 +29,7 @@ from ..database.store import STORE_VERSION
 from ..database.structured_database import StructuredDatabase, build_structured_database
 from ..deploy import STRUCTURED_SPARSE, deploy_groups
 from ..errors import SPDYError
+from ..latency.check import constant_problem, measure_until_sound
 from ..latency.structured import keep_counts, measure_structured_latency
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..loading import model_fingerprint, weights_fingerprint
@@ -226,9 +227,11 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
     if os.path.isfile(path):
         try:
             cached = LatencyTable.load(path)
-            if covers(cached.structured):
+            problem = full_time_problem(cached.structured, groups) if covers(cached.structured) else "other groups"
+            if problem is None:
                 logger.info("Reusing the structured latency table cached at %s.", path)
                 return cached
+            logger.warning("Ignoring the cached latency table %s: %s; measuring again.", path, problem)
         except SPDYError as e:
             logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
     inputs, model = family.inputs, family.model
@@ -236,16 +239,27 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
     def run(m):
         return lambda: m(**inputs)
 
-    with torch.inference_mode():
-        spin_up(run(model), seconds=2.0)
-    structured = measure_structured_latency(model, groups, counts, run, family.timer, warmup=config.timing.warmup,
-                                            repeats=2 * config.timing.model_repeats, progress=family.progress)
-    table = LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={},
-                         base_time_ms=structured["dense_ms"], model=family.fingerprint,
-                         environment=family.environment, structured=structured)
+    def measure() -> LatencyTable:
+        with torch.inference_mode():
+            spin_up(run(model), seconds=2.0)
+        structured = measure_structured_latency(model, groups, counts, run, family.timer,
+                                                warmup=config.timing.warmup, repeats=2 * config.timing.model_repeats,
+                                                progress=family.progress)
+        return LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={},
+                            base_time_ms=structured["dense_ms"], model=family.fingerprint,
+                            environment=family.environment, structured=structured)
+
+    table = measure_until_sound(measure, lambda t: full_time_problem(t.structured, groups),
+                                config.timing.attempts, "structured latency table")
     table.save(path)
     logger.info("Structured latency table cached at %s.", path)
     return table
+
+
+def full_time_problem(structured: dict, groups: list[StructuredGroup]) -> str | None:
+    """Why structured times cannot be right (the groups, whole, taking longer than the dense model), or None."""
+    full = sum(structured["signatures"][structured["groups"][group_name(g)]]["times_ms"][0] for g in groups)
+    return constant_problem(structured["dense_ms"], full, "attention and FFN groups")
 
 
 def build_group_database(config: SPDYConfig, model: nn.Module, groups: list[StructuredGroup],

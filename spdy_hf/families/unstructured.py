@@ -19,6 +19,7 @@ from ..database import MagnitudeDatabase, PruningDatabase, build_obs_database
 from ..database.obs_database import windows_digest
 from ..database.store import STORE_VERSION
 from ..errors import SPDYError
+from ..latency.check import constant_problem, measure_until_sound
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..levels import get_levels, get_patterns
 from ..loading import model_fingerprint, weights_fingerprint
@@ -101,22 +102,34 @@ def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | 
         return table
     key = cache_key(config.backend, regime, levels, family.fingerprint, family.environment)
     path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"{key}.json")
+
+    def check(t: LatencyTable) -> str | None:
+        return constant_problem(t.reference_time_ms, float(t.times_for(t.keys_for(units))[:, 0].sum()),
+                                "searched layers")
+
     if os.path.isfile(path):
-        logger.info("Reusing the latency table cached at %s.", path)
         try:
-            return LatencyTable.load(path)
+            cached = LatencyTable.load(path)
+            problem = check(cached)
+            if problem is None:
+                logger.info("Reusing the latency table cached at %s.", path)
+                return cached
+            logger.warning("Ignoring the cached latency table %s: %s; measuring again.", path, problem)
         except SPDYError as e:
             logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
-    if config.backend == "cuda":
-        from ..latency.cuda import measure_cuda_latency_table
 
-        table = measure_cuda_latency_table(family.model, units, levels, patterns, config, family.inputs,
-                                           family.fingerprint, progress=family.progress)
-    else:
+    def measure() -> LatencyTable:
+        if config.backend == "cuda":
+            from ..latency.cuda import measure_cuda_latency_table
+
+            return measure_cuda_latency_table(family.model, units, levels, patterns, config, family.inputs,
+                                              family.fingerprint, progress=family.progress)
         from ..latency.cpu import measure_latency_table
 
-        table = measure_latency_table(family.model, units, levels, config, family.inputs, family.fingerprint,
-                                      progress=family.progress)
+        return measure_latency_table(family.model, units, levels, config, family.inputs, family.fingerprint,
+                                     progress=family.progress)
+
+    table = measure_until_sound(measure, check, config.timing.attempts, "latency table")
     table.save(path)
     logger.info("Latency table cached at %s.", path)
     return table

@@ -1,0 +1,77 @@
+"""A busy machine: a measured latency table that no model obeys is measured again, never cached, and stops the job
+when it keeps failing (the timing itself is faked: what is tested is what happens to such a table)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+from conftest import MODEL_FACTORIES, handwritten_table, small_config
+from test_structured_pruner import structured_part
+
+import spdy_hf.families.structured as structured_family
+import spdy_hf.latency.cpu as cpu
+from spdy_hf import LatencyTable, SPDYPruner
+from spdy_hf.errors import SPDYError
+from spdy_hf.units import find_units
+
+
+def busy_table(table: LatencyTable) -> LatencyTable:
+    """The same table as a busy moment measures it: the units take longer than the whole model."""
+    busy = copy.deepcopy(table)
+    busy.base_time_ms = busy.deployed_dense_time_ms = 0.2 * table.base_time_ms
+    return busy
+
+
+def cached_tables(tmp_path):
+    return sorted((tmp_path / "cache" / "latency").glob("*.json"))
+
+
+def test_a_per_layer_table_that_fails_is_measured_again_and_only_the_sound_one_cached(tmp_path, tokenizer,
+                                                                                    monkeypatch, caplog):
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude")
+    good = handwritten_table(model, find_units(model, config.skip_modules), config)
+    measured = [busy_table(good), good]
+    monkeypatch.setattr(cpu, "measure_latency_table", lambda *a, **k: measured.pop(0))
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.latency.check"):
+        result = SPDYPruner(model, config, tokenizer).prune(progress=False)
+    assert "cannot be right" in caplog.text and "longer than the whole dense model" in caplog.text
+    assert "attempt 1 of 3" in caplog.text and not measured
+    (path,) = cached_tables(tmp_path)
+    assert LatencyTable.load(path).base_time_ms == good.base_time_ms == result.latency_table.base_time_ms
+
+    # a bad table that reached the cache anyway (an older version wrote it) is not reused
+    busy_table(good).save(path)
+    measured.append(good)
+    with caplog.at_level(logging.WARNING):
+        SPDYPruner(MODEL_FACTORIES["bert"](), config, tokenizer).prune(progress=False)
+    assert "Ignoring the cached latency table" in caplog.text and not measured
+    assert LatencyTable.load(path).base_time_ms == good.base_time_ms
+
+
+def test_a_table_that_keeps_failing_stops_the_job_and_is_never_cached(tmp_path, tokenizer, monkeypatch):
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude", timing={"attempts": 2})
+    good = handwritten_table(model, find_units(model, config.skip_modules), config)
+    calls = []
+    monkeypatch.setattr(cpu, "measure_latency_table", lambda *a, **k: calls.append(1) or busy_table(good))
+    with pytest.raises(SPDYError, match=r"failed its check 2 times: the searched layers take [\d.]+ ms by the "
+                                        r"table, longer than the whole dense model .*busy.*nothing was cached"):
+        SPDYPruner(model, config, tokenizer).prune(progress=False)
+    assert len(calls) == 2 and cached_tables(tmp_path) == []
+
+
+def test_structured_times_that_fail_are_measured_again(tmp_path, tokenizer, monkeypatch):
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.3, family="structured", method="magnitude")
+    good = structured_part(model, config)
+    busy = {**copy.deepcopy(good), "dense_ms": 0.1 * good["dense_ms"]}
+    measured = [busy, good]
+    monkeypatch.setattr(structured_family, "measure_structured_latency", lambda *a, **k: measured.pop(0))
+    monkeypatch.setattr(structured_family, "spin_up", lambda fn, seconds: None)
+    result = SPDYPruner(model, config, tokenizer).prune(progress=False)
+    assert not measured and result.latency_table.structured["dense_ms"] == good["dense_ms"]
+    (path,) = cached_tables(tmp_path)
+    assert LatencyTable.load(path).structured["dense_ms"] == good["dense_ms"]
