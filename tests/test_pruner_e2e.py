@@ -370,7 +370,7 @@ def test_measured_table_is_cached_and_reused(tmp_path, tokenizer, monkeypatch, c
     # a corrupted cache file is measured again, with a warning, and replaced
     cached[0].write_text("{")
     monkeypatch.undo()
-    with caplog.at_level(logging.WARNING, logger="spdy_hf.families.unstructured"):
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.latency.check"):
         run()
     assert "unreadable" in caplog.text
     assert LatencyTable.load(cached[0]).levels == [0.0, 0.5, 0.99]

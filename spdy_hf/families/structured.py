@@ -29,7 +29,7 @@ from ..database.store import STORE_VERSION
 from ..database.structured_database import StructuredDatabase, build_structured_database
 from ..deploy import STRUCTURED_SPARSE, deploy_groups
 from ..errors import SPDYError
-from ..latency.check import constant_problem, measure_until_sound
+from ..latency.check import cached_or_measured, constant_problem
 from ..latency.structured import keep_counts, measure_structured_latency
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..loading import model_fingerprint, weights_fingerprint
@@ -224,16 +224,6 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
     key = cache_key(config.backend, regime, [0.0], family.fingerprint, family.environment,
                     extra={"structured": [[group_name(g), list(c)] for g, c in zip(groups, counts)]})
     path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"structured-{key}.json")
-    if os.path.isfile(path):
-        try:
-            cached = LatencyTable.load(path)
-            problem = full_time_problem(cached.structured, groups) if covers(cached.structured) else "other groups"
-            if problem is None:
-                logger.info("Reusing the structured latency table cached at %s.", path)
-                return cached
-            logger.warning("Ignoring the cached latency table %s: %s; measuring again.", path, problem)
-        except SPDYError as e:
-            logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
     inputs, model = family.inputs, family.model
 
     def run(m):
@@ -249,11 +239,10 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
                             base_time_ms=structured["dense_ms"], model=family.fingerprint,
                             environment=family.environment, structured=structured)
 
-    table = measure_until_sound(measure, lambda t: full_time_problem(t.structured, groups),
-                                config.timing.attempts, "structured latency table")
-    table.save(path)
-    logger.info("Structured latency table cached at %s.", path)
-    return table
+    def check(t: LatencyTable) -> str | None:
+        return full_time_problem(t.structured, groups) if covers(t.structured) else "it holds other groups"
+
+    return cached_or_measured(path, measure, check, config.timing.attempts, "structured latency table")
 
 
 def full_time_problem(structured: dict, groups: list[StructuredGroup]) -> str | None:

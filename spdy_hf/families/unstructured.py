@@ -18,8 +18,7 @@ from ..config import SPDYConfig, TimingConfig
 from ..database import MagnitudeDatabase, PruningDatabase, build_obs_database
 from ..database.obs_database import windows_digest
 from ..database.store import STORE_VERSION
-from ..errors import SPDYError
-from ..latency.check import constant_problem, measure_until_sound
+from ..latency.check import cached_or_measured, constant_problem
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..levels import get_levels, get_patterns
 from ..loading import model_fingerprint, weights_fingerprint
@@ -107,17 +106,6 @@ def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | 
         return constant_problem(t.reference_time_ms, float(t.times_for(t.keys_for(units))[:, 0].sum()),
                                 "searched layers")
 
-    if os.path.isfile(path):
-        try:
-            cached = LatencyTable.load(path)
-            problem = check(cached)
-            if problem is None:
-                logger.info("Reusing the latency table cached at %s.", path)
-                return cached
-            logger.warning("Ignoring the cached latency table %s: %s; measuring again.", path, problem)
-        except SPDYError as e:
-            logger.warning("Ignoring the unreadable cached latency table %s (%s); measuring again.", path, e)
-
     def measure() -> LatencyTable:
         if config.backend == "cuda":
             from ..latency.cuda import measure_cuda_latency_table
@@ -129,10 +117,7 @@ def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | 
         return measure_latency_table(family.model, units, levels, config, family.inputs, family.fingerprint,
                                      progress=family.progress)
 
-    table = measure_until_sound(measure, check, config.timing.attempts, "latency table")
-    table.save(path)
-    logger.info("Latency table cached at %s.", path)
-    return table
+    return cached_or_measured(path, measure, check, config.timing.attempts, "latency table")
 
 
 def build_database(config: SPDYConfig, model: nn.Module, units: list[Unit], levels: list[float],

@@ -5,6 +5,7 @@ later run. A table that fails is measured again, a bounded number of times; one 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 from ..errors import SPDYError
@@ -41,3 +42,22 @@ def measure_until_sound(measure: Callable[[], LatencyTable], check: Callable[[La
         f"The {what} failed its check {attempts} times: {problem}. The machine was most likely busy while timing "
         "(another heavy process shares its cores); nothing was cached. Run again when it is idle (timing."
         "attempts sets how often to retry).")
+
+
+def cached_or_measured(path: str, measure: Callable[[], LatencyTable], check: Callable[[LatencyTable], str | None],
+                       attempts: int, what: str) -> LatencyTable:
+    """The table cached at `path` when it loads and passes `check`; else measured until sound and cached there."""
+    if os.path.isfile(path):
+        try:
+            cached = LatencyTable.load(path)
+            problem = check(cached)
+            if problem is None:
+                logger.info("Reusing the %s cached at %s.", what, path)
+                return cached
+            logger.warning("Ignoring the cached %s %s: %s; measuring again.", what, path, problem)
+        except SPDYError as e:
+            logger.warning("Ignoring the unreadable cached %s %s (%s); measuring again.", what, path, e)
+    table = measure_until_sound(measure, check, attempts, what)
+    table.save(path)
+    logger.info("The %s is cached at %s.", what, path)
+    return table
