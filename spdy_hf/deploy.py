@@ -66,14 +66,47 @@ def deploy_groups(model: nn.Module, group_entries: list[dict], backend: str = "c
     return deploy_units(model, sparse_units, sparsities, patterns, backend, unit_layouts, input_leaders)
 
 
+def check_profile(model: nn.Module, profile, groups) -> None:
+    """Checks a profile read from a file (`spdy_profile.json`) against the model before anything is built from
+    it; raises `SPDYError` naming the first bad field."""
+    def bad(where: str, why: str):
+        raise SPDYError(f"spdy_profile.json: {where} {why}; the file is damaged or not from this model.")
+
+    def fraction(where: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            bad(where, f"= {value!r} must be a sparsity in [0, 1]")
+
+    modules = dict(model.named_modules())
+    if not isinstance(profile, list) or (groups is not None and not isinstance(groups, list)):
+        bad("'units' / 'groups'", "must be lists")
+    for i, p in enumerate(profile):
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str) or p["name"] not in modules:
+            bad(f"units[{i}].name", f"= {p.get('name') if isinstance(p, dict) else p!r} names no module of the model")
+        fraction(f"units[{i}].sparsity", p.get("sparsity"))
+        if p.get("pattern", "dense") not in ("dense", "unstructured", "2:4", "structured"):
+            bad(f"units[{i}].pattern", f"= {p.get('pattern')!r} is not dense, unstructured, 2:4 or structured")
+        if p.get("layout", "cc") not in ("cc", "ct", "tc", "tt", "sc", "st"):
+            bad(f"units[{i}].layout", f"= {p.get('layout')!r} is not a layout code")
+    model_groups = {group_name(g): g for g in find_structured_groups(model)}
+    for i, g in enumerate(groups or []):
+        group = model_groups.get(g.get("name")) if isinstance(g, dict) else None
+        if group is None:
+            bad(f"groups[{i}].name", "names no attention/FFN group of the model")
+        if g.get("family") not in ("dense", "structured", "unstructured", STRUCTURED_SPARSE):
+            bad(f"groups[{i}].family", f"= {g.get('family')!r} is not a level family")
+        kept = g.get("kept")
+        if not isinstance(kept, list) or len(set(kept)) != len(kept) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and 0 <= k < group.num_groups for k in kept):
+            bad(f"groups[{i}].kept", f"must list distinct head/neuron indices in [0, {group.num_groups})")
+        fraction(f"groups[{i}].sparsity", g.get("sparsity"))
+
+
 def deploy_profile(model: nn.Module, profile: list[dict], groups: list[dict] | None, backend: str) -> nn.Module:
     """A saved or returned profile's fast form (`spdy_profile.json`'s "units" and "groups" entries), in place."""
+    check_profile(model, profile, groups)
     if groups is not None:
         return deploy_groups(model, groups, backend, *layout_maps(profile))
     modules = dict(model.named_modules())
-    missing = [p["name"] for p in profile if p["name"] not in modules]
-    if missing:
-        raise SPDYError(f"The model has no module {missing[0]}; was the profile saved from another architecture?")
     units = [Unit(name=p["name"], module=modules[p["name"]], block=p["name"].rsplit(".", 1)[0]) for p in profile]
     return deploy_units(model, units, [p["sparsity"] for p in profile], [p.get("pattern", "dense") for p in profile],
                         backend, *layout_maps(profile))

@@ -75,3 +75,43 @@ def test_structured_times_that_fail_are_measured_again(tmp_path, tokenizer, monk
     assert not measured and result.latency_table.structured["dense_ms"] == good["dense_ms"]
     (path,) = cached_tables(tmp_path)
     assert LatencyTable.load(path).structured["dense_ms"] == good["dense_ms"]
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def saved_structured(tmp_path, tokenizer):
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.6, family="structured", method="magnitude")
+    from test_structured_pruner import structured_table
+
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=structured_table(model, config),
+                                                        progress=False)
+    return result.save_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda p: p["units"][0].update(name="encoder.layer.9.attention.self.query"), r"units\[0\].name"),
+    (lambda p: p["units"][0].update(name="../../etc/passwd"), r"units\[0\].name"),
+    (lambda p: p["units"][1].update(sparsity=5.0), r"units\[1\].sparsity = 5.0"),
+    (lambda p: p["units"][1].update(sparsity="half"), r"units\[1\].sparsity = 'half'"),
+    (lambda p: p["units"][2].update(pattern="1:8"), r"units\[2\].pattern"),
+    (lambda p: p["units"][2].update(layout="zz"), r"units\[2\].layout"),
+    (lambda p: p["groups"][0].update(name="encoder.layer.7:ffn"), r"groups\[0\].name"),
+    (lambda p: p["groups"][0].update(family="eval"), r"groups\[0\].family"),
+    (lambda p: p["groups"][1].update(kept=[0, 0]), r"groups\[1\].kept"),
+    (lambda p: p["groups"][1].update(kept=[10 ** 6]), r"groups\[1\].kept"),
+    (lambda p: p.update(groups="all"), "'units' / 'groups' must be lists"),
+])
+def test_a_damaged_profile_gets_one_clear_error_naming_the_field(edit, field, tmp_path, tokenizer):
+    import json
+
+    from spdy_hf.loading import load_pretrained
+
+    out = saved_structured(tmp_path, tokenizer)
+    path = f"{out}/spdy_profile.json"
+    with open(path) as f:
+        profile = json.load(f)
+    edit(profile)
+    with open(path, "w") as f:
+        json.dump(profile, f)
+    with pytest.raises(SPDYError, match=f"spdy_profile.json: {field}"):
+        load_pretrained(out)
