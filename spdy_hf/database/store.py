@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 
 import torch
@@ -69,8 +70,24 @@ class DatabaseStore:
         return os.path.join(self.directory, "manifest.json")
 
     def open(self) -> None:
-        """Creates the directory, or checks that an existing one was built from the same inputs."""
+        """Creates the directory, or checks that an existing one was built from the same inputs.
+
+        A new directory appears whole: its skeleton (build.json, units/) is made beside it and renamed into place,
+        so two jobs building the same database at once never see each other's half-made directory; the one whose
+        rename loses uses the winner's."""
         build_path = os.path.join(self.directory, "build.json")
+        if not os.path.exists(self.directory):
+            parent = os.path.dirname(os.path.abspath(self.directory))
+            os.makedirs(parent, exist_ok=True)
+            skeleton = tempfile.mkdtemp(prefix=f".{os.path.basename(self.directory)}.tmp-", dir=parent)
+            os.chmod(skeleton, default_mode(directory=True))
+            os.makedirs(os.path.join(skeleton, "units"))
+            atomic_write_json(os.path.join(skeleton, "build.json"), self.build)
+            try:
+                os.rename(skeleton, self.directory)
+                return
+            except OSError:  # another job created it first: check theirs below
+                shutil.rmtree(skeleton, ignore_errors=True)
         if os.path.isfile(build_path):
             try:
                 with open(build_path, encoding="utf-8") as f:
