@@ -275,3 +275,34 @@ def test_blocks_run_on_the_gpu(tmp_path):
     assert next(model.parameters()).device.type == "cpu"  # each block went back
     for u in range(len(units)):
         assert ((cpu.weight(u, 2) == 0) == (gpu.weight(u, 2) == 0)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_unit_file_is_detected_and_computed_again(damage, tmp_path, monkeypatch, caplog):
+    """A finished database whose unit file was overwritten (one byte flipped in its data) or truncated is never
+    loaded as it is: the checksum written with each unit catches it, and the unit is solved again."""
+    import logging
+
+    data = windows()
+    model, units = setup("gpt2")
+    reference = build_obs_database(model, units, LEVELS, data, directory=tmp_path / "db", anchor_level=3,
+                                   batch_size=3, progress=False)
+    path = tmp_path / "db" / "units" / f"{units[2].name}.safetensors"
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-5] ^= 0x01  # a value bit inside the last tensor: the file still parses
+    else:
+        raw = raw[: len(raw) // 2]
+    path.write_bytes(bytes(raw))
+    real = obs_database.obs_prune_levels
+    calls = []
+    monkeypatch.setattr(obs_database, "obs_prune_levels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, units = setup("gpt2")
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.database.store"):
+        again = build_obs_database(model, units, LEVELS, data, directory=tmp_path / "db", anchor_level=3,
+                                   batch_size=3, progress=False)
+    assert ("checksum mismatch" if damage == "flip" else "Cannot read") in caplog.text
+    assert len(calls) == 1 and (tmp_path / "db" / "manifest.json").exists()  # that unit only, store complete
+    for u in range(len(units)):
+        for k in range(len(LEVELS)):
+            assert torch.equal(again.weight(u, k), reference.weight(u, k)), (units[u].name, k)

@@ -161,8 +161,8 @@ def build_obs_database(
     if store.is_complete():
         logger.info("Loading the finished pruning database from %s.", store.directory)
     start = time.perf_counter()
-    for name in store.stored_units() & {u.name for u in units}:
-        encoded[name], errors[name] = store.load_unit(name)
+    for name, (tensors, err) in store.load_stored({u.name for u in units}).items():
+        encoded[name], errors[name] = tensors, err
 
     if len(encoded) < len(units):
         solved = 0

@@ -13,6 +13,7 @@ file is either complete or absent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +27,21 @@ from ..io import atomic_write_json, default_mode
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 2  # part of every build key: a change to how databases are computed invalidates caches
+STORE_VERSION = 3  # part of every build key: a change to how databases are computed invalidates caches
+
+
+class DamagedUnitError(SPDYError):
+    """A stored unit's file is unreadable or not what was written (truncated, overwritten, bit rot)."""
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A checksum of tensors' names, dtypes, shapes and bytes (written with each unit, checked on every load)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def encode_levels(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,9 +142,10 @@ class DatabaseStore:
         os.makedirs(self.unit_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.unit_dir)
         os.close(fd)
+        tensors = {**tensors, "errors": errors.to(torch.float64).contiguous()}
         try:
-            save_file({**tensors, "errors": errors.to(torch.float64).contiguous()}, tmp,
-                      metadata={"store_version": str(STORE_VERSION), "unit": unit_name})
+            save_file(tensors, tmp, metadata={"store_version": str(STORE_VERSION), "unit": unit_name,
+                                              "sha256": tensors_digest(tensors)})
             os.chmod(tmp, default_mode())
             os.replace(tmp, self._path(unit_name))
         except BaseException:
@@ -138,15 +154,40 @@ class DatabaseStore:
             raise
 
     def load_unit(self, unit_name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One stored unit, after checking its contents against the checksum written with it.
+
+        Raises:
+            DamagedUnitError: the file cannot be read, or its contents are not what was written.
+        """
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = self._path(unit_name)
         try:
             tensors = load_file(path)
-        except Exception as e:  # a damaged file: say which, and how to recover
-            raise SPDYError(f"Cannot read {path} ({e}); delete it and the build resumes without it.") from e
+            with safe_open(path, framework="pt") as f:
+                expected = (f.metadata() or {}).get("sha256")
+        except Exception as e:  # truncated or overwritten: say which, and how to recover
+            raise DamagedUnitError(f"Cannot read {path} ({e}); delete it and the build resumes without it.") from e
+        if expected is None or tensors_digest(tensors) != expected:
+            raise DamagedUnitError(f"{path} does not hold what was written to it (checksum mismatch); delete it "
+                                   "and the build resumes without it.")
         errors = tensors.pop("errors")
         return tensors, errors
+
+    def load_stored(self, names: set[str]) -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """The stored units among `names` that are intact. A damaged one is deleted with a warning (and the store
+        marked incomplete), so the build computes it again instead of loading it."""
+        out = {}
+        for name in sorted(self.stored_units() & set(names)):
+            try:
+                out[name] = self.load_unit(name)
+            except DamagedUnitError as e:
+                logger.warning("%s Computing it again.", e)
+                os.unlink(self._path(name))
+                if self.is_complete():
+                    os.unlink(self.manifest_path)
+        return out
 
     def is_complete(self) -> bool:
         return os.path.isfile(self.manifest_path)

@@ -192,8 +192,8 @@ def build_structured_database(
     store.open()
     if store.is_complete():
         logger.info("Loading the finished structured database from %s.", store.directory)
-    for name in store.stored_units() & {g.consumer for g in groups}:
-        entries[name], errors[name] = store.load_unit(name)
+    for name, (tensors, err) in store.load_stored({g.consumer for g in groups}).items():
+        entries[name], errors[name] = tensors, err
     if len(entries) < len(groups):
         start = time.perf_counter()
         by_consumer = {g.consumer: (g, c) for g, c in zip(groups, counts)}
