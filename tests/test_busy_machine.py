@@ -160,3 +160,68 @@ def test_two_prunes_at_once_share_the_cache_and_agree(tmp_path, tokenizer):
         assert all(weights[0][name].equal(w[name]) for w in weights[1:]), name
     profiles = [json.loads((tmp_path / out / "spdy_profile.json").read_text())["units"] for out in ("a", "b")]
     assert [p["level"] for p in profiles[0]] == [p["level"] for p in profiles[1]]
+
+
+# ---------------------------------------------------------------------------------------------- crashes
+@pytest.mark.parametrize("when", ["database", "search", "save"])
+def test_a_prune_killed_with_sigkill_reruns_to_the_same_result(when, tmp_path, tokenizer):
+    """`spdy-hf prune` killed outright (SIGKILL: no cleanup runs) during the database build, the search or the
+    save, then run again: the rerun finishes, reuses what was complete, and equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    model = MODEL_FACTORIES["llama"]()
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = small_config(tmp_path / "run", target_speedup=1.5,
+                          search={"num_random_inits": 60, "patience": 5, "eval_samples": 8, "dp_buckets": 1000,
+                                  "verify_corrections": 0})
+    handwritten_table(model, find_units(model, config.skip_modules), config).save(tmp_path / "table.json")
+    config.save(tmp_path / "recipe.yaml")
+    reference = small_config(tmp_path / "ref", **{k: v for k, v in config.to_dict().items() if k != "cache_dir"})
+    reference.save(tmp_path / "reference.yaml")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+
+    def command(recipe, out):
+        return [sys.executable, "-m", "spdy_hf", "prune", str(model_dir), "--recipe", str(recipe), "--latency-table",
+                str(tmp_path / "table.json"), "-o", str(out), "--no-progress", "--allow-shortfall"]
+
+    database = tmp_path / "run" / "cache" / "database"
+
+    def reached() -> bool:
+        units = list(database.glob("*/units/*.safetensors"))
+        if when == "database":
+            return len(units) >= 2
+        if when == "search":
+            return any(database.glob("*/manifest.json"))
+        return any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
+
+    run = subprocess.Popen(command(tmp_path / "recipe.yaml", tmp_path / "out"), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not reached() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if run.poll() is not None:
+        pytest.skip(f"the run ended before it could be killed during the {when} stage (too fast to catch here)")
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # nothing half written in place
+
+    rerun = subprocess.run(command(tmp_path / "recipe.yaml", tmp_path / "out"), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # what was complete is reused: the stored units of a killed build, the finished database after it
+    assert ("Resuming the pruning database" if when == "database" else "Loading the finished pruning database") \
+        in rerun.stderr
+    alone = subprocess.run(command(tmp_path / "reference.yaml", tmp_path / "ref-out"), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    expected = load_file(tmp_path / "ref-out" / "model.safetensors")
+    assert got.keys() == expected.keys() and all(got[k].equal(expected[k]) for k in got)
