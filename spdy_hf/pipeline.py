@@ -83,7 +83,8 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
         if verification.corrections:
             score = scorer()
     entries = family.entries(verification.profile, verification.measurement)
-    report = {**verify_summary(config, plan, budget, search_budget, verification), **entries.report,
+    report = {**verify_summary(config, plan, budget, search_budget, verification), "timing_noise": plan.timing_noise,
+              **entries.report,
               **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages.seconds)}
     return PruningResult(model=model, tokenizer=tokenizer, config=config, units=plan.units, profile=entries.profile,
                          report=report, latency_table=plan.table, groups=entries.groups)
@@ -104,7 +105,13 @@ def check_budget(config: SPDYConfig, plan: Plan) -> tuple[Budget, Budget]:
     # the second test: times rounded up to DP buckets may not fit where the true times just do
     if not budget.reachable or not fits(times, budget, buckets):
         raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup, config.family)
-    search_budget = with_margin(times, budget, config.search.speedup_margin, buckets, reference_ms=plan.reference_ms)
+    margin = config.search.speedup_margin
+    if plan.timing_noise is not None and plan.timing_noise > margin:
+        logger.warning("The timing noise while the latency table was measured (%.1f%%) exceeds the search margin "
+                       "(%.1f%%): raising the margin to cover it. An idle machine gives a tighter table.",
+                       100 * plan.timing_noise, 100 * margin)
+        margin = min(plan.timing_noise, 0.5)
+    search_budget = with_margin(times, budget, margin, buckets, reference_ms=plan.reference_ms)
     return budget, search_budget
 
 

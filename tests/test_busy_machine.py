@@ -225,3 +225,37 @@ def test_a_prune_killed_with_sigkill_reruns_to_the_same_result(when, tmp_path, t
     got = load_file(tmp_path / "out" / "model.safetensors")
     expected = load_file(tmp_path / "ref-out" / "model.safetensors")
     assert got.keys() == expected.keys() and all(got[k].equal(expected[k]) for k in got)
+
+
+# ---------------------------------------------------------------------------------------------- timing noise
+def test_timing_noise_is_measured_reported_and_covered_by_the_margin(tmp_path, tokenizer, caplog):
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude")
+    table = handwritten_table(model, find_units(model, config.skip_modules), config)
+    table.timing_noise = 0.12  # a busy machine: the dense passes spread by 12 %, more than the 5 % margin
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.pipeline"):
+        report = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False).report
+    assert report["timing_noise"] == 0.12
+    assert "timing noise" in caplog.text and "raising the margin" in caplog.text
+    assert report["search_target_speedup"] == pytest.approx(1.5 * 1.12)
+    quiet = handwritten_table(model, find_units(model, config.skip_modules), config)
+    quiet.timing_noise = 0.01
+    report = SPDYPruner(MODEL_FACTORIES["bert"](), config, tokenizer).prune(latency_table=quiet,
+                                                                           progress=False).report
+    assert report["search_target_speedup"] == pytest.approx(1.5 * 1.05)  # the configured margin covers it
+
+
+def test_structured_timing_noise_is_the_spread_of_the_dense_passes():
+    from spdy_hf.latency.structured import keep_counts, measure_structured_latency
+    from spdy_hf.structured import find_structured_groups
+
+    model = MODEL_FACTORIES["llama"]()
+    ffn = [g for g in find_structured_groups(model) if g.kind == "ffn"]
+    counts = [keep_counts(g, 1, 4) for g in ffn]
+    dense = iter([10.0, 11.0, 9.0, 10.0])  # one dense time per timed job: median 10, deviations 0, 1, 1, 0
+
+    def timer(fns, warmup, repeats):
+        return [next(dense), 8.0]
+
+    part = measure_structured_latency(model, ffn, counts, lambda m: (lambda: None), timer, progress=False)
+    assert part["dense_ms"] == 10.0 and part["timing_noise"] == pytest.approx(0.05)

@@ -35,6 +35,7 @@ class Plan:
     base_ms: float  # the dense model end to end: speedups are relative to it
     reference_ms: float | None  # the all-dense model in the form `times` were measured in (None: base_ms)
     table: LatencyTable  # the latency table behind `times`, saved with the result
+    timing_noise: float | None = None  # relative spread of repeated dense passes while `times` were measured
 
 
 @dataclass

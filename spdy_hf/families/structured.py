@@ -74,8 +74,9 @@ class StructuredFamily(Family):
         # saved with the result under the labels it was measured with (backend, regime, environment)
         self.table = copy.copy(self.unit_table if self.unit_table is not None else source)
         self.table.structured = structured
+        noises = [t.timing_noise for t in (source, self.unit_table) if t is not None and t.timing_noise is not None]
         return Plan(units=units, names=[group_name(g) for g in self.groups], times=self.times, base_ms=base_ms,
-                    reference_ms=None, table=self.table)
+                    reference_ms=None, table=self.table, timing_noise=max(noises, default=None))
 
     def plan_unit_table(self, units, table: LatencyTable | None) -> LatencyTable | None:
         """The per-layer latency table this family needs besides the structured levels' (none here), after checking
@@ -237,7 +238,8 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
                                                 progress=family.progress)
         return LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={},
                             base_time_ms=structured["dense_ms"], model=family.fingerprint,
-                            environment=family.environment, structured=structured)
+                            environment=family.environment, structured=structured,
+                            timing_noise=structured.get("timing_noise"))
 
     def check(t: LatencyTable) -> str | None:
         return full_time_problem(t.structured, groups) if covers(t.structured) else "it holds other groups"

@@ -39,7 +39,7 @@ class UnstructuredFamily(Family):
         self.table = unit_latency_table(self, units, self.given_table(latency_table))
         self.times = self.table.times_for(self.table.keys_for(units))  # (U, K) ms
         return Plan(units=units, names=[u.name for u in units], times=self.times, base_ms=self.table.base_time_ms,
-                    reference_ms=self.table.reference_time_ms, table=self.table)
+                    reference_ms=self.table.reference_time_ms, table=self.table, timing_noise=self.table.timing_noise)
 
     def build_database(self, plan, windows, budget, search_budget) -> dict:
         anchor = anchor_level(plan.times, search_budget.budget_ms)

@@ -281,4 +281,5 @@ def measure_latency_table(
                     "median_relative_error": error},
         model=model_fingerprint,
         environment=table_environment(),
+        timing_noise=error,  # the spread of the profiled passes around the table's own prediction
     )

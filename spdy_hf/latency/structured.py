@@ -98,6 +98,8 @@ def measure_structured_latency(
         saved[sig][k] = (1.0 - shrunk_ms / dense_ms) / len(members)
         del shrunk
     dense = float(statistics.median(dense_samples)) if dense_samples else float("nan")
+    # the dense model was timed once per job: how much those times spread is the noise of this measurement
+    noise = float(statistics.median(abs(d - dense) for d in dense_samples) / dense) if dense_samples else 0.0
     saved = {sig: {k: share * dense for k, share in by_count.items()} for sig, by_count in saved.items()}
     signatures = {}
     for sig, members in by_signature.items():
@@ -113,4 +115,4 @@ def measure_structured_latency(
         times[keep[0]] = max(times[keep[0]], running)
         signatures[sig] = {"keep": list(keep), "times_ms": [float(times[k]) for k in keep], "groups": len(members)}
     return {"signatures": signatures, "groups": {group_name(groups[i]): sig for sig, members in by_signature.items()
-                                                 for i in members}, "dense_ms": dense}
+                                                 for i in members}, "dense_ms": dense, "timing_noise": noise}

@@ -46,6 +46,9 @@ class LatencyTable:
     # structured levels (`spdy_hf.latency.structured.measure_structured_latency`): per group signature its keep
     # counts and times in the whole (plain) model, each group's signature, and the dense model's time there
     structured: dict[str, Any] = field(default_factory=dict)
+    # how much repeated measurements of the dense model spread while the table was measured (relative median
+    # absolute deviation); the search's margin is raised to cover it
+    timing_noise: float | None = None
     version: int = TABLE_VERSION
 
     def __post_init__(self):
@@ -69,6 +72,8 @@ class LatencyTable:
             _check_time("deployed_dense_time_ms", self.deployed_dense_time_ms, positive=True)
         if self.structured:
             self._check_structured()
+        if self.timing_noise is not None:
+            _check_time("timing_noise", self.timing_noise)
         if self.patterns is None:
             self.patterns = ["dense"] + ["unstructured"] * (len(self.levels) - 1)
         if len(self.patterns) != len(self.levels):
