@@ -1,5 +1,7 @@
-"""A busy machine: a measured latency table that no model obeys is measured again, never cached, and stops the job
-when it keeps failing (the timing itself is faked: what is tested is what happens to such a table)."""
+"""The speedup guarantee where things go wrong: a busy machine (a measured latency table that no model obeys is
+measured again, never cached, and stops the job when it keeps failing; timing noise raises the margin), damaged
+profile files, two prunes at once on one cache, and a prune killed with SIGKILL. Timings are faked where what is
+tested is what happens to them."""
 
 from __future__ import annotations
 

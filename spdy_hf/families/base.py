@@ -120,9 +120,10 @@ class Family:
         return model_fingerprint(self.model)
 
     @cached_property
-    def weights(self) -> str:
-        """The model's weights (what pruning databases depend on); read once, while the model is still dense."""
-        return weights_fingerprint(self.model)
+    def weights(self) -> str | None:
+        """A hash of the model's weights, which the stored (OBS) databases are keyed by; read once, while the model
+        is still dense. None with `method: magnitude`, which stores nothing."""
+        return None if self.config.method == "magnitude" else weights_fingerprint(self.model)
 
     def given_table(self, latency_table: LatencyTable | str | os.PathLike | None) -> LatencyTable | None:
         """The table passed to this job (an object or a path), else the config's, else None."""

@@ -259,7 +259,8 @@ def build_group_database(config: SPDYConfig, model: nn.Module, groups: list[Stru
     """The structured database of `config.method` (in `database.dir`/structured, or keyed in the cache by the model's
     config and weights, see `build_database`), with a summary for the report."""
     fingerprint = model_fingerprint(model)
-    weights = weights if weights is not None else weights_fingerprint(model)
+    if config.method == "obs" and weights is None:
+        weights = weights_fingerprint(model)
     n = min(config.calibration.num_samples, windows["input_ids"].shape[0])
     windows = {k: v[:n] for k, v in windows.items()}
     directory = None
