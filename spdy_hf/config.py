@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +38,22 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
 
 
-def _check_minimums(section, prefix: str) -> None:
-    """Every field whose metadata names a "min" must be an integer at least that."""
+def _check_fields(section, prefix: str) -> None:
+    """Every field whose metadata names a "min" must be an integer at least that; every text field a string (a
+    path object becomes its string), or null where the field allows it."""
     for f in dataclasses.fields(section):
+        name, value, optional = f"{prefix}{f.name}", getattr(section, f.name), "None" in str(f.type)
         if "min" in f.metadata:
-            _check_int(f"{prefix}.{f.name}", getattr(section, f.name), f.metadata["min"])
+            _check_int(name, value, f.metadata["min"])
+        elif str(f.type) in ("str", "str | None") and isinstance(value, os.PathLike):
+            setattr(section, f.name, os.fspath(value))
+        elif str(f.type) in ("str", "str | None") and not (isinstance(value, str) or (value is None and optional)):
+            raise ConfigError(f"{name}={value!r} must be a string{' or null' if optional else ''}.")
+
+
+def _check_number(name: str, value: Any, in_range: Callable[[float], bool], interval: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
+        raise ConfigError(f"{name}={value!r} must be a number in {interval}.")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -58,12 +70,11 @@ class RegimeConfig:
     dtype: str = field(default="float32", metadata={"help": "Weight and activation dtype at deployment."})
 
     def __post_init__(self):
-        _check_minimums(self, "regime")
+        _check_fields(self, "regime.")
         _check_choice("regime.dtype", self.dtype, DTYPES)
 
     def to_dict(self) -> dict[str, Any]:
-        """The regime as latency tables and reports record it."""
-        return {"batch_size": self.batch_size, "sequence_length": self.sequence_length, "dtype": self.dtype}
+        return dataclasses.asdict(self)  # as latency tables and reports record it
 
     @property
     def tokens(self) -> int:
@@ -89,14 +100,11 @@ class CalibrationConfig:
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed for drawing the windows."})
 
     def __post_init__(self):
-        _check_minimums(self, "calibration")
-        if not isinstance(self.source, str) or not self.source:
-            raise ConfigError("calibration.source must be 'builtin', a data file or a Hub dataset name.")
-        if self.dataset_config is not None and not isinstance(self.dataset_config, str):
-            raise ConfigError("calibration.dataset_config must be a string (a dataset configuration name) or null.")
-        for name in ("split", "text_column"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"calibration.{name} must be a non-empty string.")
+        _check_fields(self, "calibration.")
+        for name in ("source", "split", "text_column"):  # strings by now (`_check_fields`)
+            if not getattr(self, name):
+                raise ConfigError(f"calibration.{name} must be a non-empty string (calibration.source: 'builtin', "
+                                  "a data file or a Hub dataset name).")
         if self.sequence_length is not None:
             _check_int("calibration.sequence_length", self.sequence_length, 8)
 
@@ -128,15 +136,12 @@ class DatabaseConfig:
         return "pruned" if database == "per-layer" else "dense"
 
     def __post_init__(self):
-        _check_minimums(self, "database")
-        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) \
-                or not 0 < self.dampening < 1:
-            raise ConfigError(f"database.dampening={self.dampening!r} must be a number in (0, 1).")
+        _check_fields(self, "database.")
+        _check_number("database.dampening", self.dampening, lambda v: 0 < v < 1, "(0, 1)")
         self.dampening = float(self.dampening)
         _check_choice("database.propagation", self.propagation, PROPAGATIONS)
         for name in ("device", "dir"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
+            if getattr(self, name) == "":
                 raise ConfigError(f"database.{name} must be a non-empty string or null.")
 
 
@@ -185,17 +190,12 @@ class SearchConfig:
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the local search."})
 
     def __post_init__(self):
-        _check_minimums(self, "search")
+        _check_fields(self, "search.")
         _check_choice("search.score", self.score, ("auto", "kl", "cosine", "nmse"))
-        if not isinstance(self.neighbourhood_fraction, (int, float)) or not 0 < self.neighbourhood_fraction <= 1:
-            raise ConfigError(f"search.neighbourhood_fraction={self.neighbourhood_fraction!r} must be in (0, 1].")
-        if isinstance(self.speedup_margin, bool) or not isinstance(self.speedup_margin, (int, float)) \
-                or not 0 <= self.speedup_margin < 1:
-            raise ConfigError(f"search.speedup_margin={self.speedup_margin!r} must be a number in [0, 1).")
+        _check_number("search.neighbourhood_fraction", self.neighbourhood_fraction, lambda v: 0 < v <= 1, "(0, 1]")
+        _check_number("search.speedup_margin", self.speedup_margin, lambda v: 0 <= v < 1, "[0, 1)")
         _check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
-        if isinstance(self.target_tolerance, bool) or not isinstance(self.target_tolerance, (int, float)) \
-                or not 0 <= self.target_tolerance < 1:
-            raise ConfigError(f"search.target_tolerance={self.target_tolerance!r} must be a number in [0, 1).")
+        _check_number("search.target_tolerance", self.target_tolerance, lambda v: 0 <= v < 1, "[0, 1)")
 
 
 @dataclass
@@ -210,11 +210,15 @@ class TimingConfig:
     attempts: int = field(default=3, metadata={"min": 1, "help": "Measurements of a latency table before a "
                                                 "table that fails its checks (a busy machine) stops the job."})
     verify_repeats: int = field(
-        default=50, metadata={"min": 1, "help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."}
-    )
+        default=50, metadata={"min": 1, "help": "Interleaved dense/pruned forward-pass pairs in the final check (>= 10)."})
+    check_profiles: int = field(default=3, metadata={"min": 0, "help": "Random profiles a newly measured table must "
+                                                     "predict (end to end, within check_tolerance) before it is used."})
+    check_tolerance: float = field(default=0.1, metadata={"help": "How far a table's predicted speedup of a random "
+                                                          "profile may be from the measured one (a fraction)."})
 
     def __post_init__(self):
-        _check_minimums(self, "timing")
+        _check_fields(self, "timing.")
+        _check_number("timing.check_tolerance", self.check_tolerance, lambda v: 0 < v < 1, "(0, 1)")
 
 
 @dataclass
@@ -230,7 +234,7 @@ class StructuredConfig:
                                      "(the least sparse first) also combine with its partial structured levels."})
 
     def __post_init__(self):
-        _check_minimums(self, "structured")
+        _check_fields(self, "structured.")
 
 
 @dataclass
@@ -243,7 +247,7 @@ class GradualConfig:
     update_every: int = field(default=10, metadata={"min": 1, "help": "Optimizer steps between mask updates in the ramp."})
 
     def __post_init__(self):
-        _check_minimums(self, "gradual")
+        _check_fields(self, "gradual.")
         if self.end_step is not None:
             _check_int("gradual.end_step", self.end_step, self.start_step + 1)
 
@@ -289,6 +293,7 @@ class SPDYConfig:
                 setattr(self, name, _from_dict(cls, value, strict=True, prefix=f"{name}."))
             elif not isinstance(value, cls):
                 raise ConfigError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}.")
+        _check_fields(self, "")
         if isinstance(self.target_speedup, bool) or not isinstance(self.target_speedup, (int, float)):
             raise ConfigError(f"target_speedup={self.target_speedup!r} must be a number greater than 1.")
         if not self.target_speedup > 1.0:
@@ -404,14 +409,9 @@ def _from_dict(cls, data: dict[str, Any], strict: bool, prefix: str):
         if strict:
             raise ConfigError(f"Unknown config key(s): {names}. Known keys: {', '.join(prefix + k for k in known)}.")
         logger.warning("Ignoring unknown config key(s) %s (written by another spdy_hf version?).", names)
-    kwargs = {}
-    for name, value in data.items():
-        if name not in known:
-            continue
-        sub = _SECTIONS.get(name) if cls is SPDYConfig else None
-        if sub is not None and isinstance(value, dict):
-            value = _from_dict(sub, value, strict=strict, prefix=f"{prefix}{name}.")
-        kwargs[name] = value
+    kwargs = {name: _from_dict(_SECTIONS[name], value, strict, f"{prefix}{name}.")
+              if cls is SPDYConfig and name in _SECTIONS and isinstance(value, dict) else value
+              for name, value in data.items() if name in known}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a wrong type that __post_init__ did not catch

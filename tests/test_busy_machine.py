@@ -79,6 +79,42 @@ def test_structured_times_that_fail_are_measured_again(tmp_path, tokenizer, monk
     assert LatencyTable.load(path).structured["dense_ms"] == good["dense_ms"]
 
 
+def test_a_table_that_mispredicts_random_profiles_is_measured_again(tmp_path, tokenizer, monkeypatch, caplog):
+    """Sound on its face (non-negative constant) but wrong end to end: a random profile it predicts at 1.5x measures
+    1.2x. The table is measured again; the one whose check passes is cached with the check's figures."""
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.3, family="structured", method="magnitude",
+                          timing={"check_profiles": 2})
+    good = structured_part(model, config)
+    measured = [copy.deepcopy(good), copy.deepcopy(good)]
+    checks = [[(1.5, 1.2), (1.1, 1.1)], [(1.5, 1.48), (1.1, 1.1)]]
+    monkeypatch.setattr(structured_family, "measure_structured_latency", lambda *a, **k: measured.pop(0))
+    monkeypatch.setattr(structured_family, "check_profiles", lambda *a, **k: checks.pop(0))
+    monkeypatch.setattr(structured_family, "spin_up", lambda fn, seconds: None)
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.latency.check"):
+        SPDYPruner(model, config, tokenizer).prune(progress=False)
+    assert "predicts a random profile 1.500x faster than the dense model, and that profile measured 1.200x" \
+        in caplog.text and "attempt 1 of 3" in caplog.text
+    assert not measured and not checks
+    (path,) = cached_tables(tmp_path)
+    check = LatencyTable.load(path).structured["profile_check"]
+    assert check == {"predicted_speedup": [1.5, 1.1], "measured_speedup": [1.48, 1.1], "tolerance": 0.1,
+                     "passed": True}
+
+
+def test_a_per_layer_table_that_keeps_mispredicting_stops_the_job(tmp_path, tokenizer, monkeypatch):
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude",
+                          timing={"attempts": 2, "check_profiles": 3, "check_tolerance": 0.05})
+    good = handwritten_table(model, find_units(model, config.skip_modules), config)
+    monkeypatch.setattr(cpu, "measure_latency_table", lambda *a, **k: copy.deepcopy(good))
+    monkeypatch.setattr(cpu, "check_profiles", lambda *a, **k: [(1.3, 1.2), (1.0, 1.0), (2.0, 1.6)])
+    with pytest.raises(SPDYError, match=r"failed its check 2 times: it predicts a random profile 2.000x faster .* "
+                                        r"measured 1.600x end to end \(25.0% apart; timing.check_tolerance is 5%\)"):
+        SPDYPruner(model, config, tokenizer).prune(progress=False)
+    assert cached_tables(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------- hostile files
 def saved_structured(tmp_path, tokenizer):
     model = MODEL_FACTORIES["bert"]()

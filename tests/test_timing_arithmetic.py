@@ -3,6 +3,8 @@ deploys (not the dense one twice), the cpu table's constant and base, and the st
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,8 @@ import spdy_hf.families.unstructured as unstructured
 import spdy_hf.latency.cpu as cpu
 from spdy_hf import SPDYPruner
 from spdy_hf.apply import FastLinear
-from spdy_hf.latency.structured import keep_counts, measure_structured_latency
+from spdy_hf.latency.check import prediction_problem
+from spdy_hf.latency.structured import check_profiles, keep_counts, measure_structured_latency
 from spdy_hf.search import compute_budget
 from spdy_hf.structured import find_structured_groups
 from spdy_hf.units import find_units
@@ -159,3 +162,49 @@ def test_structured_latency_noise_clamp():
     # 1.2, 0; made non-decreasing from k = 0 up -> 0, 1.2, 1.2, 2.2; full: max(2.0, 2.2)
     np.testing.assert_allclose(entry["times_ms"], [2.2, 2.2, 1.2, 1.2, 0.0])
     assert part["dense_ms"] == 10.0
+
+
+def test_random_profile_check_of_structured_times(tmp_path):
+    """With work as the clock, structured times measured in the whole model predict any mix of keep counts exactly,
+    and the check of random profiles finds nothing; a table that is off (its groups most of the model's time, while
+    the tiny Llama's time is mostly its LM head) is caught."""
+    model = MODEL_FACTORIES["llama"]()
+    groups = find_structured_groups(model)
+    counts = [keep_counts(g, 1, 4) for g in groups]
+
+    def run(m):
+        return lambda: m(input_ids=torch.ones(1, 8, dtype=torch.long))
+
+    part = measure_structured_latency(model, groups, counts, run, work_timer, warmup=0, repeats=1, progress=False)
+    pairs = check_profiles(model, groups, counts, part, run, work_timer, n=6, warmup=0, repeats=1)
+    assert len(pairs) == 6 and any(p > 1.0 for p, _ in pairs)  # mixed profiles, not all dense
+    for predicted, measured in pairs:
+        assert predicted == pytest.approx(measured, rel=1e-9)
+    assert prediction_problem(pairs, 0.01) is None
+
+    off = copy.deepcopy(part)
+    off["dense_ms"] = 1.1 * sum(e["times_ms"][0] * e["groups"] for e in part["signatures"].values())
+    problem = prediction_problem(check_profiles(model, groups, counts, off, run, work_timer, n=6, warmup=0,
+                                                repeats=1), 0.1)
+    assert problem is not None and "predicts a random profile" in problem and "check_tolerance is 10%" in problem
+
+
+def test_random_profile_check_of_a_cpu_table(tmp_path, monkeypatch):
+    """A per-layer table whose times are the units' work predicts random profiles (random sparse weights at each
+    unit's level, as CSR) exactly, up to rounding the number of zeros; a table that halves the sparse times is
+    caught."""
+    monkeypatch.setattr(cpu, "interleaved_median_ms", work_timer)
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, levels=[0.5, 0.9])
+    units = find_units(model, config.skip_modules)
+    table = handwritten_table(model, units, config)
+    table.shapes = {f"{u.shape_key}:cc": [u.numel * (1 - s) / 1000 for s in table.levels] for u in units}
+    linear_work = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    table.base_time_ms = table.deployed_dense_time_ms = linear_work / 1000  # the units plus pooler/classifier
+    inputs = {"input_ids": torch.ones(1, 16, dtype=torch.long), "attention_mask": torch.ones(1, 16)}
+    pairs = cpu.check_profiles(model, units, table, inputs, n=5, warmup=0, repeats=1)
+    assert any(p > 1.0 for p, _ in pairs)
+    for predicted, measured in pairs:
+        assert predicted == pytest.approx(measured, rel=1e-3)
+    table.shapes = {k: [v[0]] + [t / 2 for t in v[1:]] for k, v in table.shapes.items()}
+    assert prediction_problem(cpu.check_profiles(model, units, table, inputs, n=5, warmup=0, repeats=1), 0.1)

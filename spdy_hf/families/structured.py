@@ -29,8 +29,8 @@ from ..database.store import STORE_VERSION
 from ..database.structured_database import StructuredDatabase, build_structured_database
 from ..deploy import STRUCTURED_SPARSE, deploy_groups
 from ..errors import SPDYError
-from ..latency.check import cached_or_measured, constant_problem
-from ..latency.structured import keep_counts, measure_structured_latency
+from ..latency.check import cached_or_measured, constant_problem, prediction_problem, profile_check_record
+from ..latency.structured import check_profiles, keep_counts, measure_structured_latency
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..loading import model_fingerprint, weights_fingerprint
 from ..structured import StructuredGroup, find_structured_groups, group_name
@@ -244,7 +244,14 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
     def check(t: LatencyTable) -> str | None:
         return full_time_problem(t.structured, groups) if covers(t.structured) else "it holds other groups"
 
-    return cached_or_measured(path, measure, check, config.timing.attempts, "structured latency table")
+    def confirm(t: LatencyTable) -> str | None:  # random profiles, end to end; recorded in the table
+        timing = config.timing
+        pairs = check_profiles(model, groups, counts, t.structured, run, family.timer, timing.check_profiles,
+                               timing.warmup, timing.model_repeats)
+        t.structured["profile_check"] = profile_check_record(pairs, timing.check_tolerance)
+        return prediction_problem(pairs, timing.check_tolerance)
+
+    return cached_or_measured(path, measure, check, config.timing.attempts, "structured latency table", confirm)
 
 
 def full_time_problem(structured: dict, groups: list[StructuredGroup]) -> str | None:

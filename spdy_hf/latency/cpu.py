@@ -21,6 +21,7 @@ from ..environment import table_environment
 from ..errors import SPDYError
 from ..timing import interleaved_median_ms, median_ms, spin_up
 from ..units import Unit
+from .check import random_profiles
 from .table import LatencyTable
 
 logger = logging.getLogger(__name__)
@@ -283,3 +284,25 @@ def measure_latency_table(
         environment=table_environment(),
         timing_noise=error,  # the spread of the profiled passes around the table's own prediction
     )
+
+
+@torch.inference_mode()
+def check_profiles(model: torch.nn.Module, units: list[Unit], table: LatencyTable, inputs: dict, n: int,
+                   warmup: int = 3, repeats: int = 20, seed: int = 0) -> list[tuple[float, float]]:
+    """The speedups over the all-dense deployed form of `n` random profiles (random sparse weights at each unit's
+    level) as `table` predicts them and as measured end to end, interleaved: (predicted, measured) each."""
+    layouts = table.layouts_for(units)
+    times = table.times_for(table.keys_for(units))  # (U, K)
+    constant = table.reference_time_ms - float(times[:, 0].sum())
+    gen = torch.Generator().manual_seed(seed)
+    dense = KernelSwap(model, units, [0.0] * len(units), layouts)
+    out = []
+    for profile in random_profiles(times, n, seed):
+        sparsities = [table.levels[k] for k in profile]
+        weights = [random_sparse_weight(*u.shape, s, gen) if s > 0 else None for u, s in zip(units, sparsities)]
+        swap = KernelSwap(model, units, sparsities, layouts, weights=weights)
+        d, p = interleaved_median_ms([lambda: _run(model, inputs, dense, True), lambda s=swap: _run(model, inputs, s, True)],
+                                     warmup, repeats)
+        predicted_ms = constant + float(times[np.arange(len(units)), profile].sum())
+        out.append((table.reference_time_ms / max(predicted_ms, 1e-9), d / p))
+    return out

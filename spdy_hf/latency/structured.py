@@ -23,11 +23,13 @@ import logging
 import statistics
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..structured import StructuredGroup, group_name, shrink
+from .check import random_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +118,27 @@ def measure_structured_latency(
         signatures[sig] = {"keep": list(keep), "times_ms": [float(times[k]) for k in keep], "groups": len(members)}
     return {"signatures": signatures, "groups": {group_name(groups[i]): sig for sig, members in by_signature.items()
                                                  for i in members}, "dense_ms": dense, "timing_noise": noise}
+
+
+def check_profiles(model: nn.Module, groups: list[StructuredGroup], counts: list[list[int]], structured: dict,
+                   run: Callable[[nn.Module], Callable[[], object]],
+                   timer: Callable[[list[Callable[[], object]], int, int], list[float]],
+                   n: int, warmup: int = 3, repeats: int = 20, seed: int = 0) -> list[tuple[float, float]]:
+    """The speedups of `n` random profiles as the structured times predict them and as measured end to end (each
+    profile's shrunk copy of the model against the dense model, interleaved): (predicted, measured) each."""
+    times = np.full((len(groups), max(map(len, counts))), np.inf)
+    for i, g in enumerate(groups):
+        row = structured["signatures"][structured["groups"][group_name(g)]]["times_ms"]
+        times[i, :len(row)] = row
+    dense_ms, dense_run, out = structured["dense_ms"], run(model), []
+    for profile in random_profiles(times, n, seed):
+        shrunk = copy.deepcopy(model)
+        for i, a in enumerate(profile):
+            if a:
+                shrink(shrunk, groups[i], list(range(counts[i][a])))
+        predicted_ms = dense_ms - float(sum(times[i, 0] - times[i, a] for i, a in enumerate(profile)))
+        with torch.inference_mode():
+            d, p = timer([dense_run, run(shrunk)], warmup, repeats)
+        out.append((dense_ms / max(predicted_ms, 1e-9), d / p))
+        del shrunk
+    return out
