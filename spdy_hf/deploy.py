@@ -11,6 +11,7 @@ from torch import nn
 
 from .apply import UnitLayout, apply_sparse_kernels
 from .errors import SPDYError
+from .io import read_json
 from .structured import find_structured_groups, group_name, shrink
 from .units import Unit
 
@@ -64,6 +65,14 @@ def deploy_groups(model: nn.Module, group_entries: list[dict], backend: str = "c
     if not sparse_units:
         return model
     return deploy_units(model, sparse_units, sparsities, patterns, backend, unit_layouts, input_leaders)
+
+
+def read_profile_file(path: str) -> tuple[list, list | None]:
+    """The "units" and "groups" (None where absent) of a `spdy_profile.json`, unchecked (see `check_profile`)."""
+    saved = read_json(path)
+    if not isinstance(saved, dict) or "units" not in saved:
+        raise SPDYError(f"{path}: a spdy_profile.json is an object with a 'units' list; this one is not.")
+    return saved["units"], saved.get("groups")
 
 
 def check_profile(model: nn.Module, profile, groups) -> None:

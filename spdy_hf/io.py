@@ -40,6 +40,17 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document at `path`; `SPDYError` (saying the file is damaged) when it cannot be read or parsed."""
+    from .errors import SPDYError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SPDYError(f"{os.fspath(path)} cannot be read as JSON ({e}); the file is damaged or not spdy_hf's.") from e
+
+
 def release_free_memory() -> None:
     """Hands memory freed by torch back to the OS (glibc only; a no-op elsewhere).
 

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from .config import SPDYConfig
 from .errors import SPDYError
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def saved_job(spdy) -> SPDYConfig:
+    """The job config a saved model's config.json holds under "spdy", checked field by field like a recipe."""
+    if not isinstance(spdy, dict) or not isinstance(spdy.get("config"), dict):
+        raise SPDYError("config.json: 'spdy' must be an object holding the job's 'config' object, as spdy_hf saves "
+                        "it; this one is not (a damaged or hand-edited file).")
+    try:
+        return SPDYConfig.from_dict(spdy["config"], strict=False)
+    except SPDYError as e:
+        raise SPDYError(f"config.json: spdy.config: {e}") from e
+
+
 def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: bool = False):
     """Loads a saved SPDY model (safetensors only) and, with `kernels`, puts it in its fast form for the backend it
     was profiled for: removed heads and neurons cut out, CSR `FastLinear`s on cpu, 2:4 semi-structured weights on
@@ -92,7 +104,7 @@ def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: 
     Returns (model, tokenizer, profile entries). The zeros are the masks: for further training keep them with
     `spdy_hf.integrations.trainer.SPDYPruningCallback(path)`.
     """
-    from .deploy import STRUCTURED_SPARSE, deploy_profile
+    from .deploy import STRUCTURED_SPARSE, deploy_profile, read_profile_file
 
     model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     spdy = getattr(model.config, "spdy", None)
@@ -100,13 +112,11 @@ def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: 
     if not spdy or profile_path is None or not os.path.isfile(profile_path):
         raise SPDYError(f"{name_or_path} is not a saved SPDY model (no 'spdy' key in config.json or no "
                         "spdy_profile.json); load it with from_pretrained instead.")
-    with open(profile_path, encoding="utf-8") as f:
-        saved = json.load(f)
-    profile, groups = saved["units"], saved.get("groups")
+    profile, groups = read_profile_file(profile_path)
     if not kernels:
         return model, tokenizer, profile
-    job = spdy.get("config", {})
-    backend = job.get("backend", "cpu")
+    job = saved_job(spdy)
+    backend = job.backend
     if backend == "cuda" and not torch.cuda.is_available():
         if groups is None:
             logger.warning("%s was profiled for 2:4 kernels on an NVIDIA GPU; there is none here, so it runs dense "
@@ -119,6 +129,6 @@ def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: 
         kind = {"structured": "structured", STRUCTURED_SPARSE: "structured"}
         groups = [{**g, "family": kind.get(g["family"], "dense")} for g in groups]
     elif backend == "cuda":
-        model.to(device="cuda", dtype=getattr(torch, job.get("regime", {}).get("dtype", "float16")))
+        model.to(device="cuda", dtype=getattr(torch, job.regime.dtype))  # one of config.DTYPES
     deploy_profile(model, profile, groups, backend)
     return model, tokenizer, profile

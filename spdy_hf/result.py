@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -73,10 +74,11 @@ class PruningResult:
             raise SPDYError("The model runs on sparse kernels or shrunken modules (to_sparse_kernels) and cannot be "
                             "saved as a checkpoint; save the result before calling to_sparse_kernels().")
         target = os.path.abspath(os.fspath(save_directory))
-        check_output_dir(target, overwrite)
         parent = os.path.dirname(target)
+        clear_killed_saves(target)
+        check_output_dir(target, overwrite)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-{os.getpid()}-", dir=parent)
         try:
             os.chmod(tmp, default_mode(directory=True))
             config = getattr(self.model, "config", None)
@@ -154,9 +156,40 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> None:
         )
 
 
+def clear_killed_saves(target: str) -> None:
+    """What saves to `target` that were killed midway (their process is gone) left beside it: their temporary
+    directories are removed; an output that a killed overwrite had moved aside, with no new one in its place, is
+    put back. Saves still running (their process is alive) are left alone."""
+    parent, base = os.path.split(target)
+    pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)-")
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = pattern.match(name)
+        if match is None or _alive(int(match.group(2))):
+            continue
+        path = os.path.join(parent, name)
+        if match.group(1) == "old" and not os.path.exists(target):
+            os.rename(path, target)
+            logger.warning("Put back %s: a save killed while replacing it had moved it to %s.", target, path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("Removed %s, left by a save that was killed (process %s).", path, match.group(2))
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # signal 0 is CTRL_C_EVENT there, not a probe: never clean up on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _replace_dir(tmp: str, target: str) -> None:
     if os.path.isdir(target):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-{os.getpid()}-", dir=os.path.dirname(target))
         os.rmdir(old)
         os.rename(target, old)  # keep the old output until the new one is in place
         os.rename(tmp, target)

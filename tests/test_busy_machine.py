@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import pytest
 from conftest import MODEL_FACTORIES, handwritten_table, small_config
@@ -200,6 +201,33 @@ def test_two_prunes_at_once_share_the_cache_and_agree(tmp_path, tokenizer):
     assert [p["level"] for p in profiles[0]] == [p["level"] for p in profiles[1]]
 
 
+def test_two_profiles_at_once_cache_whole_tables(tmp_path, tokenizer):
+    """Two `spdy-hf profile` processes measuring the same tables into one cache at once (the same latency-table
+    keys): both finish; the cache holds each table once, whole and loadable, and no temporary file."""
+    import subprocess
+    import sys
+
+    model = MODEL_FACTORIES["llama"]()
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    small_config(tmp_path, family="mixed", method="magnitude", levels=[0.5, 0.9]).save(tmp_path / "recipe.yaml")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    runs = [subprocess.Popen([sys.executable, "-m", "spdy_hf", "profile", str(model_dir), "--recipe",
+                              str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / f"{name}.json"), "--no-progress"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in "ab"]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-2000:]
+    cache = tmp_path / "cache" / "latency"
+    tables = sorted(p.name for p in cache.iterdir())
+    assert len(tables) == 2 and sum(name.startswith("structured-") for name in tables) == 1, tables
+    for name in tables:
+        LatencyTable.load(cache / name)
+    for name in "ab":
+        assert LatencyTable.load(tmp_path / f"{name}.json").structured
+
+
 # ---------------------------------------------------------------------------------------------- crashes
 @pytest.mark.parametrize("when", ["database", "search", "save"])
 def test_a_prune_killed_with_sigkill_reruns_to_the_same_result(when, tmp_path, tokenizer):
@@ -254,6 +282,7 @@ def test_a_prune_killed_with_sigkill_reruns_to_the_same_result(when, tmp_path, t
     rerun = subprocess.run(command(tmp_path / "recipe.yaml", tmp_path / "out"), env=env, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # the killed save's leftovers
     # what was complete is reused: the stored units of a killed build, the finished database after it
     assert ("Resuming the pruning database" if when == "database" else "Loading the finished pruning database") \
         in rerun.stderr
@@ -297,3 +326,166 @@ def test_structured_timing_noise_is_the_spread_of_the_dense_passes():
 
     part = measure_structured_latency(model, ffn, counts, lambda m: (lambda: None), timer, progress=False)
     assert part["dense_ms"] == 10.0 and part["timing_noise"] == pytest.approx(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- hostile tables
+def _table_edits(good: dict) -> dict:
+    key = next(iter(good["shapes"]))
+    dense_first = good["shapes"][key]
+    return {
+        "not an object": ([1], "a JSON object is needed"),
+        "backend": ({**good, "backend": 5}, "field 'backend' has the wrong type"),
+        "regime": ({**good, "regime": "fast"}, "field 'regime' has the wrong type"),
+        "levels": ({**good, "levels": "all"}, "field 'levels' has the wrong type"),
+        "NaN level": ({**good, "levels": [0.0, float("nan"), *good["levels"][2:]]}, "field 'levels' must list"),
+        "shapes": ({**good, "shapes": [1]}, "field 'shapes' has the wrong type"),
+        "NaN time": ({**good, "shapes": {**good["shapes"], key: [float("nan"), *dense_first[1:]]}},
+                     f"shape {key} at level 0: nan is not a valid time"),
+        "negative time": ({**good, "shapes": {**good["shapes"], key: [-1.0, *dense_first[1:]]}},
+                          f"shape {key} at level 0: -1.0 is not a valid time"),
+        "layout type": ({**good, "unit_layouts": {"encoder.layer.0.output.dense": 5}},
+                        "field 'unit_layouts' must map names to strings"),
+        "layout code": ({**good, "unit_layouts": {"encoder.layer.0.output.dense": "../"}},
+                        "field 'unit_layouts' holds a code"),
+        "another model's units": ({**good, "unit_layouts": {"model.layers.0.mlp.up_proj": "ct"}},
+                                  r"name 1 unit\(s\) this model does not have \(model.layers.0.mlp.up_proj\)"),
+        "another model's shapes": ({**good, "shapes": {"7x7:cc": dense_first}}, "no times for unit shape"),
+        "patterns": ({**good, "patterns": ["dense", *["eval"] * (len(good["levels"]) - 1)]}, "field 'patterns'"),
+        "noise": ({**good, "timing_noise": "high"}, "timing_noise: 'high' is not a valid"),
+        "structured": ({**good, "structured": 5}, "field 'structured' has the wrong type"),
+        "version": ({**good, "version": 99}, "version 99 is not supported"),
+        "unknown field": ({**good, "command": "rm -rf /"}, "unexpected keyword argument 'command'"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_table_edits({"shapes": {"k": [1.0]}, "levels": [0.0, 0.5]})))
+def test_a_malformed_latency_table_gets_one_clear_error(case, tmp_path, tokenizer):
+    """Each malformed `--latency-table` stops the job before anything runs, with an error naming the field."""
+    import json
+    import re
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude")
+    good = handwritten_table(model, find_units(model, config.skip_modules), config).to_dict()
+    data, message = _table_edits(good)[case]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SPDYError, match=message if case.startswith("another") else re.escape(message)):
+        SPDYPruner(model, config, tokenizer).prune(latency_table=str(path), progress=False)
+    path.write_text('{"backend": "cpu", ')
+    with pytest.raises(SPDYError, match="is not valid JSON"):
+        SPDYPruner(model, config, tokenizer).prune(latency_table=str(path), progress=False)
+
+
+@pytest.mark.parametrize("spdy, message", [
+    ("pwned", "config.json: 'spdy' must be an object"),
+    ({"config": [1]}, "config.json: 'spdy' must be an object"),
+    ({"config": {"backend": "rocm"}}, "config.json: spdy.config: backend='rocm' is not supported"),
+    ({"config": {"backend": "cuda", "regime": {"dtype": "load"}}}, "spdy.config: regime.dtype='load'"),
+    ({"config": {"target_speedup": "__import__('os')"}}, "spdy.config: target_speedup="),
+    ({"config": {"cache_dir": ["/etc"]}}, "spdy.config: cache_dir=\\['/etc'\\] must be a string"),
+])
+def test_a_hostile_spdy_entry_in_config_json_gets_one_clear_error(spdy, message, tmp_path, tokenizer):
+    """`load_pretrained` reads the job from config.json's "spdy" entry like a recipe (field by field, nothing run)."""
+    import json
+
+    from spdy_hf.loading import load_pretrained
+
+    out = saved_structured(tmp_path, tokenizer)
+    path = out + "/config.json"
+    with open(path) as f:
+        config = json.load(f)
+    config["spdy"] = spdy
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(SPDYError, match=message):
+        load_pretrained(out)
+
+
+def test_a_damaged_profile_file_is_named(tmp_path, tokenizer):
+    from spdy_hf.loading import load_pretrained
+
+    out = saved_structured(tmp_path, tokenizer)
+    with open(out + "/spdy_profile.json", "w") as f:
+        f.write('{"units": [')
+    with pytest.raises(SPDYError, match="spdy_profile.json cannot be read as JSON"):
+        load_pretrained(out)
+    with open(out + "/spdy_profile.json", "w") as f:
+        f.write('[1, 2]')
+    with pytest.raises(SPDYError, match="spdy_profile.json is an object with a 'units' list"):
+        load_pretrained(out)
+
+
+def test_what_a_killed_save_left_is_cleared_by_the_next_save(tmp_path, tokenizer, caplog):
+    """A save killed midway leaves its temporary directory (and, killed while replacing an output, the old output
+    moved aside). The next save to the same place removes the first and puts the second back; the temporary
+    directory of a save still running (its process alive) is left alone."""
+    import subprocess
+    import sys
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude")
+    result = SPDYPruner(model, config, tokenizer).prune(
+        latency_table=handwritten_table(model, find_units(model, config.skip_modules), config), progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended
+    stale = tmp_path / f".out.tmp-{pid}-abc"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    running = tmp_path / f".out.tmp-{os.getpid()}-xyz"  # this process is alive: a save in progress
+    running.mkdir()
+    moved = tmp_path / f".out.old-{pid}-def"  # an overwrite killed between its two renames
+    moved.mkdir()
+    (moved / "marker").write_text("the user's earlier output")
+    with caplog.at_level(logging.INFO, logger="spdy_hf.result"):
+        with pytest.raises(SPDYError, match="exists and is not empty"):  # the earlier output is back in place
+            result.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "marker").read_text() == "the user's earlier output"
+    assert not stale.exists() and not moved.exists() and running.exists()
+    assert "Put back" in caplog.text and "left by a save that was killed" in caplog.text
+    result.save_pretrained(tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [running.name]
+
+
+# ---------------------------------------------------------------------------------------------- a real busy machine
+@pytest.mark.slow
+def test_the_default_job_with_one_core_kept_busy_while_profiling(tmp_path, minilm_path):
+    """The bundled MiniLM pruned to 1.5x (magnitude database, to keep it short) while another process spins on one
+    core until the job has cached its latency tables. Whatever the load did to the timings, the job ends in one of
+    the honest ways: the target met as measured after the load is gone (exit 0, `target_met: true`), the
+    shortfall named (exit 3, `target_met: false`, the output written), or a table that failed its checks every
+    time refused (exit 2, nothing cached). No cached table has a negative constant or failed its profile check."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = dict(os.environ, SPDY_HF_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    job = subprocess.Popen([sys.executable, "-m", "spdy_hf", "prune", str(minilm_path), "--target-speedup", "1.5",
+                            "--method", "magnitude", "-o", str(out), "--no-progress"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        while job.poll() is None and not list((cache / "latency").glob("*.json")):
+            time.sleep(0.2)
+    finally:
+        hog.kill()
+        hog.wait()
+    log, _ = job.communicate(timeout=1800)
+    tables = [json.loads(p.read_text()) for p in (cache / "latency").glob("*.json")]
+    if job.returncode == 2:
+        assert "failed its check" in log and not tables, log[-3000:]
+        return
+    assert job.returncode in (0, 3), log[-3000:]
+    report = json.loads((out / "spdy_report.json").read_text())
+    assert report["target_met"] is (job.returncode == 0)
+    if job.returncode == 3:
+        assert f"target missed: measured {report['measured_speedup']:.3f}x for a 1.5x target" in log
+    else:
+        assert report["measured_speedup"] >= 1.5 * (1 - 0.02) - 1e-9  # search.target_tolerance
+    for table in tables:
+        part = table["structured"]
+        full = {sig: entry["times_ms"][0] for sig, entry in part["signatures"].items()}
+        assert part["dense_ms"] - sum(full[sig] for sig in part["groups"].values()) >= 0
+        assert part["profile_check"]["passed"]

@@ -182,7 +182,8 @@ def test_load_pretrained_cuda_profile_without_gpu_falls_back_dense(saved, caplog
         pytest.skip("this machine has a GPU")
     out, _, expected = saved
     config = json.loads((out / "config.json").read_text())
-    config["spdy"]["config"]["backend"] = "cuda"
+    config["spdy"]["config"].update(backend="cuda", levels="2:4", regime={"batch_size": 1, "sequence_length": 32,
+                                                                          "dtype": "float16"})
     (out / "config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.WARNING):
         model, _, _ = load_pretrained(str(out))

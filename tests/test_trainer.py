@@ -114,3 +114,9 @@ def test_profile_sources_and_mismatches(tmp_path):
     callback = SPDYPruningCallback([{"name": "no.such.module", "sparsity": 0.5}])
     with pytest.raises(SPDYError, match="profile was made for another model"):
         callback._bind(model)
+    name = entries[0]["name"]
+    with pytest.raises(SPDYError, match=r"spdy_profile.json: units\[0\].sparsity = 5.0"):
+        SPDYPruningCallback([{"name": name, "sparsity": 5.0}])._bind(model)
+    path.write_text('{"units": [')
+    with pytest.raises(SPDYError, match="cannot be read as JSON"):
+        SPDYPruningCallback(path)

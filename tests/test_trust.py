@@ -156,7 +156,8 @@ def test_a_structured_plus_sparse_group_stays_shrunk_when_loaded_without_its_gpu
     expected = outputs(result.model, inputs)
     out = result.save_pretrained(tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
-    saved["spdy"]["config"]["backend"] = "cuda"  # as if profiled on a GPU
+    saved["spdy"]["config"].update(backend="cuda", levels="2:4", regime={"batch_size": 1, "sequence_length": 32,
+                                                                       "dtype": "float16"})  # as if on a GPU
     (tmp_path / "out" / "config.json").write_text(json.dumps(saved))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     loaded, _, _ = load_pretrained(out)

@@ -59,7 +59,7 @@ class StructuredFamily(Family):
         by_name = {u.name: u for u in units}
         self.group_units = [[by_name[n] for n in [*g.producers, g.consumer]] for g in self.groups]
         self.unit_table = self.plan_unit_table(units, table)
-        source = structured_latency(self, table or self.unit_table)  # the table the structured times come from
+        source = structured_latency(self, table)  # the table the structured times come from (given, cached, measured)
         structured = source.structured
         self.level_maps, rows = [], []
         for i, g in enumerate(self.groups):
@@ -83,6 +83,7 @@ class StructuredFamily(Family):
         a given `table` against the job: another backend is an error; another regime or environment a warning."""
         if table is not None:
             table.check_matches(self.config.backend, self.config.regime.to_dict(), environment=self.environment)
+            table.check_units([u.name for u in units], self.fingerprint)
         return None
 
     def group_levels(self, i: int, group_times: list[float]) -> tuple[list[tuple[str, int, int]], list[float]]:

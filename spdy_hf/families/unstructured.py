@@ -98,6 +98,7 @@ def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | 
     levels, patterns = get_levels(config.levels), get_patterns(config.levels)
     if table is not None:
         table.check_matches(config.backend, regime, levels, patterns, family.environment)
+        table.check_units([u.name for u in units], family.fingerprint)
         return table
     key = cache_key(config.backend, regime, levels, family.fingerprint, family.environment)
     path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"{key}.json")

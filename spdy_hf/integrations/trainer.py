@@ -15,14 +15,15 @@ fp16/bf16 mixed precision and bf16 models work. Units whose profile pattern is 2
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import torch
 from transformers import TrainerCallback
 
+from ..deploy import check_profile
 from ..errors import SPDYError
+from ..io import read_json
 from ..patterns import two_four_magnitude_mask
 from ..units import Unit
 
@@ -46,8 +47,7 @@ def _load_profile(profile) -> list[dict]:
             path = os.path.join(path, "spdy_profile.json")
         if not os.path.isfile(path):
             raise SPDYError(f"No SPDY profile at {path}; pass a spdy_profile.json or the directory holding it.")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
         entries = data.get("units", data) if isinstance(data, dict) else data
     elif hasattr(profile, "profile"):  # a PruningResult
         entries = profile.profile
@@ -95,6 +95,7 @@ class SPDYPruningCallback(TrainerCallback):
         if missing:
             raise SPDYError(f"The model has no modules named {missing[:3]}{'...' if len(missing) > 3 else ''}: the "
                             "profile was made for another model.")
+        check_profile(model, self.entries, None)  # sparsities in [0, 1], known patterns, ...
         self.units = [Unit(name=e["name"], module=modules[e["name"]], block=e["name"].rsplit(".", 1)[0])
                       for e in self.entries]
         for unit, entry in zip(self.units, self.entries):

@@ -24,6 +24,12 @@ from ..errors import SPDYError
 logger = logging.getLogger(__name__)
 
 TABLE_VERSION = 1
+LAYOUT_CODES = ("cc", "ct", "tc", "tt", "sc", "st")  # `spdy_hf.apply.UnitLayout` codes: input then output
+PATTERNS = ("dense", "unstructured", "2:4")
+# the type each field of a table read from a file must have (the dataclass does not check them)
+FIELD_TYPES = {"backend": str, "regime": dict, "levels": list, "shapes": dict, "unit_layouts": dict,
+               "input_leaders": dict, "additivity": dict, "model": (str, type(None)), "environment": dict,
+               "patterns": (list, type(None)), "ineligible": dict, "structured": dict}
 
 
 @dataclass
@@ -57,6 +63,7 @@ class LatencyTable:
                 f"Latency table version {self.version} is not supported (this spdy_hf reads version "
                 f"{TABLE_VERSION}); measure it again."
             )
+        self._check_types()
         if not self.levels or self.levels[0] != 0.0:
             raise SPDYError("A latency table's levels must start with 0.0 (dense).")
         for key, times in self.shapes.items():
@@ -79,6 +86,23 @@ class LatencyTable:
         if len(self.patterns) != len(self.levels):
             raise SPDYError(f"A latency table needs one pattern per level: {len(self.patterns)} for "
                             f"{len(self.levels)} levels.")
+
+    def _check_types(self) -> None:
+        def bad(name: str, why: str):
+            raise SPDYError(f"Latency table field {name!r} {why}; the table is corrupt or was edited. Measure it again.")
+
+        for name, kind in FIELD_TYPES.items():
+            if not isinstance(getattr(self, name), kind):
+                bad(name, f"has the wrong type ({type(getattr(self, name)).__name__})")
+        for name in ("unit_layouts", "input_leaders", "ineligible"):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in getattr(self, name).items()):
+                bad(name, "must map names to strings")
+        if any(code not in LAYOUT_CODES for code in self.unit_layouts.values()):
+            bad("unit_layouts", f"holds a code that is not one of {', '.join(LAYOUT_CODES)}")
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < 1 for x in self.levels):
+            bad("levels", "must list sparsities in [0, 1)")
+        if self.patterns is not None and any(p not in PATTERNS for p in self.patterns):
+            bad("patterns", f"must list patterns among {', '.join(PATTERNS)}")
 
     def _check_structured(self) -> None:
         part = self.structured
@@ -126,6 +150,20 @@ class LatencyTable:
         rows = [[np.inf if t is None else float(t) for t in self.shapes[k]] for k in shape_keys]
         return np.asarray(rows, dtype=np.float64)
 
+    def check_units(self, names: list[str], model: str | None = None) -> None:
+        """Raises if the table's per-unit entries (layouts, input leaders) name units that are not among `names` (a
+        table of another model); warns if it was measured on a model of another class or config (`model`)."""
+        named = set(self.unit_layouts) | set(self.input_leaders) | set(self.input_leaders.values())
+        unknown = sorted(named - set(names))
+        if unknown:
+            raise SPDYError(
+                f"The latency table's unit_layouts/input_leaders name {len(unknown)} unit(s) this model does not "
+                f"have ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): it was measured for another "
+                "model. Measure a table for this model (drop --latency-table).")
+        if model is not None and self.model is not None and model != self.model:
+            logger.warning("The latency table was measured on another model (fingerprint %s, this one is %s): its "
+                           "times hold only if the two run alike.", self.model, model)
+
     def check_matches(self, backend: str, regime: dict[str, Any], levels: list[float] | None = None,
                       patterns: list[str] | None = None, environment: dict[str, Any] | None = None) -> None:
         """Raises if the table cannot serve this search (other levels, patterns or backend); warns when it was
@@ -157,6 +195,8 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
+        if not isinstance(data, dict):
+            raise SPDYError(f"Not a valid latency table: a JSON object is needed, got {type(data).__name__}.")
         try:
             return cls(**data)
         except TypeError as e:
