@@ -163,8 +163,11 @@ def prune_command(args) -> int:
     print(f"  score ({r['score_kind']})  {r['score_dense_vs_pruned']:.6g}")
     print(f"  stage seconds      {json.dumps(r['stage_seconds'])}")
     if r.get("target_met") is False and not args.allow_shortfall:
+        busy = r.get("verify_busy")
+        why = "" if not busy else (f", measured while the machine was busy (the dense model took {busy['dense_ms_now']:.1f} "
+                                   f"ms, {busy['dense_ms_profiled']:.1f} ms when profiled), so it is not confirmed")
         print(f"spdy-hf: target missed: measured {r['measured_speedup']:.3f}x for a {r['target_speedup']:g}x target "
-              f"(tolerance {100 * config.search.target_tolerance:g}%). The output is written to {path}, marked "
+              f"(tolerance {100 * config.search.target_tolerance:g}%){why}. The output is written to {path}, marked "
               "target_met: false in spdy_report.json and on the model card; it was not pushed. Measure again on an "
               "idle machine (delete the latency cache), or pass --allow-shortfall to accept it.", file=sys.stderr)
         return SHORTFALL_EXIT

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -215,10 +217,13 @@ class TimingConfig:
                                                      "predict (end to end, within check_tolerance) before it is used."})
     check_tolerance: float = field(default=0.1, metadata={"help": "How far a table's predicted speedup of a random "
                                                           "profile may be from the measured one (a fraction)."})
+    busy_factor: float = field(default=1.5, metadata={"help": "Verify: the dense model this many times slower than "
+                                                      "when profiled means a busy machine (wait, measure again); 0: off."})
 
     def __post_init__(self):
         _check_fields(self, "timing.")
         _check_number("timing.check_tolerance", self.check_tolerance, lambda v: 0 < v < 1, "(0, 1)")
+        _check_number("timing.busy_factor", self.busy_factor, lambda v: v == 0 or v > 1, "{0} or (1, inf)")
 
 
 @dataclass
@@ -368,8 +373,6 @@ class SPDYConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def to_yaml_string(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -383,8 +386,6 @@ class SPDYConfig:
     @classmethod
     def load(cls, path: str | os.PathLike, strict: bool = True) -> SPDYConfig:
         """Reads a YAML or JSON config (a recipe). YAML is read with `yaml.safe_load`."""
-        import yaml
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ConfigError(f"Config file {path!r} does not exist.")

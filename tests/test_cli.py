@@ -17,7 +17,8 @@ from spdy_hf.units import find_units
 SMALL_RECIPE = {
     "calibration": {"num_samples": 8, "sequence_length": 32},
     "search": {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000},
-    "timing": {"warmup": 1, "repeats": 2, "model_repeats": 2, "verify_repeats": 10, "check_profiles": 0},
+    "timing": {"warmup": 1, "repeats": 2, "model_repeats": 2, "verify_repeats": 10, "check_profiles": 0,
+               "busy_factor": 0},
     "regime": {"batch_size": 1, "sequence_length": 32},
     "family": "unstructured",  # the hand-written tables here are per-layer ones
 }
@@ -271,3 +272,42 @@ def test_a_missed_target_is_written_and_exits_3(tiny_model_dir, tmp_path, capsys
     assert json.loads((out / "spdy_report.json").read_text())["target_met"] is True
     monkeypatch.setattr(unstructured, "time_kernels", lambda *a: Measurement(10.0, 10.0 / 1.5, 10.0))
     assert main([*args[:-2], "--overwrite", "--allow-shortfall"]) == 0
+
+
+def test_a_verify_on_a_busy_machine_is_not_confirmed_and_exits_3(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Every verify measurement finds the dense model far slower than the table says (a busy machine): the command
+    waits and measures again, re-aims nothing on such figures, and exits 3 naming the busy machine."""
+    import yaml
+
+    import spdy_hf.families.unstructured as unstructured
+    import spdy_hf.verify as verify
+    from spdy_hf import LatencyTable
+    from spdy_hf.families import Measurement
+
+    model_dir, table_path, recipe = tiny_model_dir
+    base = LatencyTable.load(table_path).base_time_ms
+    calls = []
+    monkeypatch.setattr(unstructured, "time_kernels",
+                        lambda *a: calls.append(1) or Measurement(40 * base, 40 * base / 1.2, 40 * base))
+    monkeypatch.setattr(verify, "BUSY_PAUSE_S", 0.0)
+    data = yaml.safe_load(recipe.read_text())
+    data["timing"]["busy_factor"] = 1.5
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(model_dir), "--recipe", str(recipe), "--latency-table", str(table_path),
+                 "--target-speedup", "1.5", "-o", str(out), "--no-progress"]) == 3
+    assert len(calls) == 3  # timing.attempts measurements, no re-aim
+    err = capsys.readouterr().err
+    assert f"measured while the machine was busy (the dense model took {40 * base:.1f} ms, {base:.1f} ms when " \
+           "profiled), so it is not confirmed" in err
+    report = json.loads((out / "spdy_report.json").read_text())
+    assert report["target_met"] is False and report["verify_corrections"] == []
+    assert report["verify_busy"] == {"dense_ms_now": pytest.approx(40 * base), "dense_ms_profiled": base}
+
+    # busy at first only: the second measurement is quiet and counts
+    answers = [Measurement(40 * base, 40 * base / 1.2, 40 * base), Measurement(base, base / 1.6, base)]
+    monkeypatch.setattr(unstructured, "time_kernels", lambda *a: answers.pop(0))
+    assert main(["prune", str(model_dir), "--recipe", str(recipe), "--latency-table", str(table_path),
+                 "--target-speedup", "1.5", "-o", str(out), "--no-progress", "--overwrite"]) == 0
+    report = json.loads((out / "spdy_report.json").read_text())
+    assert report["target_met"] is True and report["verify_busy"] is None and not answers

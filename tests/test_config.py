@@ -184,3 +184,33 @@ def test_float16_on_cpu_rejected_via_constructor_too():
 def test_non_numeric_level_is_a_config_error():
     with pytest.raises(ConfigError, match="levels"):
         SPDYConfig.from_dict({"levels": [0.5, "lots"]})
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("cache_dir: 5", r"cache_dir=5 must be a string or null"),
+    ("latency_table: [table.json]", r"latency_table=\['table.json'\] must be a string or null"),
+    ("calibration: {split: 4}", r"calibration.split=4 must be a string\."),
+    ("calibration: {source: ''}", r"calibration.source must be a non-empty string"),
+    ("database: {dir: 3}", r"database.dir=3 must be a string or null"),
+    ("regime: {dtype: 3}", r"regime.dtype=3 must be a string"),
+    ("regime: fast", r"regime must be a RegimeConfig or a dict, got str"),
+    ("timing: {check_tolerance: 2}", r"timing.check_tolerance=2 must be a number in \(0, 1\)"),
+    ("timing: {check_profiles: -1}", r"timing.check_profiles=-1 must be an integer >= 0"),
+    ("search: {speedup_margin: '0.1'}", r"search.speedup_margin='0.1' must be a number in \[0, 1\)"),
+    ("database: {dampening: .nan}", r"database.dampening=nan must be a number in \(0, 1\)"),
+    ("target_speedup: !!python/object/apply:os.system [echo]", "not valid YAML"),
+])
+def test_a_recipe_with_a_wrong_type_gets_one_clear_error_naming_the_field(recipe, message, tmp_path):
+    """Every field is type-checked (nothing is coerced or run: YAML is read with safe_load)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe + "\n")
+    with pytest.raises(ConfigError, match=message):
+        SPDYConfig.load(path)
+
+
+def test_path_objects_become_strings():
+    import pathlib
+
+    c = SPDYConfig(cache_dir=pathlib.Path("/tmp/cache"), latency_table=pathlib.Path("t.json"))
+    assert c.cache_dir == "/tmp/cache" and c.latency_table == "t.json"
+    assert SPDYConfig.from_dict(c.to_dict()) == c

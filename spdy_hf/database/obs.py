@@ -64,8 +64,8 @@ def obs_prune(
     Args:
         weight: (out, in) weights to start from.
         hinv_upper: (in, in) upper Cholesky factor of the damped inverse Hessian (`damped_inverse_cholesky`).
-        sparsity: fraction of entries to prune; per block of `blocksize` columns, the lowest OBS saliencies
-            w^2 / [H^-1]_jj^2 go.
+        sparsity: fraction of entries to prune, round(sparsity * numel) of them; per block of `blocksize`
+            columns, its share of them with the lowest OBS saliencies w^2 / [H^-1]_jj^2 goes.
         keep_mask: (out, in) bool, True where an entry is already pruned and must stay pruned (nested levels).
         prune_n, prune_m: N:M sparsity instead (e.g. 2, 4: in every group of 4 inputs, the 2 least salient go).
 
@@ -85,7 +85,8 @@ def obs_prune(
         if not prune_n:
             saliency = w1 ** 2 / diag.reshape(1, -1) ** 2
             saliency[mask1] = -1.0  # already pruned: counted first, stays pruned
-            count = int(round(sparsity * w1.numel()))
+            # this block's share of the layer's count, so the blocks sum to round(sparsity * numel) exactly
+            count = int(round(sparsity * n_out * i2)) - int(round(sparsity * n_out * i1))
             if count > int(mask1.sum()):
                 idx = torch.argsort(saliency.reshape(-1), stable=True)[:count]
                 mask1.view(-1)[idx] = True

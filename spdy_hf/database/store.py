@@ -27,7 +27,7 @@ from ..io import atomic_write_json, default_mode
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 3  # part of every build key: a change to how databases are computed invalidates caches
+STORE_VERSION = 4  # part of every build key: a change to how databases are computed invalidates caches
 
 
 class DamagedUnitError(SPDYError):
