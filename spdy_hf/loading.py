@@ -86,8 +86,8 @@ def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code:
         ) from e
     arch = (getattr(config, "architectures", None) or [None])[0]
     model_cls = getattr(transformers, arch, None) if arch else None
-    if model_cls is None:
-        model_cls = transformers.AutoModel
+    if model_cls is None:  # a GGUF file names no architecture class: llama.cpp's files are language models
+        model_cls = transformers.AutoModelForCausalLM if gguf else transformers.AutoModel
     try:
         model = model_cls.from_pretrained(source, trust_remote_code=trust_remote_code,
                                           **(gguf_file or {"use_safetensors": True}))
