@@ -32,15 +32,53 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+def gguf_location(name_or_path: str) -> tuple[str, str] | None:
+    """(directory, file name) of a `.gguf` model file, None for anything else; `SPDYError` if the file is missing or
+    the `gguf` package is not installed."""
+    if not name_or_path.lower().endswith(".gguf"):
+        return None
+    if not os.path.isfile(name_or_path):
+        raise SPDYError(f"GGUF file {name_or_path!r} does not exist.")
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError as e:
+        raise SPDYError("Reading a .gguf model needs the gguf package: pip install 'spdy-hf[gguf]' (or gguf).") from e
+    return os.path.split(os.path.abspath(name_or_path))
+
+
+def loaded_from_gguf(model: torch.nn.Module) -> bool:
+    """Whether transformers loaded `model` from a GGUF file (its config carries a gguf quantization config)."""
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", None)
+    return str(getattr(method, "value", method)) == "gguf"
+
+
+def plain_checkpoint(model: torch.nn.Module) -> torch.nn.Module:
+    """A model loaded from a GGUF file, made an ordinary one: transformers dequantizes the weights on load but
+    keeps a gguf `quantization_config` and quantizer, which make `save_pretrained` refuse it. Without them it saves
+    as a plain safetensors checkpoint of the same config, which loads anywhere."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    return model
+
+
 def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False):
-    """Loads a model (the class its config names, else `AutoModel`) and its tokenizer, in float32, eval mode."""
+    """Loads a model (the class its config names, else `AutoModel`) and its tokenizer, in float32, eval mode: a
+    directory or Hub id (safetensors weights only), or a `.gguf` file (dequantized to an ordinary model)."""
     import transformers
 
-    name_or_path = name_or_path or default_model_path()
-    if not os.path.isdir(name_or_path) and _looks_local(name_or_path):
-        raise SPDYError(f"Model path {name_or_path!r} does not exist; pass an existing directory or a Hub model id.")
+    name_or_path = os.fspath(name_or_path or default_model_path())
+    gguf = gguf_location(name_or_path)
+    source, gguf_file = (gguf[0], {"gguf_file": gguf[1]}) if gguf else (name_or_path, {})
+    if gguf is None and not os.path.isdir(name_or_path) and _looks_local(name_or_path):
+        raise SPDYError(f"Model path {name_or_path!r} does not exist; pass an existing directory, a .gguf file or "
+                        "a Hub model id.")
     try:
-        config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_file)
     except (OSError, ValueError) as e:
         raise SPDYError(
             f"Could not load a model config from {name_or_path!r}: not a model directory, and not a Hub model "
@@ -48,16 +86,19 @@ def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code:
         ) from e
     arch = (getattr(config, "architectures", None) or [None])[0]
     model_cls = getattr(transformers, arch, None) if arch else None
-    if model_cls is None:
-        model_cls = transformers.AutoModel
+    if model_cls is None:  # a GGUF file names no architecture class: llama.cpp's files are language models
+        model_cls = transformers.AutoModelForCausalLM if gguf else transformers.AutoModel
     try:
-        model = model_cls.from_pretrained(name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model = model_cls.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                          **(gguf_file or {"use_safetensors": True}))
     except (OSError, ValueError) as e:
         raise SPDYError(
             f"Could not load the weights of {name_or_path!r} as safetensors (spdy_hf never loads pickled "
             f"weights). ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if gguf:
+        plain_checkpoint(model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_file)
     return model.to(torch.float32).eval(), tokenizer
 
 

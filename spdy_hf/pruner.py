@@ -18,6 +18,7 @@ from .data import load_texts, token_windows
 from .errors import SPDYError
 from .families import get_family
 from .latency import LatencyTable
+from .loading import loaded_from_gguf, plain_checkpoint
 from .pipeline import run_pipeline
 from .result import PruningResult
 from .units import find_units
@@ -42,6 +43,8 @@ class SPDYPruner:
     """
 
     def __init__(self, model: nn.Module, config: SPDYConfig | None = None, tokenizer=None):
+        if loaded_from_gguf(model):  # dequantized on load: make it an ordinary model that saves as safetensors
+            plain_checkpoint(model)
         self.model = model
         self.config = config if config is not None else SPDYConfig()
         self.tokenizer = tokenizer
