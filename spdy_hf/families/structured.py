@@ -29,7 +29,7 @@ from ..database.store import STORE_VERSION
 from ..database.structured_database import StructuredDatabase, build_structured_database
 from ..deploy import STRUCTURED_SPARSE, deploy_groups
 from ..errors import SPDYError
-from ..latency.check import cached_or_measured, constant_problem, prediction_problem, profile_check_record
+from ..latency.check import cached_or_measured, constant_problem, judge_profiles
 from ..latency.structured import check_profiles, keep_counts, measure_structured_latency
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..loading import model_fingerprint, weights_fingerprint
@@ -249,8 +249,7 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
         timing = config.timing
         pairs = check_profiles(model, groups, counts, t.structured, run, family.timer, timing.check_profiles,
                                timing.warmup, timing.model_repeats)
-        t.structured["profile_check"] = profile_check_record(pairs, timing.check_tolerance)
-        return prediction_problem(pairs, timing.check_tolerance)
+        return judge_profiles(pairs, timing.check_tolerance, t.structured)
 
     return cached_or_measured(path, measure, check, config.timing.attempts, "structured latency table", confirm)
 

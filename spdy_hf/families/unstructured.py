@@ -18,7 +18,7 @@ from ..config import SPDYConfig, TimingConfig
 from ..database import MagnitudeDatabase, PruningDatabase, build_obs_database
 from ..database.obs_database import windows_digest
 from ..database.store import STORE_VERSION
-from ..latency.check import cached_or_measured, constant_problem, prediction_problem, profile_check_record
+from ..latency.check import cached_or_measured, constant_problem, judge_profiles
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..levels import get_levels, get_patterns
 from ..loading import model_fingerprint, weights_fingerprint
@@ -126,8 +126,7 @@ def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | 
         timing = config.timing
         pairs = check_profiles(family.model, units, t, family.inputs, timing.check_profiles, timing.warmup,
                                timing.model_repeats)
-        t.additivity["profile_check"] = profile_check_record(pairs, timing.check_tolerance)
-        return prediction_problem(pairs, timing.check_tolerance)
+        return judge_profiles(pairs, timing.check_tolerance, t.additivity)
 
     return cached_or_measured(path, measure, check, config.timing.attempts, "latency table", confirm)
 

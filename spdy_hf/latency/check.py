@@ -40,13 +40,18 @@ def prediction_problem(pairs: list[tuple[float, float]], tolerance: float) -> st
     return None
 
 
-def profile_check_record(pairs: list[tuple[float, float]], tolerance: float) -> dict:
-    """The random-profile check as a table records it; logged too."""
+def judge_profiles(pairs: list[tuple[float, float]], tolerance: float, record: dict) -> str | None:
+    """The random-profile check: logs each pair, stores the check in `record["profile_check"]` (a part of the
+    table), and returns `prediction_problem`'s verdict. Nothing is recorded when no profile was checked."""
+    if not pairs:
+        return None
     for predicted, measured in pairs:
         logger.info("Latency table check: a random profile predicted at %.3fx measured %.3fx end to end.", predicted,
                     measured)
-    return {"predicted_speedup": [p for p, _ in pairs], "measured_speedup": [m for _, m in pairs],
-            "tolerance": tolerance, "passed": prediction_problem(pairs, tolerance) is None}
+    problem = prediction_problem(pairs, tolerance)
+    record["profile_check"] = {"predicted_speedup": [p for p, _ in pairs], "measured_speedup": [m for _, m in pairs],
+                               "tolerance": tolerance, "passed": problem is None}
+    return problem
 
 
 def random_profiles(times: np.ndarray, n: int, seed: int = 0) -> list[np.ndarray]:
