@@ -43,38 +43,67 @@ def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_siz
     num_groups = in_features // group_size
     if any(not 0 <= k <= num_groups for k in keep_counts):
         raise SPDYError(f"Keep counts must be in [0, {num_groups}].")
-    w = weight.detach().to(torch.float64).clone()
+    w_full = weight.detach().to(torch.float64)
     hinv = _damped_inverse(hessian, damp)
-    alive = list(range(num_groups))
     results: dict[int, tuple[list[int], torch.Tensor]] = {}
     wanted = set(keep_counts)
+    alive = list(range(num_groups))  # group indices still kept, in order
     if num_groups in wanted:
-        results[num_groups] = (list(alive), w.to(torch.float32).clone())
-    cols = torch.arange(in_features).reshape(num_groups, group_size)
-    removed = torch.zeros(num_groups, dtype=torch.bool)
-    while alive and len(alive) > min(wanted, default=num_groups):
-        # every group's error at once: diagonal blocks of H^-1, inverted in a batch
-        blocks = hinv.reshape(num_groups, group_size, num_groups, group_size).diagonal(dim1=0, dim2=2)
-        block_inv = torch.linalg.inv(blocks.permute(2, 0, 1))  # (G, s, s)
-        ws = w.reshape(out_features, num_groups, group_size).permute(1, 0, 2)  # (G, out, s)
-        errors = ((ws @ block_inv) * ws).sum(dim=(1, 2))
-        errors[removed] = float("inf")
+        results[num_groups] = (list(alive), w_full.to(torch.float32).clone())
+    # Only the columns of `held` groups are kept (`w` is (out, held * s), `hinv` (held * s, held * s)): eliminating
+    # a group leaves zeros in its rows and columns of H^-1, so dropping them changes nothing for the others, and the
+    # work shrinks with the group (an FFN pruned down to its last levels costs a third of full-size updates).
+    # Eliminated groups are dropped in batches, once they are a sixteenth of those held.
+    w = w_full.clone()
+    held = list(range(num_groups))
+    gone = torch.zeros(num_groups, dtype=torch.bool)  # per held group: eliminated, not dropped yet
+    last = min((k for k in wanted if k > 0), default=num_groups)  # keeping none needs no elimination
+    while len(alive) > last:
+        g = len(held)
+        if group_size == 1:
+            errors = (w * w).sum(dim=0) / hinv.diagonal()
+            block_inv = None
+        else:
+            blocks = hinv.reshape(g, group_size, g, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            block_inv = torch.linalg.inv(blocks)  # (G, s, s): every held group's error at once
+            ws = w.reshape(out_features, g, group_size).permute(1, 0, 2)  # (G, out, s)
+            errors = ((ws @ block_inv) * ws).sum(dim=(1, 2))
+        errors[gone] = float("inf")
         best = int(torch.argmin(errors))
-        s = cols[best]
-        inv = block_inv[best]
-        w -= w[:, s] @ inv @ hinv[s, :]
+        s = slice(best * group_size, (best + 1) * group_size)
+        if block_inv is None:  # one column: rank-one updates, in place
+            scale = -1.0 / float(hinv[best, best])
+            w.addr_(w[:, best].clone(), hinv[best].clone(), alpha=scale)
+            hinv.addr_(hinv[:, best].clone(), hinv[best].clone(), alpha=scale)
+        else:
+            inv = block_inv[best]
+            w -= w[:, s] @ inv @ hinv[s, :]
+            hinv -= hinv[:, s] @ inv @ hinv[s, :]
         w[:, s] = 0.0
-        hinv -= hinv[:, s] @ inv @ hinv[s, :]
         hinv[s, :] = 0.0
         hinv[:, s] = 0.0
-        hinv[s, s] = 1.0  # keeps the removed block invertible; it is never chosen again
-        removed[best] = True
-        alive.remove(best)
+        hinv[s, s] = torch.eye(group_size, dtype=hinv.dtype)  # keeps the block invertible; never chosen again
+        gone[best] = True
+        alive.remove(held[best])
+        if int(gone.sum()) >= max(1, g // 16) or len(alive) == last:
+            keep = cols_of([i for i in range(g) if not gone[i]], group_size)
+            w, hinv = w[:, keep], hinv[keep][:, keep]
+            held = [h for h, x in zip(held, gone.tolist()) if not x]
+            gone = torch.zeros(len(held), dtype=torch.bool)
         if len(alive) in wanted:
-            results[len(alive)] = (list(alive), w.to(torch.float32).clone())
+            full = torch.zeros_like(w_full, dtype=torch.float32)
+            full[:, cols_of(held, group_size)] = w.to(torch.float32)
+            results[len(alive)] = (list(alive), full)
     if 0 in wanted and 0 not in results:
         results[0] = ([], torch.zeros_like(weight, dtype=torch.float32))
     return [results[k] for k in keep_counts]
+
+
+def cols_of(groups: list[int], group_size: int) -> torch.Tensor:
+    """The input columns of `groups`, in order."""
+    if not groups:
+        return torch.zeros(0, dtype=torch.int64)
+    return (torch.tensor(groups)[:, None] * group_size + torch.arange(group_size)[None, :]).flatten()
 
 
 def group_magnitude_levels(weight: torch.Tensor, group_size: int, keep_counts: list[int]
