@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import RegimeConfig
+from .regime import regime_inputs  # noqa: F401  (the backend's inputs: one unit of work in the regime)
 from .timing import interleaved_median_ms
 
 NO_GPU_TO_VERIFY = ("the cuda backend needs a CUDA GPU to measure the speedup; run the pruned model there (the "
@@ -26,15 +26,6 @@ def to_target_device(model: nn.Module, backend: str, dtype: str) -> None:
     (searching and pruning work anywhere with a table measured on the GPU; verifying does not)."""
     if backend == "cuda" and torch.cuda.is_available():
         model.to(device="cuda", dtype=getattr(torch, dtype))
-
-
-def regime_inputs(model: nn.Module, regime: RegimeConfig) -> dict[str, torch.Tensor]:
-    """One forward pass's inputs in the regime: random token ids (seeded), batch_size x sequence_length."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1000
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (regime.batch_size, regime.sequence_length), generator=gen)
-    device = model_device(model)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
 def interleaved_timer(backend: str):

@@ -11,12 +11,12 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from .config_checks import check_choice, check_fields, check_int, check_number
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,57 +30,41 @@ LEVEL_GRIDS = ("auto", "spdy", "2:4")
 LEVEL_PATTERNS = ("2:4",)
 DEFAULT_LEVELS = {"cpu": "spdy", "cuda": "2:4"}  # what levels "auto" means on each backend
 DTYPES = ("float32", "float16", "bfloat16")
+REGIME_MODES = ("prefill", "decode")
 # dtypes each backend's sparse kernel accepts: torch.sparse CSR products on CPU run in fp32 only; 2:4
 # semi-structured products on NVIDIA GPUs in fp16 and bf16.
 BACKEND_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
 
 
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
-
-
-def _check_fields(section, prefix: str) -> None:
-    """Every field whose metadata names a "min" must be an integer at least that; every text field a string (a
-    path object becomes its string), or null where the field allows it."""
-    for f in dataclasses.fields(section):
-        name, value, optional = f"{prefix}{f.name}", getattr(section, f.name), "None" in str(f.type)
-        if "min" in f.metadata:
-            _check_int(name, value, f.metadata["min"])
-        elif str(f.type) in ("str", "str | None") and isinstance(value, os.PathLike):
-            setattr(section, f.name, os.fspath(value))
-        elif str(f.type) in ("str", "str | None") and not (isinstance(value, str) or (value is None and optional)):
-            raise ConfigError(f"{name}={value!r} must be a string{' or null' if optional else ''}.")
-
-
-def _check_number(name: str, value: Any, in_range: Callable[[float], bool], interval: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
-        raise ConfigError(f"{name}={value!r} must be a number in {interval}.")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
-
-
 @dataclass
 class RegimeConfig:
-    """The deployment regime the model must be fast in: what one forward pass looks like in production."""
+    """The deployment regime the model must be fast in: what one unit of production work looks like. "prefill":
+    one forward pass over batch_size x sequence_length tokens; "decode": generating one token for each of
+    batch_size sequences with a key/value cache that already holds context_length tokens (causal LMs)."""
 
     batch_size: int = field(default=1, metadata={"min": 1, "help": "Sequences per forward pass at deployment."})
-    sequence_length: int = field(default=128, metadata={"min": 1, "help": "Tokens per sequence at deployment."})
+    sequence_length: int = field(default=128, metadata={"min": 1, "help": "Tokens per sequence (prefill)."})
     dtype: str = field(default="float32", metadata={"help": "Weight and activation dtype at deployment."})
+    mode: str = field(default="prefill", metadata={"help": "'prefill' (one forward pass over the sequences) or "
+                                                   "'decode' (one new token against a cache of context_length)."})
+    context_length: int = field(default=512, metadata={"min": 1, "help": "Decode: tokens already in the cache."})
 
     def __post_init__(self):
-        _check_fields(self, "regime.")
-        _check_choice("regime.dtype", self.dtype, DTYPES)
+        check_fields(self, "regime.")
+        check_choice("regime.dtype", self.dtype, DTYPES)
+        check_choice("regime.mode", self.mode, REGIME_MODES)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # as latency tables and reports record it
+        """What latency tables and reports record (a prefill regime as before decode existed, so its tables stay)."""
+        if self.mode == "decode":
+            return {"mode": "decode", "batch_size": self.batch_size, "context_length": self.context_length,
+                    "dtype": self.dtype}
+        return {"batch_size": self.batch_size, "sequence_length": self.sequence_length, "dtype": self.dtype}
 
     @property
     def tokens(self) -> int:
-        return self.batch_size * self.sequence_length
+        """Tokens per forward pass: each layer's input rows."""
+        return self.batch_size * (1 if self.mode == "decode" else self.sequence_length)
 
 
 @dataclass
@@ -102,13 +86,13 @@ class CalibrationConfig:
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed for drawing the windows."})
 
     def __post_init__(self):
-        _check_fields(self, "calibration.")
-        for name in ("source", "split", "text_column"):  # strings by now (`_check_fields`)
+        check_fields(self, "calibration.")
+        for name in ("source", "split", "text_column"):  # strings by now (`check_fields`)
             if not getattr(self, name):
                 raise ConfigError(f"calibration.{name} must be a non-empty string (calibration.source: 'builtin', "
                                   "a data file or a Hub dataset name).")
         if self.sequence_length is not None:
-            _check_int("calibration.sequence_length", self.sequence_length, 8)
+            check_int("calibration.sequence_length", self.sequence_length, 8)
 
 
 @dataclass
@@ -138,10 +122,10 @@ class DatabaseConfig:
         return "pruned" if database == "per-layer" else "dense"
 
     def __post_init__(self):
-        _check_fields(self, "database.")
-        _check_number("database.dampening", self.dampening, lambda v: 0 < v < 1, "(0, 1)")
+        check_fields(self, "database.")
+        check_number("database.dampening", self.dampening, lambda v: 0 < v < 1, "(0, 1)")
         self.dampening = float(self.dampening)
-        _check_choice("database.propagation", self.propagation, PROPAGATIONS)
+        check_choice("database.propagation", self.propagation, PROPAGATIONS)
         for name in ("device", "dir"):
             if getattr(self, name) == "":
                 raise ConfigError(f"database.{name} must be a non-empty string or null.")
@@ -192,12 +176,12 @@ class SearchConfig:
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the local search."})
 
     def __post_init__(self):
-        _check_fields(self, "search.")
-        _check_choice("search.score", self.score, ("auto", "kl", "cosine", "nmse"))
-        _check_number("search.neighbourhood_fraction", self.neighbourhood_fraction, lambda v: 0 < v <= 1, "(0, 1]")
-        _check_number("search.speedup_margin", self.speedup_margin, lambda v: 0 <= v < 1, "[0, 1)")
-        _check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
-        _check_number("search.target_tolerance", self.target_tolerance, lambda v: 0 <= v < 1, "[0, 1)")
+        check_fields(self, "search.")
+        check_choice("search.score", self.score, ("auto", "kl", "cosine", "nmse"))
+        check_number("search.neighbourhood_fraction", self.neighbourhood_fraction, lambda v: 0 < v <= 1, "(0, 1]")
+        check_number("search.speedup_margin", self.speedup_margin, lambda v: 0 <= v < 1, "[0, 1)")
+        check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
+        check_number("search.target_tolerance", self.target_tolerance, lambda v: 0 <= v < 1, "[0, 1)")
 
 
 @dataclass
@@ -219,11 +203,13 @@ class TimingConfig:
                                                           "profile may be from the measured one (a fraction)."})
     busy_factor: float = field(default=1.5, metadata={"help": "Verify: the dense model this many times slower than "
                                                       "when profiled means a busy machine (wait, measure again); 0: off."})
+    generate_tokens: int = field(default=32, metadata={"min": 2, "help": "Decode regime: tokens each timed "
+                                                       "`generate` call makes (greedy, no early stop) in verify."})
 
     def __post_init__(self):
-        _check_fields(self, "timing.")
-        _check_number("timing.check_tolerance", self.check_tolerance, lambda v: 0 < v < 1, "(0, 1)")
-        _check_number("timing.busy_factor", self.busy_factor, lambda v: v == 0 or v > 1, "{0} or (1, inf)")
+        check_fields(self, "timing.")
+        check_number("timing.check_tolerance", self.check_tolerance, lambda v: 0 < v < 1, "(0, 1)")
+        check_number("timing.busy_factor", self.busy_factor, lambda v: v == 0 or v > 1, "{0} or (1, inf)")
 
 
 @dataclass
@@ -239,7 +225,7 @@ class StructuredConfig:
                                      "(the least sparse first) also combine with its partial structured levels."})
 
     def __post_init__(self):
-        _check_fields(self, "structured.")
+        check_fields(self, "structured.")
 
 
 @dataclass
@@ -252,9 +238,9 @@ class GradualConfig:
     update_every: int = field(default=10, metadata={"min": 1, "help": "Optimizer steps between mask updates in the ramp."})
 
     def __post_init__(self):
-        _check_fields(self, "gradual.")
+        check_fields(self, "gradual.")
         if self.end_step is not None:
-            _check_int("gradual.end_step", self.end_step, self.start_step + 1)
+            check_int("gradual.end_step", self.end_step, self.start_step + 1)
 
 
 DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*score*")
@@ -298,7 +284,7 @@ class SPDYConfig:
                 setattr(self, name, _from_dict(cls, value, strict=True, prefix=f"{name}."))
             elif not isinstance(value, cls):
                 raise ConfigError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}.")
-        _check_fields(self, "")
+        check_fields(self, "")
         if isinstance(self.target_speedup, bool) or not isinstance(self.target_speedup, (int, float)):
             raise ConfigError(f"target_speedup={self.target_speedup!r} must be a number greater than 1.")
         if not self.target_speedup > 1.0:
@@ -307,14 +293,14 @@ class SPDYConfig:
                 "(1.5 asks for a model 1.5 times faster than the dense one)."
             )
         self.target_speedup = float(self.target_speedup)
-        _check_choice("backend", self.backend, BACKENDS)
+        check_choice("backend", self.backend, BACKENDS)
         if self.regime.dtype not in BACKEND_DTYPES[self.backend]:
             raise ConfigError(
                 f"regime.dtype={self.regime.dtype!r} is not supported by backend {self.backend!r}; "
                 f"allowed values: {', '.join(map(repr, BACKEND_DTYPES[self.backend]))}."
             )
-        _check_choice("method", self.method, METHODS)
-        _check_choice("family", self.family, FAMILIES)
+        check_choice("method", self.method, METHODS)
+        check_choice("family", self.family, FAMILIES)
         if self.search.error_prior == "measured" and self.method != "obs":
             raise ConfigError("search.error_prior='measured' needs method='obs': magnitude pruning measures no errors.")
         if self.database.propagation == "pruned" and self.family != "unstructured":
@@ -322,7 +308,7 @@ class SPDYConfig:
                               "structured database calibrates every block on the dense model's outputs. Use 'auto' "
                               "(pruned for the per-layer database, dense for the structured one) or 'dense'.")
         if isinstance(self.levels, str):
-            _check_choice("levels", self.levels, LEVEL_GRIDS)
+            check_choice("levels", self.levels, LEVEL_GRIDS)
             if self.levels == "auto":
                 self.levels = DEFAULT_LEVELS[self.backend]
         elif isinstance(self.levels, (list, tuple)) and self.levels:

@@ -143,20 +143,23 @@ def zero_fill(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None
     w[:, group.consumer_columns(removed)] = 0
 
 
-def _new_module(template: nn.Module, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def _new_module(template: nn.Module, weight_out_in: torch.Tensor, bias: torch.Tensor | None,
+                share: bool = False) -> nn.Module:
+    """A Linear (or Conv1D, like `template`) holding the weight; `share`: without copying what needs no copy."""
     out_features, in_features = weight_out_in.shape
+    copy = (lambda t: t) if share else (lambda t: t.clone())
     # GPT-2's Conv1D reshapes with -1, which a zero-width input cannot take: zero-width modules are nn.Linear
     if isinstance(template, conv1d_classes()) and out_features and in_features:
         module = conv1d_classes()[0](out_features, in_features)
-        module.weight = nn.Parameter(weight_out_in.T.contiguous().clone())
-        module.bias = nn.Parameter(bias.clone()) if bias is not None else None
+        module.weight = nn.Parameter(copy(weight_out_in.T.contiguous()))
+        module.bias = nn.Parameter(copy(bias)) if bias is not None else None
     else:
         with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op": the weight is replaced
             warnings.simplefilter("ignore", UserWarning)
             module = nn.Linear(in_features, out_features, bias=bias is not None)
-        module.weight = nn.Parameter(weight_out_in.contiguous().clone())
+        module.weight = nn.Parameter(copy(weight_out_in.contiguous()))
         if bias is not None:
-            module.bias = nn.Parameter(bias.clone())
+            module.bias = nn.Parameter(copy(bias))
     return module.to(device=weight_out_in.device, dtype=weight_out_in.dtype)
 
 
@@ -199,10 +202,20 @@ def _remove_attention(model: nn.Module, group: StructuredGroup) -> None:
     _set(model, group.consumer, _new_module(consumer, w[:, :0], getattr(consumer, "bias", None)))
 
 
+def _rows(t: torch.Tensor, idx: torch.Tensor, share: bool) -> torch.Tensor:
+    """t[idx] (rows), as a view where the rows are a contiguous range and `share` allows it."""
+    if share and len(idx) and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + len(idx))).all()):
+        return t.narrow(0, int(idx[0]), len(idx))
+    return t[idx.to(t.device)]
+
+
 @torch.no_grad()
-def shrink(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None:
+def shrink(model: nn.Module, group: StructuredGroup, kept: list[int], share: bool = False) -> None:
     """Replaces the group's producers and consumer by smaller dense modules holding only the kept groups, and
-    updates the attention module's head counts. Keeping none removes the block's whole attention or FFN."""
+    updates the attention module's head counts. Keeping none removes the block's whole attention or FFN.
+
+    `share`: the producers' kept rows stay views of the original weights where they are a contiguous range (for
+    timing shrunk forms on the live model, `spdy_hf.swap`; not for saving)."""
     kept = sorted(set(int(g) for g in kept))
     if kept and (kept[-1] >= group.num_groups or kept[0] < 0):
         raise SPDYError(f"Group indices must be in [0, {group.num_groups}).")
@@ -215,13 +228,14 @@ def shrink(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None:
     for name in group.producers:
         module = modules[name]
         w, _ = rows_view(module)
-        idx = group.producer_indices(name, kept).to(w.device)
+        idx = group.producer_indices(name, kept)
         bias = getattr(module, "bias", None)
-        _set(model, name, _new_module(module, w[idx], None if bias is None else bias[idx]))
+        _set(model, name, _new_module(module, _rows(w, idx, share), None if bias is None else _rows(bias, idx, share),
+                                      share))
     consumer = modules[group.consumer]
     w, _ = rows_view(consumer)
     cols = group.consumer_columns(kept).to(w.device)
-    _set(model, group.consumer, _new_module(consumer, w[:, cols], getattr(consumer, "bias", None)))
+    _set(model, group.consumer, _new_module(consumer, w[:, cols], getattr(consumer, "bias", None), share))
     if group.kind == "attention" and group.parent is not None:
         attn = model.get_submodule(group.parent)
         heads = len(kept) * (group.group_size // _head_dim(attn, group))

@@ -9,6 +9,7 @@ import copy
 import logging
 import os
 
+import numpy as np
 import pytest
 from conftest import MODEL_FACTORIES, handwritten_table, small_config
 from test_structured_pruner import structured_part
@@ -319,13 +320,18 @@ def test_structured_timing_noise_is_the_spread_of_the_dense_passes():
     model = MODEL_FACTORIES["llama"]()
     ffn = [g for g in find_structured_groups(model) if g.kind == "ffn"]
     counts = [keep_counts(g, 1, 4) for g in ffn]
-    dense = iter([10.0, 11.0, 9.0, 10.0])  # one dense time per timed job: median 10, deviations 0, 1, 1, 0
+    dense = iter([10.0, 12.0, 9.0, 10.0])  # one dense time per timed chunk of levels
+    seen = []
 
     def timer(fns, warmup, repeats):
-        return [next(dense), 8.0]
+        seen.append(next(dense))
+        return [seen[-1]] + [8.0] * (len(fns) - 1)
 
     part = measure_structured_latency(model, ffn, counts, lambda m: (lambda: None), timer, progress=False)
-    assert part["dense_ms"] == 10.0 and part["timing_noise"] == pytest.approx(0.05)
+    assert len(seen) >= 2  # at most 3 levels share one dense run, so the tiny FFN's 4 levels take 2 at least
+    median = float(np.median(seen))
+    assert part["dense_ms"] == median
+    assert part["timing_noise"] == pytest.approx(float(np.median([abs(d - median) for d in seen])) / median)
 
 
 # ---------------------------------------------------------------------------------------------- hostile tables

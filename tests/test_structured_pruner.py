@@ -165,11 +165,13 @@ def test_structured_latency_is_measured_in_the_model_and_shared_by_signature():
         return lambda: params
 
     def timer(fns, warmup, repeats):
-        calls.append(1)
+        calls.append(len(fns) - 1)  # the dense model first, then levels
         return [fn() / 1000 for fn in fns]
 
+    dense = sum(p.numel() for p in model.parameters())
     out = measure_structured_latency(model, groups, counts, run, timer, progress=False)
-    assert len(calls) == sum(len(c) - 1 for c in counts[:2])  # two blocks share each signature: timed once
+    assert sum(calls) == sum(len(c) - 1 for c in counts[:2])  # two blocks share each signature: timed once
+    assert sum(p.numel() for p in model.parameters()) == dense  # every shrunk form was swapped out again
     modules = dict(model.named_modules())
     for g, c in zip(groups, counts):
         entry = out["signatures"][out["groups"][group_name(g)]]

@@ -146,15 +146,13 @@ def test_structured_latency_noise_clamp():
     shrunk_ms = {64: 10.0, 48: 10.4, 32: 8.0, 16: 8.4, 0: 6.0}  # dense 10 ms; both FFNs cut to the keep count
 
     def run(m):
-        return lambda: m
+        def kept():  # the FFN width of the form the live model is in when the run is timed
+            down = dict(m.named_modules())[ffn[0].consumer]
+            return down.weight.shape[1] if down.weight.numel() else 0
+        return kept
 
     def timer(fns, warmup, repeats):
-        out = []
-        for fn in fns:
-            m = fn()
-            down = dict(m.named_modules())[ffn[0].consumer]
-            out.append(shrunk_ms[down.weight.shape[1] if down.weight.numel() else 0])
-        return out
+        return [shrunk_ms[fn()] for fn in fns]
 
     part = measure_structured_latency(model, ffn, counts, run, timer, progress=False)
     (entry,) = part["signatures"].values()

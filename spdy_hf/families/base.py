@@ -9,6 +9,7 @@ pipeline (`spdy_hf.pipeline`) runs the stages in order and never looks inside.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -18,9 +19,10 @@ import torch
 from torch import nn
 
 from ..backend import interleaved_timer, regime_inputs, table_environment
-from ..config import SPDYConfig
+from ..config import RegimeConfig, SPDYConfig
 from ..latency.table import LatencyTable
 from ..loading import model_fingerprint, weights_fingerprint
+from ..regime import end_to_end_call
 from ..search import Budget
 from ..units import Unit
 
@@ -92,8 +94,9 @@ class Family:
         in a form that keeps every shape (for scoring and saving)."""
         raise NotImplementedError
 
-    def measure(self, profile: np.ndarray) -> Measurement:
-        """Times the stitched profile in its deployed form against the dense model, end to end, interleaved."""
+    def measure(self, profile: np.ndarray, regime: RegimeConfig | None = None) -> Measurement:
+        """Times the stitched profile in its deployed form against the dense model, end to end, interleaved, in
+        `regime` (default the config's; `spdy_hf.regime.end_to_end_call`): ms per forward pass or per token."""
         raise NotImplementedError
 
     def entries(self, profile: np.ndarray, measurement: Measurement | None) -> Entries:
@@ -101,6 +104,21 @@ class Family:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers every family uses
+    def end_to_end_calls(self, forms: list[Callable[[], None]], regime: RegimeConfig | None = None
+                         ) -> tuple[list[Callable[[], object]], int, int]:
+        """For each form (a function that puts the model in it; the last one is left in place), what verify times
+        in the regime, built in that form; and the units of work per call and the timed calls to make."""
+        regime = regime or self.config.regime
+        calls, per = [], 1
+        for enter in forms:
+            enter()
+            call, per = end_to_end_call(self.model, regime, self.config.timing.generate_tokens)
+            calls.append(call)
+        repeats = max(10, self.config.timing.verify_repeats)
+        if per > 1:  # a decode call generates `per` tokens: fewer calls time as many tokens
+            repeats = max(5, -(-self.config.timing.verify_repeats // 5))
+        return calls, per, repeats
+
     @cached_property
     def inputs(self) -> dict[str, torch.Tensor]:
         """One forward pass's inputs in the regime."""

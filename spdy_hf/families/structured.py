@@ -34,6 +34,7 @@ from ..latency.structured import check_profiles, keep_counts, measure_structured
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..loading import model_fingerprint, weights_fingerprint
 from ..structured import StructuredGroup, find_structured_groups, group_name
+from ..swap import TreeSwap
 from ..timing import spin_up
 from .base import Entries, Family, Measurement, Plan
 
@@ -138,16 +139,21 @@ class StructuredFamily(Family):
         """Writes group i's level (kind, a, j) into the live model in zero-filled form."""
         self.sdb.stitch(i, a)
 
-    def measure(self, profile) -> Measurement:
-        fast = copy.deepcopy(self.model)
+    def measure(self, profile, regime=None) -> Measurement:
         ut = self.unit_table
-        deploy_groups(fast, self.group_entries(profile), self.config.backend,
-                      ut.unit_layouts if ut is not None else None, ut.input_leaders if ut is not None else None)
-        model, inputs = self.model, self.inputs
-        with torch.inference_mode():
-            dense_ms, pruned_ms = self.timer([lambda: model(**inputs), lambda: fast(**inputs)],
-                                             self.config.timing.warmup, max(10, self.config.timing.verify_repeats))
-        return Measurement(dense_ms, pruned_ms)
+        entries = self.group_entries(profile)
+        # the deployed form is swapped into the live model and out again: no copy of the model
+        swap = TreeSwap.record(self.model, lambda m: deploy_groups(
+            m, entries, self.config.backend, ut.unit_layouts if ut is not None else None,
+            ut.input_leaders if ut is not None else None))
+        try:
+            (dense, pruned), per, repeats = self.end_to_end_calls([swap.revert, swap.apply], regime)
+            swap.revert()
+            with torch.inference_mode():
+                dense_ms, pruned_ms = self.timer([dense, swap.wrap(pruned)], self.config.timing.warmup, repeats)
+        finally:
+            swap.revert()
+        return Measurement(dense_ms / per, pruned_ms / per)
 
     def group_entries(self, profile) -> list[dict]:
         """Per group: its name, layers, level, times and what the level keeps (`spdy_profile.json`'s "groups")."""

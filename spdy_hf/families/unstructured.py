@@ -8,13 +8,14 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..apply import KernelSwap, UnitLayout
-from ..config import SPDYConfig, TimingConfig
+from ..config import SPDYConfig
 from ..database import MagnitudeDatabase, PruningDatabase, build_obs_database
 from ..database.obs_database import windows_digest
 from ..database.store import STORE_VERSION
@@ -55,12 +56,14 @@ class UnstructuredFamily(Family):
     def stitch(self, profile) -> None:
         self.database.stitch(profile)
 
-    def measure(self, profile) -> Measurement:
+    def measure(self, profile, regime=None) -> Measurement:
+        # sparse kernels keep every shape, so one call (a decode cache filled by the dense form) serves all forms
+        (call,), per, repeats = self.end_to_end_calls([lambda: None], regime)
         if self.config.backend == "cuda":
-            return time_two_four(self.model, self.units, [self.patterns[k] for k in profile], self.inputs,
-                                 self.config.timing)
+            return time_two_four(self.model, self.units, [self.patterns[k] for k in profile], call, per, repeats,
+                                 self.config.timing.warmup)
         return time_kernels(self.model, self.units, [self.levels[k] for k in profile],
-                            self.table.layouts_for(self.units), self.inputs, self.config.timing)
+                            self.table.layouts_for(self.units), call, per, repeats, self.config.timing.warmup)
 
     def entries(self, profile, measurement) -> Entries:
         table, units, times = self.table, self.units, self.times
@@ -173,8 +176,9 @@ def build_database(config: SPDYConfig, model: nn.Module, units: list[Unit], leve
 
 @torch.inference_mode()
 def time_kernels(model: nn.Module, units: list[Unit], sparsities: list[float], layouts: list[UnitLayout],
-                 inputs: dict, timing: TimingConfig) -> Measurement:
-    """The dense model, its deployed dense form and the pruned model, interleaved, median of repeats each.
+                 call: Callable[[], object], per: int, repeats: int, warmup: int) -> Measurement:
+    """The dense model, its deployed dense form and the pruned model, interleaved, median of `repeats` calls each
+    (`call`: the regime's end-to-end work, `per` units of it: forward passes or generated tokens).
 
     All three run on the same module tree: the dense run swaps the original modules back in. Dense BLAS does
     not skip zeros, so the original modules holding pruned weights take the dense model's time, and no
@@ -186,20 +190,20 @@ def time_kernels(model: nn.Module, units: list[Unit], sparsities: list[float], l
     def run(swap):
         def fn():
             swap.use_deployed() if swap is not None else pruned.use_original()
-            model(**inputs)
+            call()
         return fn
 
     try:
         dense_ms, deployed_ms, pruned_ms = interleaved_median_ms(
-            [run(None), run(deployed_dense), run(pruned)], timing.warmup, max(10, timing.verify_repeats))
+            [run(None), run(deployed_dense), run(pruned)], warmup, repeats)
     finally:
         pruned.use_original()
-    return Measurement(dense_ms, pruned_ms, deployed_ms)
+    return Measurement(dense_ms / per, pruned_ms / per, deployed_ms / per)
 
 
 @torch.inference_mode()
-def time_two_four(model: nn.Module, units: list[Unit], patterns: list[str], inputs: dict,
-                  timing: TimingConfig) -> Measurement:
+def time_two_four(model: nn.Module, units: list[Unit], patterns: list[str], call: Callable[[], object], per: int,
+                  repeats: int, warmup: int) -> Measurement:
     """Dense vs pruned (2:4 units as semi-structured tensors), interleaved, CUDA events."""
     from ..latency.cuda import TwoFourSwap, cuda_interleaved_median_ms
 
@@ -208,12 +212,11 @@ def time_two_four(model: nn.Module, units: list[Unit], patterns: list[str], inpu
     def run(deployed: bool):
         def fn():
             swap.use_deployed() if deployed else swap.use_original()
-            model(**inputs)
+            call()
         return fn
 
     try:
-        dense_ms, pruned_ms = cuda_interleaved_median_ms([run(False), run(True)], timing.warmup,
-                                                         max(10, timing.verify_repeats))
+        dense_ms, pruned_ms = cuda_interleaved_median_ms([run(False), run(True)], warmup, repeats)
     finally:
         swap.use_original()
-    return Measurement(dense_ms, pruned_ms, dense_ms)
+    return Measurement(dense_ms / per, pruned_ms / per, dense_ms / per)

@@ -18,7 +18,6 @@ Keep counts with k = full are the dense model itself. Each distinct shape is tim
 
 from __future__ import annotations
 
-import copy
 import logging
 import statistics
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..structured import StructuredGroup, group_name, shrink
+from ..swap import TreeSwap
 from .check import random_profiles
 
 logger = logging.getLogger(__name__)
@@ -84,23 +84,32 @@ def measure_structured_latency(
     jobs = [(sig, k) for sig, members in by_signature.items() for k in counts[members[0]][1:]]
     logger.info("Timing %d structured levels of %d distinct group shapes in the whole model.", len(jobs),
                 len(by_signature))
-    dense_run = run(model)
     saved: dict[str, dict[int, float]] = {sig: {} for sig in by_signature}
     dense_samples = []
-    for sig, k in tqdm(jobs, desc="Structured latency", disable=not progress):
-        members = by_signature[sig]
-        shrunk = copy.deepcopy(model)
-        for i in members:
-            shrink(shrunk, groups[i], list(range(k)))
+    bar = tqdm(total=len(jobs), desc="Structured latency", disable=not progress)
+    for chunk in _chunks(model, groups, by_signature, jobs):
+        # the dense model and several levels in turn, each level's shrunk form swapped into the live model
+        swaps = []
+        for sig, k in chunk:
+            swaps.append(TreeSwap.record(model, lambda m, sig=sig, k=k: _shrink_all(m, groups, by_signature[sig], k)))
+            swaps[-1].revert()
+        fns = [run(model)]
+        for swap in swaps:  # each form's own run (a decode cache is filled in that form)
+            swap.apply()
+            fns.append(swap.wrap(run(model)))
+            swap.revert()
         with torch.inference_mode():
-            dense_ms, shrunk_ms = timer([dense_run, run(shrunk)], warmup, repeats)
-        dense_samples.append(dense_ms)
-        # what one group at k saves, as a share of the dense time of the same interleaved run: a machine whose
-        # speed drifts between runs (a busy one) changes both times of a run alike, not their ratio
-        saved[sig][k] = (1.0 - shrunk_ms / dense_ms) / len(members)
-        del shrunk
+            times = timer(fns, warmup, repeats)
+        dense_samples.append(times[0])
+        for (sig, k), t in zip(chunk, times[1:]):
+            # what one group at k saves, as a share of the dense time of the same interleaved run: a machine whose
+            # speed drifts between runs (a busy one) changes both times of a run alike, not their ratio
+            saved[sig][k] = (1.0 - t / times[0]) / len(by_signature[sig])
+        bar.update(len(chunk))
+        del swaps, fns
+    bar.close()
     dense = float(statistics.median(dense_samples)) if dense_samples else float("nan")
-    # the dense model was timed once per job: how much those times spread is the noise of this measurement
+    # the dense model was timed once per chunk of levels: how much those times spread is the noise here
     noise = float(statistics.median(abs(d - dense) for d in dense_samples) / dense) if dense_samples else 0.0
     saved = {sig: {k: share * dense for k, share in by_count.items()} for sig, by_count in saved.items()}
     signatures = {}
@@ -120,6 +129,31 @@ def measure_structured_latency(
                                                  for i in members}, "dense_ms": dense, "timing_noise": noise}
 
 
+def _shrink_all(model: nn.Module, groups: list[StructuredGroup], members: list[int], k: int) -> None:
+    for i in members:
+        shrink(model, groups[i], list(range(k)), share=True)
+
+
+def _chunks(model: nn.Module, groups: list[StructuredGroup], by_signature: dict[str, list[int]],
+            jobs: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """Levels timed together against one dense run: as many as fit in half the model's size of new weights (a
+    shrunk form's consumers are copies; its producers views of the dense weights), at most 3, so that the dense
+    model is timed often enough to tell the timing noise."""
+    modules = dict(model.named_modules())
+    budget = 0.5 * sum(p.numel() for p in model.parameters())
+    chunks, size = [[]], 0.0
+    for sig, k in jobs:
+        members = by_signature[sig]
+        g = groups[members[0]]
+        cost = len(members) * modules[g.consumer].weight.numel() * k / max(g.num_groups, 1)
+        if chunks[-1] and (size + cost > budget or len(chunks[-1]) >= 3):
+            chunks.append([])
+            size = 0.0
+        chunks[-1].append((sig, k))
+        size += cost
+    return [c for c in chunks if c]
+
+
 def check_profiles(model: nn.Module, groups: list[StructuredGroup], counts: list[list[int]], structured: dict,
                    run: Callable[[nn.Module], Callable[[], object]],
                    timer: Callable[[list[Callable[[], object]], int, int], list[float]],
@@ -132,13 +166,17 @@ def check_profiles(model: nn.Module, groups: list[StructuredGroup], counts: list
         times[i, :len(row)] = row
     dense_ms, dense_run, out = structured["dense_ms"], run(model), []
     for profile in random_profiles(times, n, seed):
-        shrunk = copy.deepcopy(model)
-        for i, a in enumerate(profile):
-            if a:
-                shrink(shrunk, groups[i], list(range(counts[i][a])))
+        def change(m, profile=profile):
+            for i, a in enumerate(profile):
+                if a:
+                    shrink(m, groups[i], list(range(counts[i][a])), share=True)
+
+        swap = TreeSwap.record(model, change)
+        shrunk_run = swap.wrap(run(model))
+        swap.revert()
         predicted_ms = dense_ms - float(sum(times[i, 0] - times[i, a] for i, a in enumerate(profile)))
         with torch.inference_mode():
-            d, p = timer([dense_run, run(shrunk)], warmup, repeats)
+            d, p = timer([dense_run, shrunk_run], warmup, repeats)
         out.append((dense_ms / max(predicted_ms, 1e-9), d / p))
-        del shrunk
+        del swap, shrunk_run
     return out
