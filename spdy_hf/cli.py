@@ -19,7 +19,12 @@ def _regime_arguments(p) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="Regime: dtype (cpu: float32; cuda: float16 or bfloat16).")
     p.add_argument("--batch-size", type=int, help="Regime: sequences per forward pass.")
-    p.add_argument("--sequence-length", type=int, help="Regime: tokens per sequence.")
+    p.add_argument("--sequence-length", type=int, help="Regime: tokens per sequence (prefill).")
+    p.add_argument("--regime", choices=["prefill", "decode"],
+                   help="What must get faster: one forward pass over the sequences (prefill, the default) or "
+                        "generating one token against a key/value cache of --context-length tokens (decode; causal "
+                        "LMs).")
+    p.add_argument("--context-length", type=int, help="Regime decode: tokens already in the cache (default 512).")
     p.add_argument("--family", choices=["structured", "mixed", "unstructured"],
                    help="Level families: heads and FFN neurons removed (structured, the default), those or the "
                         "backend's sparse levels per block (mixed), or sparse levels per layer (unstructured).")
@@ -113,6 +118,10 @@ def _build_config(args):
         regime["batch_size"] = args.batch_size
     if args.sequence_length is not None:
         regime["sequence_length"] = args.sequence_length
+    if args.regime is not None:
+        regime["mode"] = args.regime
+    if args.context_length is not None:
+        regime["context_length"] = args.context_length
     if getattr(args, "family", None) is not None:
         data["family"] = args.family
     if not hasattr(args, "calibration"):  # the profile command: no calibration or search flags

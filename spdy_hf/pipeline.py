@@ -29,7 +29,7 @@ from .families import Plan, get_family
 from .result import PruningResult
 from .scoring import DistanceScorer
 from .search import Budget, SearchResult, compute_budget, fits, spdy_search, with_margin
-from .units import find_units
+from .units import find_blocks, find_units
 from .verify import verify, verify_summary
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
     prior = family.prior()
     with stages("search"):
         result, scorer = search_profile(config, model, windows, plan.times, search_budget.budget_ms, prior,
-                                        family.stitch, progress)
+                                        family.stitch, progress, plan.names)
         family.stitch(result.profile)
         score = scorer()
     with stages("verify"):
@@ -116,10 +116,11 @@ def check_budget(config: SPDYConfig, plan: Plan) -> tuple[Budget, Budget]:
 
 
 def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], times: np.ndarray,
-                   budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True
-                   ) -> tuple[SearchResult, DistanceScorer]:
+                   budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True,
+                   names: list[str] | None = None) -> tuple[SearchResult, DistanceScorer]:
     """SPDY's search with the config's settings: each candidate profile is stitched into the live model (`stitch`)
-    and scored against the dense model on the first `search.eval_samples` calibration windows. Returns the
+    and scored against the dense model on the first `search.eval_samples` calibration windows, the blocks before
+    the first one it changes not run again (`names`: the search units, to tell their blocks). Returns the
     `SearchResult` and the scorer (the best profile is not stitched yet)."""
     s = config.search
     device = model_device(model)
@@ -127,15 +128,30 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
     n = eval_windows["input_ids"].shape[0]
     batches = [{k: v[i:i + s.eval_batch_size] for k, v in eval_windows.items()} for i in range(0, n, s.eval_batch_size)]
     scorer = DistanceScorer(model, batches, s.score)
+    block_of = None if names is None else unit_blocks(names, [name for name, _ in find_blocks(model)])
 
     def evaluate(profile: np.ndarray) -> float:
         stitch(profile)
-        return scorer()
+        if block_of is None:
+            return scorer()
+        keys: list[list[int]] = [[] for _ in scorer.blocks]
+        for u, level in enumerate(profile):  # a unit outside the blocks counts as changing the first one
+            keys[max(block_of[u], 0)].append(int(level) if block_of[u] >= 0 else -1 - int(level))
+        return scorer(keys)
 
     result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
                          neighbourhood_fraction=s.neighbourhood_fraction, buckets=s.dp_buckets, seed=s.seed,
                          prior=prior, progress=progress)
     return result, scorer
+
+
+def unit_blocks(names: list[str], blocks: list[str]) -> list[int]:
+    """The index of the block each search unit (a layer, or "<block>:attention") lies in; -1 outside every block."""
+    out = []
+    for name in names:
+        inside = [i for i, b in enumerate(blocks) if name.startswith(b + ".") or name.startswith(b + ":")]
+        out.append(max(inside, key=lambda i: len(blocks[i])) if inside else -1)
+    return out
 
 
 def job_summary(config: SPDYConfig, score: float, score_kind: str, database_info: dict, budget: Budget,

@@ -11,13 +11,23 @@ Without labels, SPDY scores a candidate by its distance to the dense model on th
 On MiniLM at 1.5x on a CPU, searching on "nmse" found profiles with a lower NMSE but a worse held-out sentence
 embedding cosine than uniform sparsity (docs/BENCHMARKS.md): above an NMSE of about 1 the objective rewards
 small outputs rather than right directions.
+
+Reusing an unchanged prefix: the search's candidates differ from the best profile so far in a few units, so a
+candidate is scored with `scorer(block_keys)`, where `block_keys[b]` names what block b holds (its units' levels).
+The outputs of every block on every batch are kept for the best-scoring candidate; a new one skips the blocks before
+the first one whose key differs (they return the kept outputs) and runs the rest. The score is the same as a full
+forward pass, to the last bit: a block's output depends only on its inputs and its weights.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .units import find_blocks
 
 
 def has_lm_head(model: nn.Module) -> bool:
@@ -47,10 +57,19 @@ class DistanceScorer:
             raise ValueError("The 'kl' score needs a model with an LM head; use 'cosine' or 'nmse'.")
         self.kind = ("kl" if lm else "cosine") if kind == "auto" else kind
         self._lm_output = lm  # an LM's hidden states come from output_hidden_states
+        # no key/value cache while scoring: nothing generates
+        self._extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        self.blocks = [m for _, m in find_blocks(model)]
+        self._kept: tuple[list, list, float] | None = None  # (block keys, outputs[block][batch], score)
+        self.blocks_run = 0  # block forward passes run (the work that reusing a prefix saves)
         self.reference = [self._output(b) for b in batches]
         self._norm = None
         if self.kind == "kl":
-            self.reference = [F.log_softmax(r, dim=-1) for r in self.reference]  # (B, T, V)
+            # KL(p || q) per position = sum p log p - sum p z + logsumexp(z) for the pruned logits z: the reference
+            # keeps p and its sum p log p, so a candidate costs one logsumexp and one product
+            probs = [F.softmax(r, dim=-1) for r in self.reference]
+            self._neg_entropy = [(p * F.log_softmax(r, dim=-1)).sum(-1) for p, r in zip(probs, self.reference)]
+            self.reference = probs  # (B, T, V)
         elif self.kind == "cosine":
             self.reference = [F.normalize(r, dim=-1) for r in self.reference]  # (B, T, H), unit vectors
             self._weights = [self._token_weights(b, r) for b, r in zip(batches, self.reference)]
@@ -68,28 +87,67 @@ class DistanceScorer:
     @torch.inference_mode()
     def _output(self, batch: dict) -> torch.Tensor:
         if self.kind == "kl":
-            return self.model(**batch).logits.float()  # (B, T, V)
-        out = self.model(**batch, output_hidden_states=True)
+            return self.model(**batch, **self._extra).logits.float()  # (B, T, V)
+        out = self.model(**batch, **self._extra, output_hidden_states=True)
         if self._lm_output:
             return out.hidden_states[-1].float()
         hidden = getattr(out, "last_hidden_state", None)
         return (hidden if hidden is not None else out.hidden_states[-1]).float()  # (B, T, H)
 
+    def __call__(self, block_keys: list | None = None) -> float:
+        """The score of the model as it is now. With `block_keys` (what each block holds), blocks before the first
+        one that differs from the best candidate so far are not run again."""
+        if block_keys is None or len(block_keys) != len(self.blocks) or not self.blocks:
+            self.blocks_run += len(self.blocks) * len(self.batches)
+            return self._score(self._output)
+        kept_keys, kept_outputs, best = self._kept or ([], [], float("inf"))
+        first = next((b for b, key in enumerate(block_keys) if b >= len(kept_keys) or kept_keys[b] != key),
+                     len(block_keys))
+        outputs = [kept_outputs[b] if b < first else [None] * len(self.batches) for b in range(len(self.blocks))]
+        state = {"batch": 0}
+        handles, own = [], [vars(block).get("forward") for block in self.blocks[:first]]
+        for b, block in enumerate(self.blocks):
+            if b < first:
+                block.forward = lambda *a, b=b, **k: outputs[b][state["batch"]]
+            else:
+                handles.append(block.register_forward_hook(
+                    lambda m, a, out, b=b: outputs[b].__setitem__(state["batch"], out)))
+
+        def output(batch):
+            state["batch"] = next(i for i, x in enumerate(self.batches) if x is batch)
+            return self._output(batch)
+
+        try:
+            score = self._score(output)
+        finally:
+            for block, forward in zip(self.blocks[:first], own):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
+            for h in handles:
+                h.remove()
+        self.blocks_run += (len(self.blocks) - first) * len(self.batches)
+        if score < best:
+            self._kept = (list(block_keys), outputs, score)
+        return score
+
     @torch.inference_mode()
-    def __call__(self) -> float:
+    def _score(self, output) -> float:
         if self.kind == "kl":
             total, count = 0.0, 0
-            for batch, ref_logp in zip(self.batches, self.reference):
-                logp = F.log_softmax(self._output(batch), dim=-1)
+            for batch, probs, neg_entropy in zip(self.batches, self.reference, self._neg_entropy):
+                logits = output(batch)
                 # KL(dense || pruned), summed over the vocabulary, averaged over positions
-                total += float((ref_logp.exp() * (ref_logp - logp)).sum())
-                count += ref_logp.shape[0] * ref_logp.shape[1]
+                cross = (probs * logits).sum(-1)
+                total += float((neg_entropy - cross + torch.logsumexp(logits, dim=-1)).sum())
+                count += probs.shape[0] * probs.shape[1]
             return total / count
         if self.kind == "cosine":
             total = 0.0
             for batch, ref, weight in zip(self.batches, self.reference, self._weights):
-                cos = (F.normalize(self._output(batch), dim=-1) * ref).sum(-1)  # (B, T)
+                cos = (F.normalize(output(batch), dim=-1) * ref).sum(-1)  # (B, T)
                 total += float(((1.0 - cos) * weight).sum())
             return total / max(self._count, 1e-30)
-        err = sum(float(((self._output(b) - r) ** 2).sum()) for b, r in zip(self.batches, self.reference))
+        err = sum(float(((output(b) - r) ** 2).sum()) for b, r in zip(self.batches, self.reference))
         return err / max(self._norm, 1e-30)
