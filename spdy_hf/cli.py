@@ -188,6 +188,47 @@ def prune_command(args) -> int:
     return 0
 
 
+def eval_command_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="Measure a saved pruned model against its base on held-out text.",
+        description="Held-out quality of DIR (written by spdy-hf prune) and of BASE (default: the base DIR records) on "
+        "the same token windows: perplexity for causal LMs, mean-pooled embedding cosine for encoders.")
+    p.add_argument("directory", help="A directory written by spdy-hf prune (any plain checkpoint works).")
+    p.add_argument("base", nargs="?", default=None, help="The dense model: directory, Hub id or .gguf file.")
+    p.add_argument("--data", default="builtin", help="'builtin' (the built-in corpus's held-out split), a local "
+                   "file or a Hub dataset name (default builtin).")
+    p.add_argument("--dataset-config", help="Hub dataset configuration name.")
+    p.add_argument("--split", default="test", help="Dataset split (default test).")
+    p.add_argument("--text-column", default="text", help="Column holding the text (default text).")
+    p.add_argument("--num-samples", type=int, default=16, help="Held-out windows (default 16).")
+    p.add_argument("--sequence-length", type=int, default=256, help="Tokens per window (default 256).")
+    p.add_argument("--output", "-o", help="Also write the results as JSON here.")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow the models' own code (off by default).")
+    p.set_defaults(func=eval_command)
+    return p
+
+
+def eval_command(args) -> int:
+    from .errors import SPDYError
+    from .evaluation import evaluate_saved
+    from .io import atomic_write_text
+
+    if args.num_samples < 1 or args.sequence_length < 8:
+        raise SPDYError("--num-samples must be at least 1 and --sequence-length at least 8.")
+    out = evaluate_saved(args.directory, args.base, args.data, args.num_samples, args.sequence_length,
+                         dataset_config=args.dataset_config, split=args.split, text_column=args.text_column,
+                         trust_remote_code=args.trust_remote_code)
+    if out["metric"] == "perplexity":
+        print(f"Held-out perplexity ({out['windows']} x {out['sequence_length']} tokens of {out['source']}): "
+              f"base {out['base']:.3f}, pruned {out['pruned']:.3f}")
+    else:
+        print(f"Held-out embedding cosine, pruned vs base ({out['windows']} windows of {out['source']}): "
+              f"{out['pruned']:.4f}")
+    if args.output:
+        atomic_write_text(args.output, json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def push_command_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("push", help="Upload a saved SPDY model directory to the Hub (or retry an upload).",
                               description="Upload DIR (written by spdy-hf prune) to the Hub repo REPO, with its "
@@ -215,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     prune_command_parser(subparsers)
     profile_command_parser(subparsers)
+    eval_command_parser(subparsers)
     push_command_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .config_checks import check_choice, check_fields, check_int, check_number
+from .config_checks import build_section, check_choice, check_fields, check_int, check_number
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,21 @@ class CalibrationConfig:
                                   "a data file or a Hub dataset name).")
         if self.sequence_length is not None:
             check_int("calibration.sequence_length", self.sequence_length, 8)
+
+
+@dataclass
+class EvaluationConfig:
+    """Held-out quality in the report: perplexity (causal LMs) or embedding cosine, dense and pruned."""
+
+    source: str = field(default="builtin", metadata={"help": "'builtin' (the built-in corpus's held-out split, which "
+                        "calibration never sees), a local file or a Hub dataset name; 'none': not measured."})
+    split: str = field(default="test", metadata={"help": "Dataset split (Hub datasets)."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    num_samples: int = field(default=16, metadata={"min": 1, "help": "Held-out windows."})
+    sequence_length: int = field(default=256, metadata={"min": 8, "help": "Tokens per window (at most the model's)."})
+
+    def __post_init__(self):
+        check_fields(self, "evaluation.")
 
 
 @dataclass
@@ -256,7 +271,7 @@ class SPDYConfig:
     per block, or both; `"unstructured"`: every linear layer its own unit at `levels`), `levels` (`"auto"`: the
     backend's, `"spdy"` on cpu (dense + 41 sparsities from 0.40 to 0.99), `"2:4"` on cuda; or a list of
     sparsities and patterns), `method` (`"obs"`, SparseGPT-style from calibration data, or `"magnitude"`), and the
-    sections `calibration`, `database`, `search`, `timing`, `structured` and `gradual`.
+    sections `calibration`, `evaluation`, `database`, `search`, `timing`, `structured` and `gradual`.
     """
 
     target_speedup: float = field(default=1.5, metadata={"help": "End-to-end speedup to reach (> 1)."})
@@ -269,6 +284,7 @@ class SPDYConfig:
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     method: str = field(default="obs", metadata={"help": "Pruning method of the database: 'obs' or 'magnitude'."})
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
@@ -384,22 +400,10 @@ class SPDYConfig:
         return cls.from_dict(data or {}, strict=strict)
 
 
-_SECTIONS = {"structured": StructuredConfig, "regime": RegimeConfig, "calibration": CalibrationConfig, "database": DatabaseConfig,
-             "search": SearchConfig, "timing": TimingConfig, "gradual": GradualConfig}
+_SECTIONS = {"structured": StructuredConfig, "regime": RegimeConfig, "calibration": CalibrationConfig,
+             "evaluation": EvaluationConfig, "database": DatabaseConfig, "search": SearchConfig, "timing": TimingConfig,
+             "gradual": GradualConfig}
 
 
 def _from_dict(cls, data: dict[str, Any], strict: bool, prefix: str):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        names = ", ".join(prefix + k for k in unknown)
-        if strict:
-            raise ConfigError(f"Unknown config key(s): {names}. Known keys: {', '.join(prefix + k for k in known)}.")
-        logger.warning("Ignoring unknown config key(s) %s (written by another spdy_hf version?).", names)
-    kwargs = {name: _from_dict(_SECTIONS[name], value, strict, f"{prefix}{name}.")
-              if cls is SPDYConfig and name in _SECTIONS and isinstance(value, dict) else value
-              for name, value in data.items() if name in known}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a wrong type that __post_init__ did not catch
-        raise ConfigError(f"Invalid config: {e}") from e
+    return build_section(cls, data, strict, prefix, _SECTIONS, SPDYConfig)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 from .errors import ConfigError
+
+logger = logging.getLogger("spdy_hf.config")
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -36,3 +39,22 @@ def check_number(name: str, value: Any, in_range: Callable[[float], bool], inter
 def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+
+def build_section(cls, data: dict[str, Any], strict: bool, prefix: str, sections: dict, root: type):
+    """A config section (or the whole config, `root`) from a dict: unknown keys an error with `strict`, else a
+    warning; nested sections built the same way."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        if strict:
+            raise ConfigError(f"Unknown config key(s): {names}. Known keys: {', '.join(prefix + k for k in known)}.")
+        logger.warning("Ignoring unknown config key(s) %s (written by another spdy_hf version?).", names)
+    kwargs = {name: build_section(sections[name], value, strict, f"{prefix}{name}.", sections, root)
+              if cls is root and name in sections and isinstance(value, dict) else value
+              for name, value in data.items() if name in known}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a wrong type that __post_init__ did not catch
+        raise ConfigError(f"Invalid config: {e}") from e

@@ -98,6 +98,7 @@ def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code:
         ) from e
     if gguf:
         plain_checkpoint(model)
+        model.config._name_or_path = os.path.abspath(name_or_path)  # the base a saved model records: the file
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_file)
     return model.to(torch.float32).eval(), tokenizer
 

@@ -25,12 +25,13 @@ from .backend import model_device
 from .config import SPDYConfig
 from .environment import environment_info
 from .errors import UnreachableTargetError
+from .evaluation import HeldOutQuality
 from .families import Plan, get_family
 from .result import PruningResult
 from .scoring import DistanceScorer
 from .search import Budget, SearchResult, compute_budget, fits, spdy_search, with_margin
 from .units import find_blocks, find_units
-from .verify import verify, verify_summary
+from .verify import both_regimes, verify, verify_summary
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +53,26 @@ class StageTimer:
 
 
 def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], tokenizer=None,
-                 latency_table=None, progress: bool = True, stage_seconds: dict[str, float] | None = None
-                 ) -> PruningResult:
+                 latency_table=None, progress: bool = True, stage_seconds: dict[str, float] | None = None,
+                 heldout: dict[str, torch.Tensor] | None = None) -> PruningResult:
     """Every stage in order, for `config.family`; the model is pruned in place.
 
     Args:
         windows: calibration token windows, `{"input_ids": (N, L), "attention_mask": (N, L)}`.
         latency_table: a `LatencyTable` or its path, instead of the cache or a measurement.
         stage_seconds: a dict the stages' wall seconds are written into as they end (the report has them too).
+        heldout: token windows of held-out text: the dense and the pruned model's quality on them (perplexity for
+            causal LMs, embedding cosine otherwise) goes into the report.
 
     Raises:
         UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
     """
     family = get_family(config.family)(config, model, progress)
     stages = StageTimer(stage_seconds)
+    quality = None
+    if heldout is not None:
+        with stages("heldout"):
+            quality = HeldOutQuality(model, heldout, config.evaluation.source)
     with stages("profile"):
         example = {k: v[:1].to(model_device(model)) for k, v in windows.items()}
         plan = family.plan(find_units(model, config.skip_modules, example_inputs=example), latency_table)
@@ -82,8 +89,14 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
         verification = verify(config, family, plan, budget, search_budget, result, prior)
         if verification.corrections:
             score = scorer()
+        speedups = both_regimes(config, family, verification)
+    report_quality = {}
+    if quality is not None:
+        with stages("heldout"):
+            report_quality = {"heldout": quality.compare(model)}
     entries = family.entries(verification.profile, verification.measurement)
     report = {**verify_summary(config, plan, budget, search_budget, verification), "timing_noise": plan.timing_noise,
+              "speedups": speedups, **report_quality,
               **entries.report,
               **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages.seconds)}
     return PruningResult(model=model, tokenizer=tokenizer, config=config, units=plan.units, profile=entries.profile,

@@ -12,10 +12,11 @@ import logging
 import torch
 from torch import nn
 
-from .backend import regime_inputs, to_target_device
+from .backend import model_device, regime_inputs, to_target_device
 from .config import SPDYConfig
 from .data import load_texts, token_windows
 from .errors import SPDYError
+from .evaluation import heldout_windows
 from .families import get_family
 from .latency import LatencyTable
 from .loading import loaded_from_gguf, plain_checkpoint
@@ -71,7 +72,7 @@ class SPDYPruner:
         windows = self._calibration_windows(calibration)
         self.stage_seconds = {}
         return run_pipeline(self.config, model, windows, tokenizer=self.tokenizer, latency_table=latency_table,
-                            progress=progress, stage_seconds=self.stage_seconds)
+                            progress=progress, stage_seconds=self.stage_seconds, heldout=self._heldout_windows())
 
     def profile(self, latency_table: LatencyTable | str | None = None, progress: bool = True) -> LatencyTable:
         """Only the profiling stage: the latency table of this model in the config's regime, on its backend
@@ -119,6 +120,17 @@ class SPDYPruner:
                              ("calibration.sequence_length", self.config.calibration.sequence_length)):
             if limit is not None and length is not None and length > limit:
                 raise SPDYError(f"{name}={length} exceeds the model's maximum of {limit} positions; lower it.")
+
+    def _heldout_windows(self) -> dict[str, torch.Tensor] | None:
+        """Held-out windows for the report's quality (`evaluation`), or None: no tokenizer, or source 'none'."""
+        ev = self.config.evaluation
+        if self.tokenizer is None or ev.source == "none":
+            return None
+        limit = self._max_positions()
+        length = min(ev.sequence_length, limit) if limit else ev.sequence_length
+        windows = heldout_windows(self.tokenizer, ev.source, ev.num_samples, length, split=ev.split,
+                                  text_column=ev.text_column)
+        return {k: v.to(model_device(self.model)) for k, v in windows.items()}
 
     def _calibration_windows(self, calibration) -> dict[str, torch.Tensor]:
         cal = self.config.calibration

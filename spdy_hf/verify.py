@@ -13,6 +13,7 @@ nothing and counts as not met.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 
 from .backend import verify_unavailable
 from .config import SPDYConfig
+from .evaluation import is_causal_lm
 from .families import Family, Measurement, Plan
 from .search import Budget, SearchResult, compute_budget, solve_dp
 
@@ -81,6 +83,22 @@ def measure_when_quiet(config: SPDYConfig, family: Family, plan: Plan, profile: 
                    "profiled): the measured speedup cannot be trusted, the profile is kept as searched, and the "
                    "target counts as not met.", m.dense_ms, plan.base_ms)
     return m, {"dense_ms_now": m.dense_ms, "dense_ms_profiled": plan.base_ms}
+
+
+def both_regimes(config: SPDYConfig, family: Family, verification: Verification) -> dict | None:
+    """For a causal LM, the measured speedup of the final profile in prefill and in decode (the regime that was not
+    searched is measured here: batch_size x sequence_length for prefill, a cache of context_length for decode);
+    None for other models or when nothing could be measured."""
+    m = verification.measurement
+    if m is None or verification.busy is not None or not is_causal_lm(family.model):
+        return None
+    searched = config.regime
+    other = dataclasses.replace(searched, mode="prefill" if searched.mode == "decode" else "decode")
+    o = family.measure(verification.profile, other)
+    logger.info("Measured speedup in the %s regime (not searched): %.3fx.", other.mode, o.speedup)
+    return {searched.mode: {"regime": searched.to_dict(), "measured_speedup": m.speedup, "searched": True},
+            other.mode: {"regime": other.to_dict(), "measured_speedup": o.speedup, "searched": False,
+                         "dense_time_ms": o.dense_ms, "pruned_time_ms": o.pruned_ms}}
 
 
 def needs_confirmation(config: SPDYConfig, measured: float, corrections: list[dict]) -> bool:

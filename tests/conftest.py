@@ -123,8 +123,9 @@ def small_config(tmp_path, target_speedup: float = 2.0, **overrides) -> SPDYConf
         calibration={"num_samples": 8, "sequence_length": 32},
         search={"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000},
         timing={"warmup": 1, "repeats": 2, "model_repeats": 2, "verify_repeats": 10, "check_profiles": 0,
-                "busy_factor": 0},
-        regime={"batch_size": 1, "sequence_length": 32},
+                "busy_factor": 0, "generate_tokens": 4},
+        regime={"batch_size": 1, "sequence_length": 32, "context_length": 32},
+        evaluation={"num_samples": 2, "sequence_length": 32},
         cache_dir=str(tmp_path / "cache"),
         family="unstructured",  # the per-layer family; structured tests ask for theirs
     )

@@ -131,6 +131,10 @@ class DatabaseStore:
         return {f[: -len(".safetensors")] for f in os.listdir(self.unit_dir)
                 if f.endswith(".safetensors") and not f.startswith(".")}
 
+    def unit_path(self, unit_name: str) -> str:
+        """The file a unit is stored in."""
+        return self._path(unit_name)
+
     def _path(self, unit_name: str) -> str:
         if "/" in unit_name or os.sep in unit_name or unit_name.startswith("."):
             raise SPDYError(f"Unit name {unit_name!r} cannot name a file.")

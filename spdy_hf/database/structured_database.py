@@ -36,24 +36,30 @@ logger = logging.getLogger(__name__)
 
 class StructuredDatabase:
     """Every group at every keep count: the kept group indices and the (out, in) consumer weight; `errors[i]`
-    holds group i's relative output error at each of its keep counts.
+    holds group i's relative output error at each of its keep counts. Stored groups hold their weights on disk
+    (`StoredTensors`), so the database costs no memory beyond the level being stitched.
 
-    `stitch(model, group_index, level)` writes a level into the live model in zero-filled form; the dense
-    weights of the groups' modules are kept once to restore from.
+    `stitch(group_index, level)` writes a level into the live model: the consumer's compensated weight, whose
+    removed columns are zero, which is all a removed head or neuron needs to contribute nothing; the producers'
+    rows are zeroed by `zero_producers` once the profile is final (the saved, zero-filled form). With
+    `keep_producers` (the mixed family, which also writes producers) stitching zero-fills both and keeps the
+    producers' dense weights to restore from.
     """
 
     def __init__(self, model: nn.Module, groups: list[StructuredGroup], counts: list[list[int]],
-                 entries: list[dict[str, torch.Tensor]], errors: list[np.ndarray] | None = None):
+                 entries: list, errors: list[np.ndarray] | None = None, keep_producers: bool = False):
         self.groups, self.counts, self.entries, self.errors = groups, counts, entries, errors
+        self.keep_producers = keep_producers
         self._combos: dict[tuple, torch.Tensor] = {}
         modules = dict(model.named_modules())
         self._modules = modules
-        self._dense = {}
-        for g in groups:
-            for name in [*g.producers, g.consumer]:
-                m = modules[name]
-                self._dense[name] = (m.weight.detach().clone(),
-                                     None if getattr(m, "bias", None) is None else m.bias.detach().clone())
+        self._dense = {}  # the producers' dense weights, where stitching writes them (keep_producers)
+        if keep_producers:
+            for g in groups:
+                for name in g.producers:
+                    m = modules[name]
+                    self._dense[name] = (m.weight.detach().clone(),
+                                         None if getattr(m, "bias", None) is None else m.bias.detach().clone())
 
     def combo_weight(self, group_index: int, level: int, sparsity: float, pattern: str) -> torch.Tensor:
         """The consumer at a structured level with its kept columns also pruned to `sparsity` (or 2:4): OBS on
@@ -95,27 +101,60 @@ class StructuredDatabase:
     @torch.no_grad()
     def restore(self, group_index: int) -> None:
         """Puts the group's dense weights back."""
-        for name in [*self.groups[group_index].producers, self.groups[group_index].consumer]:
+        group = self.groups[group_index]
+        for name in group.producers if self.keep_producers else []:
             weight, bias = self._dense[name]
             module = self._modules[name]
             module.weight.copy_(weight)
             if bias is not None:
                 module.bias.copy_(bias)
+        w, _ = rows_view(self._modules[group.consumer])
+        w.copy_(self.consumer_weight(group_index, 0).to(w.dtype))  # the first level keeps every group: dense
 
     @torch.no_grad()
     def stitch(self, group_index: int, level: int) -> None:
-        """The group at `level` in zero-filled form: producers' removed rows zero, the consumer's weight the
-        compensated one (its removed columns zero)."""
-        from ..structured import zero_fill
-
+        """The group at `level`: the compensated consumer weight (removed columns zero); producers zero-filled too
+        with `keep_producers`."""
         group = self.groups[group_index]
-        self.restore(group_index)
-        if level == 0:
-            return
-        zero_fill_model_view = _ModulesView(self._modules)
-        zero_fill(zero_fill_model_view, group, self.kept(group_index, level))
+        if self.keep_producers:
+            self.restore(group_index)
+            if level == 0:
+                return
+            self.zero_producers(group_index, level)
         w, _ = rows_view(self._modules[group.consumer])
         w.copy_(self.consumer_weight(group_index, level).to(w.dtype))
+
+    @torch.no_grad()
+    def zero_producers(self, group_index: int, level: int) -> None:
+        """Zeroes the producers' rows (and biases) of the groups that `level` removes, and the consumer's columns."""
+        from ..structured import zero_fill
+
+        zero_fill(_ModulesView(self._modules), self.groups[group_index], self.kept(group_index, level))
+
+
+class StoredTensors:
+    """A stored group's tensors: the small ones held, the weights (and Hessian) read from its file when asked for."""
+
+    def __init__(self, path: str, tensors: dict[str, torch.Tensor]):
+        self.path = path
+        self._names = set(tensors)
+        self._held = {k: v for k, v in tensors.items() if not k.startswith(("weight.", "hessian"))}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._held:
+            return self._held[key]
+        if key not in self._names:
+            raise KeyError(key)
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self._names else default
 
 
 class _ModulesView:
@@ -169,7 +208,8 @@ def build_structured_database(
         windows: calibration token windows (unused with `method="magnitude"`).
         directory: where the database lives (None: in memory only, for magnitude).
         store_hessian: also keep each consumer's Hessian, so that the mixed family can prune the kept columns
-            further (`StructuredDatabase.combo_weight`).
+            further (`StructuredDatabase.combo_weight`); the database then also keeps the producers' dense weights,
+            which the mixed family's sparse levels overwrite (`keep_producers`).
     """
     modules = dict(model.named_modules())
     consumers = [Unit(name=g.consumer, module=modules[g.consumer], block=g.block) for g in groups]
@@ -180,7 +220,7 @@ def build_structured_database(
             entries[g.consumer], errors[g.consumer] = _solve_group(g, c, unit.weight.detach().float(), None,
                                                                    method, dampening)
         return StructuredDatabase(model, groups, counts, [entries[g.consumer] for g in groups],
-                                  [errors[g.consumer].numpy() for g in groups])
+                                  [errors[g.consumer].numpy() for g in groups], keep_producers=store_hessian)
     build = {
         "store_version": STORE_VERSION, "method": "structured-obs",
         "groups": [[group_name(g), g.consumer, g.num_groups, g.group_size, list(c)] for g, c in zip(groups, counts)],
@@ -193,7 +233,7 @@ def build_structured_database(
     if store.is_complete():
         logger.info("Loading the finished structured database from %s.", store.directory)
     for name, (tensors, err) in store.load_stored({g.consumer for g in groups}).items():
-        entries[name], errors[name] = tensors, err
+        entries[name], errors[name] = StoredTensors(store.unit_path(name), tensors), err
     if len(entries) < len(groups):
         start = time.perf_counter()
         by_consumer = {g.consumer: (g, c) for g, c in zip(groups, counts)}
@@ -212,6 +252,7 @@ def build_structured_database(
                 entries[unit.name], errors[unit.name] = _solve_group(group, c, s.weight, s.hessian, method,
                                                                      dampening, store_hessian)
                 store.save_unit(unit.name, entries[unit.name], errors[unit.name])
+                entries[unit.name] = StoredTensors(store.unit_path(unit.name), entries[unit.name])
                 solved += 1
                 release_free_memory()
             return None  # dense propagation: the next block sees the dense block's outputs
@@ -224,4 +265,4 @@ def build_structured_database(
         store.write_manifest([{"name": g.consumer, "group": group_name(g), "keep": list(c),
                                "errors": errors[g.consumer].tolist()} for g, c in zip(groups, counts)])
     return StructuredDatabase(model, groups, counts, [entries[g.consumer] for g in groups],
-                              [errors[g.consumer].numpy() for g in groups])
+                              [errors[g.consumer].numpy() for g in groups], keep_producers=store_hessian)

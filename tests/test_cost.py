@@ -1,0 +1,144 @@
+"""What makes a 30-block job cheap must not change its results (issue 14, item 5): the structured OBS solver on
+shrinking matrices, consumer-only stitching with weights read from disk, candidates scored past an unchanged
+prefix of blocks, and shrunk forms timed in the live model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, example_inputs, small_config
+from test_structured_obs import layer
+
+from spdy_hf.database.structured_database import StoredTensors, build_structured_database
+from spdy_hf.database.structured_obs import structured_obs_levels
+from spdy_hf.latency.structured import keep_counts
+from spdy_hf.pipeline import unit_blocks
+from spdy_hf.scoring import DistanceScorer
+from spdy_hf.structured import find_structured_groups
+from spdy_hf.units import find_blocks
+
+
+def reference_obs(weight, hessian, group_size, keep_counts_, damp=0.01):
+    """The solver as first written: full-size matrices throughout, one group eliminated at a time."""
+    from spdy_hf.database.obs import damped_inverse_cholesky
+
+    upper = damped_inverse_cholesky(hessian, damp).to(torch.float64)
+    hinv, w = upper.T @ upper, weight.to(torch.float64).clone()
+    groups = w.shape[1] // group_size
+    alive, removed, results = list(range(groups)), torch.zeros(groups, dtype=torch.bool), {}
+    results[groups] = (list(alive), w.float().clone())
+    while len(alive) > min(keep_counts_):
+        blocks = hinv.reshape(groups, group_size, groups, group_size).diagonal(dim1=0, dim2=2)
+        block_inv = torch.linalg.inv(blocks.permute(2, 0, 1))
+        ws = w.reshape(w.shape[0], groups, group_size).permute(1, 0, 2)
+        errors = ((ws @ block_inv) * ws).sum(dim=(1, 2))
+        errors[removed] = float("inf")
+        best = int(torch.argmin(errors))
+        s = slice(best * group_size, (best + 1) * group_size)
+        w -= w[:, s] @ block_inv[best] @ hinv[s, :]
+        w[:, s] = 0.0
+        hinv -= hinv[:, s] @ block_inv[best] @ hinv[s, :]
+        hinv[s, :], hinv[:, s], hinv[s, s] = 0.0, 0.0, torch.eye(group_size, dtype=hinv.dtype)
+        removed[best] = True
+        alive.remove(best)
+        results[len(alive)] = (list(alive), w.float().clone())
+    return [results[k] for k in keep_counts_]
+
+
+@pytest.mark.parametrize("group_size,groups", [(1, 96), (4, 8), (3, 20)])
+def test_structured_obs_on_shrinking_matrices_matches_the_full_size_solver(group_size, groups):
+    w, _, h = layer(groups=groups, group_size=group_size)
+    keep = [groups, groups - 1, groups // 2, groups // 3, 1, 0]
+    for (kept, got), (kept_ref, want) in zip(structured_obs_levels(w, h, group_size, keep),
+                                             reference_obs(w, h, group_size, keep)):
+        assert kept == kept_ref
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_consumer_only_stitching_gives_the_zero_filled_outputs_with_weights_on_disk(name, tmp_path):
+    model = MODEL_FACTORIES[name]()
+    groups = find_structured_groups(model)
+    counts = [keep_counts(g, 1, 4) for g in groups]
+    windows = example_inputs(8, 16)
+    sdb = build_structured_database(model, groups, counts, windows, directory=tmp_path / "db", progress=False)
+    assert all(isinstance(e, StoredTensors) for e in sdb.entries) and not sdb._dense  # no copy held in memory
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = example_inputs(2, 12, seed=1)
+    levels = [len(c) // 2 for c in counts]
+    for i, level in enumerate(levels):
+        sdb.stitch(i, level)
+    with torch.no_grad():
+        stitched = model(**inputs)[0]
+    for i, level in enumerate(levels):
+        sdb.zero_producers(i, level)
+        producer = dict(model.named_modules())[groups[i].producers[0]]
+        rows = groups[i].producer_indices(groups[i].producers[0],
+                                          [g for g in range(groups[i].num_groups) if g not in sdb.kept(i, level)])
+        w = producer.weight.T if name == "gpt2" else producer.weight
+        assert (w[rows] == 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[0], stitched)  # zeroed producers change no output
+    for i in range(len(groups)):
+        sdb.stitch(i, 0)
+    for k, v in model.state_dict().items():  # consumers back to dense (producers stay zeroed: final form)
+        if not any(k.startswith(p) for g in groups for p in g.producers):
+            torch.testing.assert_close(v, dense_state[k])
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "opt"])
+def test_reusing_an_unchanged_prefix_of_blocks_gives_the_same_score(name):
+    """Scores past reused block outputs equal full forward passes, to the bit, and run fewer blocks."""
+    model = MODEL_FACTORIES[name]()
+    windows = example_inputs(4, 12)
+    batches = [{k: v[i:i + 2] for k, v in windows.items()} for i in (0, 2)]
+    scorer = DistanceScorer(model, batches)
+    blocks = find_blocks(model)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    levels = [0] * len(blocks)
+    full_runs = 0
+    for _ in range(10):
+        levels[int(rng.integers(len(blocks)))] = int(rng.integers(3))
+        model.load_state_dict(dense)
+        with torch.no_grad():
+            for b, (_, block) in enumerate(blocks):
+                for p in block.parameters():
+                    if p.dim() == 2 and levels[b]:
+                        gen = torch.Generator().manual_seed(100 * b + levels[b])
+                        p.mul_(1 + 0.5 * levels[b] * torch.rand(p.shape, generator=gen))
+        before = scorer.blocks_run
+        reused = scorer([[lv] for lv in levels])
+        used = scorer.blocks_run - before
+        assert reused == scorer()
+        full_runs += len(blocks) * len(batches)
+        assert used <= len(blocks) * len(batches)
+    assert scorer.blocks_run < 2 * full_runs  # some prefixes were reused
+    assert all("forward" not in vars(block) for _, block in blocks)  # the stand-ins are gone
+
+
+def test_unit_blocks_map_layers_and_groups_to_their_block():
+    blocks = ["model.layers.0", "model.layers.1", "model.layers.10"]
+    names = ["model.layers.1:ffn", "model.layers.10.mlp.up_proj", "model.layers.0.self_attn.q_proj", "lm_head"]
+    assert unit_blocks(names, blocks) == [1, 2, 0, -1]
+
+
+def test_structured_job_holds_no_copy_of_the_model(tmp_path, tokenizer):
+    """The structured family keeps no dense copy of the groups, times deployed forms in place, and saves the
+    zero-filled model (producers zeroed) it verified."""
+    from test_structured_pruner import structured_table
+
+    from spdy_hf import SPDYPruner
+
+    model = MODEL_FACTORIES["llama"]()
+    config = small_config(tmp_path, target_speedup=1.6, family="structured")
+    modules_before = [n for n, _ in model.named_modules()]
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=structured_table(model, config), progress=False)
+    assert [n for n, _ in result.model.named_modules()] == modules_before  # every deployed form swapped out again
+    named = dict(result.model.named_modules())
+    for e in result.groups:
+        removed = [g for g in range(e["num_groups"]) if g not in e["kept"]]
+        for p in e["producers"]:
+            group = next(g for g in find_structured_groups(result.model) if g.consumer == e["consumer"])
+            assert (named[p].weight[group.producer_indices(p, removed)] == 0).all()

@@ -1,0 +1,152 @@
+"""The decode regime: one new token against a key/value cache of context_length tokens (issue 14, item 2)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, small_config
+from test_structured_pruner import structured_part
+from test_timing_arithmetic import work_timer
+
+from spdy_hf import SPDYConfig, SPDYPruner
+from spdy_hf.config import RegimeConfig
+from spdy_hf.errors import ConfigError, SPDYError
+from spdy_hf.latency import LatencyTable
+from spdy_hf.latency.structured import check_profiles, keep_counts, measure_structured_latency
+from spdy_hf.regime import end_to_end_call, regime_inputs
+from spdy_hf.structured import find_structured_groups, shrink
+from spdy_hf.swap import TreeSwap
+
+DECODERS = ["gpt2", "llama", "opt"]
+
+
+def test_decode_regime_in_the_config_and_the_table_key():
+    decode = RegimeConfig(mode="decode", batch_size=2, context_length=64)
+    assert decode.to_dict() == {"mode": "decode", "batch_size": 2, "context_length": 64, "dtype": "float32"}
+    assert decode.tokens == 2  # each layer sees one row per sequence
+    # a prefill regime is recorded as before decode existed, so its cached tables stay valid
+    assert RegimeConfig().to_dict() == {"batch_size": 1, "sequence_length": 128, "dtype": "float32"}
+    with pytest.raises(ConfigError, match="regime.mode"):
+        RegimeConfig(mode="generate")
+    with pytest.raises(ConfigError, match="context_length"):
+        SPDYConfig.from_dict({"regime": {"mode": "decode", "context_length": 0}})
+
+
+def test_cli_flags_set_the_decode_regime():
+    import argparse
+
+    from spdy_hf.cli import _build_config, prune_command_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    parser = prune_command_parser(sub)
+    args = parser.parse_args(["--regime", "decode", "--context-length", "96", "--target-speedup", "1.3"])
+    config = _build_config(args)
+    assert config.regime.mode == "decode" and config.regime.context_length == 96
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_a_decode_step_is_the_next_token_of_the_whole_sequence(name):
+    """The held cache answers like a real one: the step's logits are those of the last position of a full forward
+    pass over context + token; repeating the step changes nothing (the cache does not grow)."""
+    model = MODEL_FACTORIES[name]()
+    regime = RegimeConfig(mode="decode", batch_size=2, context_length=12)
+    inputs = regime_inputs(model, regime)
+    cache = next(v for k, v in inputs.items() if k in ("cache", "past_key_values"))
+    with torch.inference_mode():
+        step = model(**inputs).logits
+        again = model(**inputs).logits
+        full_ids = torch.cat([regime_inputs(model, RegimeConfig(batch_size=2, sequence_length=12))["input_ids"],
+                              inputs["input_ids"]], dim=1)
+        full = model(input_ids=full_ids, attention_mask=torch.ones_like(full_ids)).logits[:, -1:]
+    assert step.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(step, again)
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == 12
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_shrunk_forms_run_against_the_same_cache_and_swap_back(name):
+    model = MODEL_FACTORIES[name]()
+    inputs = regime_inputs(model, RegimeConfig(mode="decode", context_length=8))
+    with torch.inference_mode():
+        before = model(**inputs).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = find_structured_groups(model)
+
+    def change(m):
+        for g in groups:  # fewer key/value heads, one attention removed, narrower FFNs
+            shrink(m, g, [] if g is groups[0] else list(range(max(1, g.num_groups // 2))), share=True)
+
+    swap = TreeSwap.record(model, change)
+    with torch.inference_mode():
+        shrunk = model(**inputs).logits
+    assert shrunk.shape == before.shape and not torch.allclose(shrunk, before)
+    swap.revert()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**inputs).logits, before)
+    swap.apply()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**inputs).logits, shrunk)
+    swap.revert()
+
+
+def test_verify_call_generates_exactly_the_tokens_asked_for():
+    model = MODEL_FACTORIES["llama"]()
+    regime = RegimeConfig(mode="decode", context_length=10)
+    steps = []
+    model.lm_head.register_forward_hook(lambda m, a, out: steps.append(a[0].shape[1]))
+    call, per = end_to_end_call(model, regime, 5)
+    steps.clear()
+    with torch.inference_mode():
+        call()
+        call()
+    assert per == 5 and steps == [1] * 10  # 5 one-token steps per call, no early end of sequence
+
+
+def test_decode_is_refused_for_an_encoder():
+    with pytest.raises(SPDYError, match="decode"):
+        regime_inputs(MODEL_FACTORIES["bert"](), RegimeConfig(mode="decode"))
+
+
+def test_decode_structured_table_predicts_random_profiles():
+    """With work as the clock, the decode-regime structured times add up: random profiles are predicted exactly."""
+    model = MODEL_FACTORIES["llama"]()
+    groups = find_structured_groups(model)
+    counts = [keep_counts(g, 1, 4) for g in groups]
+    inputs = regime_inputs(model, RegimeConfig(mode="decode", context_length=16))
+
+    def run(m):
+        return lambda: m(**inputs)
+
+    part = measure_structured_latency(model, groups, counts, run, work_timer, warmup=0, repeats=1, progress=False)
+    pairs = check_profiles(model, groups, counts, part, run, work_timer, n=6, warmup=0, repeats=1)
+    for predicted, measured in pairs:
+        assert predicted == pytest.approx(measured, rel=1e-9)
+    assert any(p > 1.0 for p, _ in pairs)
+
+
+def test_decode_job_end_to_end(tmp_path, tokenizer):
+    """A structured job in the decode regime: verify generates, the report has both regimes' speedups and the
+    held-out perplexity; the saved model loads in plain transformers and generates."""
+    from transformers import AutoModelForCausalLM
+
+    model = MODEL_FACTORIES["llama"]()
+    config = small_config(tmp_path, target_speedup=1.5, family="structured", regime={"mode": "decode"})
+    part = structured_part(model, config)
+    table = LatencyTable(backend="cpu", regime=config.regime.to_dict(), levels=[0.0], shapes={},
+                         base_time_ms=part["dense_ms"], structured=part)
+    result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    report = result.report
+    assert report["regime"]["mode"] == "decode"
+    speedups = report["speedups"]
+    assert speedups["decode"]["searched"] and not speedups["prefill"]["searched"]
+    assert speedups["decode"]["measured_speedup"] == report["measured_speedup"]
+    assert speedups["prefill"]["regime"]["sequence_length"] == 32 and speedups["prefill"]["measured_speedup"] > 0
+    heldout = report["heldout"]
+    assert heldout["metric"] == "perplexity" and heldout["source"] == "builtin"
+    assert np.isfinite(heldout["dense"]) and np.isfinite(heldout["pruned"]) and heldout["pruned"] != heldout["dense"]
+    result.save_pretrained(tmp_path / "out")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    out = plain.generate(input_ids=torch.tensor([[101, 2000, 2001]]), max_new_tokens=3, min_new_tokens=3,
+                         do_sample=False)
+    assert out.shape == (1, 6)
