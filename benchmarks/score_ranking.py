@@ -7,7 +7,8 @@ sensitivities through the DP, and mutations of the best of those (a few sensitiv
 search). Each is scored (KL to the dense model) on the first W calibration windows for each W in --windows, and
 the order of each W is compared with that of the most windows: Spearman's rank correlation over all candidates,
 the same over the mutations alone (close candidates, the hard case), and where the best candidate by W ranks by
-the reference.
+the reference. With --dtype bfloat16 the W-window scores come from a bfloat16 copy of the model (as the search
+scores on CPUs with bfloat16 matrix units) and the reference stays float32.
 
     python benchmarks/score_ranking.py --candidates 40 --windows 32 16 8 4
 """
@@ -21,6 +22,7 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+import torch
 
 from spdy_hf import SPDYConfig
 from spdy_hf.data import load_texts, token_windows
@@ -47,6 +49,8 @@ def spearman(a, b) -> float:
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--candidates", type=int, default=40, help="Profiles scored (half random, half mutations).")
 parser.add_argument("--windows", type=int, nargs="+", default=[32, 16, 8, 4], help="Window counts; most first.")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype the W-window scores are computed in (the reference stays float32).")
 parser.add_argument("--output", default="benchmarks/out/score_ranking.json")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,8 +71,14 @@ rng = np.random.default_rng(0)
 n_random = args.candidates // 2
 sens = [rng.random(len(plan.names)) for _ in range(n_random)]
 profiles = [solve_dp(c[:, None] * prior, plan.times, search_budget.budget_ms, config.search.dp_buckets) for c in sens]
-scorers = {w: DistanceScorer(model, [{k: v[i:i + 8] for k, v in windows.items()} for i in range(0, w, 8)]
-                             if w >= 8 else [{k: v[:w] for k, v in windows.items()}]) for w in args.windows}
+
+
+def batches(w: int) -> list[dict]:
+    return [{k: v[i:i + min(w, 8)] for k, v in windows.items()} for i in range(0, w, 8)]
+
+
+low = None if args.dtype == "float32" else getattr(torch, args.dtype)
+scorers = {w: DistanceScorer(model, batches(w), dtype=None if i == 0 else low) for i, w in enumerate(args.windows)}
 scores = {w: [] for w in args.windows}
 start = time.perf_counter()
 
@@ -100,7 +110,7 @@ for w in args.windows[1:]:
                  "spearman_mutations": spearman(s[n_random:], ref[n_random:]),
                  "best_by_w_ranks_by_reference": int(ranks(ref)[int(np.argmin(s))]) + 1,
                  "best_mutation_by_w_ranks_among_mutations": int(ranks(ref[n_random:])[int(np.argmin(s[n_random:]))]) + 1})
-out = {"reference_windows": args.windows[0], "candidates": len(profiles), "random": n_random, "rows": rows,
+out = {"reference_windows": args.windows[0], "dtype": args.dtype, "candidates": len(profiles), "random": n_random, "rows": rows,
        "scores": {str(w): v for w, v in scores.items()}, "seconds": time.perf_counter() - start,
        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
        "environment": environment_info()}

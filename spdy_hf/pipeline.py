@@ -30,6 +30,7 @@ from .families import Plan, get_family
 from .result import PruningResult
 from .scoring import DistanceScorer
 from .search import Budget, SearchResult, compute_budget, fits, spdy_search, with_margin
+from .shadow import bfloat16_is_faster
 from .units import find_blocks, find_units
 from .verify import both_regimes, verify, verify_summary
 
@@ -69,14 +70,14 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
     """
     family = get_family(config.family)(config, model, progress)
     stages = StageTimer(stage_seconds)
-    quality = None
-    if heldout is not None:
-        with stages("heldout"):
-            quality = HeldOutQuality(model, heldout, config.evaluation.source)
     with stages("profile"):
         example = {k: v[:1].to(model_device(model)) for k, v in windows.items()}
         plan = family.plan(find_units(model, config.skip_modules, example_inputs=example), latency_table)
     budget, search_budget = check_budget(config, plan)
+    quality = None
+    if heldout is not None:  # the dense model's, before anything is stitched into it
+        with stages("heldout"):
+            quality = HeldOutQuality(model, heldout, config.evaluation.source)
     with stages("database"):
         database_info = family.build_database(plan, windows, budget, search_budget)
     prior = family.prior()
@@ -99,6 +100,8 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
               "speedups": speedups, **report_quality,
               **entries.report,
               **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages.seconds)}
+    report["search"].update(score_dtype=str(next(scorer.model.parameters()).dtype).replace("torch.", ""),
+                            blocks_run=scorer.blocks_run, blocks_full=scorer.blocks_full)
     return PruningResult(model=model, tokenizer=tokenizer, config=config, units=plan.units, profile=entries.profile,
                          report=report, latency_table=plan.table, groups=entries.groups)
 
@@ -140,7 +143,7 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
     eval_windows = {k: v[: s.eval_samples].to(device) for k, v in windows.items()}
     n = eval_windows["input_ids"].shape[0]
     batches = [{k: v[i:i + s.eval_batch_size] for k, v in eval_windows.items()} for i in range(0, n, s.eval_batch_size)]
-    scorer = DistanceScorer(model, batches, s.score)
+    scorer = DistanceScorer(model, batches, s.score, dtype=score_dtype(config))
     block_of = None if names is None else unit_blocks(names, [name for name, _ in find_blocks(model)])
 
     def evaluate(profile: np.ndarray) -> float:
@@ -156,6 +159,15 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
                          neighbourhood_fraction=s.neighbourhood_fraction, buckets=s.dp_buckets, seed=s.seed,
                          prior=prior, progress=progress)
     return result, scorer
+
+
+def score_dtype(config: SPDYConfig) -> torch.dtype | None:
+    """The dtype candidates are scored in (`search.score_dtype`); None: the model's own."""
+    choice = config.search.score_dtype
+    if choice == "auto":
+        cpu_fp32 = config.backend == "cpu" and config.regime.dtype == "float32"
+        choice = "bfloat16" if cpu_fp32 and bfloat16_is_faster() else "float32"
+    return getattr(torch, choice) if choice != "float32" or config.regime.dtype == "float32" else None
 
 
 def unit_blocks(names: list[str], blocks: list[str]) -> list[int]:

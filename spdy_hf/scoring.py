@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .shadow import LowPrecisionShadow
 from .units import find_blocks
 
 
@@ -45,11 +46,17 @@ class DistanceScorer:
         model: the dense model (its outputs become the reference).
         batches: keyword inputs, one dict per forward pass.
         kind: "auto" (KL with an LM head, cosine otherwise), "kl", "cosine" or "nmse" (see the module docstring).
+        dtype: score a low-precision copy of the model in this dtype (`spdy_hf.shadow`), kept in step with the
+            model's in-place changes; None: the model itself.
     """
 
-    def __init__(self, model: nn.Module, batches: list[dict], kind: str = "auto"):
+    def __init__(self, model: nn.Module, batches: list[dict], kind: str = "auto", dtype: torch.dtype | None = None):
         if kind not in SCORES:
             raise ValueError(f"Unknown score {kind!r}; use one of {SCORES}.")
+        self.shadow = None
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            self.shadow = LowPrecisionShadow(model, dtype)
+            model = self.shadow.model
         self.model = model
         self.batches = batches
         lm = has_lm_head(model)
@@ -61,7 +68,8 @@ class DistanceScorer:
         self._extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
         self.blocks = [m for _, m in find_blocks(model)]
         self._kept: tuple[list, list, float] | None = None  # (block keys, outputs[block][batch], score)
-        self.blocks_run = 0  # block forward passes run (the work that reusing a prefix saves)
+        self.blocks_run = 0  # block forward passes run (the work that reusing a prefix saves) ...
+        self.blocks_full = 0  # ... and the passes full forward passes would have run
         self.reference = [self._output(b) for b in batches]
         self._norm = None
         if self.kind == "kl":
@@ -97,6 +105,9 @@ class DistanceScorer:
     def __call__(self, block_keys: list | None = None) -> float:
         """The score of the model as it is now. With `block_keys` (what each block holds), blocks before the first
         one that differs from the best candidate so far are not run again."""
+        if self.shadow is not None:
+            self.shadow.sync()
+        self.blocks_full += len(self.blocks) * len(self.batches)
         if block_keys is None or len(block_keys) != len(self.blocks) or not self.blocks:
             self.blocks_run += len(self.blocks) * len(self.batches)
             return self._score(self._output)
@@ -132,8 +143,12 @@ class DistanceScorer:
             self._kept = (list(block_keys), outputs, score)
         return score
 
-    @torch.inference_mode()
     def _score(self, output) -> float:
+        # every score is >= 0; rounding (of a bfloat16 copy, say) can take a near-zero one just below
+        return max(self._raw_score(output), 0.0)
+
+    @torch.inference_mode()
+    def _raw_score(self, output) -> float:
         if self.kind == "kl":
             total, count = 0.0, 0
             for batch, probs, neg_entropy in zip(self.batches, self.reference, self._neg_entropy):

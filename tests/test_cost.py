@@ -142,3 +142,25 @@ def test_structured_job_holds_no_copy_of_the_model(tmp_path, tokenizer):
         for p in e["producers"]:
             group = next(g for g in find_structured_groups(result.model) if g.consumer == e["consumer"])
             assert (named[p].weight[group.producer_indices(p, removed)] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_bfloat16_shadow_follows_the_live_model(name):
+    """Scoring in bfloat16: the copy holds every weight of the live model in bfloat16 (ties kept), picks up what
+    stitching writes in place, and scores like a bfloat16 model built from the live one."""
+    model = MODEL_FACTORIES[name]()
+    windows = example_inputs(2, 12)
+    scorer = DistanceScorer(model, [windows], dtype=torch.bfloat16)
+    shadow = scorer.shadow.model
+    assert all(p.dtype == torch.bfloat16 for p in shadow.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (shadow.get_output_embeddings().weight is shadow.get_input_embeddings().weight) == tied
+    assert scorer() == pytest.approx(0.0, abs=1e-6)
+    first = find_structured_groups(model)[1]
+    with torch.no_grad():
+        dict(model.named_modules())[first.consumer].weight.mul_(0.5)  # what stitching does: in place
+    score = scorer()
+    for live, low in zip(model.parameters(), shadow.parameters()):
+        assert torch.equal(low, live.detach().to(torch.bfloat16))
+    assert score > 0
+    assert next(model.parameters()).dtype == torch.float32  # the live model is untouched

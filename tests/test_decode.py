@@ -131,7 +131,8 @@ def test_decode_job_end_to_end(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = MODEL_FACTORIES["llama"]()
-    config = small_config(tmp_path, target_speedup=1.5, family="structured", regime={"mode": "decode"})
+    config = small_config(tmp_path, target_speedup=1.5, family="structured", regime={"mode": "decode"},
+                          search={"score_dtype": "bfloat16"})  # scored on a bfloat16 copy, as on an AMX CPU
     part = structured_part(model, config)
     table = LatencyTable(backend="cpu", regime=config.regime.to_dict(), levels=[0.0], shapes={},
                          base_time_ms=part["dense_ms"], structured=part)
@@ -140,6 +141,8 @@ def test_decode_job_end_to_end(tmp_path, tokenizer):
     assert report["regime"]["mode"] == "decode"
     speedups = report["speedups"]
     assert speedups["decode"]["searched"] and not speedups["prefill"]["searched"]
+    assert report["search"]["score_dtype"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # the model itself stays float32
     assert speedups["decode"]["measured_speedup"] == report["measured_speedup"]
     assert speedups["prefill"]["regime"]["sequence_length"] == 32 and speedups["prefill"]["measured_speedup"] > 0
     heldout = report["heldout"]

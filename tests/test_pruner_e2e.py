@@ -457,7 +457,9 @@ def test_shortfall_in_verify_re_aims_the_profile(tiny_llama, tmp_path, tokenizer
     budget = compute_budget(times, table.base_time_ms, 1.5, reference_ms=table.reference_time_ms)
     seen = []
 
-    def fake_verify(model, units_, sparsities, layouts, *timing):
+    def fake_verify(model, units_, sparsities, layouts, call, per, *timing):
+        if per > 1:  # the decode regime's measurement (generate, per token), which the report adds for an LM
+            return Measurement(10.0, 8.0, 10.0)
         # the "machine" is 8 % slower than the table for every profile: dense 10 ms, pruned = 10 / (0.92 * predicted)
         levels = [0.0] + sorted({s for s in table.levels if s > 0})
         profile = [levels.index(s) for s in sparsities]
@@ -493,7 +495,9 @@ def test_a_miss_that_was_noise_is_not_re_aimed(tiny_llama, tmp_path, tokenizer, 
     table = handwritten_table(tiny_llama, units, config)
     calls = []
 
-    def noisy_verify(model, units_, sparsities, layouts, *timing):
+    def noisy_verify(model, units_, sparsities, layouts, call, per, *timing):
+        if per > 1:  # the decode regime's measurement, which the report adds for an LM
+            return Measurement(10.0, 8.0, 10.0)
         calls.append(list(sparsities))
         return Measurement(10.0, 10.0 / 1.3, 10.0) if len(calls) == 1 else Measurement(10.0, 10.0 / 1.6, 10.0)
 
