@@ -174,7 +174,7 @@ class SearchConfig:
                   "as met (timing noise). A larger shortfall, after the corrections, sets target_met: false in the "
                   "report and on the model card, and `spdy-hf prune` exits with code 3."})
     eval_samples: int = field(
-        default=16, metadata={"min": 1, "help": "Calibration windows used to score each candidate profile."}
+        default=8, metadata={"min": 1, "help": "Calibration windows used to score each candidate profile."}
     )
     eval_batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per forward pass while scoring."})
     score_dtype: str = field(

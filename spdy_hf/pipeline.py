@@ -30,7 +30,7 @@ from .families import Plan, get_family
 from .result import PruningResult
 from .scoring import DistanceScorer
 from .search import Budget, SearchResult, compute_budget, fits, spdy_search, with_margin
-from .shadow import bfloat16_is_faster
+from .shadow import bfloat16_is_faster, lowered
 from .units import find_blocks, find_units
 from .verify import both_regimes, verify, verify_summary
 
@@ -82,10 +82,14 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
         database_info = family.build_database(plan, windows, budget, search_budget)
     prior = family.prior()
     with stages("search"):
-        result, scorer = search_profile(config, model, windows, plan.times, search_budget.budget_ms, prior,
-                                        family.stitch, progress, plan.names)
+        low = score_dtype(config)
+        with lowered(model, low):  # candidates scored in bfloat16 where that is faster
+            result, scorer = search_profile(config, model, windows, plan.times, search_budget.budget_ms, prior,
+                                            family.stitch, progress, plan.names)
+            family.stitch(result.profile)
+            score = scorer()
+        family.forget_stitched()  # the float32 weights are back, dense: stitch the profile again
         family.stitch(result.profile)
-        score = scorer()
     with stages("verify"):
         verification = verify(config, family, plan, budget, search_budget, result, prior)
         if verification.corrections:
@@ -100,7 +104,7 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
               "speedups": speedups, **report_quality,
               **entries.report,
               **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages.seconds)}
-    report["search"].update(score_dtype=str(next(scorer.model.parameters()).dtype).replace("torch.", ""),
+    report["search"].update(score_dtype=str(low or next(model.parameters()).dtype).replace("torch.", ""),
                             blocks_run=scorer.blocks_run, blocks_full=scorer.blocks_full)
     return PruningResult(model=model, tokenizer=tokenizer, config=config, units=plan.units, profile=entries.profile,
                          report=report, latency_table=plan.table, groups=entries.groups)
@@ -143,7 +147,7 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
     eval_windows = {k: v[: s.eval_samples].to(device) for k, v in windows.items()}
     n = eval_windows["input_ids"].shape[0]
     batches = [{k: v[i:i + s.eval_batch_size] for k, v in eval_windows.items()} for i in range(0, n, s.eval_batch_size)]
-    scorer = DistanceScorer(model, batches, s.score, dtype=score_dtype(config))
+    scorer = DistanceScorer(model, batches, s.score)
     block_of = None if names is None else unit_blocks(names, [name for name, _ in find_blocks(model)])
 
     def evaluate(profile: np.ndarray) -> float:

@@ -37,6 +37,7 @@ def has_lm_head(model: nn.Module) -> bool:
 
 
 SCORES = ("auto", "kl", "cosine", "nmse")
+KL_CHUNK = 256  # positions whose logits are in float32 at once
 
 
 class DistanceScorer:
@@ -70,15 +71,12 @@ class DistanceScorer:
         self._kept: tuple[list, list, float] | None = None  # (block keys, outputs[block][batch], score)
         self.blocks_run = 0  # block forward passes run (the work that reusing a prefix saves) ...
         self.blocks_full = 0  # ... and the passes full forward passes would have run
-        self.reference = [self._output(b) for b in batches]
         self._norm = None
         if self.kind == "kl":
-            # KL(p || q) per position = sum p log p - sum p z + logsumexp(z) for the pruned logits z: the reference
-            # keeps p and its sum p log p, so a candidate costs one logsumexp and one product
-            probs = [F.softmax(r, dim=-1) for r in self.reference]
-            self._neg_entropy = [(p * F.log_softmax(r, dim=-1)).sum(-1) for p, r in zip(probs, self.reference)]
-            self.reference = probs  # (B, T, V)
-        elif self.kind == "cosine":
+            self.reference = [self._kl_reference(b) for b in batches]
+            return
+        self.reference = [self._output(b) for b in batches]
+        if self.kind == "cosine":
             self.reference = [F.normalize(r, dim=-1) for r in self.reference]  # (B, T, H), unit vectors
             self._weights = [self._token_weights(b, r) for b, r in zip(batches, self.reference)]
             self._count = sum(float(w.sum()) for w in self._weights)
@@ -93,9 +91,27 @@ class DistanceScorer:
         return mask.to(torch.float32).reshape(reference.shape[:2])
 
     @torch.inference_mode()
+    def _kl_reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KL(p || q) per position = sum p log p - sum p z + logsumexp(z) for the candidate's logits z: the reference
+        keeps, per position, the dense model's probabilities p (float16: half the memory), sum p log p, and what
+        storing p in float16 changes in sum p z for the dense logits (subtracted again, so that the dense model
+        scores 0 and a candidate's score is off only by the float16 error times how far its logits moved)."""
+        logits = self._output(batch)
+        logits = logits.reshape(-1, logits.shape[-1])
+        probs, neg_entropy, correction = [], [], []
+        for chunk in logits.split(KL_CHUNK):
+            log_p = F.log_softmax(chunk.float(), dim=-1)
+            p = log_p.exp()
+            stored = p.to(torch.float16)
+            probs.append(stored)
+            neg_entropy.append((p * log_p).sum(-1))
+            correction.append(((stored.float() - p) * chunk.float()).sum(-1))
+        return torch.cat(probs), torch.cat(neg_entropy), torch.cat(correction)
+
+    @torch.inference_mode()
     def _output(self, batch: dict) -> torch.Tensor:
         if self.kind == "kl":
-            return self.model(**batch, **self._extra).logits.float()  # (B, T, V)
+            return self.model(**batch, **self._extra).logits  # (B, T, V), the model's dtype
         out = self.model(**batch, **self._extra, output_hidden_states=True)
         if self._lm_output:
             return out.hidden_states[-1].float()
@@ -151,12 +167,17 @@ class DistanceScorer:
     def _raw_score(self, output) -> float:
         if self.kind == "kl":
             total, count = 0.0, 0
-            for batch, probs, neg_entropy in zip(self.batches, self.reference, self._neg_entropy):
+            for batch, (probs, neg_entropy, correction) in zip(self.batches, self.reference):
                 logits = output(batch)
-                # KL(dense || pruned), summed over the vocabulary, averaged over positions
-                cross = (probs * logits).sum(-1)
-                total += float((neg_entropy - cross + torch.logsumexp(logits, dim=-1)).sum())
-                count += probs.shape[0] * probs.shape[1]
+                logits = logits.reshape(-1, logits.shape[-1])
+                # KL(dense || pruned), summed over the vocabulary, averaged over positions; in chunks of positions,
+                # so that float32 temporaries stay small
+                for i, z in zip(range(0, len(logits), KL_CHUNK), logits.split(KL_CHUNK)):
+                    z = z.float()
+                    rows = slice(i, i + len(z))
+                    cross = (probs[rows].float() * z).sum(-1) - correction[rows]
+                    total += float((neg_entropy[rows] - cross + torch.logsumexp(z, dim=-1)).sum())
+                count += len(logits)
             return total / count
         if self.kind == "cosine":
             total = 0.0

@@ -1,19 +1,26 @@
-"""A low-precision copy of the live model that scores candidates, kept in step with it.
+"""Scoring candidates in low precision: the live model lowered for the search (`lowered`), or a low-precision copy
+kept in step with it (`LowPrecisionShadow`).
 
 On CPUs with bfloat16 matrix units (Intel AMX, for instance) a bfloat16 forward pass runs several times faster than
 a float32 one (SmolLM2-135M, 8 x 128 tokens, on the 2-vCPU VM of docs/BENCHMARKS.md: 0.30 s against 1.08 s). The
 search only compares candidates with each other, so it may score them in bfloat16 (`search.score_dtype`) while the
-model itself, the database, verify and the saved checkpoint stay float32. The copy holds its own weights in the
-low dtype (half the model's size for bfloat16); `sync()` copies in whatever the live model's weights changed since
-(PyTorch counts in-place writes to a tensor: its `_version`), which is what stitching a candidate does.
+model itself, the database, verify and the saved checkpoint stay float32. The pipeline lowers the live model for
+the search and puts its float32 weights back from disk afterwards, so the search holds half the model's size
+instead of one and a half. The copy (for benchmarks and tests) holds its own weights in the low dtype; `sync()`
+copies in whatever the live model's weights changed since (PyTorch counts in-place writes to a tensor: its
+`_version`), which is what stitching a candidate does.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,3 +59,31 @@ def bfloat16_is_faster(min_ratio: float = 1.5) -> bool:
 
     best(a16, b16)
     return best(a32, b32) >= min_ratio * best(a16, b16)
+
+
+@contextmanager
+def lowered(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block the model runs in `dtype` (the search scores candidates in bfloat16 this way, with no copy
+    of the model held beside it); afterwards every floating parameter and buffer is exactly what it was, read back
+    from a copy in an anonymous temporary file (gone when the file is closed, even if the process is killed).
+    Stitched weights written inside the block are not kept: stitch again after it. `dtype` None: no change."""
+    def floating() -> list[torch.Tensor]:  # looked up again after a dtype change, which replaces buffers
+        tensors = [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
+        return [t for t in tensors if t.is_floating_point()]
+
+    tensors = floating()
+    if dtype is None or not tensors or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        yield
+        return
+    with tempfile.TemporaryFile() as f:
+        for t in tensors:
+            f.write(t.detach().contiguous().numpy().tobytes())
+        model.to(dtype)
+        try:
+            yield
+        finally:
+            model.to(torch.float32)
+            f.seek(0)
+            with torch.no_grad():
+                for t in floating():
+                    t.copy_(torch.from_numpy(np.fromfile(f, dtype=np.float32, count=t.numel())).view(t.shape))

@@ -164,3 +164,21 @@ def test_a_bfloat16_shadow_follows_the_live_model(name):
         assert torch.equal(low, live.detach().to(torch.bfloat16))
     assert score > 0
     assert next(model.parameters()).dtype == torch.float32  # the live model is untouched
+
+
+def test_a_model_lowered_for_the_search_comes_back_exactly():
+    """`lowered`: bfloat16 inside (stitched writes included), every float32 weight and buffer exact afterwards."""
+    from spdy_hf.shadow import lowered
+
+    model = MODEL_FACTORIES["llama"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with lowered(model, torch.bfloat16):
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.zero_()  # a candidate stitched in
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k

@@ -37,5 +37,9 @@ class PruningDatabase:
                     self._write(i, int(level))
                     self._current[i] = int(level)
 
+    def forget_stitched(self) -> None:
+        """The units' weights were replaced by other means: the next `stitch` writes every unit."""
+        self._current = [-1] * len(self.units)
+
     def _write(self, unit_index: int, level_index: int) -> None:
         self.units[unit_index].weight.copy_(self.weight(unit_index, level_index))

@@ -94,6 +94,11 @@ class Family:
         in a form that keeps every shape (for scoring and saving)."""
         raise NotImplementedError
 
+    def forget_stitched(self) -> None:
+        """The live model's weights were put back to dense behind the family's back (the search ran in another
+        dtype): the next `stitch` writes every unit."""
+        raise NotImplementedError
+
     def measure(self, profile: np.ndarray, regime: RegimeConfig | None = None) -> Measurement:
         """Times the stitched profile in its deployed form against the dense model, end to end, interleaved, in
         `regime` (default the config's; `spdy_hf.regime.end_to_end_call`): ms per forward pass or per token."""

@@ -135,6 +135,9 @@ class StructuredFamily(Family):
                 self.stitch_level(i, *self.level_maps[i][level])
                 self.current[i] = level
 
+    def forget_stitched(self) -> None:
+        self.current = [-1] * len(self.groups)
+
     def stitch_level(self, i: int, kind: str, a: int, j: int) -> None:
         """Writes group i's level (kind, a, j) into the live model in zero-filled form."""
         self.sdb.stitch(i, a)

@@ -56,6 +56,9 @@ class UnstructuredFamily(Family):
     def stitch(self, profile) -> None:
         self.database.stitch(profile)
 
+    def forget_stitched(self) -> None:
+        self.database.forget_stitched()
+
     def measure(self, profile, regime=None) -> Measurement:
         # sparse kernels keep every shape, so one call (a decode cache filled by the dense form) serves all forms
         (call,), per, repeats = self.end_to_end_calls([lambda: None], regime)
