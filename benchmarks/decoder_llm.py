@@ -93,11 +93,13 @@ def uniform_baseline(config: SPDYConfig, spdy_measured: float, heldout: dict) ->
     for i in order[:5]:
         family.stitch(candidates[i])
         m = family.measure(candidates[i])
-        tried.append({"predicted": predicted[i], "measured": m.speedup})
-        log.info("Uniform candidate: predicted %.3fx, measured %.3fx.", predicted[i], m.speedup)
+        ppl = perplexity(model, heldout)  # every candidate's: the ones just slower than SPDY bracket it too
+        tried.append({"predicted": predicted[i], "measured": m.speedup, "perplexity": ppl})
+        log.info("Uniform candidate: predicted %.3fx, measured %.3fx, held-out perplexity %.2f.", predicted[i],
+                 m.speedup, ppl)
         if m.speedup >= spdy_measured:
             break
-    return {"measured_speedup": m.speedup, "predicted_speedup": predicted[i], "perplexity": perplexity(model, heldout),
+    return {"measured_speedup": m.speedup, "predicted_speedup": predicted[i], "perplexity": ppl,
             "tried": tried, "profile": [int(x) for x in candidates[i]]}
 
 
