@@ -7,18 +7,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .regime import regime_inputs  # noqa: F401  (the backend's inputs: one unit of work in the regime)
+from .regime import model_device, regime_inputs  # noqa: F401  (re-exported: the device; one unit of work)
 from .timing import interleaved_median_ms
 
 NO_GPU_TO_VERIFY = ("the cuda backend needs a CUDA GPU to measure the speedup; run the pruned model there (the "
                     "profile comes from the latency table measured on the GPU)")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (cpu for a model without parameters)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def to_target_device(model: nn.Module, backend: str, dtype: str) -> None:

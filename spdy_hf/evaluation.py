@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import model_device
 from .data import builtin_corpus, load_texts, token_windows
 from .scoring import has_lm_head
 
@@ -47,15 +48,11 @@ def _batches(windows: dict[str, torch.Tensor], batch_size: int, device: torch.de
         yield {k: v[i:i + batch_size].to(device) for k, v in windows.items()}
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def perplexity(model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int = 2) -> float:
     """exp of the mean negative log-likelihood of every next token the attention mask keeps."""
     total, count = 0.0, 0
-    for batch in _batches(windows, batch_size, _device(model)):
+    for batch in _batches(windows, batch_size, model_device(model)):
         logits = model(**batch, use_cache=False).logits[:, :-1].float()
         target = batch["input_ids"][:, 1:]
         keep = batch["attention_mask"][:, 1:].bool()
@@ -69,7 +66,7 @@ def perplexity(model: nn.Module, windows: dict[str, torch.Tensor], batch_size: i
 def embeddings(model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int = 8) -> torch.Tensor:
     """Mean-pooled final hidden states (what sentence-transformers makes of a BERT), one row per window."""
     rows = []
-    for batch in _batches(windows, batch_size, _device(model)):
+    for batch in _batches(windows, batch_size, model_device(model)):
         out = model(**batch, output_hidden_states=True)
         hidden = getattr(out, "last_hidden_state", None)
         hidden = (hidden if hidden is not None else out.hidden_states[-1]).float()

@@ -26,7 +26,8 @@ from .config import RegimeConfig
 from .errors import SPDYError
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (cpu for a model without parameters)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -35,7 +36,7 @@ def _device(model: nn.Module) -> torch.device:
 def _token_ids(model: nn.Module, shape: tuple[int, int], seed: int) -> torch.Tensor:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1000
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, shape, generator=gen).to(_device(model))
+    return torch.randint(0, vocab, shape, generator=gen).to(model_device(model))
 
 
 def cache_argument(model: nn.Module) -> str:
