@@ -143,6 +143,7 @@ row = {"regime": args.regime, "family": args.family, "target": args.target,
        "target_met": report["target_met"], "speedups": report["speedups"],
        "perplexity": report["heldout"]["pruned"], "dense_perplexity": report["heldout"]["dense"],
        "job_seconds": job_seconds, "stage_seconds": report["stage_seconds"], "peak_rss_gb": peak_gb,
+       "stage_peak_rss_mb": report["stage_peak_rss_mb"],
        "model_fp32_gb": sum(p.numel() for p in result.model.parameters()) * 4 / 2**30,
        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
        "environment": environment_info()}

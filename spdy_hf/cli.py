@@ -171,6 +171,9 @@ def prune_command(args) -> int:
     print(f"  overall sparsity   {r['overall_sparsity']:.4f}")
     print(f"  score ({r['score_kind']})  {r['score_dense_vs_pruned']:.6g}")
     print(f"  stage seconds      {json.dumps(r['stage_seconds'])}")
+    peaks = [v for v in r.get("stage_peak_rss_mb", {}).values() if v is not None]
+    if peaks:
+        print(f"  peak memory        {max(peaks) / 1024:.2f} GiB (by stage, MiB: {json.dumps(r['stage_peak_rss_mb'])})")
     if r.get("target_met") is False and not args.allow_shortfall:
         busy = r.get("verify_busy")
         why = "" if not busy else (f", measured while the machine was busy (the dense model took {busy['dense_ms_now']:.1f} "

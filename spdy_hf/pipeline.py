@@ -14,6 +14,7 @@ The family (`spdy_hf.families`) does everything that depends on what a unit is; 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import contextmanager
 
@@ -37,11 +38,24 @@ from .verify import both_regimes, verify, verify_summary
 logger = logging.getLogger(__name__)
 
 
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far in MiB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
 class StageTimer:
-    """Wall seconds of each stage, for the report; `with stages("name"): ...`."""
+    """Wall seconds of each stage, for the report; `with stages("name"): ...`. A stage entered twice (held-out
+    quality: dense, then pruned) adds up. `peak_mb` holds the process's peak memory when each stage ended, so the
+    stage that raised the peak is the first whose value reaches the last."""
 
     def __init__(self, seconds: dict[str, float] | None = None):
         self.seconds = seconds if seconds is not None else {}
+        self.peak_mb: dict[str, float | None] = {"start": peak_rss_mb()}
 
     @contextmanager
     def __call__(self, name: str):
@@ -50,7 +64,9 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[name] = round(time.perf_counter() - start, 3)
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            self.peak_mb.pop(name, None)  # kept in the order the stages ended
+            self.peak_mb[name] = peak_rss_mb()
 
 
 def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], tokenizer=None,
@@ -103,7 +119,7 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
     report = {**verify_summary(config, plan, budget, search_budget, verification), "timing_noise": plan.timing_noise,
               "speedups": speedups, **report_quality,
               **entries.report,
-              **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages.seconds)}
+              **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages)}
     report["search"].update(score_dtype=str(low or next(model.parameters()).dtype).replace("torch.", ""),
                             blocks_run=scorer.blocks_run, blocks_full=scorer.blocks_full)
     return PruningResult(model=model, tokenizer=tokenizer, config=config, units=plan.units, profile=entries.profile,
@@ -184,7 +200,7 @@ def unit_blocks(names: list[str], blocks: list[str]) -> list[int]:
 
 
 def job_summary(config: SPDYConfig, score: float, score_kind: str, database_info: dict, budget: Budget,
-                search_budget: Budget, result: SearchResult, stage_seconds: dict) -> dict:
+                search_budget: Budget, result: SearchResult, stages: StageTimer) -> dict:
     """The report entries every family shares: score, regime, database, budget, search, stages, environment."""
     return {
         "score_dense_vs_pruned": score,
@@ -196,6 +212,7 @@ def job_summary(config: SPDYConfig, score: float, score_kind: str, database_info
         "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
                    "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
         "search": {"candidates": result.candidates, "evaluations": result.evaluations},
-        "stage_seconds": dict(stage_seconds),
+        "stage_seconds": dict(stages.seconds),
+        "stage_peak_rss_mb": dict(stages.peak_mb),
         "environment": environment_info(),
     }

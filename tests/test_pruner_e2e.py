@@ -58,6 +58,9 @@ def test_report_and_profile(pruned, tmp_path):
     report = result.report
     assert REPORT_KEYS <= set(report)
     assert set(report["stage_seconds"]) >= {"profile", "database", "search", "verify"}
+    peaks = report["stage_peak_rss_mb"]  # monotone: the process's peak so far, when each stage ended
+    assert set(peaks) >= {"start", "profile", "database", "search", "verify"}
+    assert list(peaks.values()) == sorted(peaks.values()) and peaks["start"] > 0
     assert {"torch", "processor"} <= set(report["environment"])
     assert report["environment"]["torch"] == torch.__version__
     assert report["target_speedup"] == 2.0
