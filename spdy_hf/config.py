@@ -176,7 +176,8 @@ class SearchConfig:
     eval_samples: int = field(
         default=8, metadata={"min": 1, "help": "Calibration windows used to score each candidate profile."}
     )
-    eval_batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per forward pass while scoring."})
+    eval_batch_size: int = field(default=8, metadata={
+        "min": 1, "help": "Windows per forward pass while scoring (fewer for an LM whose logits would pass 64 MB)."})
     score_dtype: str = field(
         default="auto", metadata={"help": "dtype candidates are scored in: 'float32'; 'bfloat16' (a bfloat16 copy of "
                                   "the model, kept in step); 'auto': bfloat16 on a cpu float32 job where this CPU "

@@ -28,8 +28,9 @@ from .environment import environment_info
 from .errors import UnreachableTargetError
 from .evaluation import HeldOutQuality
 from .families import Plan, get_family
+from .io import release_free_memory
 from .result import PruningResult
-from .scoring import DistanceScorer
+from .scoring import DistanceScorer, has_lm_head
 from .search import Budget, SearchResult, compute_budget, fits, spdy_search, with_margin
 from .shadow import bfloat16_is_faster, lowered
 from .units import find_blocks, find_units
@@ -65,6 +66,7 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            release_free_memory()  # what the stage freed goes back to the OS before the next one allocates
             self.peak_mb.pop(name, None)  # kept in the order the stages ended
             self.peak_mb[name] = peak_rss_mb()
 
@@ -151,6 +153,18 @@ def check_budget(config: SPDYConfig, plan: Plan) -> tuple[Budget, Budget]:
     return budget, search_budget
 
 
+LOGITS_BYTES = 64 * 2**20  # the most a scoring pass's float32 logits may take
+
+
+def scoring_batch_size(model: nn.Module, requested: int, length: int) -> int:
+    """`search.eval_batch_size`, lowered for a language model so that one pass's float32 logits stay within
+    `LOGITS_BYTES` (SmolLM2's 49 k vocabulary: 25 MB per 128-token window, so 2 windows a pass, not 8)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not has_lm_head(model) or not isinstance(vocab, int) or vocab <= 0:
+        return requested
+    return max(1, min(requested, LOGITS_BYTES // (4 * vocab * max(length, 1))))
+
+
 def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], times: np.ndarray,
                    budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True,
                    names: list[str] | None = None) -> tuple[SearchResult, DistanceScorer]:
@@ -161,8 +175,9 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
     s = config.search
     device = model_device(model)
     eval_windows = {k: v[: s.eval_samples].to(device) for k, v in windows.items()}
-    n = eval_windows["input_ids"].shape[0]
-    batches = [{k: v[i:i + s.eval_batch_size] for k, v in eval_windows.items()} for i in range(0, n, s.eval_batch_size)]
+    n, length = eval_windows["input_ids"].shape
+    size = scoring_batch_size(model, s.eval_batch_size, length)
+    batches = [{k: v[i:i + size] for k, v in eval_windows.items()} for i in range(0, n, size)]
     scorer = DistanceScorer(model, batches, s.score)
     block_of = None if names is None else unit_blocks(names, [name for name, _ in find_blocks(model)])
 

@@ -54,8 +54,11 @@ def check_decodable(model: nn.Module) -> None:
 
 
 def _filled_cache(model: nn.Module, ids: torch.Tensor):
+    # only the cache is wanted: the logits of the last position, where the model can say so (a 512-token context's
+    # full logits over a 49 k vocabulary would be 100 MB for nothing)
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **last)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "layers"):
         raise SPDYError(f"{type(model).__name__} returned no layered key/value cache; the decode regime needs "

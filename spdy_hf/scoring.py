@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .io import release_free_memory
 from .shadow import LowPrecisionShadow
 from .units import find_blocks
 
@@ -37,7 +38,7 @@ def has_lm_head(model: nn.Module) -> bool:
 
 
 SCORES = ("auto", "kl", "cosine", "nmse")
-KL_CHUNK = 256  # positions whose logits are in float32 at once
+KL_CHUNK = 64  # positions whose logits are in float32 at once (64 x 49 k vocabulary: 12.5 MB per temporary)
 
 
 class DistanceScorer:
@@ -91,22 +92,31 @@ class DistanceScorer:
         return mask.to(torch.float32).reshape(reference.shape[:2])
 
     @torch.inference_mode()
-    def _kl_reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """KL(p || q) per position = sum p log p - sum p z + logsumexp(z) for the candidate's logits z: the reference
-        keeps, per position, the dense model's probabilities p (float16: half the memory), sum p log p, and what
-        storing p in float16 changes in sum p z for the dense logits (subtracted again, so that the dense model
-        scores 0 and a candidate's score is off only by the float16 error times how far its logits moved)."""
+    def _kl_reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(p || q) per position = sum p log p - sum p z + logsumexp(z) for the candidate's logits z, and with p the
+        dense softmax of the dense logits z0, sum p log p = sum p z0 - logsumexp(z0). The reference keeps, per
+        position, p (float16: half the memory) and `_log_likelihood(p, z0)`, computed by the very operations that
+        score a candidate: the dense model scores exactly 0 on any machine, and a candidate's score is off only by
+        the float16 error of p times how far its logits moved."""
         logits = self._output(batch)
         logits = logits.reshape(-1, logits.shape[-1])
-        probs, neg_entropy, correction = [], [], []
-        for chunk in logits.split(KL_CHUNK):
-            log_p = F.log_softmax(chunk.float(), dim=-1)
-            p = log_p.exp()
-            stored = p.to(torch.float16)
-            probs.append(stored)
-            neg_entropy.append((p * log_p).sum(-1))
-            correction.append(((stored.float() - p) * chunk.float()).sum(-1))
-        return torch.cat(probs), torch.cat(neg_entropy), torch.cat(correction)
+        # one allocation for the stored probabilities, filled chunk by chunk: interleaved with the chunks' float32
+        # temporaries, many small ones would pin the freed temporaries in the heap
+        probs = torch.empty(logits.shape, dtype=torch.float16, device=logits.device)
+        offset = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
+        for i, chunk in zip(range(0, len(logits), KL_CHUNK), logits.split(KL_CHUNK)):
+            rows = slice(i, i + len(chunk))
+            z = chunk.float()
+            probs[rows].copy_(torch.softmax(z, dim=-1))
+            offset[rows] = self._log_likelihood(probs[rows], z)
+        del logits
+        release_free_memory()
+        return probs, offset
+
+    @staticmethod
+    def _log_likelihood(probs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """sum_v p_v log softmax(z)_v per position, for stored float16 p and float32 logits z."""
+        return (probs.float() * z).sum(-1) - torch.logsumexp(z, dim=-1)
 
     @torch.inference_mode()
     def _output(self, batch: dict) -> torch.Tensor:
@@ -167,16 +177,14 @@ class DistanceScorer:
     def _raw_score(self, output) -> float:
         if self.kind == "kl":
             total, count = 0.0, 0
-            for batch, (probs, neg_entropy, correction) in zip(self.batches, self.reference):
+            for batch, (probs, offset) in zip(self.batches, self.reference):
                 logits = output(batch)
                 logits = logits.reshape(-1, logits.shape[-1])
                 # KL(dense || pruned), summed over the vocabulary, averaged over positions; in chunks of positions,
                 # so that float32 temporaries stay small
                 for i, z in zip(range(0, len(logits), KL_CHUNK), logits.split(KL_CHUNK)):
-                    z = z.float()
                     rows = slice(i, i + len(z))
-                    cross = (probs[rows].float() * z).sum(-1) - correction[rows]
-                    total += float((neg_entropy[rows] - cross + torch.logsumexp(z, dim=-1)).sum())
+                    total += float((offset[rows] - self._log_likelihood(probs[rows], z.float())).sum())
                 count += len(logits)
             return total / count
         if self.kind == "cosine":

@@ -182,3 +182,42 @@ def test_a_model_lowered_for_the_search_comes_back_exactly():
         assert torch.equal(v, before[k]), k
     for k, v in model.named_buffers():
         assert torch.equal(v, buffers[k]), k
+
+
+def test_scoring_batches_keep_a_language_models_logits_small():
+    """An LM's scoring passes hold at most `LOGITS_BYTES` of float32 logits; an encoder's batch size is the user's."""
+    from spdy_hf.pipeline import LOGITS_BYTES, scoring_batch_size
+
+    llama, bert = MODEL_FACTORIES["llama"](), MODEL_FACTORIES["bert"]()
+    vocab = llama.config.vocab_size
+    length = 128
+    size = scoring_batch_size(llama, 64, length)
+    assert 1 <= size < 64
+    assert size * length * vocab * 4 <= LOGITS_BYTES < (size + 1) * length * vocab * 4
+    assert scoring_batch_size(llama, 1, length) == 1
+    assert scoring_batch_size(llama, 64, 10**9) == 1  # never below one window
+    assert scoring_batch_size(bert, 64, length) == 64
+
+
+def test_the_chunked_kl_score_is_the_kl_divergence():
+    """The scorer's KL (float16 probabilities, in chunks of positions) against torch's KL in float64."""
+    import spdy_hf.scoring as scoring
+
+    model = MODEL_FACTORIES["llama"]()
+    batch = example_inputs(2, 12)
+    with torch.no_grad():
+        dense = model(**batch).logits.double()
+    scorer = DistanceScorer(model, [batch], "kl")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(4.0)  # sharper next-token distributions: far from the dense ones
+        pruned = model(**batch).logits.double()
+    old = scoring.KL_CHUNK
+    try:
+        scoring.KL_CHUNK = 5  # several chunks, the last one short
+        got = scorer()
+    finally:
+        scoring.KL_CHUNK = old
+    p, q = dense.log_softmax(-1), pruned.log_softmax(-1)
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert expected > 1e-4
+    assert got == pytest.approx(expected, rel=2e-3, abs=1e-6)
