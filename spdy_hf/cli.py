@@ -87,6 +87,10 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["obs", "magnitude"], help="Pruning database method (default obs).")
     p.add_argument("--database-dir", help="Where the pruning database is kept (resumable); default in the cache.")
     p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
+    p.add_argument("--recovery", choices=["none", "gap", "layerwise", "auto"],
+                   help="Few-sample recovery after the search, every pruned zero held: gap (global AdaPrune, the "
+                        "model beside a dense copy), layerwise (block by block, less memory), auto (gap where it "
+                        "fits) or none (the default).")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
     p.add_argument("--allow-shortfall", action="store_true",
@@ -135,6 +139,8 @@ def _build_config(args):
             calibration[key] = getattr(args, flag)
     if args.method is not None:
         data["method"] = args.method
+    if args.recovery is not None:
+        data.setdefault("recovery", {})["method"] = args.recovery
     if args.database_dir is not None:
         data.setdefault("database", {})["dir"] = args.database_dir
     if args.seed is not None:

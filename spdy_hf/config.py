@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .config_checks import build_section, check_choice, check_fields, check_int, check_number
+from .config_training import GradualConfig, RecoveryConfig
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -249,21 +250,6 @@ class StructuredConfig:
         check_fields(self, "structured.")
 
 
-@dataclass
-class GradualConfig:
-    """Gradual pruning with `transformers.Trainer` toward the profile (`SPDYPruningCallback.from_config`)."""
-
-    start_step: int = field(default=0, metadata={"min": 0, "help": "Optimizer step the cubic sparsity ramp starts at."})
-    end_step: int | None = field(
-        default=None, metadata={"help": "Step the ramp ends at; null: two thirds of the training steps."})
-    update_every: int = field(default=10, metadata={"min": 1, "help": "Optimizer steps between mask updates in the ramp."})
-
-    def __post_init__(self):
-        check_fields(self, "gradual.")
-        if self.end_step is not None:
-            check_int("gradual.end_step", self.end_step, self.start_step + 1)
-
-
 DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*score*")
 
 
@@ -277,7 +263,8 @@ class SPDYConfig:
     per block, or both; `"unstructured"`: every linear layer its own unit at `levels`), `levels` (`"auto"`: the
     backend's, `"spdy"` on cpu (dense + 41 sparsities from 0.40 to 0.99), `"2:4"` on cuda; or a list of
     sparsities and patterns), `method` (`"obs"`, SparseGPT-style from calibration data, or `"magnitude"`), and the
-    sections `calibration`, `evaluation`, `database`, `search`, `timing`, `structured` and `gradual`.
+    sections `calibration`, `evaluation`, `database`, `search`, `timing`, `structured`,
+    `recovery` and `gradual`.
     """
 
     target_speedup: float = field(default=1.5, metadata={"help": "End-to-end speedup to reach (> 1)."})
@@ -294,6 +281,7 @@ class SPDYConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     gradual: GradualConfig = field(default_factory=GradualConfig)
     skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
     latency_table: str | None = field(default=None, metadata={"help": "Path of a latency table to reuse."})
@@ -408,7 +396,7 @@ class SPDYConfig:
 
 _SECTIONS = {"structured": StructuredConfig, "regime": RegimeConfig, "calibration": CalibrationConfig,
              "evaluation": EvaluationConfig, "database": DatabaseConfig, "search": SearchConfig, "timing": TimingConfig,
-             "gradual": GradualConfig}
+             "recovery": RecoveryConfig, "gradual": GradualConfig}
 
 
 def _from_dict(cls, data: dict[str, Any], strict: bool, prefix: str):

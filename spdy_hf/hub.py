@@ -108,6 +108,7 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
         "above.",
         "",
     ]
+    lines += recovery_lines(report.get("recovery"))
     if groups:
         lines += [
             "Attention heads and FFN neurons were removed: the checkpoint holds them as zero rows and columns, and "
@@ -140,6 +141,36 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
                      f"{'' if dense_ms is None else f'{dense_ms:.4f}'} | {'' if ms is None else f'{ms:.4f}'} |")
     lines += ["", "The full report is in `spdy_report.json`, the per-layer profile in `spdy_profile.json`.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def recovery_lines(entry: dict[str, Any] | None) -> list[str]:
+    """The card's recovery section: what ran, how long, and the scores before and after it."""
+    if not entry or entry.get("method") in (None, "none"):
+        return []
+    before, after = entry.get("before", {}), entry.get("after", {})
+    kind = entry.get("score_kind", "score")
+    rows = [f"| score vs dense ({kind}), calibration windows | {before.get('calibration_score', float('nan')):.4g} "
+            f"| {after.get('calibration_score', float('nan')):.4g} |"]
+    if "heldout" in before:
+        rows.append(f"| held-out {'perplexity' if kind == 'kl' else 'embedding cosine'} | "
+                    f"{before['heldout']:.4g} | {after['heldout']:.4g} |")
+    kept = ("the unrecovered weights (no epoch improved the held-back loss)" if entry.get("best_epoch") == 0
+            else f"epoch {entry['best_epoch']}'s weights" if entry.get("best_epoch") else "each block's best epoch")
+    return [
+        "## Recovery",
+        "",
+        f"After the search, the remaining weights were fitted to the dense model's layer outputs "
+        f"({'global AdaPrune' if entry['method'] == 'gap' else 'block by block'}, `recovery.method: "
+        f"{entry['method']}`), every pruned zero held: Adam at {entry.get('learning_rate', float('nan')):g}, up to "
+        f"{entry.get('epochs')} epochs on {entry.get('train_windows')} calibration windows, "
+        f"{entry.get('heldback_windows')} held back for early stopping; kept {kept}; "
+        f"{entry.get('seconds', 0):.1f} s.",
+        "",
+        "| | before recovery | after |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _target_met_text(report: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from .errors import UnreachableTargetError
 from .evaluation import HeldOutQuality
 from .families import Plan, get_family
 from .io import release_free_memory
+from .recovery import DenseSnapshot, recovery_stage
 from .result import PruningResult
 from .scoring import DistanceScorer, has_lm_head
 from .search import Budget, SearchResult, compute_budget, fits, spdy_search, with_margin
@@ -88,6 +89,8 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
     """
     family = get_family(config.family)(config, model, progress)
     stages = StageTimer(stage_seconds)
+    # the dense weights, for recovery's teacher (in a temporary file, not in memory)
+    snapshot = DenseSnapshot(model) if config.recovery.method != "none" else None
     with stages("profile"):
         example = {k: v[:1].to(model_device(model)) for k, v in windows.items()}
         plan = family.plan(find_units(model, config.skip_modules, example_inputs=example), latency_table)
@@ -108,18 +111,32 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
             score = scorer()
         family.forget_stitched()  # the float32 weights are back, dense: stitch the profile again
         family.stitch(result.profile)
+    recovered = None
+    if snapshot is not None:
+        with stages("recovery"):
+            recovered = recovery_stage(config, family, model, snapshot, result.profile, windows, scorer, quality,
+                                       progress)
     with stages("verify"):
         verification = verify(config, family, plan, budget, search_budget, result, prior)
-        if verification.corrections:
-            score = scorer()
         speedups = both_regimes(config, family, verification)
+    if snapshot is not None and verification.corrections:  # another profile: recovered afresh from the dense weights
+        with stages("recovery"):
+            snapshot.restore(model)
+            family.forget_stitched()
+            family.stitch(verification.profile)
+            recovered = recovery_stage(config, family, model, snapshot, verification.profile, windows, scorer,
+                                       quality, progress)
+    if snapshot is not None:
+        snapshot.close()
+    if verification.corrections or recovered is not None:
+        score = scorer()
     report_quality = {}
     if quality is not None:
         with stages("heldout"):
             report_quality = {"heldout": quality.compare(model)}
     entries = family.entries(verification.profile, verification.measurement)
     report = {**verify_summary(config, plan, budget, search_budget, verification), "timing_noise": plan.timing_noise,
-              "speedups": speedups, **report_quality,
+              "speedups": speedups, **report_quality, **({"recovery": recovered} if recovered else {}),
               **entries.report,
               **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages)}
     report["search"].update(score_dtype=str(low or next(model.parameters()).dtype).replace("torch.", ""),

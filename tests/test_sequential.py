@@ -115,7 +115,7 @@ def test_recapture_mode_matches_the_chain(monkeypatch, tmp_path):
     model, units = setup("llama")
     chained = build_obs_database(model, units, LEVELS, data, directory=tmp_path / "a", anchor_level=2, batch_size=3,
                                  progress=False)
-    monkeypatch.setattr(SequentialCalibrator, "_check_chain", lambda self, chain, kwargs: False)
+    monkeypatch.setattr(SequentialCalibrator, "check_chain", lambda self, chain, kwargs: False)
     model, units = setup("llama")
     recaptured = build_obs_database(model, units, LEVELS, data, directory=tmp_path / "b", anchor_level=2,
                                     batch_size=3, progress=False)

@@ -108,17 +108,17 @@ class SequentialCalibrator:
         if not needed:
             return
         chain = all_blocks[min(positions):max(needed) + 1]
-        forward_kwargs = _forward_kwargs(model)
+        forward_kwargs = forward_kwargs_of(model)
         replacements: list = []  # hooks standing in pruned weights, kept until the end
         try:
-            self.chained = self._check_chain(chain, forward_kwargs)
+            self.chained = self.check_chain(chain, forward_kwargs)
             if not self.chained:
                 logger.info("The blocks do not form a simple chain; capturing each block's inputs from the model.")
             calls: list[BlockCall] | None = None
             bar = tqdm(chain, desc="Calibrating blocks", unit="block", disable=not self.progress)
             for i, (name, block) in enumerate(bar):
                 if calls is None or not self.chained:
-                    calls = self._capture(block, forward_kwargs)
+                    calls = self.capture(block, forward_kwargs)
                 units = by_block.get(name, [])
                 original_device = _module_device(block)
                 moved = self.device is not None and original_device is not None \
@@ -138,7 +138,7 @@ class SequentialCalibrator:
                     last = i == len(chain) - 1
                     if self.chained and not last:
                         if outputs is None or hooks:  # the statistics pass ran the dense weights
-                            outputs = [_first(block(*c.args, **c.kwargs)) for c in calls]
+                            outputs = [first_output(block(*c.args, **c.kwargs)) for c in calls]
                         calls = [c.with_hidden(o) for c, o in zip(calls, outputs)]
                 finally:
                     if moved:
@@ -176,7 +176,7 @@ class SequentialCalibrator:
         outputs = []
         try:
             for call in calls:
-                outputs.append(_first(block(*call.args, **call.kwargs)))
+                outputs.append(first_output(block(*call.args, **call.kwargs)))
                 products.clear()
         finally:
             for h in hooks:
@@ -191,7 +191,7 @@ class SequentialCalibrator:
         return stats, outputs
 
     @torch.no_grad()
-    def _capture(self, block: nn.Module, forward_kwargs: dict, batches=None) -> list[BlockCall]:
+    def capture(self, block: nn.Module, forward_kwargs: dict, batches=None) -> list[BlockCall]:
         """The arguments the model passes `block`, for every calibration batch."""
         calls: list[BlockCall] = []
 
@@ -214,7 +214,7 @@ class SequentialCalibrator:
         return calls
 
     @torch.no_grad()
-    def _check_chain(self, chain, forward_kwargs) -> bool:
+    def check_chain(self, chain, forward_kwargs) -> bool:
         """Whether each block's output, with the first block's keyword arguments, is the next block's input."""
         if len(chain) == 1:
             return True
@@ -242,7 +242,7 @@ class SequentialCalibrator:
             if len(call.args) != len(first.args) or not _same(call.kwargs, first.kwargs) \
                     or not _same(call.args[1:], first.args[1:]):
                 return False
-            out = _first(chain[i][1](*call.args, **call.kwargs))
+            out = first_output(chain[i][1](*call.args, **call.kwargs))
             expected = following.hidden()
             if out.shape != expected.shape or not torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
                 return False
@@ -250,7 +250,7 @@ class SequentialCalibrator:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _forward_kwargs(model: nn.Module) -> dict:
+def forward_kwargs_of(model: nn.Module) -> dict:
     """No cache during calibration: it would hold every block's keys and values."""
     try:
         params = inspect.signature(model.forward).parameters
@@ -259,7 +259,7 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def _first(output):
+def first_output(output):
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple"):

@@ -99,6 +99,10 @@ class Family:
         dtype): the next `stitch` writes every unit."""
         raise NotImplementedError
 
+    def finalize(self, profile: np.ndarray) -> None:
+        """Makes the live model, with `profile` stitched, exactly the pruned model the job returns (the structured
+        families zero the producers of removed groups, which stitching leaves for speed). Idempotent."""
+
     def measure(self, profile: np.ndarray, regime: RegimeConfig | None = None) -> Measurement:
         """Times the stitched profile in its deployed form against the dense model, end to end, interleaved, in
         `regime` (default the config's; `spdy_hf.regime.end_to_end_call`): ms per forward pass or per token."""

@@ -176,11 +176,14 @@ class StructuredFamily(Family):
         return dict(family="structured", keep=keep, kept=self.sdb.kept(i, a), sparsity=1 - keep / g.num_groups,
                     pattern="structured")
 
-    def entries(self, profile, measurement) -> Entries:
-        for i, level in enumerate(profile):  # the final profile: removed heads and neurons zero in every layer
+    def finalize(self, profile) -> None:
+        for i, level in enumerate(profile):  # removed heads and neurons zero in every layer, producers too
             kind, a, _ = self.level_maps[i][int(level)]
             if kind != "unstructured" and a > 0:
                 self.sdb.zero_producers(i, a)
+
+    def entries(self, profile, measurement) -> Entries:
+        self.finalize(profile)
         groups = self.group_entries(profile)
         family_of = {n: e for e in groups for n in [*e["producers"], e["consumer"]]}
         table = self.table if self.unit_table is not None else None

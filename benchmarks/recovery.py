@@ -1,0 +1,109 @@
+"""Few-sample recovery on MiniLM: none vs gAP vs layer-wise on the same pruned models (issue 15).
+
+1. For each case (family, target speedup), SPDYPruner runs once with `recovery.method: none` (the default job
+   otherwise, its latency table and database cached in --cache-dir); its model is the unrecovered one, its
+   measured speedup the case's speed (recovery keeps every profile zero, so the deployed form's time is that one).
+2. Each recovery method then runs on its own copy of that pruned model (`spdy_hf.recovery.Recovery`, the same
+   class the pipeline's recovery stage runs) against the dense weights, on the pruner's calibration windows.
+3. Every model is scored against the dense model, on text the job never saw: the mean cosine of sentence
+   embeddings (mean pooling + L2, all-MiniLM-L6-v2's pooling) on (a) held-out standard-library docstrings (files
+   disjoint from the calibration files) and (b) another domain: the prose of the Python language reference that
+   ships with every Python (`pydoc_data.topics`), paragraphs of at least 200 characters. Plus the search's
+   calibration score (1 - cosine on the scoring windows).
+
+    python benchmarks/recovery.py --quick          # smoke run: one case, 2 epochs
+    python benchmarks/recovery.py                  # the real one, on an otherwise idle machine
+"""
+
+import argparse
+import copy
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+from heldout import heldout_texts, mean_cosine, sentence_embeddings
+
+from spdy_hf import SPDYConfig, SPDYPruner
+from spdy_hf.distill import DenseSnapshot
+from spdy_hf.io import atomic_write_json
+from spdy_hf.loading import load_model_and_tokenizer
+from spdy_hf.recovery import Recovery
+
+CASES = [("structured", 1.5), ("structured", 2.0), ("unstructured", 1.5)]
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--quick", action="store_true", help="One case (structured 1.5x), 2 epochs: a smoke run.")
+parser.add_argument("--epochs", type=int, default=None, help="recovery.epochs (default: the config's).")
+parser.add_argument("--methods", default="none,gap,layerwise",
+                    help="Comma-separated recovery methods, each optionally METHOD@LEARNING_RATE (gap@1e-4).")
+parser.add_argument("--cases", default=None, help="Comma-separated FAMILY@TARGET (default: all three).")
+parser.add_argument("--cache-dir", default="benchmarks/out/cache", help="Latency tables and databases.")
+parser.add_argument("--output", default="benchmarks/out/recovery.json", help="JSON results path.")
+args = parser.parse_args()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def prose_texts(min_chars: int = 200, n: int = 256) -> list[str]:
+    """Paragraphs of the Python language reference's prose (pydoc's topic texts), not docstrings."""
+    import pydoc_data.topics
+
+    paragraphs = []
+    for key in sorted(pydoc_data.topics.topics):
+        for paragraph in pydoc_data.topics.topics[key].split("\n\n"):
+            text = " ".join(paragraph.split())
+            if len(text) >= min_chars and not text.startswith((">>>", "***")):
+                paragraphs.append(text)
+    return paragraphs[:n]
+
+
+dense, tokenizer = load_model_and_tokenizer()
+dense.eval()
+texts = {"heldout_docstrings": heldout_texts(), "reference_prose": prose_texts()}
+reference = {k: sentence_embeddings(dense, tokenizer, t) for k, t in texts.items()}
+snapshot = DenseSnapshot(dense)
+cases = CASES[:1] if args.quick else CASES
+if args.cases:
+    cases = [(c.split("@")[0], float(c.split("@")[1])) for c in args.cases.split(",")]
+methods = [(m.split("@")[0], float(m.split("@")[1]) if "@" in m else None) for m in args.methods.split(",")]
+epochs = 2 if args.quick and args.epochs is None else args.epochs
+rows = []
+for family, target in cases:
+    config = SPDYConfig(target_speedup=target, family=family, cache_dir=args.cache_dir)
+    model = copy.deepcopy(dense)
+    pruner = SPDYPruner(model, config, tokenizer)
+    start = time.perf_counter()
+    result = pruner.prune(progress=False)
+    job_seconds = time.perf_counter() - start
+    windows = pruner._calibration_windows(None)
+    scorer_windows = {k: v[: config.search.eval_samples] for k, v in windows.items()}
+    for method, lr in methods:
+        recovered = copy.deepcopy(result.model).eval()
+        entry = {"method": "none"}
+        if method != "none":
+            settings = {"method": method, **({} if epochs is None else {"epochs": epochs}),
+                        **({} if lr is None else {"learning_rate": lr})}
+            rc = SPDYConfig.from_dict({**config.to_dict(), "recovery": settings})
+            entry = Recovery(rc, recovered, snapshot, windows, "cosine", progress=False).run()
+        with torch.inference_mode():
+            out = recovered(**scorer_windows).last_hidden_state
+            ref = dense(**scorer_windows).last_hidden_state
+        mask = scorer_windows["attention_mask"].bool()
+        calib = float(1 - torch.nn.functional.cosine_similarity(out[mask], ref[mask], dim=-1).mean())
+        row = {"family": family, "target": target, "measured_speedup": result.report["measured_speedup"],
+               "method": method, "seconds": entry.get("seconds", 0.0), "best_epoch": entry.get("best_epoch"),
+               "epochs_run": entry.get("epochs_run"), "learning_rate": entry.get("learning_rate"),
+               "heldback_before": entry.get("heldback_before"), "heldback_after": entry.get("heldback_after"),
+               "calibration_distance": calib, "job_seconds": round(job_seconds, 1),
+               **{k: mean_cosine(sentence_embeddings(recovered, tokenizer, t), reference[k]) for k, t in texts.items()}}
+        rows.append(row)
+        print(f"{family:12s} {target:.1f}x (measured {row['measured_speedup']:.3f}x) {method:9s} lr {lr} "
+              f"docstrings {row['heldout_docstrings']:.4f}  prose {row['reference_prose']:.4f}  "
+              f"calibration 1-cos {calib:.5f}  {row['seconds']:.0f} s", flush=True)
+snapshot.close()
+
+atomic_write_json(args.output, {
+    "benchmark": "recovery", "date": datetime.now(timezone.utc).isoformat(), "command": sys.argv,
+    "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows})
+print(f"wrote {args.output}")

@@ -1,0 +1,65 @@
+"""The config sections of the work done on a pruned model's weights: few-sample recovery after the search
+(`recovery`) and gradual pruning with `transformers.Trainer` (`gradual`). Part of `SPDYConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config_checks import check_choice, check_fields, check_int, check_number
+
+RECOVERY_METHODS = ("none", "gap", "layerwise", "auto")
+
+
+@dataclass
+class RecoveryConfig:
+    """Few-sample recovery between search and verify (`spdy_hf.recovery`): the pruned model's remaining weights
+    fitted to the dense model's layer outputs on the calibration windows, every profile zero held."""
+
+    method: str = field(default="none", metadata={
+        "help": "'gap' (global AdaPrune: the whole model at once, beside a dense copy), 'layerwise' (block by "
+                "block: one block's activations at a time), 'auto' (gap where both models fit in memory, else "
+                "layerwise) or 'none'."})
+    epochs: int = field(default=8, metadata={"min": 1, "help": "Passes over the training windows (at most)."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Adam's learning rate; null: 1e-5 for gap, 1e-4 for layerwise."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per optimizer step."})
+    num_samples: int | None = field(default=None, metadata={
+        "help": "Calibration windows used (the first ones); null: all of them."})
+    holdout: float = field(default=0.125, metadata={
+        "help": "Share of those windows held back for early stopping (never trained on)."})
+    patience: int = field(default=2, metadata={"min": 1, "help": "Epochs without a better held-back loss before "
+                                                                  "stopping; the best epoch's weights are kept."})
+    output_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the job's score on the final output (KL for LMs, cosine distance otherwise) added to "
+                "the layer loss; 0: layer outputs only, as the reference gAP."})
+
+    def __post_init__(self):
+        check_fields(self, "recovery.")
+        check_choice("recovery.method", self.method, RECOVERY_METHODS)
+        if self.learning_rate is not None:
+            check_number("recovery.learning_rate", self.learning_rate, lambda x: x > 0, "(0, inf)")
+        check_number("recovery.holdout", self.holdout, lambda x: 0 < x < 1, "(0, 1)")
+        check_number("recovery.output_weight", self.output_weight, lambda x: x >= 0, "[0, inf)")
+        if self.num_samples is not None:
+            check_int("recovery.num_samples", self.num_samples, 2)
+
+    def lr(self, method: str) -> float:
+        """The learning rate for `method` ('gap' or 'layerwise')."""
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        return 1e-5 if method == "gap" else 1e-4
+
+
+@dataclass
+class GradualConfig:
+    """Gradual pruning with `transformers.Trainer` toward the profile (`SPDYPruningCallback.from_config`)."""
+
+    start_step: int = field(default=0, metadata={"min": 0, "help": "Optimizer step the cubic sparsity ramp starts at."})
+    end_step: int | None = field(
+        default=None, metadata={"help": "Step the ramp ends at; null: two thirds of the training steps."})
+    update_every: int = field(default=10, metadata={"min": 1, "help": "Optimizer steps between mask updates in the ramp."})
+
+    def __post_init__(self):
+        check_fields(self, "gradual.")
+        if self.end_step is not None:
+            check_int("gradual.end_step", self.end_step, self.start_step + 1)
