@@ -31,12 +31,15 @@ _LAZY = {
     "load_pretrained": "loading",
     "prune_pretrained": "pruner",
     "SPDYPruningCallback": "integrations.trainer",
+    "SPDYHeldZerosCallback": "integrations.trainer",
+    "RecoveryConfig": "config_training",
 }
 
 __all__ = [
     "CalibrationConfig", "ConfigError", "DatabaseConfig", "FastLinear", "LatencyTable", "PruningResult", "RegimeConfig", "SPDYConfig",
     "SPDYError", "SPDYPruner", "SearchConfig", "TimingConfig", "UnreachableTargetError", "__version__", "find_units",
-    "load_pretrained", "prune_pretrained", "SPDYPruningCallback", "StructuredConfig", "find_structured_groups",
+    "load_pretrained", "prune_pretrained", "SPDYPruningCallback", "SPDYHeldZerosCallback", "RecoveryConfig",
+    "StructuredConfig", "find_structured_groups",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,8 +53,9 @@ if TYPE_CHECKING:  # pragma: no cover
         StructuredConfig,
         TimingConfig,
     )
+    from .config_training import RecoveryConfig
     from .errors import ConfigError, SPDYError, UnreachableTargetError
-    from .integrations.trainer import SPDYPruningCallback
+    from .integrations.trainer import SPDYHeldZerosCallback, SPDYPruningCallback
     from .latency.table import LatencyTable
     from .loading import load_pretrained
     from .pruner import SPDYPruner, prune_pretrained

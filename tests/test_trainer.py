@@ -120,3 +120,41 @@ def test_profile_sources_and_mismatches(tmp_path):
     path.write_text('{"units": [')
     with pytest.raises(SPDYError, match="cannot be read as JSON"):
         SPDYPruningCallback(path)
+
+
+@pytest.mark.parametrize("family", ["structured", "mixed", "unstructured"])
+def test_fine_tuning_a_one_shot_pruned_model_holds_every_zero(family, tmp_path, tokenizer):
+    """One-shot SPDY (any family), then `Trainer` with `SPDYHeldZerosCallback`: after training every zero of
+    every unit is still zero (counted exactly per unit), the weights moved, and the structured shrink still
+    gives the trained model's outputs."""
+    from test_recovery import job
+    from test_structured_pruner import outputs
+    from transformers import Trainer, TrainingArguments
+
+    from spdy_hf import SPDYHeldZerosCallback, load_pretrained
+
+    result = job("llama", family, tmp_path, tokenizer, {"method": "none"})
+    model = result.model.train()
+    before = {n: (p.detach() == 0).clone() for n, p in model.named_parameters()}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[SPDYHeldZerosCallback()]).train()
+    for unit in result.units:  # every unit's zeros exactly where they were
+        for suffix in ("weight", "bias"):
+            name = f"{unit.name}.{suffix}"
+            if name in before:
+                now = dict(model.named_parameters())[name].detach() == 0
+                assert int((before[name] & ~now).sum()) == 0, name
+    assert sum(int(b.sum()) for b in before.values()) > 0
+    assert any(not torch.equal(p.detach(), start[n]) for n, p in model.named_parameters())
+    model.eval()
+    inputs = {"input_ids": RandomTokens().ids[:2]}
+    expected = outputs(model, inputs)
+    fast, _, _ = load_pretrained(result.save_pretrained(tmp_path / "tuned"))  # shrunk, or with sparse kernels
+    torch.testing.assert_close(outputs(fast, inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradual_pruning_refuses_a_structured_profile_and_says_what_to_use():
+    with pytest.raises(SPDYError, match="SPDYHeldZerosCallback"):
+        SPDYPruningCallback([{"name": "a", "sparsity": 0.5, "family": "structured"}])

@@ -11,6 +11,16 @@ fp16/bf16 mixed precision and bf16 models work. Units whose profile pattern is 2
     from spdy_hf.integrations.trainer import SPDYPruningCallback
     trainer = Trainer(model, args, train_dataset=...,
                       callbacks=[SPDYPruningCallback("spdy-minilm-1.5x/spdy_profile.json", end_step=600)])
+
+`SPDYHeldZerosCallback` fine-tunes a model SPDY has already pruned one-shot, of any family (removed heads and FFN
+neurons, CSR levels, 2:4): every zero of the blocks' linear layers when training begins is held from step 0, with
+the mechanism few-sample recovery uses (`spdy_hf.masks.HeldZeros`: gradients zeroed before each optimizer step,
+entries zeroed after it), so the latency the profile was chosen for still holds.
+
+    result = SPDYPruner(model, config, tokenizer).prune()
+    trainer = Trainer(result.model, args, train_dataset=..., callbacks=[SPDYHeldZerosCallback()])
+    trainer.train()
+    result.save_pretrained("spdy-minilm-1.5x-tuned")  # the tuned weights and the profile: load_pretrained shrinks them
 """
 
 from __future__ import annotations
@@ -21,11 +31,13 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from ..config import DEFAULT_SKIP_MODULES
 from ..deploy import check_profile
 from ..errors import SPDYError
 from ..io import read_json
+from ..masks import HeldZeros
 from ..patterns import two_four_magnitude_mask
-from ..units import Unit
+from ..units import Unit, find_units
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +69,8 @@ def _load_profile(profile) -> list[dict]:
         raise SPDYError("A profile is a list of {'name', 'sparsity'[, 'pattern']} entries (spdy_profile.json).")
     if any(e.get("family") == "structured" for e in entries):
         raise SPDYError("Gradual pruning ramps unstructured (or 2:4) masks; this profile removes whole heads and FFN "
-                        "neurons (family: structured/mixed). Prune with family: unstructured for a gradual profile.")
+                        "neurons (family: structured/mixed). Prune with family: unstructured for a gradual profile, "
+                        "or fine-tune the pruned model with SPDYHeldZerosCallback, which holds every family's zeros.")
     return entries
 
 
@@ -174,3 +187,38 @@ class SPDYPruningCallback(TrainerCallback):
     def _final_sparsity(self) -> float:
         total = sum(u.numel for u in self.units)
         return sum(self.target(i, 10 ** 12) * u.numel for i, u in enumerate(self.units)) / max(total, 1)
+
+
+class SPDYHeldZerosCallback(TrainerCallback):
+    """Holds every zero of a pruned model's layers through training (see the module docstring).
+
+    Args:
+        skip_modules: patterns of modules that were never pruned (the config's `skip_modules`); the zeros of every
+            other linear layer inside the model's blocks, weights and biases, are held.
+    """
+
+    def __init__(self, skip_modules=DEFAULT_SKIP_MODULES):
+        self.skip_modules = list(skip_modules)
+        self.held: HeldZeros | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise SPDYError("SPDYHeldZerosCallback needs the Trainer's model.")
+        self.held = HeldZeros.of_modules(model, [u.name for u in find_units(model, self.skip_modules)])
+        if not len(self.held):
+            logger.warning("SPDYHeldZerosCallback found no zero in the model's layers: is it a pruned model?")
+        logger.info("Holding %d zero entries of %d parameters through training.",
+                    sum(self.held.counts().values()), len(self.held))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.held.hold_gradients()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.held.apply()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.held.apply()
+        problems = self.held.violations()
+        if problems:  # cannot happen: every step re-applies them
+            raise SPDYError(f"Zeros of the pruned model moved in training: {problems}.")
+
