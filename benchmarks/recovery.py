@@ -37,8 +37,8 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="One case (structured 1.5x), 2 epochs: a smoke run.")
 parser.add_argument("--epochs", type=int, default=None, help="recovery.epochs (default: the config's).")
 parser.add_argument("--methods", default="none,gap,layerwise",
-                    help="Comma-separated recovery methods, each optionally METHOD@LEARNING_RATE[@OUTPUT_WEIGHT] "
-                         "(gap@1e-4, gap@1e-5@1); a missing or empty learning rate is the config's default.")
+                    help="Comma-separated recovery methods, each optionally METHOD@LEARNING_RATE[@OUTPUT_WEIGHT"
+                         "[@EPOCHS]] (gap@1e-4, gap@1e-5@1, gap@@@16); an empty field is the config's default.")
 parser.add_argument("--cases", default=None, help="Comma-separated FAMILY@TARGET (default: all three).")
 parser.add_argument("--cache-dir", default="benchmarks/out/cache", help="Latency tables and databases.")
 parser.add_argument("--output", default="benchmarks/out/recovery.json", help="JSON results path.")
@@ -67,9 +67,10 @@ snapshot = DenseSnapshot(dense)
 cases = CASES[:1] if args.quick else CASES
 if args.cases:
     cases = [(c.split("@")[0], float(c.split("@")[1])) for c in args.cases.split(",")]
-methods = [(*m.split("@"), None, None)[:3] for m in args.methods.split(",")]
-methods = [(m, float(lr) if lr else None, float(w) if w else None) for m, lr, w in methods]
 epochs = 2 if args.quick and args.epochs is None else args.epochs
+methods = [(*m.split("@"), None, None, None)[:4] for m in args.methods.split(",")]
+methods = [(m, float(lr) if lr else None, float(w) if w else None, int(e) if e else epochs)
+           for m, lr, w, e in methods]
 rows = []
 for family, target in cases:
     config = SPDYConfig(target_speedup=target, family=family, cache_dir=args.cache_dir)
@@ -80,11 +81,11 @@ for family, target in cases:
     job_seconds = time.perf_counter() - start
     windows = pruner._calibration_windows(None)
     scorer_windows = {k: v[: config.search.eval_samples] for k, v in windows.items()}
-    for method, lr, weight in methods:
+    for method, lr, weight, n_epochs in methods:
         recovered = copy.deepcopy(result.model).eval()
         entry = {"method": "none"}
         if method != "none":
-            settings = {"method": method, **({} if epochs is None else {"epochs": epochs}),
+            settings = {"method": method, **({} if n_epochs is None else {"epochs": n_epochs}),
                         **({} if lr is None else {"learning_rate": lr}),
                         **({} if weight is None else {"output_weight": weight})}
             rc = SPDYConfig.from_dict({**config.to_dict(), "recovery": settings})
@@ -96,12 +97,12 @@ for family, target in cases:
         calib = float(1 - torch.nn.functional.cosine_similarity(out[mask], ref[mask], dim=-1).mean())
         row = {"family": family, "target": target, "measured_speedup": result.report["measured_speedup"],
                "method": method, "output_weight": entry.get("output_weight"), "seconds": entry.get("seconds", 0.0), "best_epoch": entry.get("best_epoch"),
-               "epochs_run": entry.get("epochs_run"), "learning_rate": entry.get("learning_rate"),
+               "epochs": entry.get("epochs"), "epochs_run": entry.get("epochs_run"), "learning_rate": entry.get("learning_rate"),
                "heldback_before": entry.get("heldback_before"), "heldback_after": entry.get("heldback_after"),
                "calibration_distance": calib, "job_seconds": round(job_seconds, 1),
                **{k: mean_cosine(sentence_embeddings(recovered, tokenizer, t), reference[k]) for k, t in texts.items()}}
         rows.append(row)
-        print(f"{family:12s} {target:.1f}x (measured {row['measured_speedup']:.3f}x) {method:9s} lr {lr} w {weight} "
+        print(f"{family:12s} {target:.1f}x (measured {row['measured_speedup']:.3f}x) {method:9s} lr {lr} w {weight} epochs {n_epochs} "
               f"docstrings {row['heldout_docstrings']:.4f}  prose {row['reference_prose']:.4f}  "
               f"calibration 1-cos {calib:.5f}  {row['seconds']:.0f} s", flush=True)
 snapshot.close()

@@ -3,9 +3,10 @@
 SPDY's second half (Frantar & Alistarh, 2022; the reference code's `global_adaprune`): once the profile is stitched
 in, the pruned model's remaining weights are fitted so that every pruned layer's output matches the dense model's
 on the calibration windows: gAP's normalised squared error of every pruned layer's output (`spdy_hf.distill`),
-each model on its own activations, optionally plus `output_weight` times the job's score on the final output.
-Adam, as the reference (which uses a learning rate of 1e-5 for the global variant and 1e-3 for the layer-wise
-one).
+each model on its own activations; `gap` adds `output_weight` times the job's score on the final output (KL for
+LMs, 1 - cosine per token otherwise). Adam. The reference uses a learning rate of 1e-5 for the global variant, 1e-3
+for the layer-wise one and no output term; the defaults here (3e-5 and 1e-4, output weight 10) are the best
+measured on MiniLM (docs/BENCHMARKS.md, "Few-sample recovery").
 
 What may change: every parameter of the blocks that hold a pruned layer. What may not: a zero of the profile
 (`spdy_hf.masks.HeldZeros`: their gradients are zeroed before each step and the entries set to zero after it), so
@@ -128,7 +129,7 @@ class Recovery:
         return {"method": method, "learning_rate": lr, "epochs": self.cfg.epochs, "batch_size": self.cfg.batch_size,
                 "train_windows": sum(len(b["input_ids"]) for b in self.train),
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
-                "output_weight": self.cfg.output_weight, "held_zeros": int(sum(counts_before.values())),
+                "output_weight": self.cfg.output_weight if method == "gap" else 0.0, "held_zeros": int(sum(counts_before.values())),
                 "trained_blocks": len(self.blocks), "seconds": round(seconds, 3), **history}
 
     # ------------------------------------------------------------------ gAP: the whole model at once

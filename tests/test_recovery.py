@@ -165,7 +165,7 @@ def test_recovery_config_checks():
     with pytest.raises(ConfigError, match="recovery.holdout"):
         SPDYConfig(recovery={"holdout": 1.0})
     c = SPDYConfig(recovery={"method": "gap"})
-    assert c.recovery.lr("gap") == 1e-5 and c.recovery.lr("layerwise") == 1e-4
+    assert c.recovery.lr("gap") == 3e-5 and c.recovery.lr("layerwise") == 1e-4
     assert SPDYConfig.from_dict(c.to_dict()).recovery.method == "gap"
     assert np.isfinite(c.recovery.holdout)
 
