@@ -99,12 +99,13 @@ for family, target in cases:
                "method": method, "output_weight": entry.get("output_weight"), "seconds": entry.get("seconds", 0.0), "best_epoch": entry.get("best_epoch"),
                "epochs": entry.get("epochs"), "epochs_run": entry.get("epochs_run"), "learning_rate": entry.get("learning_rate"),
                "heldback_before": entry.get("heldback_before"), "heldback_after": entry.get("heldback_after"),
+               "heldback_score": entry.get("heldback_score"), "reverted": entry.get("reverted"),
                "calibration_distance": calib, "job_seconds": round(job_seconds, 1),
                **{k: mean_cosine(sentence_embeddings(recovered, tokenizer, t), reference[k]) for k, t in texts.items()}}
         rows.append(row)
         print(f"{family:12s} {target:.1f}x (measured {row['measured_speedup']:.3f}x) {method:9s} lr {lr} w {weight} epochs {n_epochs} "
               f"docstrings {row['heldout_docstrings']:.4f}  prose {row['reference_prose']:.4f}  "
-              f"calibration 1-cos {calib:.5f}  {row['seconds']:.0f} s", flush=True)
+              f"calibration 1-cos {calib:.5f}  {row['seconds']:.0f} s{'  (reverted)' if row['reverted'] else ''}", flush=True)
 snapshot.close()
 
 atomic_write_json(args.output, {

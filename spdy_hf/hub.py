@@ -154,7 +154,12 @@ def recovery_lines(entry: dict[str, Any] | None) -> list[str]:
     if "heldout" in before:
         rows.append(f"| held-out {'perplexity' if kind == 'kl' else 'embedding cosine'} | "
                     f"{before['heldout']:.4g} | {after['heldout']:.4g} |")
-    kept = ("the unrecovered weights (no epoch improved the held-back loss)" if entry.get("best_epoch") == 0
+    guard = entry.get("heldback_score")
+    if guard:
+        rows.append(f"| score vs dense ({guard['kind']}), held-back windows | {guard['before']:.4g} | "
+                    f"{guard['after']:.4g} |")
+    kept = ("the unrecovered weights (recovery made the held-back score worse)" if entry.get("reverted") else
+            "the unrecovered weights (no epoch improved the held-back loss)" if entry.get("best_epoch") == 0
             else f"epoch {entry['best_epoch']}'s weights" if entry.get("best_epoch") else "each block's best epoch")
     return [
         "## Recovery",

@@ -52,6 +52,7 @@ from .distill import (
 )
 from .errors import SPDYError
 from .masks import HeldZeros
+from .scoring import DistanceScorer
 from .units import find_blocks
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,19 @@ class Recovery:
         counts_before = self.held.counts()
         was_training = self.model.training
         self.model.eval()
+        unrecovered = DenseSnapshot(self.model)  # the weights the search left, to fall back on
         try:
+            guard = self._guard(unrecovered)
+            guard_before = guard()
             history = self._global(lr) if method == "gap" else self._layerwise(lr)
+            guard_after = guard()
+            reverted = guard_after > guard_before
+            if reverted:
+                unrecovered.restore(self.model)
+                logger.warning("Recovery (%s) made the %s score on the held-back windows worse (%.5g -> %.5g): the "
+                               "unrecovered weights are kept.", method, guard.kind, guard_before, guard_after)
         finally:
+            unrecovered.close()
             self.model.train(was_training)
         problems = self.held.violations()
         if problems or self.held.counts() != counts_before:  # cannot happen: every step re-applies the masks
@@ -129,8 +140,23 @@ class Recovery:
         return {"method": method, "learning_rate": lr, "epochs": self.cfg.epochs, "batch_size": self.cfg.batch_size,
                 "train_windows": sum(len(b["input_ids"]) for b in self.train),
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
-                "output_weight": self.cfg.output_weight if method == "gap" else 0.0, "held_zeros": int(sum(counts_before.values())),
-                "trained_blocks": len(self.blocks), "seconds": round(seconds, 3), **history}
+                "output_weight": self.cfg.output_weight if method == "gap" else 0.0,
+                "held_zeros": int(sum(counts_before.values())), "trained_blocks": len(self.blocks),
+                "seconds": round(seconds, 3), "heldback_score": {"kind": guard.kind, "before": guard_before,
+                                                                  "after": guard_after},
+                "reverted": reverted, **history}
+
+    def _guard(self, unrecovered: DenseSnapshot) -> DistanceScorer:
+        """The job's score on the held-back windows against the dense model: the last word on whether recovery
+        helped the final output. A layer objective that improves block by block can still hurt the output (the
+        layer-wise variant does on heavily sparse MiniLM). The dense reference comes from the dense weights written
+        into the model for one pass and the pruned ones written back: no second model in memory."""
+        with torch.no_grad():
+            self.snapshot.restore(self.model)
+            try:
+                return DistanceScorer(self.model, self.heldback, self.kind)
+            finally:
+                unrecovered.restore(self.model)
 
     # ------------------------------------------------------------------ gAP: the whole model at once
     def _global(self, lr: float) -> dict:

@@ -73,9 +73,11 @@ def test_recovery_holds_every_profile_zero(name, family, method, tmp_path, token
         moved |= not torch.equal(p.detach(), dict(plain.model.named_parameters())[n].detach())
     for unit in plain.units:  # per unit, exactly as many zeros (a trained weight landing on 0.0 is not a hazard)
         assert int(after[unit.name + ".weight"].sum()) >= int(before[unit.name + ".weight"].sum())
-    assert moved
+    assert moved != entry["reverted"]  # trained, or put back exactly
     assert entry["heldback_after"] < entry["heldback_before"]
     assert entry["after"]["calibration_score"] == pytest.approx(recovered.report["score_dense_vs_pruned"])
+    guard = entry["heldback_score"]  # the final output on the held-back windows: better, or the weights reverted
+    assert (guard["after"] > guard["before"]) == entry["reverted"]
     if family == "cuda":  # every unit at the 2:4 level is still 2:4
         from spdy_hf.patterns import is_two_four
 
@@ -210,3 +212,26 @@ def test_a_profile_corrected_by_verify_is_recovered_afresh_from_the_dense_weight
                    for u, p in zip(result.units, result.profile) if p["sparsity"] > 0)
     assert entry["held_zeros"] == expected > 0  # the corrected profile's zeros, not the first one's
     assert entry["heldback_after"] < entry["heldback_before"]
+
+
+def test_recovery_that_hurts_the_held_back_score_is_undone(tmp_path, tokenizer, monkeypatch):
+    """Whatever the layer objective says, the unrecovered weights are kept when the job's score on the held-back
+    windows got worse: here a 'recovery' that scales every trained weight by 1.5."""
+    from spdy_hf.recovery import Recovery
+
+    def harmful(self, lr):
+        with torch.no_grad():
+            for _, block in self.blocks:
+                for p in block.parameters():
+                    p.mul_(1.5)
+        self.held.apply()
+        return {"heldback_before": 1.0, "heldback_after": 0.5}
+
+    plain = job("gpt2", "unstructured", tmp_path / "plain", tokenizer, {"method": "none"})
+    monkeypatch.setattr(Recovery, "_global", harmful)
+    hurt = job("gpt2", "unstructured", tmp_path / "hurt", tokenizer, {"method": "gap", **FAST})
+    entry = hurt.report["recovery"]
+    assert entry["reverted"] and entry["heldback_score"]["after"] > entry["heldback_score"]["before"] > 0
+    for (n, a), b in zip(plain.model.named_parameters(), hurt.model.parameters()):
+        assert torch.equal(a, b), n
+    assert entry["after"]["calibration_score"] == pytest.approx(entry["before"]["calibration_score"])
