@@ -1,14 +1,18 @@
 """Gradual pruning with transformers.Trainer toward a SPDY profile, recovering accuracy by distillation.
 
-1. A SPDY profile for the target speedup (one-shot search; or pass --profile DIR/spdy_profile.json).
+1. A SPDY profile for the target speedup (one-shot search, of the recipe's family or --family; or pass
+   --profile DIR/spdy_profile.json).
 2. A fresh dense copy of the model is trained with `SPDYPruningCallback`: every unit's sparsity ramps to its
-   level in the profile on a cubic schedule while the model learns to match the dense model's token embeddings
+   level in the profile on a cubic schedule (structured: every group's heads/neurons are removed one by one in
+   the database's order, on the same schedule) while the model learns to match the dense model's token embeddings
    (1 - cosine of the final hidden states) on the calibration text. Masks are re-applied after every optimizer
-   step, so the result has exactly the profile's sparsity.
-3. Both the one-shot and the gradually pruned model are compared with the dense one on held-out text.
+   step, so the result has exactly the profile's zeros.
+3. Both the one-shot and the gradually pruned model are compared with the dense one on held-out text; the gradual
+   one is saved with the profile (`load_pretrained` shrinks it, as it does a one-shot result).
 
-    python examples/gradual_trainer.py --output spdy-minilm-gradual            # minutes on 2 cores
-    python examples/gradual_trainer.py --quick --output /tmp/gradual            # smoke run
+    python examples/gradual_trainer.py --output spdy-minilm-gradual                          # minutes on 2 cores
+    python examples/gradual_trainer.py --family structured --output spdy-minilm-gradual-heads
+    python examples/gradual_trainer.py --quick --output /tmp/gradual                          # smoke run
 
 Offline: the bundled all-MiniLM-L6-v2 and the built-in corpus.
 """
@@ -17,6 +21,7 @@ import argparse
 import copy
 import logging
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -71,14 +76,17 @@ def main():
     parser.add_argument("--target-speedup", type=float, default=1.5)
     parser.add_argument("--profile", help="An existing spdy_profile.json (skips the one-shot search).")
     parser.add_argument("--steps", type=int, default=600, help="Optimizer steps of training.")
+    parser.add_argument("--family", choices=["unstructured", "structured", "mixed"], default=None,
+                        help="The profile's level family (default: the recipe's, unstructured).")
     parser.add_argument("--output", default="spdy-minilm-gradual")
     parser.add_argument("--quick", action="store_true", help="Smoke run: magnitude, tiny search, 12 steps.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
     recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "gradual_trainer.yaml")
-    config = SPDYConfig.load(recipe) if not args.quick else SPDYConfig(family="unstructured")
-    config = SPDYConfig.from_dict({**config.to_dict(), "target_speedup": args.target_speedup})
+    config = SPDYConfig.load(recipe) if not args.quick else SPDYConfig(family=args.family or "unstructured")
+    config = SPDYConfig.from_dict({**config.to_dict(), "target_speedup": args.target_speedup,
+                                   **({"family": args.family} if args.family else {})})
     steps = 12 if args.quick else args.steps
     if args.quick:
         config = SPDYConfig.from_dict({**config.to_dict(), "method": "magnitude",
@@ -93,7 +101,7 @@ def main():
         profile = args.profile
     else:
         one_shot = prune_pretrained(None, config)
-        profile = one_shot.profile
+        profile = one_shot  # the result: its units and, for heads/neurons, its groups
 
     student = copy.deepcopy(dense).train()
     cal = config.calibration
@@ -110,8 +118,14 @@ def main():
     if one_shot is not None:
         print(f"held-out embedding cosine to dense: one-shot {heldout_cosine(one_shot.model, dense, tokenizer):.4f}, "
               f"gradual {heldout_cosine(student, dense, tokenizer):.4f}")
-    student.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    if one_shot is not None:  # the trained weights with the profile, its card and config entry
+        one_shot.model.load_state_dict(student.state_dict())
+        one_shot.save_pretrained(args.output)
+    else:
+        student.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+        source = os.path.join(profile, "spdy_profile.json") if os.path.isdir(profile) else profile
+        shutil.copyfile(source, os.path.join(args.output, "spdy_profile.json"))
     print(f"gradually pruned model -> {args.output}")
 
 

@@ -108,6 +108,10 @@ def check_profile(model: nn.Module, profile, groups) -> None:
                 isinstance(k, int) and not isinstance(k, bool) and 0 <= k < group.num_groups for k in kept):
             bad(f"groups[{i}].kept", f"must list distinct head/neuron indices in [0, {group.num_groups})")
         fraction(f"groups[{i}].sparsity", g.get("sparsity"))
+        order = g.get("removal_order")  # optional (older profiles lack it): the removed ones, in removal order
+        if order is not None and (not isinstance(order, list) or sorted(order) != sorted(
+                set(range(group.num_groups)) - set(kept)) or not all(isinstance(k, int) for k in order)):
+            bad(f"groups[{i}].removal_order", "must list each head/neuron the group removes, once")
 
 
 def deploy_profile(model: nn.Module, profile: list[dict], groups: list[dict] | None, backend: str) -> nn.Module:

@@ -128,9 +128,10 @@ def rows_view(module: nn.Module) -> tuple[torch.Tensor, bool]:
 
 
 @torch.no_grad()
-def zero_fill(model: nn.Module, group: StructuredGroup, kept: list[int]) -> None:
-    """Zeroes the removed groups' producer rows (and biases) and consumer columns; shapes stay."""
-    modules = dict(model.named_modules())
+def zero_fill(model: nn.Module, group: StructuredGroup, kept: list[int], modules: dict | None = None) -> None:
+    """Zeroes the removed groups' producer rows (and biases) and consumer columns; shapes stay. `modules`: the
+    model's named modules, if the caller has them."""
+    modules = dict(model.named_modules()) if modules is None else modules
     removed = [g for g in range(group.num_groups) if g not in set(kept)]
     for name in group.producers:
         w, _ = rows_view(modules[name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -11,6 +12,7 @@ from conftest import make_gpt2
 
 from spdy_hf.errors import SPDYError
 from spdy_hf.integrations.trainer import SPDYPruningCallback, cubic_sparsity
+from spdy_hf.structured import rows_view
 from spdy_hf.units import find_units
 
 
@@ -155,6 +157,68 @@ def test_fine_tuning_a_one_shot_pruned_model_holds_every_zero(family, tmp_path, 
     torch.testing.assert_close(outputs(fast, inputs), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_gradual_pruning_refuses_a_structured_profile_and_says_what_to_use():
-    with pytest.raises(SPDYError, match="SPDYHeldZerosCallback"):
+def test_gradual_pruning_needs_the_groups_of_a_structured_profile():
+    with pytest.raises(SPDYError, match="no 'groups' entries"):
         SPDYPruningCallback([{"name": "a", "sparsity": 0.5, "family": "structured"}])
+
+
+class RemovalLog(MaskChecker):
+    """After every optimizer step: how many heads/neurons each shrunk group has removed, and that the removed ones'
+    producer rows and consumer columns are zero."""
+
+    def __init__(self, pruning):
+        super().__init__(pruning)
+        self.removed = []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        super().on_optimizer_step(args, state, control, **kwargs)
+        modules = dict(self.pruning.model.named_modules())
+        for ramp in self.pruning.ramps:
+            gone, group = ramp.order[: ramp.removed], ramp.group
+            assert (rows_view(modules[group.consumer])[0][:, group.consumer_columns(gone)] == 0).all()
+            for name in group.producers:
+                assert (rows_view(modules[name])[0][group.producer_indices(name, gone)] == 0).all()
+        self.removed.append([r.removed for r in self.pruning.ramps])
+
+
+@pytest.mark.parametrize("family", ["structured", "mixed"])
+def test_gradual_pruning_to_a_structured_profile(family, tmp_path, tokenizer):
+    """From the dense model, `Trainer` with the callback removes every shrunk group's heads/neurons on the cubic
+    schedule, in the database's order, never putting one back; at the end each unit has exactly the one-shot
+    result's zeros, and the shrunk (deployed) form gives the trained model's outputs."""
+    from conftest import MODEL_FACTORIES
+    from test_recovery import job
+    from test_structured_pruner import outputs
+    from transformers import Trainer, TrainingArguments
+
+    from spdy_hf.deploy import deploy_profile
+
+    result = job("llama", family, tmp_path, tokenizer, {"method": "none"})
+    shrunk = [g for g in result.groups if len(g["kept"]) < g["num_groups"]]
+    assert shrunk and all(len(g["removal_order"]) == g["num_groups"] - len(g["kept"]) for g in shrunk)
+    model = MODEL_FACTORIES["llama"]().train()
+    pruning = SPDYPruningCallback(result, start_step=1, end_step=7, update_every=2)
+    log = RemovalLog(pruning)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=4,
+                             learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[pruning, log]).train()
+    assert [r.order for r in pruning.ramps] == [g["removal_order"] for g in shrunk]  # the database's order
+    counts = torch.tensor(log.removed)  # (steps, groups)
+    assert (counts.diff(dim=0) >= 0).all()  # never put back
+    assert counts[-1].tolist() == [len(g["removal_order"]) for g in shrunk]
+    assert ((counts > 0) & (counts < counts[-1])).any()  # a ramp, not one cut
+    assert checker_losses_finite(log)
+    one_shot = {u.name: int((u.weight == 0).sum()) for u in result.units}
+    trained = {u.name: int((u.weight == 0).sum()) for u in find_units(model, result.config.skip_modules)}
+    assert trained == one_shot
+    model.eval()
+    inputs = {"input_ids": RandomTokens().ids[:2] % model.config.vocab_size}
+    expected = outputs(model, inputs)
+    fast = deploy_profile(copy.deepcopy(model), result.profile, result.groups, "cpu")
+    assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(outputs(fast, inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+def checker_losses_finite(checker) -> bool:
+    return bool(checker.losses) and all(math.isfinite(x) for x in checker.losses)

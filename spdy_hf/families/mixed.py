@@ -113,7 +113,7 @@ class MixedFamily(StructuredFamily):
             return dict(family="unstructured", keep=g.num_groups, kept=list(range(g.num_groups)),
                         sparsity=self.levels[j], pattern=self.patterns[j])
         return dict(family=STRUCTURED_SPARSE, keep=self.counts[i][a], kept=self.sdb.kept(i, a),
-                    sparsity=self.levels[j], pattern=self.patterns[j])
+                    sparsity=self.levels[j], pattern=self.patterns[j], removal_order=self.removal_order(i, a))
 
 
 def two_four_fits(model: nn.Module, group: StructuredGroup, keep: int, config: SPDYConfig) -> bool:

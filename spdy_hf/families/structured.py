@@ -174,7 +174,18 @@ class StructuredFamily(Family):
         """Group i's level (kind, a, j) as entries: family, keep, kept, sparsity, pattern."""
         g, keep = self.groups[i], self.counts[i][a]
         return dict(family="structured", keep=keep, kept=self.sdb.kept(i, a), sparsity=1 - keep / g.num_groups,
-                    pattern="structured")
+                    pattern="structured", removal_order=self.removal_order(i, a))
+
+    def removal_order(self, i: int, a: int) -> list[int]:
+        """Group i's heads/neurons that keep-count index `a` removes, in the order the database removed them (its
+        levels are nested: those gone at a less pruned level first; by index within one level). Gradual pruning
+        with `Trainer` removes them in this order."""
+        order, kept = [], set(range(self.groups[i].num_groups))
+        for b in range(1, a + 1):
+            now = set(self.sdb.kept(i, b))
+            order += sorted(kept - now)
+            kept = now
+        return order
 
     def finalize(self, profile) -> None:
         for i, level in enumerate(profile):  # removed heads and neurons zero in every layer, producers too

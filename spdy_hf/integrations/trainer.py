@@ -1,12 +1,18 @@
 """Gradual pruning toward a SPDY profile inside `transformers.Trainer`.
 
-`SPDYPruningCallback` ramps every unit's sparsity from 0 to the profile's level on a cubic schedule (Zhu & Gupta,
-2017: s(t) = s_final * (1 - (1 - (t - t0) / (t1 - t0))^3)) between `start_step` and `end_step`. Masks are
-recomputed by magnitude every `update_every` optimizer steps (and at the end of the ramp), and re-applied after
-*every* optimizer step (`on_optimizer_step`), so a pruned weight never grows back. The callback acts on
-optimizer steps only, so gradient accumulation is handled; it multiplies weights by masks in their own dtype, so
-fp16/bf16 mixed precision and bf16 models work. Units whose profile pattern is 2:4 get their 2:4 mask at
-`start_step` (the pattern has one level, nothing to ramp).
+`SPDYPruningCallback` ramps the profile in from the dense model on a cubic schedule (Zhu & Gupta, 2017:
+s(t) = s_final * (1 - (1 - (t - t0) / (t1 - t0))^3)) between `start_step` and `end_step`, for every level family:
+- sparse units (unstructured levels; the sparse part of a mixed group's layers): the share of zero weights follows
+  the schedule, the mask recomputed by magnitude;
+- structured groups (attention heads, FFN neurons): the number of removed heads/neurons follows the schedule, and
+  they go in the order the pruning database removed them (the profile's `removal_order`; a profile saved without
+  it removes the smallest consumer columns first), their producer rows, biases and consumer columns zeroed.
+Masks and removals are updated every `update_every` optimizer steps (and at the end of the ramp) and re-applied
+after *every* optimizer step (`on_optimizer_step`), so nothing pruned grows back. The callback acts on optimizer
+steps only, so gradient accumulation is handled; it zeroes weights in their own dtype, so fp16/bf16 mixed
+precision and bf16 models work. Units whose profile pattern is 2:4 get their 2:4 mask at `start_step` (the pattern
+has one level, nothing to ramp). At the end the model holds the profile's zeros: save it with the profile and
+`load_pretrained` shrinks it as it does a one-shot result.
 
     from spdy_hf.integrations.trainer import SPDYPruningCallback
     trainer = Trainer(model, args, train_dataset=...,
@@ -32,11 +38,12 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import DEFAULT_SKIP_MODULES
-from ..deploy import check_profile
+from ..deploy import STRUCTURED_SPARSE, check_profile
 from ..errors import SPDYError
 from ..io import read_json
 from ..masks import HeldZeros
 from ..patterns import two_four_magnitude_mask
+from ..structured import StructuredGroup, find_structured_groups, group_name, rows_view, zero_fill
 from ..units import Unit, find_units
 
 logger = logging.getLogger(__name__)
@@ -52,7 +59,9 @@ def cubic_sparsity(final: float, step: int, start: int, end: int) -> float:
     return final * (1.0 - (1.0 - progress) ** 3)
 
 
-def _load_profile(profile) -> list[dict]:
+def _load_profile(profile) -> tuple[list[dict], list[dict] | None]:
+    """The profile's unit entries and its group entries (None for a per-layer profile)."""
+    groups = None
     if isinstance(profile, (str, os.PathLike)):
         path = os.fspath(profile)
         if os.path.isdir(path):
@@ -61,17 +70,31 @@ def _load_profile(profile) -> list[dict]:
             raise SPDYError(f"No SPDY profile at {path}; pass a spdy_profile.json or the directory holding it.")
         data = read_json(path)
         entries = data.get("units", data) if isinstance(data, dict) else data
+        groups = data.get("groups") if isinstance(data, dict) else None
     elif hasattr(profile, "profile"):  # a PruningResult
-        entries = profile.profile
+        entries, groups = profile.profile, getattr(profile, "groups", None)
     else:
         entries = list(profile)
     if not entries or not all(isinstance(e, dict) and "name" in e and "sparsity" in e for e in entries):
         raise SPDYError("A profile is a list of {'name', 'sparsity'[, 'pattern']} entries (spdy_profile.json).")
-    if any(e.get("family") == "structured" for e in entries):
-        raise SPDYError("Gradual pruning ramps unstructured (or 2:4) masks; this profile removes whole heads and FFN "
-                        "neurons (family: structured/mixed). Prune with family: unstructured for a gradual profile, "
-                        "or fine-tune the pruned model with SPDYHeldZerosCallback, which holds every family's zeros.")
-    return entries
+    if groups is None and any(e.get("family") in ("structured", STRUCTURED_SPARSE) for e in entries):
+        raise SPDYError("This profile removes whole heads and FFN neurons but has no 'groups' entries saying which: "
+                        "pass the PruningResult, its spdy_profile.json or the directory holding it.")
+    if any(g.get("family") == STRUCTURED_SPARSE and g.get("pattern") == "2:4" for g in groups or []):
+        raise SPDYError("Gradual pruning cannot ramp a group that is both shrunk and 2:4 (the 2:4 pattern must "
+                        "hold in the shrunk layer); prune one-shot and fine-tune with SPDYHeldZerosCallback.")
+    return entries, groups
+
+
+class _GroupRamp:
+    """One structured group's heads/neurons removed gradually, in `order`."""
+
+    def __init__(self, group: StructuredGroup, order: list[int]):
+        self.group, self.order, self.removed = group, order, 0
+
+    def kept(self) -> list[int]:
+        gone = set(self.order[: self.removed])
+        return [k for k in range(self.group.num_groups) if k not in gone]
 
 
 class SPDYPruningCallback(TrainerCallback):
@@ -79,7 +102,8 @@ class SPDYPruningCallback(TrainerCallback):
 
     Args:
         profile: a `PruningResult`, its `spdy_profile.json` (or the directory holding it), or a list of entries
-            with the unit `name`, its `sparsity` and optionally its `pattern` ("unstructured" or "2:4").
+            with the unit `name`, its `sparsity` and optionally its `pattern` ("unstructured" or "2:4"); a profile
+            that removes heads or neurons needs its "groups" entries (the result or the file has them).
         start_step: the optimizer step the ramp starts from (sparsity 0 before).
         end_step: the step the ramp ends at; by default two thirds of the run's steps, so the last third trains
             with the final masks.
@@ -89,11 +113,13 @@ class SPDYPruningCallback(TrainerCallback):
     def __init__(self, profile, start_step: int = 0, end_step: int | None = None, update_every: int = 10):
         if start_step < 0 or update_every < 1 or (end_step is not None and end_step <= start_step):
             raise SPDYError("Need 0 <= start_step < end_step and update_every >= 1.")
-        self.entries = _load_profile(profile)
+        self.entries, self.group_entries = _load_profile(profile)
         self.start_step, self.end_step, self.update_every = start_step, end_step, update_every
         self.units: list[Unit] = []
         self.masks: list[torch.Tensor | None] = []  # True where pruned, in the (out, in) view
         self.current: list[float] = []
+        self.ramps: list[_GroupRamp] = []
+        self.model = None
 
     @classmethod
     def from_config(cls, profile, config) -> SPDYPruningCallback:
@@ -108,7 +134,7 @@ class SPDYPruningCallback(TrainerCallback):
         if missing:
             raise SPDYError(f"The model has no modules named {missing[:3]}{'...' if len(missing) > 3 else ''}: the "
                             "profile was made for another model.")
-        check_profile(model, self.entries, None)  # sparsities in [0, 1], known patterns, ...
+        check_profile(model, self.entries, self.group_entries)  # sparsities in [0, 1], known patterns, ...
         self.units = [Unit(name=e["name"], module=modules[e["name"]], block=e["name"].rsplit(".", 1)[0])
                       for e in self.entries]
         for unit, entry in zip(self.units, self.entries):
@@ -116,16 +142,46 @@ class SPDYPruningCallback(TrainerCallback):
                 raise SPDYError(f"{unit.name} is {unit.shape_key} here but {entry['shape']} in the profile.")
         self.masks = [None] * len(self.units)
         self.current = [0.0] * len(self.units)
+        self.model = model
+        self.ramps = [_GroupRamp(group, self._order(modules, group, entry)) for group, entry in self._shrunk(model)]
+
+    def _shrunk(self, model) -> list[tuple[StructuredGroup, dict]]:
+        """The groups whose profile entry removes heads/neurons, with their entries."""
+        groups = {group_name(g): g for g in find_structured_groups(model)} if self.group_entries else {}
+        return [(groups[e["name"]], e) for e in self.group_entries or []
+                if e["family"] in ("structured", STRUCTURED_SPARSE) and len(e["kept"]) < groups[e["name"]].num_groups]
+
+    @staticmethod
+    @torch.no_grad()
+    def _order(modules: dict, group: StructuredGroup, entry: dict) -> list[int]:
+        """The order to remove the group's heads/neurons in: the database's, or smallest consumer columns first."""
+        if entry.get("removal_order") is not None:
+            return [int(k) for k in entry["removal_order"]]
+        removed = sorted(set(range(group.num_groups)) - set(entry["kept"]))
+        w, _ = rows_view(modules[group.consumer])
+        norms = [float(w[:, group.consumer_columns([k])].float().norm()) for k in removed]
+        return [k for _, k in sorted(zip(norms, removed))]
+
+    def removals(self, step: int) -> list[int]:
+        """How many heads/neurons each shrunk group has removed at `step` (the cubic schedule on the count)."""
+        return [int(round(cubic_sparsity(len(r.order), step, self.start_step, self.end_step))) for r in self.ramps]
 
     def target(self, index: int, step: int) -> float:
         entry = self.entries[index]
+        if entry.get("family") == "structured":  # its zeros are its group's removed heads/neurons
+            return 0.0
         if entry.get("pattern") == "2:4":
             return 0.5 if step >= self.start_step and self.start_step < self.end_step else 0.0
         return cubic_sparsity(float(entry["sparsity"]), step, self.start_step, self.end_step)
 
     @torch.no_grad()
     def update_masks(self, step: int) -> None:
-        """Recomputes every unit's mask by magnitude at the schedule's sparsity for `step`."""
+        """Removes the heads/neurons due at `step` (zeroed at once, before the magnitude masks, so that a shrunk
+        and sparse layer's removed entries are among its smallest), then recomputes every sparse unit's mask by
+        magnitude at the schedule's sparsity for `step`."""
+        for ramp, count in zip(self.ramps, self.removals(step)):
+            ramp.removed = count
+        self._apply_removals()
         for i, unit in enumerate(self.units):
             sparsity = self.target(i, step)
             if sparsity == self.current[i] and self.masks[i] is not None:
@@ -144,15 +200,29 @@ class SPDYPruningCallback(TrainerCallback):
             self.current[i] = sparsity
 
     @torch.no_grad()
+    def _apply_removals(self) -> None:
+        modules = dict(self.model.named_modules()) if self.ramps else {}
+        for ramp in self.ramps:
+            if ramp.removed:
+                zero_fill(self.model, ramp.group, ramp.kept(), modules)
+
+    @torch.no_grad()
     def apply_masks(self) -> None:
+        self._apply_removals()
         for unit, mask, sparsity in zip(self.units, self.masks, self.current):
             if mask is not None and sparsity > 0:
                 unit.weight.masked_fill_(mask.to(unit.weight.device), 0)
 
     def sparsity(self) -> float:
-        """The share of the profile's weights that are masked now."""
+        """The share of the profile's weights that are pruned now (masked, or in a removed head/neuron)."""
         total = sum(u.numel for u in self.units)
-        return sum(float(m.sum()) for m in self.masks if m is not None) / max(total, 1)
+        pruned = 0.0
+        for unit, mask, entry in zip(self.units, self.masks, self.entries):
+            if entry.get("family") == "structured":
+                pruned += float((unit.weight == 0).sum())
+            elif mask is not None:
+                pruned += float(mask.sum())
+        return pruned / max(total, 1)
 
     # ------------------------------------------------------------------ TrainerCallback
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -174,7 +244,8 @@ class SPDYPruningCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.apply_masks()
-        done = all(self.current[i] == self.target(i, 10 ** 12) for i in range(len(self.units)))
+        done = all(self.current[i] == self.target(i, 10 ** 12) for i in range(len(self.units))) and all(
+            r.removed == len(r.order) for r in self.ramps)
         if not done:
             logger.warning("Training ended at step %d, before the pruning ramp ended (step %d): the model is at %.1f%% "
                            "of the profile's sparsity, not all of it.", state.global_step, self.end_step,
@@ -186,7 +257,7 @@ class SPDYPruningCallback(TrainerCallback):
 
     def _final_sparsity(self) -> float:
         total = sum(u.numel for u in self.units)
-        return sum(self.target(i, 10 ** 12) * u.numel for i, u in enumerate(self.units)) / max(total, 1)
+        return sum(float(e["sparsity"]) * u.numel for e, u in zip(self.entries, self.units)) / max(total, 1)
 
 
 class SPDYHeldZerosCallback(TrainerCallback):
