@@ -244,11 +244,19 @@ def test_stitched_levels_equal_zero_fill_and_restore():
     torch.testing.assert_close(outputs(model, inputs), dense_out)
 
 
-def test_gradual_callback_refuses_a_structured_profile():
+def test_gradual_callback_refuses_a_group_both_shrunk_and_two_four(tmp_path):
+    """Gradual pruning ramps structured profiles (tests/test_trainer.py), but not a group shrunk *and* 2:4: the
+    pattern must hold in the shrunk layer, which a magnitude ramp on the zero-filled one cannot promise."""
+    import json
+
     from spdy_hf.integrations.trainer import SPDYPruningCallback
 
-    with pytest.raises(SPDYError, match="family: unstructured"):
-        SPDYPruningCallback([{"name": "a", "sparsity": 0.5, "family": "structured"}])
+    path = tmp_path / "spdy_profile.json"
+    path.write_text(json.dumps({
+        "units": [{"name": "a", "sparsity": 0.6, "family": "structured+sparse", "pattern": "2:4"}],
+        "groups": [{"name": "b:ffn", "family": "structured+sparse", "pattern": "2:4", "kept": [0], "sparsity": 0.5}]}))
+    with pytest.raises(SPDYError, match="both shrunk and 2:4"):
+        SPDYPruningCallback(path)
 
 
 def test_family_flag_and_config():
