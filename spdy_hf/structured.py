@@ -132,7 +132,8 @@ def zero_fill(model: nn.Module, group: StructuredGroup, kept: list[int], modules
     """Zeroes the removed groups' producer rows (and biases) and consumer columns; shapes stay. `modules`: the
     model's named modules, if the caller has them."""
     modules = dict(model.named_modules()) if modules is None else modules
-    removed = [g for g in range(group.num_groups) if g not in set(kept)]
+    keep = set(kept)
+    removed = [g for g in range(group.num_groups) if g not in keep]
     for name in group.producers:
         w, _ = rows_view(modules[name])
         idx = group.producer_indices(name, removed)

@@ -257,7 +257,9 @@ class SPDYPruningCallback(TrainerCallback):
 
     def _final_sparsity(self) -> float:
         total = sum(u.numel for u in self.units)
-        return sum(float(e["sparsity"]) * u.numel for e, u in zip(self.entries, self.units)) / max(total, 1)
+        final = [float(e["sparsity"]) if e.get("family") == "structured" else self.target(i, 10 ** 12)
+                 for i, e in enumerate(self.entries)]  # a structured unit's zeros: its group's removals
+        return sum(f * u.numel for f, u in zip(final, self.units)) / max(total, 1)
 
 
 class SPDYHeldZerosCallback(TrainerCallback):
