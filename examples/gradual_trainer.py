@@ -84,7 +84,7 @@ def main():
     logging.basicConfig(level=logging.INFO)
 
     recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "gradual_trainer.yaml")
-    config = SPDYConfig.load(recipe) if not args.quick else SPDYConfig(family=args.family or "unstructured")
+    config = SPDYConfig.load(recipe) if not args.quick else SPDYConfig(family="unstructured")
     config = SPDYConfig.from_dict({**config.to_dict(), "target_speedup": args.target_speedup,
                                    **({"family": args.family} if args.family else {})})
     steps = 12 if args.quick else args.steps

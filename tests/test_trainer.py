@@ -208,7 +208,7 @@ def test_gradual_pruning_to_a_structured_profile(family, tmp_path, tokenizer):
     assert (counts.diff(dim=0) >= 0).all()  # never put back
     assert counts[-1].tolist() == [len(g["removal_order"]) for g in shrunk]
     assert ((counts > 0) & (counts < counts[-1])).any()  # a ramp, not one cut
-    assert checker_losses_finite(log)
+    assert log.losses and all(math.isfinite(x) for x in log.losses)
     one_shot = {u.name: int((u.weight == 0).sum()) for u in result.units}
     trained = {u.name: int((u.weight == 0).sum()) for u in find_units(model, result.config.skip_modules)}
     assert trained == one_shot
@@ -220,5 +220,27 @@ def test_gradual_pruning_to_a_structured_profile(family, tmp_path, tokenizer):
     torch.testing.assert_close(outputs(fast, inputs), expected, rtol=1e-4, atol=1e-4)
 
 
-def checker_losses_finite(checker) -> bool:
-    return bool(checker.losses) and all(math.isfinite(x) for x in checker.losses)
+def test_a_profile_saved_without_removal_order_removes_the_smallest_consumer_columns_first(tmp_path, tokenizer):
+    """Profiles saved before `removal_order` existed: each group's heads/neurons go smallest consumer columns
+    (L2 norm) first, and exactly the ones the profile removes."""
+    from conftest import MODEL_FACTORIES
+    from test_recovery import job
+
+    result = job("llama", "structured", tmp_path, tokenizer, {"method": "none"})
+    result.save_pretrained(tmp_path / "saved")
+    profile = json.loads((tmp_path / "saved" / "spdy_profile.json").read_text())
+    for g in profile["groups"]:
+        g.pop("removal_order", None)
+    path = tmp_path / "old_profile.json"
+    path.write_text(json.dumps(profile))
+    model = MODEL_FACTORIES["llama"]()
+    pruning = SPDYPruningCallback(path)
+    pruning._bind(model)
+    modules = dict(model.named_modules())
+    shrunk = [g for g in profile["groups"] if len(g["kept"]) < g["num_groups"]]
+    assert len(pruning.ramps) == len(shrunk) > 0
+    for ramp, entry in zip(pruning.ramps, shrunk):
+        assert sorted(ramp.order) == sorted(set(range(entry["num_groups"])) - set(entry["kept"]))
+        w = rows_view(modules[ramp.group.consumer])[0]
+        norms = [float(w[:, ramp.group.consumer_columns([k])].norm()) for k in ramp.order]
+        assert norms == sorted(norms)
