@@ -223,6 +223,33 @@ def test_structured_database_resumes_and_loads(tmp_path, monkeypatch):
                                   progress=False)
 
 
+def test_removal_order_follows_the_databases_nested_levels(tmp_path):
+    """A group's `removal_order` at a keep count lists exactly what the database's level removes, those gone at a
+    less pruned level first: each level's order is the start of the next one's (what gradual pruning relies on)."""
+    from spdy_hf.families.structured import StructuredFamily
+
+    model = MODEL_FACTORIES["llama"]()
+    groups = find_structured_groups(model)
+    counts = [keep_counts(g, 1, 8) for g in groups]
+    gen = torch.Generator().manual_seed(0)
+    windows = {"input_ids": torch.randint(0, 1000, (8, 16), generator=gen)}
+    windows["attention_mask"] = torch.ones_like(windows["input_ids"])
+    family = StructuredFamily.__new__(StructuredFamily)  # removal_order needs only the groups and the database
+    family.groups = groups
+    family.sdb = build_structured_database(model, groups, counts, windows, directory=tmp_path / "db", progress=False)
+    later_than_index = 0  # some level removes a lower index after a higher one: the order is not just sorted
+    for i, g in enumerate(groups):
+        everything = family.removal_order(i, len(counts[i]) - 1)
+        assert sorted(everything) == list(range(g.num_groups))
+        later_than_index += everything != sorted(everything)
+        for a in range(len(counts[i])):
+            order = family.removal_order(i, a)
+            assert set(order) == set(range(g.num_groups)) - set(family.sdb.kept(i, a))
+            assert len(order) == g.num_groups - counts[i][a]
+            assert order == everything[:len(order)]
+    assert later_than_index
+
+
 def test_stitched_levels_equal_zero_fill_and_restore():
     """Stitching a level is zero-filling its removed groups (magnitude: no compensation); level 0 restores dense."""
     from spdy_hf.structured import zero_fill

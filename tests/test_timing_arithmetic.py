@@ -18,7 +18,7 @@ import spdy_hf.latency.cpu as cpu
 from spdy_hf import SPDYPruner
 from spdy_hf.apply import FastLinear
 from spdy_hf.latency.check import prediction_problem
-from spdy_hf.latency.structured import check_profiles, keep_counts, measure_structured_latency
+from spdy_hf.latency.structured import check_profiles, keep_counts, measure_structured_latency, smooth_times
 from spdy_hf.search import compute_budget
 from spdy_hf.structured import find_structured_groups
 from spdy_hf.units import find_units
@@ -158,8 +158,32 @@ def test_structured_latency_noise_clamp():
     (entry,) = part["signatures"].values()
     # saved per group: (10 - t) / 2 -> 48: -0.2, 32: 1.0, 16: 0.8, 0: 2.0; T(k) = max(2.0 - saved, 0) -> 2.2, 1.0,
     # 1.2, 0; made non-decreasing from k = 0 up -> 0, 1.2, 1.2, 2.2; full: max(2.0, 2.2)
-    np.testing.assert_allclose(entry["times_ms"], [2.2, 2.2, 1.2, 1.2, 0.0])
+    np.testing.assert_allclose(entry["measured_ms"], [2.2, 2.2, 1.2, 1.2, 0.0])
+    # then smoothed: the partial levels save 0, 1.0, 1.0 at 16, 32, 48 neurons removed; slope 80 / 3584 per neuron
+    slope = (16 * 0.0 + 32 * 1.0 + 48 * 1.0) / (16 ** 2 + 32 ** 2 + 48 ** 2)
+    np.testing.assert_allclose(entry["times_ms"], [2.2, 2.2 - 16 * slope, 2.2 - 32 * slope, 2.2 - 48 * slope, 0.0])
     assert part["dense_ms"] == 10.0
+
+
+@pytest.mark.parametrize("keep, times, expected", [
+    # linear in the keep count (with a fixed part): unchanged
+    ([8, 6, 4, 2, 0], [5.0, 4.0, 3.0, 2.0, 0.0], [5.0, 4.0, 3.0, 2.0, 0.0]),
+    # one level's saving measured too large by noise (4 -> 2.4 instead of 3): pooled with the others
+    # (savings 1.0, 2.6, 3.0 at 2, 4, 6 removed: slope 30.4 / 56)
+    ([8, 6, 4, 2, 0], [5.0, 4.0, 2.4, 2.0, 0.0], [5.0, 5.0 - 2 * 30.4 / 56, 5.0 - 4 * 30.4 / 56,
+                                                  5.0 - 6 * 30.4 / 56, 0.0]),
+    # savings that extrapolate below zero are clipped; a negative slope (noise) leaves the full time
+    ([4, 2, 1, 0], [1.0, 0.1, 0.1, 0.0], [1.0, 1.0 - 2 * 4.5 / 13, 0.0, 0.0]),
+    ([4, 2, 0], [1.0, 1.2, 0.0], [1.0, 1.0, 0.0]),
+    # nothing between the full group and none: as measured
+    ([1, 0], [3.0, 0.0], [3.0, 0.0]),
+])
+def test_smoothed_structured_times(keep, times, expected):
+    """Partial levels' savings against the full group are fitted by one slope per signature (least squares through
+    the full level); the full and removed levels stay as measured, and the result is non-decreasing in k."""
+    out = smooth_times(keep, times)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-9)
+    assert all(a >= b for a, b in zip(out, out[1:]))
 
 
 def test_random_profile_check_of_structured_times(tmp_path):

@@ -251,7 +251,8 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
         return table
     regime = config.regime.to_dict()
     key = cache_key(config.backend, regime, [0.0], family.fingerprint, family.environment,
-                    extra={"structured": [[group_name(g), list(c)] for g, c in zip(groups, counts)]})
+                    extra={"structured": [[group_name(g), list(c)] for g, c in zip(groups, counts)],
+                           "times": "smoothed"})
     path = os.path.join(config.cache_dir or default_cache_dir(), "latency", f"structured-{key}.json")
     inputs, model = family.inputs, family.model
 
