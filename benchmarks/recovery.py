@@ -11,6 +11,10 @@
    ships with every Python (`pydoc_data.topics`), paragraphs of at least 200 characters. Plus the search's
    calibration score (1 - cosine on the scoring windows).
 
+The case `2:4` is the paper's 2:4 setting: every layer at the 2:4 pattern, OBS weights from the same calibration
+windows (`levels: "2:4"`), no search and no latency table (the CPU has no 2:4 kernel: its speed is a GPU's, see
+docs/BENCHMARKS.md), scored on the CPU like the others (`--cases 2:4`, or `--cases structured@1.5,2:4`).
+
     python benchmarks/recovery.py --quick          # smoke run: one case, 2 epochs
     python benchmarks/recovery.py                  # the real one, on an otherwise idle machine
 """
@@ -21,15 +25,19 @@ import logging
 import sys
 import time
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import torch
 from heldout import heldout_texts, mean_cosine, prose_texts, sentence_embeddings
 
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.distill import DenseSnapshot
+from spdy_hf.families.unstructured import build_database
 from spdy_hf.io import atomic_write_json
+from spdy_hf.levels import get_levels, get_patterns
 from spdy_hf.loading import load_model_and_tokenizer
 from spdy_hf.recovery import Recovery
+from spdy_hf.units import find_units
 
 CASES = [("structured", 1.5), ("structured", 2.0), ("unstructured", 1.5)]
 
@@ -39,7 +47,8 @@ parser.add_argument("--epochs", type=int, default=None, help="recovery.epochs (d
 parser.add_argument("--methods", default="none,gap,layerwise",
                     help="Comma-separated recovery methods, each optionally METHOD@LEARNING_RATE[@OUTPUT_WEIGHT"
                          "[@EPOCHS]] (gap@1e-4, gap@1e-5@1, gap@@@16); an empty field is the config's default.")
-parser.add_argument("--cases", default=None, help="Comma-separated FAMILY@TARGET (default: all three).")
+parser.add_argument("--cases", default=None, help="Comma-separated FAMILY@TARGET (default: all three), or 2:4 (every "
+                    "layer 2:4 with OBS, no search; no target).")
 parser.add_argument("--num-samples", type=int, default=None,
                     help="calibration.num_samples of the job (its database, search and recovery windows; default: "
                          "the config's, 128).")
@@ -56,21 +65,37 @@ reference = {k: sentence_embeddings(dense, tokenizer, t) for k, t in texts.items
 snapshot = DenseSnapshot(dense)
 cases = CASES[:1] if args.quick else CASES
 if args.cases:
-    cases = [(c.split("@")[0], float(c.split("@")[1])) for c in args.cases.split(",")]
+    cases = [(c, None) if c == "2:4" else (c.split("@")[0], float(c.split("@")[1])) for c in args.cases.split(",")]
 epochs = 2 if args.quick and args.epochs is None else args.epochs
 methods = [(*m.split("@"), None, None, None)[:4] for m in args.methods.split(",")]
 methods = [(m, float(lr) if lr else None, float(w) if w else None, int(e) if e else epochs)
            for m, lr, w, e in methods]
 rows = []
+
+
+def uniform_two_four(config: SPDYConfig, model, windows) -> None:
+    """Every searchable layer of `model` at the 2:4 pattern, its weights from the OBS database (in place)."""
+    units = find_units(model, config.skip_modules, example_inputs={k: v[:1] for k, v in windows.items()})
+    database, _ = build_database(config, model, units, get_levels("2:4"), windows, anchor=1, progress=False,
+                                 patterns=get_patterns("2:4"))
+    database.stitch([1] * len(units))
+
+
 for family, target in cases:
-    config = SPDYConfig.from_dict({"target_speedup": target, "family": family, "cache_dir": args.cache_dir, **(
-        {"calibration": {"num_samples": args.num_samples}} if args.num_samples else {})})
+    two_four = family == "2:4"
+    config = SPDYConfig.from_dict({"cache_dir": args.cache_dir, **(
+        {"family": "unstructured", "levels": "2:4"} if two_four else {"family": family, "target_speedup": target}),
+                                   **({"calibration": {"num_samples": args.num_samples}} if args.num_samples else {})})
     model = copy.deepcopy(dense)
     pruner = SPDYPruner(model, config, tokenizer)
-    start = time.perf_counter()
-    result = pruner.prune(progress=False)
-    job_seconds = time.perf_counter() - start
     windows = pruner._calibration_windows(None)
+    start = time.perf_counter()
+    if two_four:
+        uniform_two_four(config, model, windows)
+        result = SimpleNamespace(model=model, report={"measured_speedup": None})
+    else:
+        result = pruner.prune(progress=False)
+    job_seconds = time.perf_counter() - start
     scorer_windows = {k: v[: config.search.eval_samples] for k, v in windows.items()}
     for method, lr, weight, n_epochs in methods:
         recovered = copy.deepcopy(result.model).eval()
@@ -95,7 +120,9 @@ for family, target in cases:
                "calibration_distance": calib, "job_seconds": round(job_seconds, 1),
                **{k: mean_cosine(sentence_embeddings(recovered, tokenizer, t), reference[k]) for k, t in texts.items()}}
         rows.append(row)
-        print(f"{family:12s} {target:.1f}x (measured {row['measured_speedup']:.3f}x) {method:9s} lr {lr} w {weight} epochs {n_epochs} "
+        speed = "no CPU kernel" if two_four else f"measured {row['measured_speedup']:.3f}x"
+        case = family if two_four else f"{family} {target:.1f}x"
+        print(f"{case:16s} ({speed}) {method:9s} lr {lr} w {weight} epochs {n_epochs} "
               f"docstrings {row['heldout_docstrings']:.4f}  prose {row['reference_prose']:.4f}  "
               f"calibration 1-cos {calib:.5f}  {row['seconds']:.0f} s{'  (reverted)' if row['reverted'] else ''}", flush=True)
 snapshot.close()
