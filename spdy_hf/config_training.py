@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .config_checks import check_choice, check_fields, check_int, check_number
 
 RECOVERY_METHODS = ("none", "gap", "layerwise", "auto")
+RECOVERY_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -34,9 +35,15 @@ class RecoveryConfig:
                 "added to the layer loss (10: the best measured on MiniLM); 0: layer outputs only, as the reference "
                 "gAP."})
 
+    precision: str = field(default="auto", metadata={
+        "help": "Forward passes of recovery: 'bfloat16' (torch.autocast; the weights, gradients and Adam's state "
+                "stay float32, the losses are taken in float32), 'float32', or 'auto' (bfloat16 on a GPU that "
+                "supports it, float32 on a CPU)."})
+
     def __post_init__(self):
         check_fields(self, "recovery.")
         check_choice("recovery.method", self.method, RECOVERY_METHODS)
+        check_choice("recovery.precision", self.precision, RECOVERY_PRECISIONS)
         if self.learning_rate is not None:
             check_number("recovery.learning_rate", self.learning_rate, lambda x: x > 0, "(0, inf)")
         check_number("recovery.holdout", self.holdout, lambda x: 0 < x < 1, "(0, 1)")

@@ -168,7 +168,8 @@ def recovery_lines(entry: dict[str, Any] | None) -> list[str]:
         f"({'global AdaPrune' if entry['method'] == 'gap' else 'block by block'}, `recovery.method: "
         f"{entry['method']}`), every pruned zero held: Adam at {entry.get('learning_rate', float('nan')):g}, up to "
         f"{entry.get('epochs')} epochs on {entry.get('train_windows')} calibration windows, "
-        f"{entry.get('heldback_windows')} held back for early stopping; kept {kept}; "
+        f"{entry.get('heldback_windows')} held back for early stopping, forward passes in "
+        f"{entry.get('precision', 'float32')}; kept {kept}; "
         f"{entry.get('seconds', 0):.1f} s.",
         "",
         "| | before recovery | after |",

@@ -25,6 +25,13 @@ Two variants (`recovery.method`):
   are read one block at a time from the snapshot file.
 `auto` takes `gap` when about five times the trained parameters' size fits in the memory free now, else
 `layerwise`.
+
+Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it (the
+default there), float32 on a CPU; the weights, their gradients and Adam's state stay float32 and every loss is
+taken in float32, so no loss scaling is needed. Placement is the model's device. `accelerate`'s `Accelerator` is not
+used for this: its state is process-wide (another `Accelerator` with other mixed-precision settings in the same
+process is refused), and a `Trainer` later in the same process (gradual pruning, fine-tuning with the held-zeros
+callback) makes one of its own.
 """
 
 from __future__ import annotations
@@ -95,6 +102,12 @@ class Recovery:
         self.train = _batches({k: v[: n - held_back] for k, v in cut.items()}, self.cfg.batch_size)
         self.heldback = _batches({k: v[n - held_back:] for k, v in cut.items()}, self.cfg.batch_size)
         self.extra = forward_kwargs_of(model)
+        self.dtype = recovery_dtype(self.cfg.precision, device)
+
+    def autocast(self):
+        """The forward passes' precision: bfloat16 autocast (`recovery.precision`), or nothing (float32)."""
+        device = model_device(self.model)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
     def method(self) -> str:
         if self.cfg.method != "auto":
@@ -138,6 +151,7 @@ class Recovery:
             raise SPDYError(f"Recovery moved profile zeros: {problems}.")
         seconds = time.perf_counter() - start
         return {"method": method, "learning_rate": lr, "epochs": self.cfg.epochs, "batch_size": self.cfg.batch_size,
+                "precision": str(self.dtype).removeprefix("torch."),
                 "train_windows": sum(len(b["input_ids"]) for b in self.train),
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
                 "output_weight": self.cfg.output_weight if method == "gap" else 0.0,
@@ -174,9 +188,10 @@ class Recovery:
         stops = [b.register_forward_hook(_raise_stop) for b in last] if stop else []
 
         def objective(batch) -> torch.Tensor:
-            with torch.no_grad():
-                t = _run(teacher, batch, self.extra)
-            s = _run(model, batch, self.extra)
+            with self.autocast():
+                with torch.no_grad():
+                    t = _run(teacher, batch, self.extra)
+                s = _run(model, batch, self.extra)
             loss = layer_loss(student_out.values, teacher_out.values, self.live)
             if not stop:
                 loss = loss + self.cfg.output_weight * output_distance(s, t, self.kind)
@@ -263,7 +278,8 @@ class Recovery:
 
         def objective(batch) -> torch.Tensor:
             i = index[id(batch)]
-            block(*calls[i].args, **calls[i].kwargs)
+            with self.autocast():
+                block(*calls[i].args, **calls[i].kwargs)
             loss = layer_loss(student_out.values, targets[i], live)
             student_out.values.clear()
             return loss
@@ -319,6 +335,16 @@ class Recovery:
         self.held.apply()
         return {"heldback_before": before, "heldback_after": best, "best_epoch": best_epoch,
                 "epochs_run": len(train_losses), "train_loss": train_losses, "heldback_loss": heldback_losses}
+
+def recovery_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of recovery's forward passes: `recovery.precision`, with 'auto' bfloat16 on a GPU that supports it
+    and float32 elsewhere (a CPU trains in float32)."""
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
 
 def _raise_stop(module, args, output):
     raise _Stop

@@ -10,12 +10,13 @@ from conftest import MODEL_FACTORIES, MS_PER_WEIGHT, example_inputs, handwritten
 from test_cuda_backend import cuda_config, cuda_table
 from test_structured_pruner import AUTO, outputs, structured_part, structured_table
 
-from spdy_hf import SPDYPruner
+from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.config import DEFAULT_SKIP_MODULES
 from spdy_hf.distill import DenseSnapshot, layer_loss, pruned_layers
 from spdy_hf.errors import ConfigError
 from spdy_hf.loading import load_pretrained
 from spdy_hf.masks import HeldZeros
+from spdy_hf.recovery import Recovery, recovery_dtype
 from spdy_hf.units import find_units
 
 # a learning rate a tiny random model improves at within a few steps of 2 windows (1e-3 overshoots on some: the
@@ -170,6 +171,41 @@ def test_recovery_config_checks():
     assert c.recovery.lr("gap") == 3e-5 and c.recovery.lr("layerwise") == 1e-4
     assert SPDYConfig.from_dict(c.to_dict()).recovery.method == "gap"
     assert np.isfinite(c.recovery.holdout)
+
+
+@pytest.mark.parametrize("method", ["gap", "layerwise"])
+def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tmp_path, tokenizer):
+    """`recovery.precision: bfloat16` (what 'auto' picks on a GPU): the pruned layers compute in bfloat16 during
+    recovery, the weights stay float32, every profile zero stays zero, and the held-back loss still falls."""
+    model = MODEL_FACTORIES["llama"]()
+    snapshot = DenseSnapshot(model)
+    config = small_config(tmp_path, target_speedup=2.0, family="unstructured", recovery={"method": "none"},
+                          search={"verify_corrections": 0})
+    pruner = SPDYPruner(model, config, tokenizer)
+    result = pruner.prune(latency_table=handwritten_table(model, find_units(model, config.skip_modules), config),
+                          progress=False)
+    held = zeros(result.model)
+    settings = {"method": method, **FAST, "epochs": 6, "patience": 6, "precision": "bfloat16"}
+    rc = SPDYConfig.from_dict({**config.to_dict(), "recovery": settings})
+    seen = set()
+    layers = pruned_layers(result.model, snapshot)
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.add(out.dtype)) for m in layers.values()]
+    entry = Recovery(rc, result.model, snapshot, pruner._calibration_windows(None), "kl", progress=False).run()
+    for h in hooks:
+        h.remove()
+    snapshot.close()
+    assert entry["precision"] == "bfloat16" and torch.bfloat16 in seen
+    assert entry["heldback_after"] < entry["heldback_before"]
+    for n, p in result.model.named_parameters():
+        assert p.dtype == torch.float32 and not p[held[n]].any(), n
+
+
+def test_recovery_precision_defaults_to_float32_on_a_cpu():
+    assert recovery_dtype("auto", torch.device("cpu")) == torch.float32
+    assert recovery_dtype("float32", torch.device("cuda")) == torch.float32
+    assert recovery_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ConfigError, match="recovery.precision"):
+        SPDYConfig(recovery={"precision": "float16"})
 
 
 def test_the_cli_flag_sets_the_method():
