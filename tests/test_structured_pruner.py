@@ -48,6 +48,12 @@ def structured_part(model, config, removal_ms: float | None = None, ms_per_weigh
     return {"signatures": signatures, "groups": names, "dense_ms": 1.25 * total}
 
 
+def random_windows(low: int, high: int, n: int = 8, length: int = 16) -> dict[str, torch.Tensor]:
+    """Seeded calibration windows of random token ids in [low, high)."""
+    ids = torch.randint(low, high, (n, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def structured_table(model, config, removal_ms=None) -> LatencyTable:
     part = structured_part(model, config, removal_ms)
     return LatencyTable(backend="cpu", regime={"batch_size": 1, "sequence_length": 32, "dtype": "float32"},
@@ -187,9 +193,7 @@ def test_structured_database_resumes_and_loads(tmp_path, monkeypatch):
     model = MODEL_FACTORIES["gpt2"]()
     groups = find_structured_groups(model)
     counts = [keep_counts(g, 1, 4) for g in groups]
-    gen = torch.Generator().manual_seed(0)
-    windows = {"input_ids": torch.randint(1000, 30000, (8, 16), generator=gen)}
-    windows["attention_mask"] = torch.ones_like(windows["input_ids"])
+    windows = random_windows(1000, 30000)
     solved = []
     real = sdb_module._solve_group
 
@@ -231,9 +235,7 @@ def test_removal_order_follows_the_databases_nested_levels(tmp_path):
     model = MODEL_FACTORIES["llama"]()
     groups = find_structured_groups(model)
     counts = [keep_counts(g, 1, 8) for g in groups]
-    gen = torch.Generator().manual_seed(0)
-    windows = {"input_ids": torch.randint(0, 1000, (8, 16), generator=gen)}
-    windows["attention_mask"] = torch.ones_like(windows["input_ids"])
+    windows = random_windows(0, 1000)
     family = StructuredFamily.__new__(StructuredFamily)  # removal_order needs only the groups and the database
     family.groups = groups
     family.sdb = build_structured_database(model, groups, counts, windows, directory=tmp_path / "db", progress=False)
