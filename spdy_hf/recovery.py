@@ -102,12 +102,11 @@ class Recovery:
         self.train = _batches({k: v[: n - held_back] for k, v in cut.items()}, self.cfg.batch_size)
         self.heldback = _batches({k: v[n - held_back:] for k, v in cut.items()}, self.cfg.batch_size)
         self.extra = forward_kwargs_of(model)
-        self.dtype = recovery_dtype(self.cfg.precision, device)
+        self.device, self.dtype = device, recovery_dtype(self.cfg.precision, device)
 
     def autocast(self):
         """The forward passes' precision: bfloat16 autocast (`recovery.precision`), or nothing (float32)."""
-        device = model_device(self.model)
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
     def method(self) -> str:
         if self.cfg.method != "auto":
