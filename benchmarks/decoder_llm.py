@@ -106,7 +106,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['regime']} | {r['family']} | {r['target']}x | {r['measured_speedup']:.3f}x | "
                      f"{r['perplexity']:.2f} | {u.get('measured_speedup', float('nan')):.3f}x | "
                      f"{u.get('perplexity', float('nan')):.2f} | {r['dense_perplexity']:.2f} | "
-                     f"{r['job_seconds'] / 60:.1f} min | {r['peak_rss_gb']:.2f} GB |")
+                     f"{r['job_seconds'] / 60:.1f} min{' (cached stages)' if r.get('cached') else ''} | "
+                     f"{r['peak_rss_gb']:.2f} GB |")
     return "\n".join(lines)
 
 
@@ -117,15 +118,36 @@ parser.add_argument("--target", type=float, default=1.5)
 parser.add_argument("--no-uniform", action="store_true", help="Skip the uniform baseline.")
 parser.add_argument("--output", default="benchmarks/out/decoder_llm.json")
 parser.add_argument("--table", action="store_true", help="Print the results so far as a Markdown table.")
+parser.add_argument("--uniform-only", action="store_true",
+                    help="No SPDY job: only the uniform profiles of the family at the target's predicted speedup, "
+                         "from --cache-dir's table and database (a job whose search could not finish in time).")
+parser.add_argument("--cache-dir", help="Use (and keep) this cache instead of a fresh one: stages it already holds "
+                    "(a table of the same regime, a database of the same calibration) are read, not measured, so the "
+                    "row's wall time leaves them out (the row's 'cached' says so).")
 args = parser.parse_args()
 rows = json.load(open(args.output)) if os.path.isfile(args.output) else []
 if args.table:
     print(table(rows))
     sys.exit(0)
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-cache = tempfile.mkdtemp(prefix="decoder-llm-cache-")  # a cold cache: the job's time includes every stage
+# by default a cold cache: the job's time includes every stage
+cache = args.cache_dir or tempfile.mkdtemp(prefix="decoder-llm-cache-")
+if args.uniform_only and not args.cache_dir:
+    parser.error("--uniform-only reads a job's table and database: give its --cache-dir.")
 config = SPDYConfig.from_dict({"target_speedup": args.target, "family": args.family, "regime": REGIMES[args.regime],
                                "cache_dir": cache})
+if args.uniform_only:
+    _, tokenizer = load_model_and_tokenizer(smollm2_path())
+    heldout = heldout_windows(tokenizer, "builtin", config.evaluation.num_samples, config.evaluation.sequence_length)
+    uniform = uniform_baseline(config, args.target, heldout)
+    out = os.path.join(os.path.dirname(args.output) or ".", "decoder_llm_uniform.json")
+    done = json.load(open(out)) if os.path.isfile(out) else []
+    done.append({"regime": args.regime, "family": args.family, "target": args.target, **uniform,
+                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+                 "environment": environment_info()})
+    atomic_write_text(out, json.dumps(done, indent=2) + "\n")
+    print(json.dumps(uniform, indent=2))
+    sys.exit(0)
 start = time.perf_counter()
 model, tokenizer = load_model_and_tokenizer(smollm2_path())
 result = SPDYPruner(model, config, tokenizer).prune(progress=False)
@@ -140,7 +162,7 @@ row = {"regime": args.regime, "family": args.family, "target": args.target,
        "job_seconds": job_seconds, "stage_seconds": report["stage_seconds"], "peak_rss_gb": peak_gb,
        "stage_peak_rss_mb": report["stage_peak_rss_mb"],
        "model_fp32_gb": sum(p.numel() for p in result.model.parameters()) * 4 / 2**30,
-       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+       "cached": bool(args.cache_dir), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
        "environment": environment_info()}
 del result, model
 rows = [r for r in rows if (r["regime"], r["family"], r["target"]) != (args.regime, args.family, args.target)] + [row]
@@ -149,5 +171,6 @@ atomic_write_text(args.output, json.dumps(rows, indent=2) + "\n")  # the job's r
 if not args.no_uniform:
     row["uniform"] = uniform_baseline(config, row["measured_speedup"], heldout)
     atomic_write_text(args.output, json.dumps(rows, indent=2) + "\n")
-shutil.rmtree(cache, ignore_errors=True)
+if not args.cache_dir:
+    shutil.rmtree(cache, ignore_errors=True)
 print(table([row]))
