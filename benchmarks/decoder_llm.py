@@ -122,7 +122,7 @@ parser.add_argument("--uniform-only", action="store_true",
                     help="No SPDY job: only the uniform profiles of the family at the target's predicted speedup, "
                          "from --cache-dir's table and database (a job whose search could not finish in time).")
 parser.add_argument("--cache-dir", help="Use (and keep) this cache instead of a fresh one: stages it already holds "
-                    "(a table of the same regime, a database of the same calibration) are read, not measured, so the "
+                    "(a table of the same regime, a database of the same calibration and target) are read, not measured, so the "
                     "row's wall time leaves them out (the row's 'cached' says so).")
 args = parser.parse_args()
 rows = json.load(open(args.output)) if os.path.isfile(args.output) else []
@@ -131,9 +131,9 @@ if args.table:
     sys.exit(0)
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 # by default a cold cache: the job's time includes every stage
-cache = args.cache_dir or tempfile.mkdtemp(prefix="decoder-llm-cache-")
 if args.uniform_only and not args.cache_dir:
     parser.error("--uniform-only reads a job's table and database: give its --cache-dir.")
+cache = args.cache_dir or tempfile.mkdtemp(prefix="decoder-llm-cache-")
 config = SPDYConfig.from_dict({"target_speedup": args.target, "family": args.family, "regime": REGIMES[args.regime],
                                "cache_dir": cache})
 if args.uniform_only:
@@ -162,7 +162,8 @@ row = {"regime": args.regime, "family": args.family, "target": args.target,
        "job_seconds": job_seconds, "stage_seconds": report["stage_seconds"], "peak_rss_gb": peak_gb,
        "stage_peak_rss_mb": report["stage_peak_rss_mb"],
        "model_fp32_gb": sum(p.numel() for p in result.model.parameters()) * 4 / 2**30,
-       "cached": bool(args.cache_dir), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+       "cached": bool(args.cache_dir),
+       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
        "environment": environment_info()}
 del result, model
 rows = [r for r in rows if (r["regime"], r["family"], r["target"]) != (args.regime, args.family, args.target)] + [row]
