@@ -103,7 +103,9 @@ def table(rows: list[dict]) -> str:
              "job wall | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["regime"], r["family"], r["target"])):
         u = r.get("uniform") or {}
-        lines.append(f"| {r['regime']} | {r['family']} | {r['target']}x | {r['measured_speedup']:.3f}x | "
+        bound = (r.get("search") or {"max_candidates": None}).get("max_candidates")  # rows before the bound: none
+        family = f"{r['family']} (search <= {bound} candidates)" if bound else r["family"]
+        lines.append(f"| {r['regime']} | {family} | {r['target']}x | {r['measured_speedup']:.3f}x | "
                      f"{r['perplexity']:.2f} | {u.get('measured_speedup', float('nan')):.3f}x | "
                      f"{u.get('perplexity', float('nan')):.2f} | {r['dense_perplexity']:.2f} | "
                      f"{r['job_seconds'] / 60:.1f} min{' (cached stages)' if r.get('cached') else ''} | "
@@ -124,6 +126,8 @@ parser.add_argument("--uniform-only", action="store_true",
 parser.add_argument("--cache-dir", help="Use (and keep) this cache instead of a fresh one: stages it already holds "
                     "(a table of the same regime, a database of the same calibration and target) are read, not measured, so the "
                     "row's wall time leaves them out (the row's 'cached' says so).")
+parser.add_argument("--max-candidates", help="search.max_candidates of the job: a number, or 'none' for SPDY's full "
+                    "schedule (default: the library's, 600); the row records it.")
 args = parser.parse_args()
 rows = json.load(open(args.output)) if os.path.isfile(args.output) else []
 if args.table:
@@ -134,8 +138,10 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 if args.uniform_only and not args.cache_dir:
     parser.error("--uniform-only reads a job's table and database: give its --cache-dir.")
 cache = args.cache_dir or tempfile.mkdtemp(prefix="decoder-llm-cache-")
+search = {} if args.max_candidates is None else \
+    {"max_candidates": None if args.max_candidates == "none" else int(args.max_candidates)}
 config = SPDYConfig.from_dict({"target_speedup": args.target, "family": args.family, "regime": REGIMES[args.regime],
-                               "cache_dir": cache})
+                               "cache_dir": cache, "search": search})
 if args.uniform_only:
     _, tokenizer = load_model_and_tokenizer(smollm2_path())
     heldout = heldout_windows(tokenizer, "builtin", config.evaluation.num_samples, config.evaluation.sequence_length)
@@ -160,7 +166,7 @@ row = {"regime": args.regime, "family": args.family, "target": args.target,
        "target_met": report["target_met"], "speedups": report["speedups"],
        "perplexity": report["heldout"]["pruned"], "dense_perplexity": report["heldout"]["dense"],
        "job_seconds": job_seconds, "stage_seconds": report["stage_seconds"], "peak_rss_gb": peak_gb,
-       "stage_peak_rss_mb": report["stage_peak_rss_mb"],
+       "stage_peak_rss_mb": report["stage_peak_rss_mb"], "search": report["search"],
        "model_fp32_gb": sum(p.numel() for p in result.model.parameters()) * 4 / 2**30,
        "cached": bool(args.cache_dir),
        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),

@@ -92,6 +92,9 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
                         "model beside a dense copy), layerwise (block by block, less memory), auto (gap where it "
                         "fits) or none (the default).")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
+    p.add_argument("--max-candidates", type=_candidates,
+                   help="Most candidate profiles the search scores (search.max_candidates, default 600; each costs "
+                        "one scoring pass, the job's main cost on a large model); 'none': SPDY's full schedule.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
     p.add_argument("--allow-shortfall", action="store_true",
                    help="Exit 0 even when the measured speedup misses the target (by more than "
@@ -101,6 +104,15 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     p.set_defaults(func=prune_command)
     return p
+
+
+def _candidates(text: str) -> int | str:
+    if text.lower() in ("none", "null"):
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of candidates nor 'none'") from None
 
 
 def _build_config(args):
@@ -143,6 +155,8 @@ def _build_config(args):
         data.setdefault("recovery", {})["method"] = args.recovery
     if args.database_dir is not None:
         data.setdefault("database", {})["dir"] = args.database_dir
+    if args.max_candidates is not None:
+        data.setdefault("search", {})["max_candidates"] = None if args.max_candidates == "none" else args.max_candidates
     if args.seed is not None:
         calibration["seed"] = args.seed
         data.setdefault("search", {})["seed"] = args.seed

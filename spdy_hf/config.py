@@ -158,6 +158,14 @@ class SearchConfig:
     neighbourhood_fraction: float = field(
         default=0.1, metadata={"help": "Initial share of units redrawn per mutation (rounded, at least 1)."}
     )
+    max_candidates: int | None = field(
+        default=600,
+        metadata={"help": "Most candidates the search tries, random starts included; each neighbourhood size then gets "
+                  "at most an equal share of those left, so the search still ends on single-unit redraws. Binds "
+                  "only on large models (MiniLM's 12 structured units take about 220); on SmolLM2 the candidates "
+                  "past 600 bought 2.5 % calibration score and a worse held-out perplexity (docs/BENCHMARKS.md). "
+                  "null: SPDY's schedule, at least num_random_inits + patience x round(neighbourhood_fraction x "
+                  "units) candidates (each improvement restarts a size's count)."})
     dp_buckets: int = field(default=10_000, metadata={"min": 10, "help": "Time buckets of the dynamic program."})
     speedup_margin: float = field(
         default=0.05,
@@ -201,6 +209,11 @@ class SearchConfig:
         check_choice("search.score", self.score, ("auto", "kl", "cosine", "nmse"))
         check_choice("search.score_dtype", self.score_dtype, ("auto", "float32", "bfloat16"))
         check_number("search.neighbourhood_fraction", self.neighbourhood_fraction, lambda v: 0 < v <= 1, "(0, 1]")
+        if self.max_candidates is not None and (isinstance(self.max_candidates, bool) or not isinstance(
+                self.max_candidates, int) or self.max_candidates < self.num_random_inits):
+            raise ConfigError(f"search.max_candidates={self.max_candidates!r} must be null (no bound) or an integer "
+                              f">= search.num_random_inits ({self.num_random_inits}): the random starts count toward "
+                              "it. Raise it with num_random_inits, or set it to null.")
         check_number("search.speedup_margin", self.speedup_margin, lambda v: 0 <= v < 1, "[0, 1)")
         check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
         check_number("search.target_tolerance", self.target_tolerance, lambda v: 0 <= v < 1, "[0, 1)")

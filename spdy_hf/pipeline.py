@@ -208,7 +208,8 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
         return scorer(keys)
 
     result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
-                         neighbourhood_fraction=s.neighbourhood_fraction, buckets=s.dp_buckets, seed=s.seed,
+                         neighbourhood_fraction=s.neighbourhood_fraction, max_candidates=s.max_candidates,
+                         buckets=s.dp_buckets, seed=s.seed,
                          prior=prior, progress=progress)
     return result, scorer
 
@@ -243,7 +244,10 @@ def job_summary(config: SPDYConfig, score: float, score_kind: str, database_info
         "database": database_info,
         "budget": {"base_ms": budget.base_ms, "prunable_ms": budget.prunable_ms,
                    "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
-        "search": {"candidates": result.candidates, "evaluations": result.evaluations},
+        "search": {"candidates": result.candidates, "evaluations": result.evaluations,
+                   "max_candidates": config.search.max_candidates, "cut_short": result.cut_short,
+                   "schedule": [[k, n] for k, n in result.schedule],
+                   "improvements": [[i, score] for i, score in result.improvements()]},
         "stage_seconds": dict(stages.seconds),
         "stage_peak_rss_mb": dict(stages.peak_mb),
         "environment": environment_info(),

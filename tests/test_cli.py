@@ -240,13 +240,32 @@ def test_prune_structured_family_from_the_command_line(tiny_model_dir, tmp_path,
     structured_table(make_bert(), config).save(table)
     out = tmp_path / "out"
     code = main(["prune", str(model_dir), "--recipe", str(recipe), "--family", "structured", "--latency-table",
-                 str(table), "--target-speedup", "1.6", "-o", str(out), "--no-progress", "--allow-shortfall"])
+                 str(table), "--target-speedup", "1.6", "-o", str(out), "--no-progress", "--allow-shortfall",
+                 "--max-candidates", "7"])
     assert code == 0, capsys.readouterr().err
     with open(out / "spdy_profile.json") as f:
         groups = json.load(f)["groups"]
     assert len(groups) == 4 and any(g["keep"] < g["num_groups"] for g in groups)
     with open(out / "spdy_report.json") as f:
-        assert json.load(f)["family"] == "structured"
+        report = json.load(f)
+    assert report["family"] == "structured"
+    search = report["search"]  # 5 random starts, then 2 mutations: fewer than patience (3) failures, so cut short
+    assert search["max_candidates"] == 7 and search["candidates"] == 7 and search["cut_short"]
+    assert search["schedule"] == [[1, 2]]
+    assert search["improvements"][0][0] == 1 and search["improvements"][-1][0] <= 7
+
+    # 'none' lifts the bound: the recipe's full schedule (at least 5 + 3 candidates, not cut short)
+    out = tmp_path / "unbounded"
+    assert main(["prune", str(model_dir), "--recipe", str(recipe), "--family", "structured", "--latency-table",
+                 str(table), "--target-speedup", "1.6", "-o", str(out), "--no-progress", "--allow-shortfall",
+                 "--max-candidates", "none"]) == 0
+    with open(out / "spdy_report.json") as f:
+        search = json.load(f)["search"]
+    assert search["max_candidates"] is None and not search["cut_short"] and search["candidates"] >= 8
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(model_dir), "--max-candidates", "many", "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "neither a number of candidates nor 'none'" in capsys.readouterr().err
 
 
 def test_a_missed_target_is_written_and_exits_3(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -25,6 +25,11 @@ def test_defaults():
     assert isinstance(c.search, SearchConfig)
     assert c.search.num_random_inits == 100 and c.search.patience == 100
     assert c.search.neighbourhood_fraction == 0.1 and c.search.dp_buckets == 10_000
+    assert c.search.max_candidates == 600
+    assert SPDYConfig.from_dict({"search": {"max_candidates": None}}).search.max_candidates is None  # no bound
+    # a recipe that raises the random starts past the default bound is told what to change
+    with pytest.raises(ConfigError, match="set it to null"):
+        SPDYConfig.from_dict({"search": {"num_random_inits": 700}})
     assert c.search.error_prior == "auto" and c.database.propagation == "auto"
     # 'auto' decided per family: measured errors for structured OBS, SPDY's prior for per-layer levels
     assert c.resolved_error_prior() == "measured"
@@ -155,6 +160,9 @@ def test_config_error_is_an_spdy_error_and_a_value_error():
         ({"regime": {"batch_size": 0}}, "regime.batch_size", ">= 1"),
         ({"search": {"neighbourhood_fraction": 0}}, "search.neighbourhood_fraction", "(0, 1]"),
         ({"search": {"dp_buckets": 5}}, "search.dp_buckets", ">= 10"),
+        ({"search": {"max_candidates": 99}}, "search.max_candidates", "num_random_inits (100)"),
+        ({"search": {"max_candidates": True}}, "search.max_candidates", "integer"),
+        ({"search": {"max_candidates": 300.5}}, "search.max_candidates", "integer"),
         ({"search": {"error_prior": "uniform"}}, "search.error_prior", "'measured'"),
         ({"search": {"error_prior": "measured"}, "method": "magnitude"}, "error_prior", "method='obs'"),
         ({"database": {"dampening": 0}}, "database.dampening", "(0, 1)"),

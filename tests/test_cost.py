@@ -221,3 +221,32 @@ def test_the_chunked_kl_score_is_the_kl_divergence():
     expected = float((p.exp() * (p - q)).sum(-1).mean())
     assert expected > 1e-4
     assert got == pytest.approx(expected, rel=2e-3, abs=1e-6)
+
+
+def _resident_file_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("RssFile:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
+def test_a_loaded_structured_store_does_not_keep_its_weights_resident(tmp_path):
+    """Loading a finished structured database reads every byte (the checksum) but keeps only each unit's small
+    tensors: were they views of the file's memory map, every weight page read would stay resident for the job
+    (SmolLM2: 1 GB more)."""
+    from spdy_hf.database.store import DatabaseStore
+
+    if _resident_file_mb() is None:
+        pytest.skip("needs Linux's /proc/self/status")
+    store = DatabaseStore(tmp_path / "db", {"test": 1})
+    store.open()
+    for u in range(4):  # 4 units of 16 MB of weights each
+        tensors = {"kept.0": torch.arange(8), "weight.0": torch.randn(2048, 2048)}
+        store.save_unit(f"unit{u}", tensors, torch.zeros(1, dtype=torch.float64))
+    before = _resident_file_mb()
+    held = [StoredTensors(store.unit_path(name), t) for name, (t, _) in store.iter_stored({f"unit{u}" for u in range(4)})]
+    assert len(held) == 4 and torch.equal(held[0]["kept.0"], torch.arange(8))
+    assert held[0]["weight.0"].shape == (2048, 2048)  # read from disk when asked for
+    assert _resident_file_mb() - before < 24  # not the 64 MB the checksum read

@@ -225,3 +225,37 @@ def test_spdy_search_raises_when_nothing_fits():
     times = np.array([[2.0, 1.0]])
     with pytest.raises(ValueError, match="budget"):
         spdy_search(lambda p: 0.0, times, 0.5, num_random_inits=2, patience=1, buckets=10, progress=False)
+
+
+def test_max_candidates_bounds_the_search_and_still_ends_on_single_unit_redraws():
+    times, budget, c_true, sparsity = synthetic_problem(n_units=30)
+
+    def evaluate(p):
+        return float(np.sum(c_true * sparsity[p] ** 2))
+
+    full = spdy_search(evaluate, times, budget, num_random_inits=10, patience=20, buckets=500, seed=1,
+                       progress=False)
+    assert not full.cut_short and full.candidates > 10 + 3 * 20  # three sizes (3, 2, 1), each 20 failures or more
+    assert [k for k, _ in full.schedule] == [3, 2, 1]
+    # a bound far above what the full schedule takes changes nothing
+    loose = spdy_search(evaluate, times, budget, num_random_inits=10, patience=20, buckets=500, seed=1,
+                        max_candidates=10 * full.candidates, progress=False)
+    assert loose.profile.tolist() == full.profile.tolist() and loose.history == full.history
+    assert not loose.cut_short
+
+    bounded = spdy_search(evaluate, times, budget, num_random_inits=10, patience=20, buckets=500, seed=1,
+                          max_candidates=40, progress=False)
+    assert bounded.candidates == 40 and bounded.cut_short
+    assert [k for k, _ in bounded.schedule] == [3, 2, 1]  # every neighbourhood size had its turn
+    assert sum(n for _, n in bounded.schedule) == 40 - 10
+    assert all(n >= 1 for _, n in bounded.schedule)
+    assert bounded.history[:10] == full.history[:10]  # the same random starts
+    assert times[np.arange(times.shape[0]), bounded.profile].sum() <= budget
+
+    improvements = bounded.improvements()
+    assert improvements[0][0] == 1 and improvements[-1][1] == bounded.score
+    assert all(a[1] > b[1] and a[0] < b[0] for a, b in zip(improvements, improvements[1:]))
+    assert all(bounded.history[i - 1] == score for i, score in improvements)
+
+    with pytest.raises(ValueError, match="num_random_inits"):
+        spdy_search(evaluate, times, budget, num_random_inits=10, max_candidates=9, progress=False)

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import torch
 
@@ -176,22 +177,27 @@ class DatabaseStore:
         if expected is None or tensors_digest(tensors) != expected:
             raise DamagedUnitError(f"{path} does not hold what was written to it (checksum mismatch); delete it "
                                    "and the build resumes without it.")
-        errors = tensors.pop("errors")
+        errors = tensors.pop("errors").clone()  # held for the whole job: not a view of the file's memory map
         return tensors, errors
 
     def load_stored(self, names: set[str]) -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """The stored units among `names` that are intact. A damaged one is deleted with a warning (and the store
         marked incomplete), so the build computes it again instead of loading it."""
-        out = {}
+        return dict(self.iter_stored(names))
+
+    def iter_stored(self, names: set[str]) -> Iterator[tuple[str, tuple[dict[str, torch.Tensor], torch.Tensor]]]:
+        """`load_stored` one unit at a time, for a caller that keeps only part of each (the memory of one unit's
+        tensors at a time, not of the whole database)."""
         for name in sorted(self.stored_units() & set(names)):
             try:
-                out[name] = self.load_unit(name)
+                unit = self.load_unit(name)
             except DamagedUnitError as e:
                 logger.warning("%s Computing it again.", e)
                 os.unlink(self._path(name))
                 if self.is_complete():
                     os.unlink(self.manifest_path)
-        return out
+                continue
+            yield name, unit
 
     def is_complete(self) -> bool:
         return os.path.isfile(self.manifest_path)

@@ -138,7 +138,9 @@ class StoredTensors:
     def __init__(self, path: str, tensors: dict[str, torch.Tensor]):
         self.path = path
         self._names = set(tensors)
-        self._held = {k: v for k, v in tensors.items() if not k.startswith(("weight.", "hessian"))}
+        # copies: a loaded tensor is a view of its file's memory map, which would keep the whole file resident
+        # (the weights too, every page of which the checksum has read) for as long as the view lives
+        self._held = {k: v.clone() for k, v in tensors.items() if not k.startswith(("weight.", "hessian"))}
 
     def __contains__(self, key: str) -> bool:
         return key in self._names
@@ -232,8 +234,11 @@ def build_structured_database(
     store.open()
     if store.is_complete():
         logger.info("Loading the finished structured database from %s.", store.directory)
-    for name, (tensors, err) in store.load_stored({g.consumer for g in groups}).items():
+    # one unit at a time: only its small tensors are held, its weights are read again when stitched
+    for name, (tensors, err) in store.iter_stored({g.consumer for g in groups}):
         entries[name], errors[name] = StoredTensors(store.unit_path(name), tensors), err
+        del tensors
+    release_free_memory()
     if len(entries) < len(groups):
         start = time.perf_counter()
         by_consumer = {g.consumer: (g, c) for g, c in zip(groups, counts)}

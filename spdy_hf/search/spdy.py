@@ -32,6 +32,17 @@ class SearchResult:
     candidates: int  # sensitivity vectors tried
     evaluations: int  # distinct profiles scored (identical profiles are scored once)
     history: list[float] = field(default_factory=list)  # best score after each candidate
+    cut_short: bool = False  # `max_candidates` ended a neighbourhood size before its `patience` failures
+    schedule: list[tuple[int, int]] = field(default_factory=list)  # (neighbourhood size, candidates tried at it)
+
+    def improvements(self) -> list[tuple[int, float]]:
+        """(candidate number, counted from 1, new best score) at every improvement: how the search converged."""
+        out, best = [], np.inf
+        for i, score in enumerate(self.history, 1):
+            if score < best:
+                out.append((i, score))
+                best = score
+        return out
 
 
 def spdy_search(
@@ -42,6 +53,7 @@ def spdy_search(
     num_random_inits: int = 100,
     patience: int = 100,
     neighbourhood_fraction: float = 0.1,
+    max_candidates: int | None = None,
     buckets: int = 10_000,
     seed: int = 0,
     prior: np.ndarray | None = None,
@@ -52,6 +64,12 @@ def spdy_search(
     Each candidate c in [0, 1]^U becomes a profile through the DP with costs c_u * e(k) (or c_u * e_u(k) with a
     per-unit prior of shape (U, K), such as measured errors); `evaluate(profile)` returns its score (lower is
     better).
+
+    `max_candidates` bounds the candidates in all, random starts included (None: SPDY's schedule, which ends only
+    when every neighbourhood size has failed `patience` times in a row, each improvement restarting the count).
+    Under the bound, each neighbourhood size from the largest down to 1 gets at most an equal share of the
+    candidates left, and what one size leaves unused passes to the next, so the search still ends on single-unit
+    redraws.
     """
     times = np.asarray(times, dtype=np.float64)
     n_units, n_levels = times.shape
@@ -61,6 +79,8 @@ def spdy_search(
     if prior.shape not in ((1, n_levels), (n_units, n_levels)) or not np.isfinite(prior).all():
         raise ValueError(f"The error prior must be finite, of shape ({n_levels},) or ({n_units}, {n_levels}); "
                          f"got {prior.shape}.")
+    if max_candidates is not None and max_candidates < num_random_inits:
+        raise ValueError(f"max_candidates ({max_candidates}) must be at least num_random_inits ({num_random_inits}).")
     rng = np.random.default_rng(seed)
     scores: dict[tuple[int, ...], float] = {}
 
@@ -80,8 +100,12 @@ def spdy_search(
     best_score = np.inf
     history: list[float] = []
     k = max(1, int(round(neighbourhood_fraction * n_units)))
-    bar = tqdm(desc="SPDY search", unit="cand", disable=not progress, total=num_random_inits + k * patience)
+    cap = np.inf if max_candidates is None else max_candidates
+    bar = tqdm(desc="SPDY search", unit="cand", disable=not progress,
+               total=int(min(cap, num_random_inits + k * patience)))
     candidates = 0
+    cut_short = False
+    schedule: list[tuple[int, int]] = []
 
     def consider(c: np.ndarray) -> bool:
         nonlocal best_c, best_profile, best_score, candidates
@@ -103,17 +127,22 @@ def spdy_search(
         raise RuntimeError("Every candidate scored NaN: the model's outputs are not finite on the calibration set.")
     while k >= 1:
         failures = 0
-        while failures < patience:
+        # this size's end under the bound: an equal share of what is left to the k sizes left
+        share = np.inf if max_candidates is None else candidates + (max_candidates - candidates) // k
+        start = candidates
+        while failures < patience and candidates < share:
             c = best_c.copy()
             redraw = rng.choice(n_units, size=k, replace=False)
             c[redraw] = rng.random(k)
             failures = 0 if consider(c) else failures + 1
             # an improvement restarts the patience count, so the end moves: keep the bar's total honest
-            bar.total = candidates + (patience - failures) + (k - 1) * patience
+            bar.total = int(min(cap, candidates + (patience - failures) + (k - 1) * patience))
             bar.refresh()
+        cut_short = cut_short or failures < patience
+        schedule.append((k, candidates - start))
         k -= 1
     bar.close()
-    logger.info("SPDY search: %d candidates, %d distinct profiles scored, best score %.6g.",
-                candidates, len(scores), best_score)
+    logger.info("SPDY search: %d candidates, %d distinct profiles scored, best score %.6g%s.", candidates,
+                len(scores), best_score, " (stopped by search.max_candidates)" if cut_short else "")
     return SearchResult(profile=best_profile, sensitivities=best_c, score=best_score, candidates=candidates,
-                        evaluations=len(scores), history=history)
+                        evaluations=len(scores), history=history, cut_short=cut_short, schedule=schedule)
