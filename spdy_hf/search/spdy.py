@@ -45,6 +45,17 @@ class SearchResult:
         return out
 
 
+def _unit_prior(prior: np.ndarray | None, n_units: int, n_levels: int) -> np.ndarray:
+    """The DP's error prior as (1, K) (one curve for every unit, SPDY's reference prior by default) or (U, K)."""
+    prior = error_prior(n_levels) if prior is None else np.asarray(prior, dtype=np.float64)
+    if prior.ndim == 1:
+        prior = prior[None, :]
+    if prior.shape not in ((1, n_levels), (n_units, n_levels)) or not np.isfinite(prior).all():
+        raise ValueError(f"The error prior must be finite, of shape ({n_levels},) or ({n_units}, {n_levels}); "
+                         f"got {prior.shape}.")
+    return prior
+
+
 def spdy_search(
     evaluate: Callable[[np.ndarray], float],
     times: np.ndarray,
@@ -65,20 +76,12 @@ def spdy_search(
     per-unit prior of shape (U, K), such as measured errors); `evaluate(profile)` returns its score (lower is
     better).
 
-    `max_candidates` bounds the candidates in all, random starts included (None: SPDY's schedule, which ends only
-    when every neighbourhood size has failed `patience` times in a row, each improvement restarting the count).
-    Under the bound, each neighbourhood size from the largest down to 1 gets at most an equal share of the
-    candidates left, and what one size leaves unused passes to the next, so the search still ends on single-unit
-    redraws.
+    `max_candidates` bounds the candidates, random starts included (None: SPDY's open-ended schedule); each
+    neighbourhood size then gets at most an equal share of those left, so the search still ends on size 1.
     """
     times = np.asarray(times, dtype=np.float64)
     n_units, n_levels = times.shape
-    prior = error_prior(n_levels) if prior is None else np.asarray(prior, dtype=np.float64)
-    if prior.ndim == 1:
-        prior = prior[None, :]  # one curve for every unit (SPDY's reference prior)
-    if prior.shape not in ((1, n_levels), (n_units, n_levels)) or not np.isfinite(prior).all():
-        raise ValueError(f"The error prior must be finite, of shape ({n_levels},) or ({n_units}, {n_levels}); "
-                         f"got {prior.shape}.")
+    prior = _unit_prior(prior, n_units, n_levels)
     if max_candidates is not None and max_candidates < num_random_inits:
         raise ValueError(f"max_candidates ({max_candidates}) must be at least num_random_inits ({num_random_inits}).")
     rng = np.random.default_rng(seed)
@@ -96,16 +99,12 @@ def spdy_search(
             scores[key] = float(evaluate(profile))
         return scores[key]
 
-    best_c = best_profile = None
-    best_score = np.inf
-    history: list[float] = []
+    best_c, best_profile, best_score, history = None, None, np.inf, []
     k = max(1, int(round(neighbourhood_fraction * n_units)))
     cap = np.inf if max_candidates is None else max_candidates
     bar = tqdm(desc="SPDY search", unit="cand", disable=not progress,
                total=int(min(cap, num_random_inits + k * patience)))
-    candidates = 0
-    cut_short = False
-    schedule: list[tuple[int, int]] = []
+    candidates, cut_short, schedule = 0, False, []  # schedule: (neighbourhood size, candidates tried at it)
 
     def consider(c: np.ndarray) -> bool:
         nonlocal best_c, best_profile, best_score, candidates
