@@ -46,7 +46,8 @@ parser.add_argument("--quick", action="store_true", help="One case (structured 1
 parser.add_argument("--epochs", type=int, default=None, help="recovery.epochs (default: the config's).")
 parser.add_argument("--methods", default="none,gap,layerwise",
                     help="Comma-separated recovery methods, each optionally METHOD@LEARNING_RATE[@OUTPUT_WEIGHT"
-                         "[@EPOCHS]] (gap@1e-4, gap@1e-5@1, gap@@@16); an empty field is the config's default.")
+                         "[@EPOCHS[@PRECISION]]] (gap@1e-4, gap@1e-5@1, gap@@@16, gap@@@@float32); an empty field is "
+                         "the config's default.")
 parser.add_argument("--cases", default=None, help="Comma-separated FAMILY@TARGET (default: all three), or 2:4 (every "
                     "layer 2:4 with OBS, no search; no target).")
 parser.add_argument("--num-samples", type=int, default=None,
@@ -67,9 +68,9 @@ cases = CASES[:1] if args.quick else CASES
 if args.cases:
     cases = [(c, None) if c == "2:4" else (c.split("@")[0], float(c.split("@")[1])) for c in args.cases.split(",")]
 epochs = 2 if args.quick and args.epochs is None else args.epochs
-methods = [(*m.split("@"), None, None, None)[:4] for m in args.methods.split(",")]
-methods = [(m, float(lr) if lr else None, float(w) if w else None, int(e) if e else epochs)
-           for m, lr, w, e in methods]
+methods = [(*m.split("@"), None, None, None, None)[:5] for m in args.methods.split(",")]
+methods = [(m, float(lr) if lr else None, float(w) if w else None, int(e) if e else epochs, p or None)
+           for m, lr, w, e, p in methods]
 rows = []
 
 
@@ -97,13 +98,14 @@ for family, target in cases:
         result = pruner.prune(progress=False)
     job_seconds = time.perf_counter() - start
     scorer_windows = {k: v[: config.search.eval_samples] for k, v in windows.items()}
-    for method, lr, weight, n_epochs in methods:
+    for method, lr, weight, n_epochs, precision in methods:
         recovered = copy.deepcopy(result.model).eval()
         entry = {"method": "none"}
         if method != "none":
             settings = {"method": method, **({} if n_epochs is None else {"epochs": n_epochs}),
                         **({} if lr is None else {"learning_rate": lr}),
-                        **({} if weight is None else {"output_weight": weight})}
+                        **({} if weight is None else {"output_weight": weight}),
+                        **({} if precision is None else {"precision": precision})}
             rc = SPDYConfig.from_dict({**config.to_dict(), "recovery": settings})
             entry = Recovery(rc, recovered, snapshot, windows, "cosine", progress=False).run()
         with torch.inference_mode():
@@ -115,6 +117,7 @@ for family, target in cases:
                "calibration_windows": config.calibration.num_samples,
                "method": method, "output_weight": entry.get("output_weight"), "seconds": entry.get("seconds", 0.0), "best_epoch": entry.get("best_epoch"),
                "epochs": entry.get("epochs"), "epochs_run": entry.get("epochs_run"), "learning_rate": entry.get("learning_rate"),
+               "precision": entry.get("precision"),
                "heldback_before": entry.get("heldback_before"), "heldback_after": entry.get("heldback_after"),
                "heldback_score": entry.get("heldback_score"), "reverted": entry.get("reverted"),
                "calibration_distance": calib, "job_seconds": round(job_seconds, 1),
@@ -122,7 +125,7 @@ for family, target in cases:
         rows.append(row)
         speed = "no CPU kernel" if two_four else f"measured {row['measured_speedup']:.3f}x"
         case = family if two_four else f"{family} {target:.1f}x"
-        print(f"{case:16s} ({speed}) {method:9s} lr {lr} w {weight} epochs {n_epochs} "
+        print(f"{case:16s} ({speed}) {method:9s} lr {lr} w {weight} epochs {n_epochs} {entry.get('precision', '')} "
               f"docstrings {row['heldout_docstrings']:.4f}  prose {row['reference_prose']:.4f}  "
               f"calibration 1-cos {calib:.5f}  {row['seconds']:.0f} s{'  (reverted)' if row['reverted'] else ''}", flush=True)
 snapshot.close()

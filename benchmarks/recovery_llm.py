@@ -45,8 +45,8 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--target", type=float, default=1.5)
 parser.add_argument("--windows", default="128", help="Comma-separated numbers of recovery windows (128 tokens).")
 parser.add_argument("--methods", default="none,gap",
-                    help="Comma-separated METHOD[@LEARNING_RATE[@OUTPUT_WEIGHT[@EPOCHS]]]; an empty field is the "
-                         "config's default ('none' is run once).")
+                    help="Comma-separated METHOD[@LEARNING_RATE[@OUTPUT_WEIGHT[@EPOCHS[@PRECISION]]]]; an empty "
+                         "field is the config's default ('none' is run once).")
 parser.add_argument("--cache-dir", default="benchmarks/out/cache-llm", help="Latency tables and databases.")
 parser.add_argument("--pruned", default=None, help="Save the unrecovered job's output here, or read it if there.")
 parser.add_argument("--output", default="benchmarks/out/recovery_llm.json", help="JSON results path.")
@@ -71,9 +71,10 @@ def quality(model, tokenizer, sets) -> dict:
 
 
 def parse_method(spec: str):
-    name, lr, weight, epochs = (*spec.split("@"), None, None, None)[:4]
+    name, lr, weight, epochs, precision = (*spec.split("@"), None, None, None, None)[:5]
     settings = {"method": name, **({"learning_rate": float(lr)} if lr else {}),
-                **({"output_weight": float(weight)} if weight else {}), **({"epochs": int(epochs)} if epochs else {})}
+                **({"output_weight": float(weight)} if weight else {}), **({"epochs": int(epochs)} if epochs else {}),
+                **({"precision": precision} if precision else {})}
     return spec, settings
 
 
@@ -116,7 +117,7 @@ for n in [int(x) for x in args.windows.split(",")]:
         row = {"method": spec, "windows": n if settings["method"] != "none" else 0,
                "tokens": n * windows["input_ids"].shape[1] if settings["method"] != "none" else 0,
                "measured_speedup": measured, **quality(model, tokenizer, sets),
-               **{k: entry.get(k) for k in ("seconds", "learning_rate", "output_weight", "epochs", "epochs_run",
+               **{k: entry.get(k) for k in ("seconds", "learning_rate", "output_weight", "epochs", "epochs_run", "precision",
                                             "best_epoch", "heldback_score", "reverted")}}
         rows.append(row)
         print(f"{spec:16s} windows {row['windows']:4d}  docstrings ppl {row['heldout_docstrings']:.2f}  prose ppl "

@@ -22,7 +22,8 @@ class RecoveryConfig:
                 "layerwise) or 'none'."})
     epochs: int = field(default=8, metadata={"min": 1, "help": "Passes over the training windows (at most)."})
     learning_rate: float | None = field(default=None, metadata={
-        "help": "Adam's learning rate; null: 3e-5 for gap, 1e-4 for layerwise (the best measured on MiniLM)."})
+        "help": "Adam's learning rate; null: for gap 3e-4 when the job's score is KL (causal LMs: the best measured on "
+                "SmolLM2-135M) and 3e-5 otherwise (encoders: the best measured on MiniLM), 1e-4 for layerwise."})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per optimizer step."})
     num_samples: int | None = field(default=None, metadata={
         "help": "Calibration windows used (the first ones); null: all of them."})
@@ -38,7 +39,8 @@ class RecoveryConfig:
     precision: str = field(default="auto", metadata={
         "help": "Forward passes of recovery: 'bfloat16' (torch.autocast; the weights, gradients and Adam's state "
                 "stay float32, the losses are taken in float32), 'float32', or 'auto' (bfloat16 on a GPU that "
-                "supports it, float32 on a CPU)."})
+                "supports it and on a CPU with bfloat16 matrix instructions, AVX512-BF16 or AMX; float32 on other "
+                "CPUs)."})
 
     def __post_init__(self):
         check_fields(self, "recovery.")
@@ -51,11 +53,13 @@ class RecoveryConfig:
         if self.num_samples is not None:
             check_int("recovery.num_samples", self.num_samples, 2)
 
-    def lr(self, method: str) -> float:
-        """The learning rate for `method` ('gap' or 'layerwise')."""
+    def lr(self, method: str, kind: str | None = None) -> float:
+        """The learning rate for `method` ('gap' or 'layerwise') in a job scored by `kind` ('kl' for causal LMs)."""
         if self.learning_rate is not None:
             return float(self.learning_rate)
-        return 3e-5 if method == "gap" else 1e-4
+        if method != "gap":
+            return 1e-4
+        return 3e-4 if kind == "kl" else 3e-5
 
 
 @dataclass

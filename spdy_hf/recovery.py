@@ -5,8 +5,9 @@ in, the pruned model's remaining weights are fitted so that every pruned layer's
 on the calibration windows: gAP's normalised squared error of every pruned layer's output (`spdy_hf.distill`),
 each model on its own activations; `gap` adds `output_weight` times the job's score on the final output (KL for
 LMs, 1 - cosine per token otherwise). Adam. The reference uses a learning rate of 1e-5 for the global variant, 1e-3
-for the layer-wise one and no output term; the defaults here (3e-5 and 1e-4, output weight 10) are the best
-measured on MiniLM (docs/BENCHMARKS.md, "Few-sample recovery").
+for the layer-wise one and no output term; the defaults here are the best measured (docs/BENCHMARKS.md, "Few-sample
+recovery"): for gap 3e-5 on an encoder (MiniLM) and 3e-4 on a causal LM (SmolLM2-135M, scored by KL), 1e-4 for the
+layer-wise variant, output weight 10.
 
 What may change: every parameter of the blocks that hold a pruned layer. What may not: a zero of the profile
 (`spdy_hf.masks.HeldZeros`: their gradients are zeroed before each step and the entries set to zero after it), so
@@ -26,9 +27,10 @@ Two variants (`recovery.method`):
 `auto` takes `gap` when about five times the trained parameters' size fits in the memory free now, else
 `layerwise`.
 
-Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it (the
-default there), float32 on a CPU; the weights, their gradients and Adam's state stay float32 and every loss is
-taken in float32, so no loss scaling is needed. Placement is the model's device. `accelerate`'s `Accelerator` is not
+Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
+on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
+SmolLM2-135M and MiniLM), float32 on other CPUs; the weights, their gradients and Adam's state stay float32 and every
+loss is taken in float32, so no loss scaling is needed. Placement is the model's device. `accelerate`'s `Accelerator` is not
 used for this: its state is process-wide (another `Accelerator` with other mixed-precision settings in the same
 process is refused), and a `Trainer` later in the same process (gradual pruning, fine-tuning with the held-zeros
 callback) makes one of its own.
@@ -127,7 +129,7 @@ class Recovery:
             return {"method": "none", "reason": "nothing pruned"}
         method = self.method()
         start = time.perf_counter()
-        lr = self.cfg.lr(method)
+        lr = self.cfg.lr(method, self.kind)
         counts_before = self.held.counts()
         was_training = self.model.training
         self.model.eval()
@@ -337,12 +339,30 @@ class Recovery:
 
 def recovery_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype of recovery's forward passes: `recovery.precision`, with 'auto' bfloat16 on a GPU that supports it
-    and float32 elsewhere (a CPU trains in float32)."""
+    and on a CPU with bfloat16 matrix instructions, float32 elsewhere (without them a CPU's bfloat16 products are
+    emulated, not measured to pay)."""
     if precision == "bfloat16":
         return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_bf16_matmul():
+            return torch.bfloat16
     return torch.float32
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX tiles), as oneDNN uses them: there
+    recovery's forward and backward passes in bfloat16 take about half the time of float32 ones (SmolLM2-135M on an
+    AVX512-BF16 EPYC, docs/BENCHMARKS.md) and recover as well."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):  # torch.cpu's, private: probed with care
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and bool(check()):
+                return True
+        except Exception:  # noqa: BLE001 - a probe that fails means "not known to be there"
+            continue
+    return False
 
 
 def _raise_stop(module, args, output):

@@ -10,7 +10,8 @@ import torch
 from conftest import MODEL_FACTORIES, example_inputs, small_config
 from test_structured_obs import layer
 
-from spdy_hf.database.structured_database import StoredTensors, build_structured_database
+from spdy_hf.database.store import StoredTensors
+from spdy_hf.database.structured_database import build_structured_database
 from spdy_hf.database.structured_obs import structured_obs_levels
 from spdy_hf.latency.structured import keep_counts
 from spdy_hf.pipeline import unit_blocks
@@ -246,7 +247,31 @@ def test_a_loaded_structured_store_does_not_keep_its_weights_resident(tmp_path):
         tensors = {"kept.0": torch.arange(8), "weight.0": torch.randn(2048, 2048)}
         store.save_unit(f"unit{u}", tensors, torch.zeros(1, dtype=torch.float64))
     before = _resident_file_mb()
-    held = [StoredTensors(store.unit_path(name), t) for name, (t, _) in store.iter_stored({f"unit{u}" for u in range(4)})]
+    held = [StoredTensors(store.unit_path(name), t, ("weight.",)) for name, (t, _) in store.iter_stored({f"unit{u}" for u in range(4)})]
     assert len(held) == 4 and torch.equal(held[0]["kept.0"], torch.arange(8))
     assert held[0]["weight.0"].shape == (2048, 2048)  # read from disk when asked for
     assert _resident_file_mb() - before < 24  # not the 64 MB the checksum read
+
+
+def test_a_per_layer_database_holds_only_each_units_pruned_at_and_reads_level_values_from_disk(tmp_path):
+    """The unstructured family's database stores about 7 weights' worth of level values per unit (SmolLM2: 2.9 GB);
+    built or loaded, it holds only each unit's `pruned_at` and reads a level's values when stitched, with the same
+    weights as the stored unit decoded whole."""
+    from spdy_hf.database import build_obs_database, load_obs_database
+    from spdy_hf.database.store import DatabaseStore, decode_level
+    from spdy_hf.units import find_units
+
+    model = MODEL_FACTORIES["bert"]()
+    units = find_units(model, ["*embed*", "*pooler*"], example_inputs=example_inputs(1, 8))
+    levels = [0.0, 0.5, 0.8]
+    built = build_obs_database(model, units, levels, example_inputs(4, 16), directory=tmp_path / "db",
+                               progress=False)
+    store = DatabaseStore(tmp_path / "db", {})
+    for db in (built, load_obs_database(tmp_path / "db", units, levels),
+               build_obs_database(model, units, levels, example_inputs(4, 16), directory=tmp_path / "db",
+                                  progress=False)):
+        assert all(isinstance(e, StoredTensors) and set(e._held) == {"pruned_at"} for e in db.encoded)
+        for i, unit in enumerate(units):
+            whole, _ = store.load_unit(unit.name)
+            for k in range(len(levels)):
+                assert torch.equal(db.weight(i, k), decode_level(whole, k)), (unit.name, k)

@@ -168,7 +168,10 @@ def test_recovery_config_checks():
     with pytest.raises(ConfigError, match="recovery.holdout"):
         SPDYConfig(recovery={"holdout": 1.0})
     c = SPDYConfig(recovery={"method": "gap"})
-    assert c.recovery.lr("gap") == 3e-5 and c.recovery.lr("layerwise") == 1e-4
+    assert c.recovery.lr("gap") == 3e-5 and c.recovery.lr("gap", "cosine") == 3e-5
+    assert c.recovery.lr("gap", "kl") == 3e-4  # causal LMs: the best measured on SmolLM2
+    assert c.recovery.lr("layerwise") == c.recovery.lr("layerwise", "kl") == 1e-4
+    assert SPDYConfig(recovery={"learning_rate": 2e-5}).recovery.lr("gap", "kl") == 2e-5
     assert SPDYConfig.from_dict(c.to_dict()).recovery.method == "gap"
     assert np.isfinite(c.recovery.holdout)
 
@@ -200,8 +203,33 @@ def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tm
         assert p.dtype == torch.float32 and not p[held[n]].any(), n
 
 
-def test_recovery_precision_defaults_to_float32_on_a_cpu():
-    assert recovery_dtype("auto", torch.device("cpu")) == torch.float32
+@pytest.mark.parametrize("bf16", [True, False])
+def test_recovery_precision_auto_takes_bfloat16_only_on_a_cpu_with_bfloat16_instructions(bf16, monkeypatch):
+    import spdy_hf.recovery as recovery
+
+    monkeypatch.setattr(recovery, "cpu_has_bf16_matmul", lambda: bf16)
+    assert recovery_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else torch.float32)
+    assert recovery_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_the_cpu_bfloat16_probe_follows_torch_and_survives_a_failing_probe(monkeypatch):
+    from spdy_hf.recovery import cpu_has_bf16_matmul
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_has_bf16_matmul()
+
+    def broken():
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    assert not cpu_has_bf16_matmul()
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert not cpu_has_bf16_matmul()
+
+
+def test_recovery_precision_choices():
     assert recovery_dtype("float32", torch.device("cuda")) == torch.float32
     assert recovery_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ConfigError, match="recovery.precision"):

@@ -25,11 +25,12 @@ from ..units import Unit
 from .base import PruningDatabase
 from .obs import obs_prune_levels, obs_prune_nm
 from .sequential import UnitStatistics, calibrate_windows
-from .store import STORE_VERSION, DatabaseStore, decode_level, encode_levels
+from .store import STORE_VERSION, DatabaseStore, StoredTensors, decode_level, encode_levels
 
 logger = logging.getLogger(__name__)
 
 PROPAGATIONS = ("pruned", "dense")
+LAZY = ("values.", "nm.")  # a stored unit's level values, read from its file when stitched; `pruned_at` is held
 
 
 def default_patterns(levels: list[float]) -> list[str]:
@@ -45,7 +46,8 @@ def level_weight(tensors: dict[str, torch.Tensor], level: int, patterns: list[st
 
 
 class EncodedDatabase(PruningDatabase):
-    """A database of levels held in `encode_levels` form, one dict of tensors per unit, plus measured errors."""
+    """A database of levels in `encode_levels` form, one mapping of tensors per unit (a dict, or `StoredTensors`
+    that read a stored unit's level values from disk when a level is stitched), plus measured errors."""
 
     def __init__(self, units: list[Unit], levels: list[float], encoded: list[dict[str, torch.Tensor]],
                  errors: np.ndarray | None = None, patterns: list[str] | None = None):
@@ -161,8 +163,12 @@ def build_obs_database(
     if store.is_complete():
         logger.info("Loading the finished pruning database from %s.", store.directory)
     start = time.perf_counter()
-    for name, (tensors, err) in store.load_stored({u.name for u in units}).items():
-        encoded[name], errors[name] = tensors, err
+    # one unit at a time, holding only its `pruned_at` (a quarter of a float32 weight), not the ~7 weights' worth
+    # of level values a finished unit stores: those are read again when a level is stitched
+    for name, (tensors, err) in store.iter_stored({u.name for u in units}):
+        encoded[name], errors[name] = StoredTensors(store.unit_path(name), tensors, LAZY), err
+        del tensors
+    release_free_memory()
 
     if len(encoded) < len(units):
         solved = 0
@@ -178,6 +184,7 @@ def build_obs_database(
                 encoded[unit.name], errors[unit.name] = solve_unit(stats[unit.name], levels, patterns, dampening,
                                                                    block_size)
                 store.save_unit(unit.name, encoded[unit.name], errors[unit.name])
+                encoded[unit.name] = StoredTensors(store.unit_path(unit.name), encoded[unit.name], LAZY)
                 solved += 1
                 release_free_memory()
             if propagation == "dense":
@@ -214,6 +221,7 @@ def load_obs_database(directory: str | os.PathLike, units: list[Unit], levels: l
     encoded, errors = [], []
     for unit in units:
         tensors, err = store.load_unit(unit.name)
-        encoded.append(tensors)
+        encoded.append(StoredTensors(store.unit_path(unit.name), tensors, LAZY))
         errors.append(err.numpy())
+        del tensors
     return EncodedDatabase(units, levels, encoded, np.stack(errors), built.get("patterns"))

@@ -204,3 +204,32 @@ class DatabaseStore:
 
     def write_manifest(self, units: list[dict]) -> None:
         atomic_write_json(self.manifest_path, {"store_version": STORE_VERSION, "build": self.build, "units": units})
+
+
+class StoredTensors:
+    """A stored unit's tensors as a read-only mapping: the small ones held in memory, those whose names start with
+    one of `lazy` read from the unit's file each time they are asked for (the weights of its levels: a database's
+    bulk, which a search reads only for the units it stitches)."""
+
+    def __init__(self, path: str, tensors: dict[str, torch.Tensor], lazy: tuple[str, ...]):
+        self.path = path
+        self._names = set(tensors)
+        # copies: a loaded tensor is a view of its file's memory map, which would keep the whole file resident
+        # (the lazy tensors too, every page of which the checksum has read) for as long as the view lives
+        self._held = {k: v.clone() for k, v in tensors.items() if not k.startswith(lazy)}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._held:
+            return self._held[key]
+        if key not in self._names:
+            raise KeyError(key)
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self._names else default

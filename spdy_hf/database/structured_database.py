@@ -28,10 +28,12 @@ from ..structured import StructuredGroup, group_name, rows_view
 from ..units import Unit
 from .obs_database import relative_output_errors, windows_digest
 from .sequential import UnitStatistics, calibrate_windows
-from .store import STORE_VERSION, DatabaseStore
+from .store import STORE_VERSION, DatabaseStore, StoredTensors
 from .structured_obs import group_magnitude_levels, structured_obs_levels
 
 logger = logging.getLogger(__name__)
+
+LAZY = ("weight.", "hessian")  # a stored group's tensors read from its file when stitched, not held
 
 
 class StructuredDatabase:
@@ -132,33 +134,6 @@ class StructuredDatabase:
         zero_fill(_ModulesView(self._modules), self.groups[group_index], self.kept(group_index, level))
 
 
-class StoredTensors:
-    """A stored group's tensors: the small ones held, the weights (and Hessian) read from its file when asked for."""
-
-    def __init__(self, path: str, tensors: dict[str, torch.Tensor]):
-        self.path = path
-        self._names = set(tensors)
-        # copies: a loaded tensor is a view of its file's memory map, which would keep the whole file resident
-        # (the weights too, every page of which the checksum has read) for as long as the view lives
-        self._held = {k: v.clone() for k, v in tensors.items() if not k.startswith(("weight.", "hessian"))}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._names
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self._held:
-            return self._held[key]
-        if key not in self._names:
-            raise KeyError(key)
-        from safetensors import safe_open
-
-        with safe_open(self.path, framework="pt") as f:
-            return f.get_tensor(key)
-
-    def get(self, key: str, default=None):
-        return self[key] if key in self._names else default
-
-
 class _ModulesView:
     """What `zero_fill` needs of a model (`named_modules`), from a stored name -> module map."""
 
@@ -236,7 +211,7 @@ def build_structured_database(
         logger.info("Loading the finished structured database from %s.", store.directory)
     # one unit at a time: only its small tensors are held, its weights are read again when stitched
     for name, (tensors, err) in store.iter_stored({g.consumer for g in groups}):
-        entries[name], errors[name] = StoredTensors(store.unit_path(name), tensors), err
+        entries[name], errors[name] = StoredTensors(store.unit_path(name), tensors, LAZY), err
         del tensors
     release_free_memory()
     if len(entries) < len(groups):
@@ -257,7 +232,7 @@ def build_structured_database(
                 entries[unit.name], errors[unit.name] = _solve_group(group, c, s.weight, s.hessian, method,
                                                                      dampening, store_hessian)
                 store.save_unit(unit.name, entries[unit.name], errors[unit.name])
-                entries[unit.name] = StoredTensors(store.unit_path(unit.name), entries[unit.name])
+                entries[unit.name] = StoredTensors(store.unit_path(unit.name), entries[unit.name], LAZY)
                 solved += 1
                 release_free_memory()
             return None  # dense propagation: the next block sees the dense block's outputs
