@@ -30,7 +30,9 @@ from .store import STORE_VERSION, DatabaseStore, StoredTensors, decode_level, en
 logger = logging.getLogger(__name__)
 
 PROPAGATIONS = ("pruned", "dense")
-LAZY = ("values.", "nm.")  # a stored unit's level values, read from its file when stitched; `pruned_at` is held
+# a stored unit's level values (about 7 weights' worth at the 42 SPDY levels), read from its file when a level is
+# stitched; only `pruned_at` (a byte per weight) is held in memory
+LAZY = ("values.", "nm.")
 
 
 def default_patterns(levels: list[float]) -> list[str]:
@@ -163,11 +165,8 @@ def build_obs_database(
     if store.is_complete():
         logger.info("Loading the finished pruning database from %s.", store.directory)
     start = time.perf_counter()
-    # one unit at a time, holding only its `pruned_at` (a quarter of a float32 weight), not the ~7 weights' worth
-    # of level values a finished unit stores: those are read again when a level is stitched
-    for name, (tensors, err) in store.iter_stored({u.name for u in units}):
+    for name, (tensors, err) in store.iter_stored({u.name for u in units}):  # one at a time, `LAZY` left on disk
         encoded[name], errors[name] = StoredTensors(store.unit_path(name), tensors, LAZY), err
-        del tensors
     release_free_memory()
 
     if len(encoded) < len(units):
