@@ -85,6 +85,7 @@ class SequentialCalibrator:
     progress: bool = True
     chained: bool | None = field(default=None, init=False)  # set by run(): whether outputs feed the next block
 
+    @torch.no_grad()  # without it the pass with stand-ins records autograd graphs, each block's kept by the next
     def run(
         self,
         needs_statistics: Callable[[str], bool],
@@ -109,7 +110,7 @@ class SequentialCalibrator:
             return
         chain = all_blocks[min(positions):max(needed) + 1]
         forward_kwargs = forward_kwargs_of(model)
-        replacements: list = []  # hooks standing in pruned weights, kept until the end
+        replacements: list = []  # hooks standing in pruned weights, while a later capture may need them
         try:
             self.chained = self.check_chain(chain, forward_kwargs)
             if not self.chained:
@@ -140,6 +141,9 @@ class SequentialCalibrator:
                         if outputs is None or hooks:  # the statistics pass ran the dense weights
                             outputs = [first_output(block(*c.args, **c.kwargs)) for c in calls]
                         calls = [c.with_hidden(o) for c, o in zip(calls, outputs)]
+                        for h in hooks:  # in a chain the outputs carry the stand-ins on: their weights can go
+                            h.remove()
+                            replacements.remove(h)
                 finally:
                     if moved:
                         block.to(original_device)
