@@ -123,6 +123,9 @@ parser.add_argument("--table", action="store_true", help="Print the results so f
 parser.add_argument("--uniform-only", action="store_true",
                     help="No SPDY job: only the uniform profiles of the family at the target's predicted speedup, "
                          "from --cache-dir's table and database (a job whose search could not finish in time).")
+parser.add_argument("--match-speedup", type=float,
+                    help="With --uniform-only: the SPDY row's measured speedup, which the uniform profile must reach "
+                         "(default: the target).")
 parser.add_argument("--cache-dir", help="Use (and keep) this cache instead of a fresh one: stages it already holds "
                     "(a table of the same regime, a database of the same calibration and target) are read, not measured, so the "
                     "row's wall time leaves them out (the row's 'cached' says so).")
@@ -145,10 +148,11 @@ config = SPDYConfig.from_dict({"target_speedup": args.target, "family": args.fam
 if args.uniform_only:
     _, tokenizer = load_model_and_tokenizer(smollm2_path())
     heldout = heldout_windows(tokenizer, "builtin", config.evaluation.num_samples, config.evaluation.sequence_length)
-    uniform = uniform_baseline(config, args.target, heldout)
+    uniform = uniform_baseline(config, args.match_speedup or args.target, heldout)
     out = os.path.join(os.path.dirname(args.output) or ".", "decoder_llm_uniform.json")
     done = json.load(open(out)) if os.path.isfile(out) else []
-    done.append({"regime": args.regime, "family": args.family, "target": args.target, **uniform,
+    done.append({"regime": args.regime, "family": args.family, "target": args.target,
+                 "matched": args.match_speedup or args.target, **uniform,
                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
                  "environment": environment_info()})
     atomic_write_text(out, json.dumps(done, indent=2) + "\n")
