@@ -106,7 +106,7 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
         low = score_dtype(config)
         with lowered(model, low):  # candidates scored in bfloat16 where that is faster
             result, scorer = search_profile(config, model, windows, plan.times, search_budget.budget_ms, prior,
-                                            family.stitch, progress, plan.names)
+                                            family.stitch, progress, plan.names, family.level_subsets())
             family.stitch(result.profile)
             score = scorer()
         family.forget_stitched()  # the float32 weights are back, dense: stitch the profile again
@@ -184,10 +184,12 @@ def scoring_batch_size(model: nn.Module, requested: int, length: int) -> int:
 
 def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], times: np.ndarray,
                    budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True,
-                   names: list[str] | None = None) -> tuple[SearchResult, DistanceScorer]:
+                   names: list[str] | None = None, subsets: dict[str, np.ndarray] | None = None
+                   ) -> tuple[SearchResult, DistanceScorer]:
     """SPDY's search with the config's settings: each candidate profile is stitched into the live model (`stitch`)
     and scored against the dense model on the first `search.eval_samples` calibration windows, the blocks before
-    the first one it changes not run again (`names`: the search units, to tell their blocks). Returns the
+    the first one it changes not run again (`names`: the search units, to tell their blocks; `subsets`: the
+    family's kinds of level, each also searched on its own, `spdy_search`). Returns the
     `SearchResult` and the scorer (the best profile is not stitched yet)."""
     s = config.search
     device = model_device(model)
@@ -210,7 +212,7 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
     result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
                          neighbourhood_fraction=s.neighbourhood_fraction, max_candidates=s.max_candidates,
                          buckets=s.dp_buckets, seed=s.seed,
-                         prior=prior, progress=progress)
+                         prior=prior, subsets=subsets, progress=progress)
     return result, scorer
 
 
@@ -246,7 +248,7 @@ def job_summary(config: SPDYConfig, score: float, score_kind: str, database_info
                    "constant_ms": budget.constant_ms, "budget_ms": search_budget.budget_ms},
         "search": {"candidates": result.candidates, "evaluations": result.evaluations,
                    "max_candidates": config.search.max_candidates, "cut_short": result.cut_short,
-                   "schedule": [[k, n] for k, n in result.schedule],
+                   "schedule": [[k, n] for k, n in result.schedule], "levels": result.subset or "all",
                    "improvements": [[i, score] for i, score in result.improvements()]},
         "stage_seconds": dict(stages.seconds),
         "stage_peak_rss_mb": dict(stages.peak_mb),

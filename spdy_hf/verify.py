@@ -48,6 +48,8 @@ def verify(config: SPDYConfig, family: Family, plan: Plan, budget: Budget, searc
     out = Verification(profile=result.profile, measurement=None,
                        skipped=verify_unavailable(config.backend, family.model))
     costs = result.sensitivities[:, None] * np.asarray(prior)
+    # a re-aim keeps to the levels the profile was searched among
+    times = plan.times if result.allowed is None else np.where(result.allowed, plan.times, np.inf)
     aim = search_budget.target_speedup
     while out.skipped is None:
         out.measurement, out.busy = measure_when_quiet(config, family, plan, out.profile)
@@ -55,7 +57,7 @@ def verify(config: SPDYConfig, family: Family, plan: Plan, budget: Budget, searc
             out.measurement, out.busy = measure_when_quiet(config, family, plan, out.profile)
         if out.busy is not None:
             break
-        step = reaim(config, plan.times, costs, budget, out.profile, aim, out.measurement.speedup, out.corrections,
+        step = reaim(config, times, costs, budget, out.profile, aim, out.measurement.speedup, out.corrections,
                      reference_ms=plan.reference_ms)
         if step is None:
             break
@@ -119,7 +121,8 @@ def reaim(config: SPDYConfig, times: np.ndarray, costs: np.ndarray, budget: Budg
     search), as far as the model can go. Returns (new aim, new profile) and records the correction, or None."""
     if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
         return None
-    new_aim = min(aim * (config.target_speedup / measured) * 1.01, budget.max_reachable_speedup)
+    reachable = compute_budget(times, budget.base_ms, aim, reference_ms=reference_ms).max_reachable_speedup
+    new_aim = min(aim * (config.target_speedup / measured) * 1.01, reachable)  # `times` may keep to a subset
     if new_aim <= aim:
         return None
     raised = compute_budget(times, budget.base_ms, new_aim, reference_ms=reference_ms)

@@ -259,3 +259,35 @@ def test_max_candidates_bounds_the_search_and_still_ends_on_single_unit_redraws(
 
     with pytest.raises(ValueError, match="num_random_inits"):
         spdy_search(evaluate, times, budget, num_random_inits=10, max_candidates=9, progress=False)
+
+
+def test_level_subsets_let_the_search_leave_a_kind_the_prior_ranks_too_well():
+    """Levels 1-3 ("a") and 4-6 ("b") take the same times, and the prior ranks "a" better within every unit, so
+    no sensitivity makes the DP choose a "b" level; the scores say "b" is far better. Searched on its own, the "b"
+    subset wins, its profile keeps to it, and a subset that cannot reach the budget is left out."""
+    n_units = 12
+    times = np.tile([4.0, 3.0, 2.0, 1.0, 3.0, 2.0, 1.0], (n_units, 1))
+    prior = np.tile([0.0, 0.1, 0.2, 0.3, 0.2, 0.4, 0.6], (n_units, 1))
+    kind_b = np.zeros(times.shape, dtype=bool)
+    kind_b[:, [0, 4, 5, 6]] = True
+    penalty = np.array([0.0, 5.0, 6.0, 7.0, 1.0, 2.0, 3.0])  # what a level really costs
+
+    def evaluate(profile):
+        return float(penalty[profile].sum())
+
+    budget = 2.5 * n_units
+    plain = spdy_search(evaluate, times, budget, num_random_inits=10, patience=10, buckets=500, seed=0,
+                        prior=prior, progress=False)
+    assert plain.subset is None and plain.allowed is None
+    assert set(plain.profile.tolist()) <= {0, 1, 2, 3}  # the prior keeps the DP on "a"
+    too_slow = np.zeros(times.shape, dtype=bool)
+    too_slow[:, [0, 1]] = True  # dense and the mildest "a" level: 3.0 per unit at best, over the budget
+    searched = spdy_search(evaluate, times, budget, num_random_inits=10, patience=10, buckets=500, seed=0,
+                           prior=prior, subsets={"b": kind_b, "slow": too_slow}, progress=False)
+    assert searched.subset == "b" and searched.allowed is not None and searched.allowed.tolist() == kind_b.tolist()
+    assert set(searched.profile.tolist()) <= {0, 4, 5, 6}
+    assert searched.score < plain.score
+    assert times[np.arange(n_units), searched.profile].sum() <= budget
+    with pytest.raises(ValueError, match="shape"):
+        spdy_search(evaluate, times, budget, num_random_inits=2, patience=1, subsets={"b": kind_b[:, :3]},
+                    progress=False)

@@ -148,6 +148,33 @@ def test_mixed_family_can_choose_sparse_levels_and_deploys_them(tmp_path, tokeni
     torch.testing.assert_close(outputs(result.model, inputs), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_mixed_family_level_subsets_are_its_kinds_each_with_dense(tmp_path):
+    """The mixed search also searches the structured levels alone and the sparse ones alone: each subset holds the
+    dense level, the structured one every keep count, the sparse one every sparse level, neither a combination."""
+    from spdy_hf.families import get_family
+
+    model = MODEL_FACTORIES["bert"]()
+    config = small_config(tmp_path, family="mixed", levels=[0.5, 0.8])
+    units = find_units(model, config.skip_modules)
+    table = handwritten_table(model, units, config)
+    table.structured = structured_part(model, config, ms_per_weight=MS_PER_WEIGHT)
+    table.structured["dense_ms"] = table.base_time_ms
+    family = get_family("mixed")(config, model, progress=False)
+    plan = family.plan(units, table)
+    subsets = family.level_subsets()
+    assert set(subsets) == {"structured", "sparse"}
+    kinds_seen = set()
+    for i, level_map in enumerate(family.level_maps):
+        assert subsets["structured"][i, 0] and subsets["sparse"][i, 0]  # dense in both
+        for level, (kind, a, _) in enumerate(level_map):
+            kinds_seen.add(kind)
+            assert subsets["structured"][i, level] == (kind == "structured")
+            assert subsets["sparse"][i, level] == (kind == "unstructured" or (kind == "structured" and a == 0))
+        assert not subsets["structured"][i, len(level_map):].any() and not subsets["sparse"][i, len(level_map):].any()
+    assert kinds_seen == {"structured", "unstructured", "structured+sparse"}
+    assert subsets["structured"].shape == plan.times.shape
+
+
 def test_unreachable_structured_target_names_the_best(tmp_path, tokenizer):
     from spdy_hf import UnreachableTargetError
 
@@ -376,6 +403,7 @@ def test_mixed_family_combines_removed_heads_with_sparse_remaining_weights(tmp_p
     table.structured = {"signatures": signatures, "groups": names, "dense_ms": table.base_time_ms}
     result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
     assert result.report["predicted_speedup"] >= 2.35
+    assert result.report["search"]["levels"] == "all"  # neither kind alone reaches 2.35: only the combinations do
     combined = [e for e in result.groups if e["family"] == "structured+sparse"]
     assert combined and all(0 < e["keep"] < e["num_groups"] and e["sparsity"] == 0.5 for e in combined)
     for e in combined:  # the kept rows/columns are half zero; the removed ones all zero

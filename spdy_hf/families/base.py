@@ -89,6 +89,11 @@ class Family:
         """The DP's error prior, (U, K) or (1, K): a level's cost is the unit's sensitivity times this."""
         raise NotImplementedError
 
+    def level_subsets(self) -> dict[str, np.ndarray]:
+        """Named (U, K) masks of levels the search also explores on their own (`spdy_search`'s `subsets`): a
+        family that mixes kinds of level gives each kind. None by default."""
+        return {}
+
     def stitch(self, profile: np.ndarray) -> None:
         """Puts the database's weights of `profile` (a level index per search unit) into the live model, in place,
         in a form that keeps every shape (for scoring and saving)."""

@@ -58,6 +58,18 @@ class MixedFamily(StructuredFamily):
                 row.append(group_times[a] + share * delta[j - 1])
         return level_map, row
 
+    def level_subsets(self) -> dict[str, np.ndarray]:
+        """The structured levels alone and the sparse ones alone (with dense), each also searched on its own: the
+        mixed search then does at least as well as its own starts in either family (a group's prior ranks its
+        kinds of level against each other, and no sensitivity changes that ranking)."""
+        structured = np.zeros(self.times.shape, dtype=bool)
+        sparse = np.zeros(self.times.shape, dtype=bool)
+        for i, level_map in enumerate(self.level_maps):
+            for level, (kind, a, _) in enumerate(level_map):
+                structured[i, level] = kind == "structured"
+                sparse[i, level] = kind == "unstructured" or (kind == "structured" and a == 0)
+        return {"structured": structured, "sparse": sparse}
+
     def keeps_hessians(self) -> bool:
         return self.config.structured.mixed_combos > 0
 

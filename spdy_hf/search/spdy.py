@@ -1,12 +1,21 @@
 """SPDY's local search over unit sensitivities (Frantar & Alistarh, ICML 2022).
 
 Pure: the search sees times as arrays and scores candidates through a callback; it owns no model.
+
+`max_candidates` bounds the candidates, random starts included (None: SPDY's open-ended schedule); each
+neighbourhood size then gets at most an equal share of those left, so the search still ends on size 1.
+
+`subsets` name (U, K) boolean masks of levels (a family's kinds of level, say). The random starts are shared in
+turn between every level and each subset that can reach the budget, a candidate's DP keeps to its subset, and the
+local search mutates the best candidate within the best's subset. Within one unit the prior fixes the order of its
+levels, which no sensitivity changes: where it ranks one kind of level too well, only a search kept to the other
+kind can find profiles of that kind, and the scores decide between them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +43,8 @@ class SearchResult:
     history: list[float] = field(default_factory=list)  # best score after each candidate
     cut_short: bool = False  # `max_candidates` ended a neighbourhood size before its `patience` failures
     schedule: list[tuple[int, int]] = field(default_factory=list)  # (neighbourhood size, candidates tried at it)
+    subset: str | None = None  # the level subset the profile was found in (None: every level)
+    allowed: np.ndarray | None = None  # (U, K) bool, that subset's levels: a re-solve of the DP keeps to them
 
     def improvements(self) -> list[tuple[int, float]]:
         """(candidate number, counted from 1, new best score) at every improvement: how the search converged."""
@@ -68,30 +79,23 @@ def spdy_search(
     buckets: int = 10_000,
     seed: int = 0,
     prior: np.ndarray | None = None,
+    subsets: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """SPDY's search: random sensitivities first, then local search with a shrinking neighbourhood.
 
     Each candidate c in [0, 1]^U becomes a profile through the DP with costs c_u * e(k) (or c_u * e_u(k) with a
     per-unit prior of shape (U, K), such as measured errors); `evaluate(profile)` returns its score (lower is
-    better).
-
-    `max_candidates` bounds the candidates, random starts included (None: SPDY's open-ended schedule); each
-    neighbourhood size then gets at most an equal share of those left, so the search still ends on size 1.
+    better). `max_candidates` and `subsets`: see the module docstring.
     """
     times = np.asarray(times, dtype=np.float64)
     n_units, n_levels = times.shape
     prior = _unit_prior(prior, n_units, n_levels)
+    spaces = _level_spaces(times, budget_ms, buckets, subsets)
     if max_candidates is not None and max_candidates < num_random_inits:
         raise ValueError(f"max_candidates ({max_candidates}) must be at least num_random_inits ({num_random_inits}).")
     rng = np.random.default_rng(seed)
     scores: dict[tuple[int, ...], float] = {}
-
-    def profile_of(c: np.ndarray) -> np.ndarray:
-        profile = solve_dp(c[:, None] * prior, times, budget_ms, buckets)
-        if profile is None:
-            raise ValueError("No profile fits the budget; check reachability before searching.")
-        return profile
 
     def score_of(profile: np.ndarray) -> float:
         key = tuple(int(k) for k in profile)
@@ -99,28 +103,30 @@ def spdy_search(
             scores[key] = float(evaluate(profile))
         return scores[key]
 
-    best_c, best_profile, best_score, history = None, None, np.inf, []
+    best_c, best_profile, best_score, best_space, history = None, None, np.inf, 0, []
     k = max(1, int(round(neighbourhood_fraction * n_units)))
     cap = np.inf if max_candidates is None else max_candidates
     bar = tqdm(desc="SPDY search", unit="cand", disable=not progress,
                total=int(min(cap, num_random_inits + k * patience)))
     candidates, cut_short, schedule = 0, False, []  # schedule: (neighbourhood size, candidates tried at it)
 
-    def consider(c: np.ndarray) -> bool:
-        nonlocal best_c, best_profile, best_score, candidates
-        profile = profile_of(c)
+    def consider(c: np.ndarray, space: int) -> bool:
+        nonlocal best_c, best_profile, best_score, best_space, candidates
+        profile = solve_dp(c[:, None] * prior, spaces[space][1], budget_ms, buckets)
+        if profile is None:
+            raise ValueError("No profile fits the budget; check reachability before searching.")
         score = score_of(profile)
         candidates += 1
         improved = score < best_score
         if improved:
-            best_c, best_profile, best_score = c, profile, score
+            best_c, best_profile, best_score, best_space = c, profile, score, space
         history.append(best_score)
         bar.update(1)
         bar.set_postfix(best=f"{best_score:.4g}", k=k, evals=len(scores))
         return improved
 
-    for _ in range(num_random_inits):
-        consider(rng.random(n_units))
+    for i in range(num_random_inits):
+        consider(rng.random(n_units), i % len(spaces))
     if best_c is None:
         bar.close()
         raise RuntimeError("Every candidate scored NaN: the model's outputs are not finite on the calibration set.")
@@ -133,7 +139,7 @@ def spdy_search(
             c = best_c.copy()
             redraw = rng.choice(n_units, size=k, replace=False)
             c[redraw] = rng.random(k)
-            failures = 0 if consider(c) else failures + 1
+            failures = 0 if consider(c, best_space) else failures + 1
             # an improvement restarts the patience count, so the end moves: keep the bar's total honest
             bar.total = int(min(cap, candidates + (patience - failures) + (k - 1) * patience))
             bar.refresh()
@@ -141,7 +147,27 @@ def spdy_search(
         schedule.append((k, candidates - start))
         k -= 1
     bar.close()
-    logger.info("SPDY search: %d candidates, %d distinct profiles scored, best score %.6g%s.", candidates,
-                len(scores), best_score, " (stopped by search.max_candidates)" if cut_short else "")
+    name, _, allowed = spaces[best_space]
+    logger.info("SPDY search: %d candidates, %d distinct profiles scored, best score %.6g%s%s.", candidates,
+                len(scores), best_score, f" among the {name} levels" if name else "",
+                " (stopped by search.max_candidates)" if cut_short else "")
     return SearchResult(profile=best_profile, sensitivities=best_c, score=best_score, candidates=candidates,
-                        evaluations=len(scores), history=history, cut_short=cut_short, schedule=schedule)
+                        evaluations=len(scores), history=history, cut_short=cut_short, schedule=schedule,
+                        subset=name, allowed=allowed)
+
+
+def _level_spaces(times: np.ndarray, budget_ms: float, buckets: int, subsets: Mapping[str, np.ndarray] | None
+                  ) -> list[tuple[str | None, np.ndarray, np.ndarray | None]]:
+    """(name, times with the other levels unrunnable, mask) of every level and of each subset that can reach
+    the budget; every level first."""
+    spaces = [(None, times, None)]
+    for name, mask in (subsets or {}).items():
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != times.shape:
+            raise ValueError(f"Level subset {name!r} has shape {mask.shape}; the times have {times.shape}.")
+        restricted = np.where(mask, times, np.inf)
+        if solve_dp(np.zeros_like(times), restricted, budget_ms, buckets) is None:
+            logger.info("The %s levels alone cannot reach the budget; not searched on their own.", name)
+            continue
+        spaces.append((name, restricted, mask))
+    return spaces
