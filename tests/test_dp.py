@@ -291,3 +291,26 @@ def test_level_subsets_let_the_search_leave_a_kind_the_prior_ranks_too_well():
     with pytest.raises(ValueError, match="shape"):
         spdy_search(evaluate, times, budget, num_random_inits=2, patience=1, subsets={"b": kind_b[:, :3]},
                     progress=False)
+
+
+def test_a_reaim_keeps_to_the_subset_and_its_reach():
+    """Verify's re-aim re-solves the DP on the times the profile was searched in: kept to a subset, it aims no
+    higher than that subset can reach (not the whole table's reach, where the DP would find nothing), and its new
+    profile stays in the subset."""
+    from spdy_hf import SPDYConfig
+    from spdy_hf.verify import reaim
+
+    times = np.tile([4.0, 3.0, 2.0, 0.5], (4, 1))  # level 3 is out of the subset: only it reaches far
+    allowed = np.array([[True, True, True, False]] * 4)
+    restricted = np.where(allowed, times, np.inf)
+    config = SPDYConfig.from_dict({"target_speedup": 1.8, "search": {"dp_buckets": 1000, "verify_corrections": 2}})
+    budget = compute_budget(times, base_ms=20.0, target_speedup=1.5)  # 4 ms constant + 16 ms of units
+    profile = np.array([1, 1, 1, 2])
+    corrections = []
+    step = reaim(config, restricted, np.tile([0.0, 1.0, 2.0, 3.0], (4, 1)), budget, profile, 1.5, 1.6, corrections)
+    assert step is not None
+    new_aim, new_profile = step
+    reach = compute_budget(restricted, 20.0, 1.5).max_reachable_speedup  # 20 / (4 + 8) = 1.667
+    assert new_aim == pytest.approx(reach) and new_aim < budget.max_reachable_speedup
+    assert allowed[np.arange(4), new_profile].all() and new_profile.tolist() == [2, 2, 2, 2]
+    assert len(corrections) == 1

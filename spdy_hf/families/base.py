@@ -91,7 +91,7 @@ class Family:
 
     def level_subsets(self) -> dict[str, np.ndarray]:
         """Named (U, K) masks of levels the search also explores on their own (`spdy_search`'s `subsets`): a
-        family that mixes kinds of level gives each kind. None by default."""
+        family that mixes kinds of level gives each kind. None (an empty mapping) by default."""
         return {}
 
     def stitch(self, profile: np.ndarray) -> None:
