@@ -15,6 +15,7 @@ The anchor level (what later blocks are calibrated on with propagation "pruned")
 
 import argparse
 import logging
+import os
 import resource
 import sys
 import tempfile
@@ -67,14 +68,14 @@ log.info("Anchor level %d (sparsity %.4f) for %.2fx.", anchor, levels[anchor], a
 
 rss_before = peak_rss_gb()
 databases, builds = {}, {}
+workdir = tempfile.TemporaryDirectory()  # kept to the end: a database reads its levels from its files
 for propagation in args.propagation:
-    with tempfile.TemporaryDirectory() as directory:
-        start = time.perf_counter()
-        databases[propagation] = build_obs_database(
-            model, units, levels, windows, directory=directory, anchor_level=anchor, propagation=propagation,
-            dampening=config.database.dampening, block_size=config.database.block_size,
-            batch_size=config.database.batch_size)
-        builds[propagation] = {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
+    start = time.perf_counter()
+    databases[propagation] = build_obs_database(
+        model, units, levels, windows, directory=os.path.join(workdir.name, propagation), anchor_level=anchor,
+        propagation=propagation, dampening=config.database.dampening, block_size=config.database.block_size,
+        batch_size=config.database.batch_size)
+    builds[propagation] = {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
     log.info("OBS database (%s propagation): %.1f s, peak RSS so far %.2f GB.", propagation,
              builds[propagation]["seconds"], builds[propagation]["peak_rss_gb"])
 databases["magnitude"] = MagnitudeDatabase(units, levels)
