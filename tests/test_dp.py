@@ -293,6 +293,32 @@ def test_level_subsets_let_the_search_leave_a_kind_the_prior_ranks_too_well():
                     progress=False)
 
 
+def test_the_second_half_of_the_random_starts_goes_to_the_best_scoring_space(monkeypatch):
+    """Shared evenly, each of three spaces would get a third of the starts; the space the local search continues
+    in (the best start's) gets the second half, so its best start is drawn from most of them."""
+    import spdy_hf.search.spdy as spdy_module
+
+    n_units = 12
+    times = np.tile([4.0, 3.0, 2.0, 1.0, 3.0, 2.0, 1.0], (n_units, 1))
+    prior = np.tile([0.0, 0.1, 0.2, 0.3, 0.2, 0.4, 0.6], (n_units, 1))
+    kind_b = np.zeros(times.shape, dtype=bool)
+    kind_b[:, [0, 4, 5, 6]] = True
+    penalty = np.array([0.0, 5.0, 6.0, 7.0, 1.0, 2.0, 3.0])
+    spaces = []
+    solve = spdy_module.solve_dp
+
+    def recording(costs, level_times, budget, buckets):
+        spaces.append("b" if np.isinf(level_times).any() else "all")
+        return solve(costs, level_times, budget, buckets)
+
+    monkeypatch.setattr(spdy_module, "solve_dp", recording)
+    result = spdy_search(lambda p: float(penalty[p].sum()), times, 2.5 * n_units, num_random_inits=10, patience=3,
+                         buckets=500, prior=prior, subsets={"b": kind_b}, progress=False)
+    starts = spaces[1:11]  # after the reachability check of "b"
+    assert starts == ["all", "b", "all", "b", "all"] + ["b"] * 5
+    assert result.subset == "b" and set(spaces[11:]) == {"b"}  # the local search keeps to the best's subset
+
+
 def test_a_reaim_keeps_to_the_subset_and_its_reach():
     """Verify's re-aim re-solves the DP on the times the profile was searched in: kept to a subset, it aims no
     higher than that subset can reach (not the whole table's reach, where the DP would find nothing), and its new

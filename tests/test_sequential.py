@@ -335,3 +335,25 @@ def test_a_damaged_unit_file_is_detected_and_computed_again(damage, tmp_path, mo
     for u in range(len(units)):
         for k in range(len(LEVELS)):
             assert torch.equal(again.weight(u, k), reference.weight(u, k)), (units[u].name, k)
+
+
+def test_a_lazily_read_unit_whose_file_went_away_or_changed_says_so(tmp_path):
+    """A search reads each unit's level weights from its file when it stitches them: a file deleted or replaced
+    by another job meanwhile is a clear `DamagedUnitError`, an identical rebuild is read as before."""
+    from spdy_hf.database.store import DamagedUnitError, StoredTensors
+
+    store = DatabaseStore(tmp_path / "db", {"x": 1})
+    store.open()
+    tensors = {"pruned_at": torch.zeros(4, dtype=torch.uint8), "weight.0": torch.arange(4.0)}
+    store.save_unit("u", tensors, torch.zeros(1))
+    held = StoredTensors(store.unit_path("u"), store.load_unit("u")[0], ("weight.",))
+    assert torch.equal(held["weight.0"], torch.arange(4.0))
+    store.save_unit("u", tensors, torch.zeros(1))  # the same contents written again: a new file, same checksum
+    assert torch.equal(held["weight.0"], torch.arange(4.0))
+    store.save_unit("u", {**tensors, "weight.0": torch.ones(4)}, torch.zeros(1))
+    with pytest.raises(DamagedUnitError, match="not the file loaded"):
+        held["weight.0"]
+    assert torch.equal(held["pruned_at"], torch.zeros(4, dtype=torch.uint8))  # held in memory: still there
+    os.unlink(store.unit_path("u"))
+    with pytest.raises(DamagedUnitError, match="is gone.*run the job again"):
+        held["weight.0"]

@@ -209,7 +209,12 @@ class DatabaseStore:
 class StoredTensors:
     """A stored unit's tensors as a read-only mapping: the small ones held in memory, those whose names start with
     one of `lazy` read from the unit's file each time they are asked for (the weights of its levels: a database's
-    bulk, which a search reads only for the units it stitches)."""
+    bulk, which a search reads only for the units it stitches).
+
+    The file was checked against its checksum when it was loaded; a later read first checks that the file is still
+    the one loaded (its size, time and inode), and one that was deleted or replaced meanwhile raises
+    `DamagedUnitError` (or, replaced by a file with the same checksum, an identical rebuild, is checked again and
+    read)."""
 
     def __init__(self, path: str, tensors: dict[str, torch.Tensor], lazy: tuple[str, ...]):
         self.path = path
@@ -217,6 +222,8 @@ class StoredTensors:
         # copies: a loaded tensor is a view of its file's memory map, which would keep the whole file resident
         # (the lazy tensors too, every page of which the checksum has read) for as long as the view lives
         self._held = {k: v.clone() for k, v in tensors.items() if not k.startswith(lazy)}
+        self._stamp = _file_stamp(path)
+        self._digest = _stored_digest(path)
 
     def __contains__(self, key: str) -> bool:
         return key in self._names
@@ -228,8 +235,42 @@ class StoredTensors:
             raise KeyError(key)
         from safetensors import safe_open
 
+        self._check_unchanged()
         with safe_open(self.path, framework="pt") as f:
             return f.get_tensor(key)
 
     def get(self, key: str, default=None):
         return self[key] if key in self._names else default
+
+    def _check_unchanged(self) -> None:
+        stamp = _file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        hint = ("the database directory was changed while this job used it (deleted, or rebuilt by another job); "
+                "run the job again and it rebuilds what is missing, or give each concurrent job its own cache_dir")
+        if stamp is None:
+            raise DamagedUnitError(f"{self.path} is gone: {hint}.")
+        from safetensors.torch import load_file
+
+        try:
+            same = self._digest is not None and tensors_digest(load_file(self.path)) == self._digest
+        except Exception:  # unreadable: as damaged as a different file
+            same = False
+        if not same:
+            raise DamagedUnitError(f"{self.path} is not the file loaded at the start of this job: {hint}.")
+        self._stamp = stamp  # an identical rebuild: read it from now on
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _stored_digest(path: str) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("sha256")

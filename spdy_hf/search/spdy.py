@@ -5,9 +5,10 @@ Pure: the search sees times as arrays and scores candidates through a callback; 
 `max_candidates` bounds the candidates, random starts included (None: SPDY's open-ended schedule); each
 neighbourhood size then gets at most an equal share of those left, so the search still ends on size 1.
 
-`subsets` name (U, K) boolean masks of levels (a family's kinds of level, say). The random starts are shared in
-turn between every level and each subset that can reach the budget, a candidate's DP keeps to its subset, and the
-local search mutates the best candidate within the best's subset. Within one unit the prior fixes the order of its
+`subsets` name (U, K) boolean masks of levels (a family's kinds of level, say). The first half of the random starts
+is shared in turn between every level and each subset that can reach the budget, the second half goes to the space
+whose start scored best so far (where the search will go on), a candidate's DP keeps to its subset, and the local
+search mutates the best candidate within the best's subset. Within one unit the prior fixes the order of its
 levels, which no sensitivity changes: where it ranks one kind of level too well, only a search kept to the other
 kind can find profiles of that kind, and the scores decide between them.
 """
@@ -126,7 +127,8 @@ def spdy_search(
         return improved
 
     for i in range(num_random_inits):
-        consider(rng.random(n_units), i % len(spaces))
+        # without subsets there is one space and this is SPDY's search as published
+        consider(rng.random(n_units), i % len(spaces) if 2 * i < num_random_inits or best_c is None else best_space)
     if best_c is None:
         bar.close()
         raise RuntimeError("Every candidate scored NaN: the model's outputs are not finite on the calibration set.")
