@@ -42,7 +42,7 @@ from spdy_hf.evaluation import heldout_windows, perplexity
 from spdy_hf.families import get_family
 from spdy_hf.io import atomic_write_text
 from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.search import compute_budget
+from spdy_hf.pipeline import check_budget
 from spdy_hf.units import find_units
 
 log = logging.getLogger("decoder_llm")
@@ -79,8 +79,9 @@ def uniform_baseline(config: SPDYConfig, spdy_measured: float, heldout: dict) ->
     plan = family.plan(find_units(model, config.skip_modules, example_inputs=example))
     cal = config.calibration  # the job's calibration windows, so that the database is the job's (cached)
     windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
-    budget = compute_budget(plan.times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms)
-    family.build_database(plan, windows, budget, budget)
+    # the job's budgets (its search aim sets the database's anchor): the same database the SPDY row was built from
+    budget, search_budget = check_budget(config, plan)
+    family.build_database(plan, windows, budget, search_budget)
     tried = []
     candidates = uniform_candidates(family, plan.times, config)
     predicted = [budget.predicted_speedup(plan.times[np.arange(len(p)), p]) for p in candidates]
