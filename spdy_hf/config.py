@@ -153,11 +153,9 @@ class SearchConfig:
 
     num_random_inits: int = field(default=100, metadata={"min": 1, "help": "Random sensitivity vectors tried first."})
     patience: int = field(
-        default=100, metadata={"min": 1, "help": "Consecutive failed mutations before the neighbourhood shrinks."}
-    )
+        default=100, metadata={"min": 1, "help": "Consecutive failed mutations before the neighbourhood shrinks."})
     neighbourhood_fraction: float = field(
-        default=0.1, metadata={"help": "Initial share of units redrawn per mutation (rounded, at least 1)."}
-    )
+        default=0.1, metadata={"help": "Initial share of units redrawn per mutation (rounded, at least 1)."})
     max_candidates: int | None = field(
         default=600,
         metadata={"help": "Most candidates the search tries, random starts included; each neighbourhood size then gets "
@@ -177,14 +175,18 @@ class SearchConfig:
         default=2,
         metadata={"min": 0, "help": "When the verified speedup falls short of the target, re-aim the DP higher by the "
                   "shortfall (same sensitivities, no new search) and verify again, at most this many times."})
+    verify_overshoot: float | None = field(
+        default=0.10,
+        metadata={"help": "When the verified speedup exceeds the target by more than this fraction, re-aim the DP "
+                  "lower once, for target x (1 + speedup_margin) as measured; the lower profile is kept only if it "
+                  "meets the target when measured (one of the verify_corrections). null: keep any overshoot."})
     target_tolerance: float = field(
         default=0.02,
         metadata={"help": "How far below the target (a fraction of it) a measured speedup may land and still count "
                   "as met (timing noise). A larger shortfall, after the corrections, sets target_met: false in the "
                   "report and on the model card, and `spdy-hf prune` exits with code 3."})
     eval_samples: int = field(
-        default=8, metadata={"min": 1, "help": "Calibration windows used to score each candidate profile."}
-    )
+        default=8, metadata={"min": 1, "help": "Calibration windows used to score each candidate profile."})
     eval_batch_size: int = field(default=8, metadata={
         "min": 1, "help": "Windows per forward pass while scoring (fewer for an LM whose logits would pass 64 MB)."})
     score_dtype: str = field(
@@ -217,6 +219,8 @@ class SearchConfig:
         check_number("search.speedup_margin", self.speedup_margin, lambda v: 0 <= v < 1, "[0, 1)")
         check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
         check_number("search.target_tolerance", self.target_tolerance, lambda v: 0 <= v < 1, "[0, 1)")
+        if self.verify_overshoot is not None:
+            check_number("search.verify_overshoot", self.verify_overshoot, lambda v: v > 0, "(0, inf) or null")
 
 
 @dataclass

@@ -1,0 +1,100 @@
+"""Verify's overshoot correction: a profile measured far above the target is re-aimed lower once, and the lower
+profile is kept only if it meets the target when measured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import handwritten_table, small_config
+
+import spdy_hf.families.unstructured as unstructured
+from spdy_hf import SPDYConfig, SPDYPruner
+from spdy_hf.errors import ConfigError
+from spdy_hf.families import Measurement
+from spdy_hf.search import compute_budget
+from spdy_hf.units import find_units
+from spdy_hf.verify import reaim_down
+
+SEARCH = {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000, "speedup_margin": 0.0}
+
+
+def fake_machine(monkeypatch, model, config, factor):
+    """The "machine" runs a profile `factor(predicted, seen)` times faster than the hand-written table says (dense
+    10 ms), `seen` being the predicted speedups measured so far, this one last; returns the table, units and seen."""
+    units = find_units(model, config.skip_modules)
+    table = handwritten_table(model, units, config)
+    times = table.times_for(table.keys_for(units))
+    budget = compute_budget(times, table.base_time_ms, config.target_speedup, reference_ms=table.reference_time_ms)
+    levels = [0.0] + sorted({s for s in table.levels if s > 0})
+    seen = []
+
+    def measure(model_, units_, sparsities, layouts, call, per, *timing):
+        if per > 1:  # the decode regime's measurement, which the report adds for an LM
+            return Measurement(10.0, 8.0, 10.0)
+        predicted = budget.predicted_speedup(times[np.arange(len(units_)), [levels.index(s) for s in sparsities]])
+        seen.append(predicted)
+        return Measurement(10.0, 10.0 / (predicted * factor(predicted, seen)), 10.0)
+
+    monkeypatch.setattr(unstructured, "time_kernels", measure)
+    return table, units, seen
+
+
+def test_an_overshoot_is_re_aimed_lower_and_kept_when_it_meets_the_target(tiny_llama, tmp_path, tokenizer,
+                                                                          monkeypatch):
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude", search=SEARCH)
+    table, units, seen = fake_machine(monkeypatch, tiny_llama, config, lambda predicted, seen: 1.3)  # table 30 % slow
+    result = SPDYPruner(tiny_llama, config, tokenizer).prune(latency_table=table, progress=False)
+    report = result.report
+    assert len(seen) == 2 and seen[1] < seen[0]  # one lower profile, measured once (it met the target)
+    (correction,) = report["verify_corrections"]
+    assert correction["direction"] == "down" and correction["kept"] is True
+    assert correction["measured_speedup"] == pytest.approx(1.3 * seen[0]) and correction["measured_speedup"] > 1.65
+    assert correction["new_aim"] == pytest.approx(correction["aim"] * 1.5 / correction["measured_speedup"])
+    assert report["measured_speedup"] == pytest.approx(1.3 * seen[1]) and report["measured_speedup"] >= 1.5
+    assert report["predicted_speedup"] == pytest.approx(seen[1]) and report["target_met"]
+    for p, unit in zip(result.profile, units):  # the model holds the lower profile's weights
+        assert int((unit.weight == 0).sum()) == round(p["sparsity"] * unit.numel)
+
+
+def test_a_lower_profile_that_misses_gives_way_to_the_one_that_met(tiny_llama, tmp_path, tokenizer, monkeypatch):
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude", search=SEARCH)
+    # the searched profile runs 30 % faster than the table says; a slower one runs as the table says
+    table, units, seen = fake_machine(monkeypatch, tiny_llama, config, lambda p, seen: 1.3 if p >= seen[0] else 1.0)
+    result = SPDYPruner(tiny_llama, config, tokenizer).prune(latency_table=table, progress=False)
+    report = result.report
+    # the searched profile, then the lower one twice (a miss is confirmed before it counts), then nothing else
+    assert len(seen) == 3 and seen[1] == seen[2] < seen[0]
+    (correction,) = report["verify_corrections"]
+    assert correction["direction"] == "down" and correction["kept"] is False
+    assert correction["lowered_measured_speedup"] == pytest.approx(seen[1]) and seen[1] < 1.5
+    assert report["measured_speedup"] == pytest.approx(1.3 * seen[0]) and report["target_met"]
+    assert report["predicted_speedup"] == pytest.approx(seen[0])
+    for p, unit in zip(result.profile, units):  # the weights in the model are the searched profile's again
+        assert int((unit.weight == 0).sum()) == round(p["sparsity"] * unit.numel)
+    assert {round(p["sparsity"], 6) for p in result.profile} != {0.0}
+
+
+@pytest.mark.parametrize("search", [{"verify_overshoot": None}, {"verify_corrections": 0}, {"verify_overshoot": 0.5}])
+def test_an_overshoot_is_kept_when_asked_or_within_bounds(tiny_llama, tmp_path, tokenizer, monkeypatch, search):
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude", search={**SEARCH, **search})
+    table, _, seen = fake_machine(monkeypatch, tiny_llama, config, lambda predicted, seen: 1.3)
+    report = SPDYPruner(tiny_llama, config, tokenizer).prune(latency_table=table, progress=False).report
+    assert len(seen) == 1 and report["verify_corrections"] == []  # 1.3 x 1.5 = 1.95: within 50 %, not 10 %
+    assert report["measured_speedup"] == pytest.approx(1.3 * seen[0])
+
+
+def test_reaim_down_is_once_per_job_and_keeps_the_configured_margin():
+    times = np.tile([4.0, 3.0, 2.0, 1.0], (4, 1))
+    costs = np.tile([0.0, 1.0, 2.0, 3.0], (4, 1))
+    config = SPDYConfig.from_dict({"target_speedup": 1.2, "search": {"dp_buckets": 1000, "speedup_margin": 0.05}})
+    budget = compute_budget(times, base_ms=20.0, target_speedup=1.2)  # 4 ms constant + 16 ms of units
+    profile = np.array([2, 2, 2, 2])  # predicted 20 / 12 = 1.667
+    corrections = []
+    assert reaim_down(config, times, costs, budget, profile, 1.6, 1.32, corrections) is None  # within 10 %
+    new_aim, new_profile = reaim_down(config, times, costs, budget, profile, 1.6, 2.0, corrections)
+    assert new_aim == pytest.approx(1.6 * 1.2 * 1.05 / 2.0)
+    assert budget.predicted_speedup(times[np.arange(4), new_profile]) >= new_aim
+    assert new_profile.sum() < profile.sum() and corrections[0]["direction"] == "down"
+    assert reaim_down(config, times, costs, budget, new_profile, new_aim, 2.0, corrections) is None  # once only
+    with pytest.raises(ConfigError, match="verify_overshoot"):
+        SPDYConfig.from_dict({"search": {"verify_overshoot": 0}})
