@@ -116,12 +116,15 @@ def example_inputs(batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, to
 def small_config(tmp_path, target_speedup: float = 2.0, **overrides) -> SPDYConfig:
     """Search settings small enough for a test; the cache lives in tmp_path, never in ~/.cache. A section given in
     `overrides` (a dict) is merged into these. New tables skip the random-profile check (`timing.check_profiles`:
-    a tiny model's few timed passes are too noisy for it), and verify does not compare its dense time with a
-    hand-written table's (`timing.busy_factor`); the tests of those checks ask for them."""
+    a tiny model's few timed passes are too noisy for it), verify does not compare its dense time with a
+    hand-written table's (`timing.busy_factor`) and keeps a profile that measures far above the target (a
+    hand-written table need not match the tiny model: `search.verify_overshoot`); the tests of those checks ask for
+    them."""
     data = dict(
         target_speedup=target_speedup,
         calibration={"num_samples": 8, "sequence_length": 32},
-        search={"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000, "score_dtype": "float32"},
+        search={"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000, "score_dtype": "float32",
+                "verify_overshoot": None},
         timing={"warmup": 1, "repeats": 2, "model_repeats": 2, "verify_repeats": 10, "check_profiles": 0,
                 "busy_factor": 0, "generate_tokens": 4},
         regime={"batch_size": 1, "sequence_length": 32, "context_length": 32},

@@ -15,7 +15,8 @@ from spdy_hf.search import compute_budget
 from spdy_hf.units import find_units
 from spdy_hf.verify import reaim_down
 
-SEARCH = {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000, "speedup_margin": 0.0}
+SEARCH = {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000, "speedup_margin": 0.0,
+          "verify_overshoot": 0.10}  # the default (small_config turns it off)
 
 
 def fake_machine(monkeypatch, model, config, factor):
