@@ -178,8 +178,8 @@ class SearchConfig:
     verify_overshoot: float | None = field(
         default=0.10,
         metadata={"help": "When the verified speedup exceeds the target by more than this fraction, re-aim the DP "
-                  "lower once, for target x (1 + speedup_margin) as measured; the lower profile is kept only if it "
-                  "meets the target when measured (one of the verify_corrections). null: keep any overshoot."})
+                  "lower once, for target x (1 + speedup_margin) as measured; a lower profile that misses is re-aimed "
+                  "up, below the first, while verify_corrections are left, else the first comes back. null: off."})
     target_tolerance: float = field(
         default=0.02,
         metadata={"help": "How far below the target (a fraction of it) a measured speedup may land and still count "

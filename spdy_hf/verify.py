@@ -8,9 +8,10 @@ A confirmed overshoot costs quality the user did not ask to pay: on a noisy mach
 the table's timing noise (13 % on one VM), and a table that under-predicts the deployed model adds to it, so a
 "1.25x" SmolLM2 job delivered 1.53x at four times the dense perplexity where the structured 1.28x profile had twice
 it. So a measured speedup above the target by more than `search.verify_overshoot` re-solves the DP once for an aim
-lowered by the overshoot (the table's error on this profile taken out, the configured margin kept). The lower
-profile is kept only if it meets the target when measured (a miss measured twice); otherwise the profile that met
-it comes back. It counts as one of the `search.verify_corrections`.
+lowered by the overshoot (the table's error on this profile taken out, the configured margin kept). A lower
+profile that misses (measured twice) is re-aimed up by its shortfall, below the aim that met the target, while
+corrections are left (each re-aim counts as one of `search.verify_corrections`); if the last one still misses,
+the profile that met the target comes back.
 
 A measurement taken while the machine is busy is worth nothing, in either direction: with one core kept busy the
 dense MiniLM took 610 ms instead of 17, and re-aiming on such figures pruned to 2.9x for a 1.5x target. So a
@@ -59,43 +60,44 @@ def verify(config: SPDYConfig, family: Family, plan: Plan, budget: Budget, searc
     # a re-aim keeps to the levels the profile was searched among
     times = plan.times if result.allowed is None else np.where(result.allowed, plan.times, np.inf)
     aim = search_budget.target_speedup
-    met = None  # (profile, measurement) that met the target, kept while a lower profile is tried
+    met = None  # (profile, measurement, aim) that met the target, kept while lower profiles are tried
     while out.skipped is None:
         out.measurement, out.busy = measure_when_quiet(config, family, plan, out.profile)
-        confirm = out.measurement.speedup < config.target_speedup if met is not None else \
-            needs_confirmation(config, out.measurement.speedup, out.corrections)
-        if out.busy is None and confirm:
+        lowered_miss = met is not None and out.measurement.speedup < config.target_speedup
+        if out.busy is None and (lowered_miss or needs_confirmation(config, out.measurement.speedup,
+                                                                    out.corrections)):
             out.measurement, out.busy = measure_when_quiet(config, family, plan, out.profile)
-        if met is not None:  # the lower profile: kept if it meets the target, else the one that met it comes back
-            keep_lower(config, family, out, met)
-            break
         if out.busy is not None:
             break
+        # a miss aims higher; below a profile that met the target, no higher than that profile's aim
         step = reaim(config, times, costs, budget, out.profile, aim, out.measurement.speedup, out.corrections,
-                     reference_ms=plan.reference_ms)
-        if step is None:
+                     reference_ms=plan.reference_ms, below=None if met is None else met[2])
+        if step is None and met is None:
             step = reaim_down(config, times, costs, budget, out.profile, aim, out.measurement.speedup,
                               out.corrections, reference_ms=plan.reference_ms)
             if step is not None:
-                met = (out.profile, out.measurement)
+                met = (out.profile, out.measurement, aim)
         if step is None:
             break
         aim, out.profile = step
         family.stitch(out.profile)
+    if met is not None:
+        keep_lower(config, family, out, met)
     return out
 
 
-def keep_lower(config: SPDYConfig, family: Family, out: Verification, met: tuple[np.ndarray, Measurement]) -> None:
-    """After a re-aim down: keeps the lower profile if it met the target on a quiet machine, else stitches back the
-    profile that met it (with its measurement) and records that in the last correction."""
+def keep_lower(config: SPDYConfig, family: Family, out: Verification, met: tuple) -> None:
+    """After a re-aim down: keeps the last lower profile if it met the target on a quiet machine, else stitches back
+    the profile that met it (with its measurement); the down correction records which."""
     kept = out.busy is None and out.measurement.speedup >= config.target_speedup
-    out.corrections[-1]["kept"] = kept
-    out.corrections[-1]["lowered_measured_speedup"] = out.measurement.speedup
+    down = next(c for c in out.corrections if c.get("direction") == "down")
+    down["kept"] = kept
     if kept:
         return
     logger.info("The lowered profile measured %.3fx%s, short of the target %.3gx: keeping the profile that measured "
                 "%.3fx.", out.measurement.speedup, " on a busy machine" if out.busy else "", config.target_speedup,
                 met[1].speedup)
+    down["lowered_measured_speedup"] = out.measurement.speedup
     out.profile, out.measurement, out.busy = met[0], met[1], None
     family.stitch(out.profile)
 
@@ -148,16 +150,17 @@ def needs_confirmation(config: SPDYConfig, measured: float, corrections: list[di
 
 
 def reaim(config: SPDYConfig, times: np.ndarray, costs: np.ndarray, budget: Budget, profile: np.ndarray,
-          aim: float, measured: float, corrections: list[dict], reference_ms: float | None = None
-          ) -> tuple[float, np.ndarray] | None:
+          aim: float, measured: float, corrections: list[dict], reference_ms: float | None = None,
+          below: float | None = None) -> tuple[float, np.ndarray] | None:
     """One verify correction: if the measured speedup misses the target and corrections are left, the table rated
     the profile too fast, so aim higher by the shortfall and let the DP re-solve with the search's costs (no new
-    search), as far as the model can go. Returns (new aim, new profile) and records the correction, or None."""
+    search), as far as the model can go (`below`: under that aim, whose profile met the target). Returns (new aim,
+    new profile) and records the correction, or None."""
     if measured >= config.target_speedup or len(corrections) >= config.search.verify_corrections:
         return None
     reachable = compute_budget(times, budget.base_ms, aim, reference_ms=reference_ms).max_reachable_speedup
     new_aim = min(aim * (config.target_speedup / measured) * 1.01, reachable)  # `times` may keep to a subset
-    if new_aim <= aim:
+    if new_aim <= aim or (below is not None and new_aim >= below):
         return None
     raised = compute_budget(times, budget.base_ms, new_aim, reference_ms=reference_ms)
     new_profile = solve_dp(costs, times, raised.budget_ms, config.search.dp_buckets)

@@ -57,22 +57,33 @@ def test_an_overshoot_is_re_aimed_lower_and_kept_when_it_meets_the_target(tiny_l
         assert int((unit.weight == 0).sum()) == round(p["sparsity"] * unit.numel)
 
 
-def test_a_lower_profile_that_misses_gives_way_to_the_one_that_met(tiny_llama, tmp_path, tokenizer, monkeypatch):
-    config = small_config(tmp_path, target_speedup=1.5, method="magnitude", search=SEARCH)
+@pytest.mark.parametrize("corrections", [1, 2])
+def test_a_lower_profile_that_misses_is_re_aimed_up_or_gives_way(tiny_llama, tmp_path, tokenizer, monkeypatch,
+                                                                 corrections):
+    """A lower profile that misses is re-aimed up between it and the profile that met the target while corrections
+    are left (2); with none left (1), the profile that met the target comes back."""
+    config = small_config(tmp_path, target_speedup=1.5, method="magnitude",
+                          search={**SEARCH, "verify_corrections": corrections})
     # the searched profile runs 30 % faster than the table says; a slower one runs as the table says
     table, units, seen = fake_machine(monkeypatch, tiny_llama, config, lambda p, seen: 1.3 if p >= seen[0] else 1.0)
     result = SPDYPruner(tiny_llama, config, tokenizer).prune(latency_table=table, progress=False)
     report = result.report
-    # the searched profile, then the lower one twice (a miss is confirmed before it counts), then nothing else
-    assert len(seen) == 3 and seen[1] == seen[2] < seen[0]
-    (correction,) = report["verify_corrections"]
-    assert correction["direction"] == "down" and correction["kept"] is False
-    assert correction["lowered_measured_speedup"] == pytest.approx(seen[1]) and seen[1] < 1.5
-    assert report["measured_speedup"] == pytest.approx(1.3 * seen[0]) and report["target_met"]
-    assert report["predicted_speedup"] == pytest.approx(seen[0])
-    for p, unit in zip(result.profile, units):  # the weights in the model are the searched profile's again
+    # the searched profile, then the lower one twice (a miss is confirmed before it counts)
+    assert seen[1] == seen[2] < seen[0] and seen[1] < 1.5
+    down = report["verify_corrections"][0]
+    assert down["direction"] == "down" and len(report["verify_corrections"]) == corrections
+    if corrections == 1:
+        assert len(seen) == 3 and down["kept"] is False and down["lowered_measured_speedup"] == pytest.approx(seen[1])
+        assert report["measured_speedup"] == pytest.approx(1.3 * seen[0])
+        assert report["predicted_speedup"] == pytest.approx(seen[0])
+    else:  # re-aimed up by the lower profile's shortfall: it lands between the two, and meets the target
+        assert len(seen) == 4 and seen[1] < seen[3] < seen[0] and down["kept"] is True
+        assert report["verify_corrections"][1]["direction"] == "up"
+        assert report["verify_corrections"][1]["new_aim"] < down["aim"]
+        assert report["measured_speedup"] == pytest.approx(seen[3]) and seen[3] >= 1.5
+    assert report["target_met"]
+    for p, unit in zip(result.profile, units):  # the weights in the model are the final profile's
         assert int((unit.weight == 0).sum()) == round(p["sparsity"] * unit.numel)
-    assert {round(p["sparsity"], 6) for p in result.profile} != {0.0}
 
 
 @pytest.mark.parametrize("search", [{"verify_overshoot": None}, {"verify_corrections": 0}, {"verify_overshoot": 0.5}])
