@@ -64,23 +64,25 @@ def test_a_lower_profile_that_misses_is_re_aimed_up_or_gives_way(tiny_llama, tmp
     are left (2); with none left (1), the profile that met the target comes back."""
     config = small_config(tmp_path, target_speedup=1.5, method="magnitude",
                           search={**SEARCH, "verify_corrections": corrections})
-    # the searched profile runs 30 % faster than the table says; a slower one runs as the table says
-    table, units, seen = fake_machine(monkeypatch, tiny_llama, config, lambda p, seen: 1.3 if p >= seen[0] else 1.0)
+    # the searched profile runs 30 % faster than the table says, slower ones 20 %: aimed by the first profile's
+    # error, the lower one misses
+    table, units, seen = fake_machine(monkeypatch, tiny_llama, config, lambda p, seen: 1.3 if p >= seen[0] else 1.2)
     result = SPDYPruner(tiny_llama, config, tokenizer).prune(latency_table=table, progress=False)
     report = result.report
     # the searched profile, then the lower one twice (a miss is confirmed before it counts)
-    assert seen[1] == seen[2] < seen[0] and seen[1] < 1.5
+    assert seen[1] == seen[2] < seen[0] and 1.2 * seen[1] < 1.5
     down = report["verify_corrections"][0]
     assert down["direction"] == "down" and len(report["verify_corrections"]) == corrections
     if corrections == 1:
-        assert len(seen) == 3 and down["kept"] is False and down["lowered_measured_speedup"] == pytest.approx(seen[1])
+        assert len(seen) == 3 and down["kept"] is False
+        assert down["lowered_measured_speedup"] == pytest.approx(1.2 * seen[1])
         assert report["measured_speedup"] == pytest.approx(1.3 * seen[0])
         assert report["predicted_speedup"] == pytest.approx(seen[0])
     else:  # re-aimed up by the lower profile's shortfall: it lands between the two, and meets the target
         assert len(seen) == 4 and seen[1] < seen[3] < seen[0] and down["kept"] is True
         assert report["verify_corrections"][1]["direction"] == "up"
         assert report["verify_corrections"][1]["new_aim"] < down["aim"]
-        assert report["measured_speedup"] == pytest.approx(seen[3]) and seen[3] >= 1.5
+        assert report["measured_speedup"] == pytest.approx(1.2 * seen[3]) and 1.2 * seen[3] >= 1.5
     assert report["target_met"]
     for p, unit in zip(result.profile, units):  # the weights in the model are the final profile's
         assert int((unit.weight == 0).sum()) == round(p["sparsity"] * unit.numel)
