@@ -162,15 +162,12 @@ def reaim(config: SPDYConfig, times: np.ndarray, costs: np.ndarray, budget: Budg
     new_aim = min(aim * (config.target_speedup / measured) * 1.01, reachable)  # `times` may keep to a subset
     if new_aim <= aim or (below is not None and new_aim >= below):
         return None
-    raised = compute_budget(times, budget.base_ms, new_aim, reference_ms=reference_ms)
-    new_profile = solve_dp(costs, times, raised.budget_ms, config.search.dp_buckets)
-    if new_profile is None or list(new_profile) == list(profile):
+    new_profile = resolve(config, times, costs, budget, profile, aim, new_aim, measured, corrections, "up",
+                          reference_ms)
+    if new_profile is None:
         return None
-    predicted = budget.predicted_speedup(times[np.arange(len(profile)), profile])
-    corrections.append({"measured_speedup": measured, "predicted_speedup": predicted, "aim": aim,
-                        "new_aim": new_aim, "direction": "up"})
     logger.info("Measured %.3fx < target %.3gx (predicted %.3fx): re-aiming the profile at %.3fx.",
-                measured, config.target_speedup, predicted, new_aim)
+                measured, config.target_speedup, corrections[-1]["predicted_speedup"], new_aim)
     return new_aim, new_profile
 
 
@@ -189,16 +186,29 @@ def reaim_down(config: SPDYConfig, times: np.ndarray, costs: np.ndarray, budget:
     new_aim = aim * config.target_speedup * (1 + config.search.speedup_margin) / measured
     if new_aim >= aim:
         return None
-    lowered = compute_budget(times, budget.base_ms, new_aim, reference_ms=reference_ms)
-    new_profile = solve_dp(costs, times, lowered.budget_ms, config.search.dp_buckets)
+    new_profile = resolve(config, times, costs, budget, profile, aim, new_aim, measured, corrections, "down",
+                          reference_ms)
+    if new_profile is None:
+        return None
+    logger.info("Measured %.3fx, more than %.0f%% above the target %.3gx (predicted %.3fx): re-aiming the profile "
+                "lower, at %.3fx.", measured, 100 * overshoot, config.target_speedup,
+                corrections[-1]["predicted_speedup"], new_aim)
+    return new_aim, new_profile
+
+
+def resolve(config: SPDYConfig, times: np.ndarray, costs: np.ndarray, budget: Budget, profile: np.ndarray,
+            aim: float, new_aim: float, measured: float, corrections: list[dict], direction: str,
+            reference_ms: float | None = None) -> np.ndarray | None:
+    """The DP re-solved with the search's costs for `new_aim`; records the correction and returns the new profile,
+    or None (and records nothing) where the DP finds none or the same profile."""
+    target = compute_budget(times, budget.base_ms, new_aim, reference_ms=reference_ms)
+    new_profile = solve_dp(costs, times, target.budget_ms, config.search.dp_buckets)
     if new_profile is None or list(new_profile) == list(profile):
         return None
     predicted = budget.predicted_speedup(times[np.arange(len(profile)), profile])
     corrections.append({"measured_speedup": measured, "predicted_speedup": predicted, "aim": aim,
-                        "new_aim": new_aim, "direction": "down"})
-    logger.info("Measured %.3fx, more than %.0f%% above the target %.3gx (predicted %.3fx): re-aiming the profile "
-                "lower, at %.3fx.", measured, 100 * overshoot, config.target_speedup, predicted, new_aim)
-    return new_aim, new_profile
+                        "new_aim": new_aim, "direction": direction})
+    return new_profile
 
 
 def verify_summary(config: SPDYConfig, plan: Plan, budget: Budget, search_budget: Budget,
