@@ -351,11 +351,7 @@ def test_measured_table_is_cached_and_reused(tmp_path, tokenizer, monkeypatch, c
 
     def run():
         result = SPDYPruner(wide_bert(), config, tokenizer).prune(progress=False)
-        report = result.report
-        # reachable, and met by the DP on the measured table (the searched profile: verify may re-aim it lower
-        # when it measures far above the target, as a tiny model's can)
-        searched = report["verify_corrections"][0] if report["verify_corrections"] else report
-        assert searched["predicted_speedup"] >= 1.05
+        assert result.report["predicted_speedup"] >= 1.05  # reachable, and met by the DP on the measured table
         return result.latency_table
 
     first = run()
