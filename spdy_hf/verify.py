@@ -86,7 +86,8 @@ def verify(config: SPDYConfig, family: Family, plan: Plan, budget: Budget, searc
     return out
 
 
-def keep_lower(config: SPDYConfig, family: Family, out: Verification, met: tuple) -> None:
+def keep_lower(config: SPDYConfig, family: Family, out: Verification,
+               met: tuple[np.ndarray, Measurement, float]) -> None:
     """After a re-aim down: keeps the last lower profile if it met the target on a quiet machine, else stitches back
     the profile that met it (with its measurement); the down correction records which."""
     kept = out.busy is None and out.measurement.speedup >= config.target_speedup
