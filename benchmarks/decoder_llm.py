@@ -172,6 +172,8 @@ row = {"regime": args.regime, "family": args.family, "target": args.target,
        "perplexity": report["heldout"]["pruned"], "dense_perplexity": report["heldout"]["dense"],
        "job_seconds": job_seconds, "stage_seconds": report["stage_seconds"], "peak_rss_gb": peak_gb,
        "stage_peak_rss_mb": report["stage_peak_rss_mb"], "search": report["search"],
+       # how many groups ended in each kind (a mixed profile's mix; structured counts dense groups too)
+       "families": report.get("families"), "overall_sparsity": report["overall_sparsity"],
        "model_fp32_gb": sum(p.numel() for p in result.model.parameters()) * 4 / 2**30,
        "cached": bool(args.cache_dir),
        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
