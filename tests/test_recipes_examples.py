@@ -15,6 +15,7 @@ from conftest import handwritten_table, make_bert, small_config
 from spdy_hf import SPDYConfig, prune_pretrained
 from spdy_hf.cli import _build_config, main
 from spdy_hf.errors import ConfigError
+from spdy_hf.latency.check import BUSY_MACHINE  # how the library says why it refused a latency table
 from spdy_hf.units import find_units
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +69,6 @@ def test_one_liner_prunes_from_a_directory(tmp_path, tokenizer):
     assert result.tokenizer is not None and result.report["measured_speedup"] > 0
 
 
-# how the library refuses a latency table that failed its checks every time (`spdy_hf/latency/check.py`)
-BUSY_REFUSAL = "The machine was most likely busy while timing"
 
 
 def _run_example(args, cwd, cache, timeout=600, tries=3, pause_s=30.0):
@@ -83,7 +82,7 @@ def _run_example(args, cwd, cache, timeout=600, tries=3, pause_s=30.0):
         before = _cached_tables(cache)
         proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env=env)
-        if proc.returncode == 0 or BUSY_REFUSAL not in proc.stderr:
+        if proc.returncode == 0 or BUSY_MACHINE not in proc.stderr:
             break
         assert _cached_tables(cache) == before, "a latency table that failed its checks was cached"
         if attempt < tries:
@@ -104,7 +103,7 @@ def test_a_busy_refusal_is_run_again_then_skipped_and_any_other_failure_fails(tm
     or a refusal that cached a table, fails."""
     script = tmp_path / "job.py"
     script.write_text("import sys\nopen(sys.argv[1], 'a').write('x')\n"
-                      f"sys.exit('SPDYError: failed its check 3 times. {BUSY_REFUSAL} (another heavy process)')\n")
+                      f"sys.exit('SPDYError: failed its check 3 times. {BUSY_MACHINE} (another heavy process)')\n")
     runs = tmp_path / "runs"
     with pytest.raises(pytest.skip.Exception, match="too busy to time job.py in 2 tries"):
         _run_example([str(script), str(runs)], cwd=ROOT, cache=tmp_path / "cache", tries=2, pause_s=0.0)
@@ -115,7 +114,7 @@ def test_a_busy_refusal_is_run_again_then_skipped_and_any_other_failure_fails(tm
     cache = tmp_path / "cache2"
     script.write_text("import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
                       "open(os.path.join(sys.argv[1], 't.json'), 'w').write('{}')\n"
-                      f"sys.exit('{BUSY_REFUSAL}')\n")
+                      f"sys.exit('{BUSY_MACHINE}')\n")
     with pytest.raises(AssertionError, match="was cached"):
         _run_example([str(script), str(cache / "latency")], cwd=ROOT, cache=cache, tries=2, pause_s=0.0)
 

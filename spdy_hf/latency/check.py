@@ -18,6 +18,9 @@ from .table import LatencyTable
 
 logger = logging.getLogger(__name__)
 
+# what a refused table's error says of its cause (callers that retry a busy machine look for it)
+BUSY_MACHINE = "The machine was most likely busy while timing"
+
 
 def constant_problem(model_ms: float, searched_ms: float, what: str) -> str | None:
     """Why a table whose searched parts take `searched_ms` of a `model_ms` model cannot be right, or None."""
@@ -86,7 +89,7 @@ def measure_until_sound(measure: Callable[[], LatencyTable], check: Callable[[La
             logger.warning("The %s just measured cannot be right (%s; attempt %d of %d): measuring again.", what,
                            problem, attempt, attempts)
     raise SPDYError(
-        f"The {what} failed its check {attempts} times: {problem}. The machine was most likely busy while timing "
+        f"The {what} failed its check {attempts} times: {problem}. {BUSY_MACHINE} "
         "(another heavy process shares its cores); nothing was cached. Run again when it is idle (timing."
         "attempts sets how often to retry).")
 
