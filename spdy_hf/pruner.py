@@ -139,6 +139,13 @@ class SPDYPruner:
                 raise SPDYError("Calibration windows must be a dict with an 'input_ids' tensor of shape (N, L).")
             windows = dict(calibration)
             windows.setdefault("attention_mask", torch.ones_like(windows["input_ids"]))
+            given = windows["input_ids"].shape[0]
+            if given > cal.num_samples:
+                # the databases are built from the first num_samples windows; recovery and scoring read their own
+                # counts (recovery.num_samples, search.eval_samples) from all of them
+                logger.warning("%d calibration windows were given but calibration.num_samples=%d: the pruning "
+                               "database is built from the first %d only. Set calibration.num_samples=%d to use "
+                               "them all.", given, cal.num_samples, cal.num_samples, given)
         else:
             if self.tokenizer is None:
                 raise SPDYError("Calibration text needs a tokenizer: pass SPDYPruner(model, config, tokenizer=...).")
