@@ -4,11 +4,12 @@
 - decode: one new token for each of batch_size sequences against a key/value cache that already holds
   context_length tokens: every linear layer is a matrix-vector product and attention reads the whole cache.
 
-`regime_inputs` gives the keyword inputs of that unit of work, so that every latency measurement is a plain
-`model(**inputs)`. For decode, the cache is filled once by the dense model and then held at context_length tokens:
-each step gets the cached keys and values of the heads its attention still has (the first ones; timing does not
-depend on which) plus its own, and nothing is appended, so a step can be repeated any number of times and a model
-with fewer key/value heads (a structured level) runs against the same cache.
+`regime_inputs` gives the keyword inputs of that unit of work, so that every latency measurement of the model is a
+plain `model(**inputs)`; a layer timed alone gets `step_shape`'s tokens, one per sequence in decode, as it gets
+them there. For decode, the cache is filled once by the dense model and then held at context_length tokens: each
+step gets the cached keys and values of the heads its attention still has (the first ones; timing does not depend
+on which) plus its own, and nothing is appended, so a step can be repeated any number of times and a model with
+fewer key/value heads (a structured level) runs against the same cache.
 
 Verify times what users time instead (`end_to_end_call`): a forward pass for prefill, and for decode `generate`,
 greedy, a fixed number of new tokens (no early end of sequence), from a cache filled by the model itself.
@@ -84,18 +85,25 @@ def _cut(cache, length: int) -> None:
             layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
 
 
+def step_shape(regime: RegimeConfig) -> tuple[int, int]:
+    """(sequences, new tokens per sequence) of one unit of work: (batch_size, sequence_length) for a prefill pass,
+    (batch_size, 1) for a decode step. Every linear layer's input has their product (`regime.tokens`) rows; a unit
+    timed alone must be timed at that size, as the whole model is."""
+    return regime.batch_size, regime.tokens // regime.batch_size
+
+
 def regime_inputs(model: nn.Module, regime: RegimeConfig) -> dict:
     """The keyword inputs of one unit of work in the regime (random token ids, seeded): a forward pass over
     batch_size x sequence_length tokens, or one decode step against a cache of context_length tokens."""
     if regime.mode != "decode":
-        ids = _token_ids(model, (regime.batch_size, regime.sequence_length), 0)
+        ids = _token_ids(model, step_shape(regime), 0)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     check_decodable(model)
     context = _token_ids(model, (regime.batch_size, regime.context_length), 0)
     cache = _filled_cache(model, context)
     for layer in cache.layers:
         _hold_context(layer)
-    step = _token_ids(model, (regime.batch_size, 1), 1)
+    step = _token_ids(model, step_shape(regime), 1)
     mask = torch.ones(regime.batch_size, regime.context_length + 1, dtype=torch.long, device=step.device)
     return {"input_ids": step, "attention_mask": mask, cache_argument(model): cache, "use_cache": True}
 

@@ -1,5 +1,6 @@
 """The cuda backend (dense vs 2:4): eligibility, the 2:4 pattern, 2:4 levels in both databases, searching and
-pruning with a table measured elsewhere. The GPU tests are marked `gpu` and skip without CUDA."""
+pruning with a table measured elsewhere; with the GPU's pieces faked (`test_regime_shapes.fake_gpu`), a new table's
+random-profile check and the figures verify reports. The GPU tests are marked `gpu` and skip without CUDA."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import logging
 import pytest
 import torch
 from conftest import MODEL_FACTORIES, example_inputs, small_config
+from test_regime_shapes import ProductClock, fake_gpu
 
 from spdy_hf import LatencyTable, SPDYPruner
 from spdy_hf.config import SPDYConfig
 from spdy_hf.database import MagnitudeDatabase, build_obs_database
 from spdy_hf.errors import ConfigError, SPDYError, UnreachableTargetError
+from spdy_hf.families.unstructured import UnstructuredFamily
 from spdy_hf.latency.cuda import (
     is_two_four,
     ratios,
@@ -113,9 +116,10 @@ def cuda_table(model, units, config, slow_shape=None):
                         environment={"gpu": "NVIDIA H200", "cusparselt": 600, "torch": "2.13.0+cu130"})
 
 
-def cuda_config(tmp_path, target, **overrides):
+def cuda_config(tmp_path, target, regime=None, **overrides):
     return small_config(tmp_path, target_speedup=target, backend="cuda",
-                        regime={"batch_size": 1, "sequence_length": 32, "dtype": "bfloat16"}, **overrides)
+                        regime={"batch_size": 1, "sequence_length": 32, "dtype": "bfloat16", **(regime or {})},
+                        **overrides)
 
 
 def test_prune_anywhere_with_a_cuda_table(tmp_path, tokenizer, caplog):
@@ -230,7 +234,7 @@ def test_measure_cuda_table_assembles_shapes_once_each(monkeypatch, tmp_path):
 
     timed = []
 
-    def fake_time_shape(shape, tokens, dtype, patterns, warmup, repeats, kernel="cusparselt", seed=0):
+    def fake_time_shape(shape, tokens, dtype, patterns, warmup, repeats, kernel="cusparselt", seed=0, device="cuda"):
         timed.append((shape, tokens, dtype))
         reason = cuda.two_four_ineligibility(shape, dtype, kernel)
         dense = 1e-3 * shape[0] * shape[1]
@@ -254,3 +258,58 @@ def test_measure_cuda_table_assembles_shapes_once_each(monkeypatch, tmp_path):
     assert table.environment == {"gpu": "Fake GPU", "cusparselt": 1} and table.model == "fingerprint"
     # tiny llama: hidden 32 (ok for cuSPARSELt's 16 x 16); nothing is ineligible, every 2:4 time is 0.7 x dense
     assert not table.ineligible and all(r == pytest.approx(0.7) for r in ratios(table).values())
+
+
+# ---------------------------------------------------------------------------------------------- faked GPU
+def test_new_cuda_tables_pass_the_random_profile_check(tmp_path, monkeypatch):
+    """A newly measured cuda table is checked like a cpu one: random 2:4 profiles of the model, timed end to end
+    (here by a clock that counts multiply-adds, so the table predicts them exactly), recorded in the table."""
+    model = MODEL_FACTORIES["llama"]()
+    clock = fake_gpu(monkeypatch, model)
+    clock.scale[model.lm_head.weight.data_ptr()] = 0.01  # the units are most of the model's work, as in an LLM
+    config = cuda_config(tmp_path, 1.2, timing={"check_profiles": 3},
+                         regime={"mode": "decode", "context_length": 12})
+    table = UnstructuredFamily(config, model, progress=False).plan(find_units(model, config.skip_modules)).table
+    check = table.additivity["profile_check"]
+    assert check["passed"] and len(check["measured_speedup"]) == 3
+    assert check["predicted_speedup"] == pytest.approx(check["measured_speedup"], rel=1e-6)
+    assert any(m > 1.1 for m in check["measured_speedup"])  # profiles with 2:4 units in them were timed
+    assert clock.sparse
+    assert LatencyTable.load(next((tmp_path / "cache" / "latency").glob("*.json"))).additivity["profile_check"]
+
+
+def test_a_cuda_table_the_model_does_not_follow_is_refused(tmp_path, monkeypatch):
+    """2:4 products that pay alone but not inside the model: the table's predictions of random profiles miss what
+    they measure end to end, so the table is refused and nothing is cached."""
+
+    class SlowInTheModel(ProductClock):
+        def cost(self, x, weight):  # a unit alone gets a 2-D input, inside the model a 3-D one
+            self.two_four_cost = 0.5 if x.dim() == 2 else 1.5
+            return super().cost(x, weight)
+
+    model = MODEL_FACTORIES["llama"]()
+    clock = fake_gpu(monkeypatch, model, SlowInTheModel)
+    clock.scale[model.lm_head.weight.data_ptr()] = 0.01  # the units are most of the model's work
+    config = cuda_config(tmp_path, 1.2, timing={"check_profiles": 3, "attempts": 1})
+    with pytest.raises(SPDYError, match="random profile.*check_tolerance"):
+        UnstructuredFamily(config, model, progress=False).plan(find_units(model, config.skip_modules))
+    assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_cuda_verify_reports_no_deployed_dense_time_it_did_not_measure(tmp_path, monkeypatch):
+    """On cuda a dense unit keeps its own module, so the deployed dense form is the dense model: verify times dense
+    and pruned only, and the report leaves the deployed dense figures out rather than copy the dense time."""
+    from spdy_hf.families.unstructured import time_two_four
+
+    model = MODEL_FACTORIES["llama"]()
+    clock = fake_gpu(monkeypatch, model)
+    config = cuda_config(tmp_path, 1.2, method="magnitude")
+    units = find_units(model, config.skip_modules)
+    family = UnstructuredFamily(config, model, progress=False)
+    family.plan(units, cuda_table(model, units, config))
+    profile = [1] * len(units)
+    inputs = example_inputs(1, 32)
+    measurement = time_two_four(model, units, ["2:4"] * len(units), lambda: model(**inputs), 1, 2, 1)
+    assert measurement.deployed_dense_ms is None and measurement.speedup > 1.0 and clock.sparse
+    report = family.entries(profile, measurement).report
+    assert report["deployed_dense_time_ms"] is None and report["measured_speedup_vs_deployed_dense"] is None

@@ -1,12 +1,20 @@
-"""Structured groups (attention heads, FFN neurons): found for each family, zero-filled or shrunk, same outputs."""
+"""Structured groups (attention heads, FFN neurons): found for each family, zero-filled or shrunk, same outputs; their
+latency figures named for what they are (fitted times, the kind of timing noise)."""
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, example_inputs
+from conftest import MODEL_FACTORIES, example_inputs, small_config
+from test_structured_pruner import structured_table
 
+from spdy_hf import SPDYPruner
 from spdy_hf.errors import SPDYError
+from spdy_hf.latency.structured import keep_counts, measure_structured_latency, smooth_times, times_are_fitted
+from spdy_hf.latency.table import TIMING_NOISE_KINDS, LatencyTable
 from spdy_hf.structured import find_structured_groups, shrink, zero_fill
 
 MODELS = ["bert", "gpt2", "opt", "llama"]
@@ -95,3 +103,64 @@ def test_out_of_range_group_indices_are_refused():
     group = find_structured_groups(model)[0]
     with pytest.raises(SPDYError, match="Group indices"):
         shrink(model, group, [group.num_groups])
+
+
+# ---------------------------------------------------------------------------------------------- figures named
+def test_structured_times_are_marked_fitted_and_keep_the_measured_ones():
+    """What the search reads for a structured level is a one-slope fit to a share of what all same-shape groups
+    saved together: the part says so, and keeps the measured times beside the fitted ones."""
+    model = MODEL_FACTORIES["llama"]()
+    ffn = [g for g in find_structured_groups(model) if g.kind == "ffn"]
+    counts = [keep_counts(g, 1, 4) for g in ffn]
+    part = measure_structured_latency(model, ffn, counts, lambda m: (lambda: None),
+                                      lambda fns, warmup, repeats: [10.0] + [9.0 + 0.1 * i for i in range(len(fns) - 1)],
+                                      progress=False)
+    assert part["fitted"] is True and times_are_fitted(part)
+    for entry in part["signatures"].values():
+        assert entry["times_ms"] == smooth_times(entry["keep"], entry["measured_ms"])
+        assert entry["groups"] == len(ffn)  # one figure shared by every group of the signature
+    older = {k: v for k, v in part.items() if k != "fitted"}  # cached before the mark: measured_ms tells
+    assert times_are_fitted(older)
+    handwritten = {**older, "signatures": {s: {k: v for k, v in e.items() if k != "measured_ms"}
+                                           for s, e in older["signatures"].items()}}
+    assert not times_are_fitted(handwritten)
+
+
+def noisy_structured_table(model, config, noise):
+    table = structured_table(model, config)
+    for entry in table.structured["signatures"].values():
+        entry["measured_ms"] = list(entry["times_ms"])
+    table.structured.update(fitted=True, timing_noise=noise)
+    table.timing_noise, table.timing_noise_kind = noise, "dense_spread"
+    return table
+
+
+def test_report_names_the_timing_noise_and_the_fitted_times(tmp_path, tokenizer, caplog):
+    model = MODEL_FACTORIES["llama"]()
+    config = small_config(tmp_path, target_speedup=1.5, family="structured", method="magnitude")
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.pipeline"):
+        report = SPDYPruner(model, config, tokenizer).prune(latency_table=noisy_structured_table(model, config, 0.12),
+                                                           progress=False).report
+    assert report["timing_noise"] == 0.12 and report["timing_noise_kind"] == "dense_spread"
+    assert report["latency_times"] == "fitted"
+    assert "12.0% (the spread of the dense model's repeated times)" in caplog.text
+
+
+def test_tables_name_their_timing_noise_and_older_tables_still_load(tmp_path):
+    """A cpu per-layer table's noise is its prediction error, a structured table's the spread of its dense times;
+    tables written before the kind was named load with it read from their own figures."""
+    common = {"backend": "cpu", "regime": {"batch_size": 1, "sequence_length": 32, "dtype": "float32"},
+              "levels": [0.0, 0.5], "shapes": {"32x32:cc": [1.0, 0.6]}, "base_time_ms": 2.0, "version": 1}
+    per_layer = {**common, "additivity": {"median_relative_error": 0.03}, "timing_noise": 0.03}
+    structured = {**common, "levels": [0.0], "shapes": {}, "timing_noise": 0.02,
+                  "structured": {"signatures": {"s": {"keep": [2, 0], "times_ms": [1.0, 0.0]}}, "groups": {"g": "s"},
+                                 "dense_ms": 2.0, "timing_noise": 0.02}}
+    for data, kind in ((per_layer, "prediction_error"), (structured, "dense_spread")):
+        (tmp_path / "old.json").write_text(json.dumps(data))
+        table = LatencyTable.load(tmp_path / "old.json")
+        assert table.timing_noise_kind == kind and kind in TIMING_NOISE_KINDS
+        table.save(tmp_path / "new.json")
+        assert json.loads((tmp_path / "new.json").read_text())["timing_noise_kind"] == kind
+    assert LatencyTable(**{**common, "timing_noise": 0.05}).timing_noise_kind is None  # not named: left unnamed
+    with pytest.raises(SPDYError, match="timing_noise_kind"):
+        LatencyTable(**{**per_layer, "timing_noise_kind": "loudness"})

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backend import interleaved_timer, regime_inputs, table_environment
 from ..config import RegimeConfig, SPDYConfig
-from ..latency.table import LatencyTable
+from ..latency.table import TIMING_NOISE_KINDS, LatencyTable
 from ..loading import model_fingerprint, weights_fingerprint
 from ..regime import end_to_end_call
 from ..search import Budget
@@ -37,7 +37,19 @@ class Plan:
     base_ms: float  # the dense model end to end: speedups are relative to it
     reference_ms: float | None  # the all-dense model in the form `times` were measured in (None: base_ms)
     table: LatencyTable  # the latency table behind `times`, saved with the result
-    timing_noise: float | None = None  # relative spread of repeated dense passes while `times` were measured
+    # how noisy the timing behind `times` was, a fraction, and what that figure measures (a key of
+    # `spdy_hf.latency.table.TIMING_NOISE_KINDS`: the cpu table's prediction error, or the structured table's spread
+    # of dense times); None where the table has none (cuda per-layer tables, hand-written ones)
+    timing_noise: float | None = None
+    timing_noise_kind: str | None = None
+    latency_times: str = "measured"  # what `times` are: "measured", or "fitted" (structured levels)
+
+    def describe_noise(self) -> str:
+        """The timing noise as a reader needs it: the figure and what it measures."""
+        if self.timing_noise is None:
+            return "no timing noise figure"
+        what = TIMING_NOISE_KINDS.get(self.timing_noise_kind, "of a kind the table does not name")
+        return f"{100 * self.timing_noise:.1f}% ({what})"
 
 
 @dataclass

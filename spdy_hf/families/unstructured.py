@@ -40,7 +40,8 @@ class UnstructuredFamily(Family):
         self.table = unit_latency_table(self, units, self.given_table(latency_table))
         self.times = self.table.times_for(self.table.keys_for(units))  # (U, K) ms
         return Plan(units=units, names=[u.name for u in units], times=self.times, base_ms=self.table.base_time_ms,
-                    reference_ms=self.table.reference_time_ms, table=self.table, timing_noise=self.table.timing_noise)
+                    reference_ms=self.table.reference_time_ms, table=self.table, timing_noise=self.table.timing_noise,
+                    timing_noise_kind=self.table.timing_noise_kind)
 
     def build_database(self, plan, windows, budget, search_budget) -> dict:
         anchor = anchor_level(plan.times, search_budget.budget_ms)
@@ -82,10 +83,11 @@ class UnstructuredFamily(Family):
             })
         deployed_dense_ms = None if measurement is None else measurement.deployed_dense_ms
         report = {
-            # the unpruned model with every unit in the deployed (FastLinear) form: shows how much of the
-            # speedup the kernel form gives alone, and how much the sparsity adds on top
+            # the unpruned model with every unit in the deployed (FastLinear) form, measured: shows how much of the
+            # speedup the kernel form gives alone, and how much the sparsity adds on top. None where the deployed
+            # dense form is the dense model itself (cuda: a dense unit keeps its own module) or nothing was measured.
             "deployed_dense_time_ms": deployed_dense_ms,
-            "measured_speedup_vs_deployed_dense": None if measurement is None
+            "measured_speedup_vs_deployed_dense": None if deployed_dense_ms is None
             else deployed_dense_ms / measurement.pruned_ms,
             "ineligible_units": [{"name": u.name, "shape": list(u.shape), "reason": table.ineligible[key]}
                                  for u, key in zip(units, table.keys_for(units)) if key in table.ineligible],
@@ -124,10 +126,13 @@ def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | 
         return measure_latency_table(family.model, units, levels, config, family.inputs, family.fingerprint,
                                      progress=family.progress)
 
-    def confirm(t: LatencyTable) -> str | None:  # random profiles, end to end (cpu); recorded in the table
-        if config.backend != "cpu" or not config.timing.check_profiles:
+    def confirm(t: LatencyTable) -> str | None:  # random profiles, end to end, on the backend; recorded in the table
+        if not config.timing.check_profiles:
             return None
-        from ..latency.cpu import check_profiles
+        if config.backend == "cuda":
+            from ..latency.cuda import check_profiles
+        else:
+            from ..latency.cpu import check_profiles
 
         timing = config.timing
         pairs = check_profiles(family.model, units, t, family.inputs, timing.check_profiles, timing.warmup,
@@ -207,7 +212,8 @@ def time_kernels(model: nn.Module, units: list[Unit], sparsities: list[float], l
 @torch.inference_mode()
 def time_two_four(model: nn.Module, units: list[Unit], patterns: list[str], call: Callable[[], object], per: int,
                   repeats: int, warmup: int) -> Measurement:
-    """Dense vs pruned (2:4 units as semi-structured tensors), interleaved, CUDA events."""
+    """Dense vs pruned (2:4 units as semi-structured tensors), interleaved, CUDA events. There is no deployed dense
+    form to time apart: a dense unit keeps its own module, so it would be the dense model again (left out, None)."""
     from ..latency.cuda import TwoFourSwap, cuda_interleaved_median_ms
 
     swap = TwoFourSwap(model, units, patterns)
@@ -222,4 +228,4 @@ def time_two_four(model: nn.Module, units: list[Unit], patterns: list[str], call
         dense_ms, pruned_ms = cuda_interleaved_median_ms([run(False), run(True)], warmup, repeats)
     finally:
         swap.use_original()
-    return Measurement(dense_ms / per, pruned_ms / per, dense_ms / per)
+    return Measurement(dense_ms / per, pruned_ms / per)

@@ -19,6 +19,7 @@ from ..apply import FastLinear, KernelSwap, UnitLayout
 from ..config import SPDYConfig
 from ..environment import table_environment
 from ..errors import SPDYError
+from ..regime import step_shape
 from ..timing import interleaved_median_ms, median_ms, spin_up
 from ..units import Unit
 from .check import random_profiles
@@ -48,14 +49,14 @@ def regime_activation(batch: int, seq: int, features: int, layout: str, generato
 @torch.inference_mode()
 def time_shape(out_features: int, in_features: int, code: str, levels: list[float], config: SPDYConfig,
                seed: int = 0) -> list[float]:
-    """Times one (out, in) unit with bias alone, at every level, in the regime, with layout code (input, output).
+    """Times one (out, in) unit with bias alone, at every level, in the regime (one token per sequence in decode),
+    with layout code (input, output).
 
     Alone, a layer's weight stays hot in cache, so these times run low next to a full forward pass; the latency
     table uses `time_units_in_place` instead. Kept for benchmarks of the kernels themselves.
     """
     gen = torch.Generator().manual_seed(seed)
-    regime = config.regime
-    x = regime_activation(regime.batch_size, regime.sequence_length, in_features, "t" if code[0] == "t" else "c", gen)
+    x = regime_activation(*step_shape(config.regime), in_features, "t" if code[0] == "t" else "c", gen)
     bias = torch.randn(out_features, generator=gen)
     times = []
     for sparsity in levels:
@@ -234,7 +235,9 @@ def measure_latency_table(
     """Measures every distinct (unit shape, input layout) at every level, and the model end to end.
 
     Args:
-        inputs: keyword inputs of one forward pass in the regime (batch_size x sequence_length).
+        inputs: keyword inputs of one unit of work in the regime (`spdy_hf.regime.regime_inputs`: a forward pass
+            over batch_size x sequence_length tokens, or one decode step against the cache): the units are timed in
+            place in these passes, so in the regime's shapes.
     """
     layouts = plan_layouts(model, units, inputs)
     keys = [f"{u.shape_key}:{layout.code}" for u, layout in zip(units, layouts)]
@@ -282,7 +285,8 @@ def measure_latency_table(
                     "median_relative_error": error},
         model=model_fingerprint,
         environment=table_environment(),
-        timing_noise=error,  # the spread of the profiled passes around the table's own prediction
+        timing_noise=error,  # how far the table's own prediction of the profiled passes was from their times
+        timing_noise_kind="prediction_error",
     )
 
 

@@ -6,10 +6,13 @@ dtypes and shapes: both weight dimensions must be at least, and a multiple of, a
 cuSPARSELt fp16/bf16 16 x 16, int8 32 x 32; CUTLASS fp16/bf16 32 x 64, int8 16 x 128, fp32 32 x 32). A unit
 outside them gets only the dense level, with the reason recorded in the table.
 
-Each distinct (out, in) shape is timed once, alone, on a random activation of the regime's tokens x in: the
-dense product and the 2:4 product, interleaved, medians of CUDA-event times after a warm-up. 2:4 speeds up only
-compute-bound products (PyTorch's BERT-base tutorial, fp16 on an A100: 0.71x at batch 4, 1.22x at batch 16-64;
-docs/ALGORITHM.md), so a level slower than dense simply stays in the table: the search then keeps that unit dense.
+Each distinct (out, in) shape is timed once, alone, on a random activation of the regime's tokens x in (batch x
+sequence_length for prefill; batch x 1 for decode, each sequence's one new token, as every layer gets it in the
+model's decode step that the base time is measured on): the dense product and the 2:4 product, interleaved,
+medians of CUDA-event times after a warm-up. A newly measured table must also predict random 2:4 profiles of the
+model, timed end to end (`check_profiles`). 2:4 speeds up only compute-bound products (PyTorch's BERT-base
+tutorial, fp16 on an A100: 0.71x at batch 4, 1.22x at batch 16-64; docs/ALGORITHM.md), so a level slower than
+dense simply stays in the table: the search then keeps that unit dense.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import statistics
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +30,9 @@ from tqdm.auto import tqdm
 from ..apply import ModuleSwap
 from ..errors import SPDYError
 from ..patterns import is_two_four, two_four_magnitude_mask
+from ..regime import model_device
 from ..units import Unit
+from .check import random_profiles
 from .table import LatencyTable
 
 logger = logging.getLogger(__name__)
@@ -83,12 +89,20 @@ class TwoFourLinear(nn.Module):
 
 
 class TwoFourSwap(ModuleSwap):
-    """Swaps the units whose pattern is "2:4" for `TwoFourLinear`s built from their (2:4) weights, and back."""
+    """Swaps the units whose pattern is "2:4" for `TwoFourLinear`s built from their (2:4) weights, and back.
 
-    def __init__(self, model: nn.Module, units: list[Unit], patterns: list[str]):
-        deployed = [TwoFourLinear(unit.weight.detach().contiguous(), getattr(unit.module, "bias", None))
-                    if pattern == "2:4" else None for unit, pattern in zip(units, patterns)]
-        super().__init__(model, units, deployed)
+    With `masked`, each is built from a 2:4 magnitude-masked copy of the unit's weight instead (timing a profile on
+    the dense model: the kernel's speed does not depend on which weights it keeps); one copy lives at a time.
+    """
+
+    def __init__(self, model: nn.Module, units: list[Unit], patterns: list[str], masked: bool = False):
+        def deployed(unit: Unit) -> TwoFourLinear:
+            weight = unit.weight.detach()
+            if masked:
+                weight = weight.masked_fill(two_four_magnitude_mask(weight), 0)
+            return TwoFourLinear(weight.contiguous(), getattr(unit.module, "bias", None))
+
+        super().__init__(model, units, [deployed(u) if p == "2:4" else None for u, p in zip(units, patterns)])
 
 
 def cuda_interleaved_median_ms(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[float]:
@@ -128,13 +142,15 @@ def cuda_environment() -> dict:
 
 
 def time_shape_cuda(shape: tuple[int, int], tokens: int, dtype: str, patterns: list[str], warmup: int,
-                    repeats: int, kernel: str = "cusparselt", seed: int = 0) -> tuple[list[float | None], str | None]:
-    """Times of one (out, in) product at every level pattern ("dense" or "2:4"); None where it cannot run."""
+                    repeats: int, kernel: str = "cusparselt", seed: int = 0,
+                    device: torch.device | str = "cuda") -> tuple[list[float | None], str | None]:
+    """Times of one (out, in) product on a (tokens, in) input at every level pattern ("dense" or "2:4"); None where
+    it cannot run."""
     out_features, in_features = shape
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     torch_dtype = TORCH_DTYPES[dtype]
-    x = torch.randn(tokens, in_features, device="cuda", dtype=torch_dtype, generator=gen)
-    w = torch.randn(out_features, in_features, device="cuda", dtype=torch_dtype, generator=gen)
+    x = torch.randn(tokens, in_features, device=device, dtype=torch_dtype, generator=gen)  # (tokens, in)
+    w = torch.randn(out_features, in_features, device=device, dtype=torch_dtype, generator=gen)  # (out, in)
     reason = two_four_ineligibility(shape, dtype, kernel)
     fns = {"dense": lambda: F.linear(x, w)}
     if "2:4" in patterns and reason is None:
@@ -161,21 +177,27 @@ def time_shape_cuda(shape: tuple[int, int], tokens: int, dtype: str, patterns: l
 def measure_cuda_latency_table(model: nn.Module, units: list[Unit], levels: list[float], patterns: list[str],
                                config, inputs: dict, model_fingerprint: str | None = None,
                                progress: bool = True) -> LatencyTable:
-    """The cuda backend's table: every distinct unit shape timed alone, the model end to end.
+    """The cuda backend's table: every distinct unit shape timed alone, the model end to end, both in the regime.
 
-    The model is timed where it is; it must already be on the GPU in the regime's dtype (`SPDYPruner` moves it).
+    Args:
+        inputs: keyword inputs of one unit of work in the regime (`spdy_hf.regime.regime_inputs`): the base time is
+            one forward pass of them, a decode step against the cache in decode; the units alone get as many rows
+            as each of their products has there (`RegimeConfig.tokens`).
+
+    The model is timed where it is; it must already be on the GPU in the regime's dtype (`SPDYPruner` moves it),
+    and the units are timed on its device.
     """
     if not torch.cuda.is_available():
         raise SPDYError("backend 'cuda' needs an NVIDIA GPU to measure a latency table. Measure it on the GPU "
                         "machine (spdy-hf prune ... there, or SPDYPruner with backend='cuda'), then pass the table "
                         "with --latency-table to search and prune anywhere.")
-    regime = config.regime
-    tokens = regime.batch_size * regime.sequence_length
+    regime, device = config.regime, model_device(model)
     shapes = sorted({u.shape for u in units})
     timing = config.timing
     table_shapes, ineligible = {}, {}
     for shape in tqdm(shapes, desc="Timing shapes (cuda)", disable=not progress):
-        times, reason = time_shape_cuda(shape, tokens, regime.dtype, patterns, timing.warmup, timing.repeats)
+        times, reason = time_shape_cuda(shape, regime.tokens, regime.dtype, patterns, timing.warmup, timing.repeats,
+                                        device=device)
         key = "{}x{}:cc".format(*shape)
         table_shapes[key] = times
         if reason is not None:
@@ -184,8 +206,9 @@ def measure_cuda_latency_table(model: nn.Module, units: list[Unit], levels: list
     with torch.inference_mode():
         (base,) = cuda_interleaved_median_ms([lambda: model(**inputs)], timing.warmup, timing.model_repeats)
     prunable = sum(table_shapes["{}x{}:cc".format(*u.shape)][0] for u in units)
-    logger.info("Dense model %.3f ms per forward pass on %s; the %d units alone %.3f ms.", base,
-                torch.cuda.get_device_name(), len(units), prunable)
+    logger.info("Dense model %.3f ms per %s on %s; the %d units alone %.3f ms.", base,
+                "decode step" if regime.mode == "decode" else "forward pass", torch.cuda.get_device_name(),
+                len(units), prunable)
     return LatencyTable(
         backend="cuda",
         regime=regime.to_dict(),
@@ -199,6 +222,33 @@ def measure_cuda_latency_table(model: nn.Module, units: list[Unit], levels: list
     )
 
 
+@torch.inference_mode()
+def check_profiles(model: nn.Module, units: list[Unit], table: LatencyTable, inputs: dict, n: int,
+                   warmup: int = 3, repeats: int = 20, seed: int = 0) -> list[tuple[float, float]]:
+    """The speedups over the dense model of `n` random profiles (each unit dense or 2:4, magnitude-masked copies of
+    its weight as `TwoFourLinear`s) as `table` predicts them and as measured end to end on `inputs`, interleaved,
+    with CUDA events: (predicted, measured) each."""
+    times = table.times_for(table.keys_for(units))  # (U, K); inf where 2:4 cannot run
+    constant = table.reference_time_ms - float(times[:, 0].sum())
+    out = []
+    for profile in random_profiles(times, n, seed):
+        swap = TwoFourSwap(model, units, [table.patterns[k] for k in profile], masked=True)
+
+        def run(deployed: bool, swap=swap):
+            def fn():
+                swap.use_deployed() if deployed else swap.use_original()
+                model(**inputs)
+            return fn
+
+        try:
+            d, p = cuda_interleaved_median_ms([run(False), run(True)], warmup, repeats)
+        finally:
+            swap.use_original()
+        predicted_ms = constant + float(times[np.arange(len(units)), profile].sum())
+        out.append((table.reference_time_ms / max(predicted_ms, 1e-9), d / p))
+    return out
+
+
 def ratios(table: LatencyTable) -> dict[str, float | None]:
     """Per shape, the 2:4 time over the dense time (None where 2:4 cannot run): below 1 pays."""
     k = table.patterns.index("2:4") if "2:4" in (table.patterns or []) else None
@@ -208,6 +258,6 @@ def ratios(table: LatencyTable) -> dict[str, float | None]:
     return out
 
 
-__all__ = ["TwoFourLinear", "TwoFourSwap", "cuda_environment", "cuda_interleaved_median_ms", "is_two_four",
-           "measure_cuda_latency_table", "ratios", "time_shape_cuda", "to_two_four", "two_four_ineligibility",
-           "two_four_magnitude_mask"]
+__all__ = ["TwoFourLinear", "TwoFourSwap", "check_profiles", "cuda_environment", "cuda_interleaved_median_ms",
+           "is_two_four", "measure_cuda_latency_table", "ratios", "time_shape_cuda", "to_two_four",
+           "two_four_ineligibility", "two_four_magnitude_mask"]

@@ -1,4 +1,4 @@
-"""Latency of structured levels: each group's time at every keep count, measured in the whole model (issue 6).
+"""Latency of structured levels: each group's time at every keep count, measured in the whole model.
 
 A structured level of a group (`spdy_hf.structured.StructuredGroup`) keeps k of its heads or neurons. Timed
 alone, a group's matrix products miss most of what removing heads saves (the attention scores, softmax and
@@ -13,8 +13,13 @@ median over all runs; a ratio, so a machine whose speed drifts between runs does
 
 so that the model's time under any profile is predicted as t_dense - sum over groups of (T(full) - T(k)).
 T is made non-decreasing in k (a keep count never costs less than a smaller one) against timing noise, then
-smoothed across the partial levels of a signature (`smooth_times`; the monotone times are kept as `measured_ms`).
-Keep counts with k = full are the dense model itself. Each distinct shape is timed once per level.
+fitted across the partial levels of a signature (`smooth_times`: one slope per signature). Keep counts with
+k = full are the dense model itself. Each distinct shape is timed once per level, in the regime's work (a decode
+step against the cache in decode).
+
+So the times the search reads are not measurements of one group: they are a fit (`times_ms`, the part marked
+`"fitted": true`) to a share of what all groups of a signature saved together (`measured_ms`, per group, kept
+beside them). The part's `timing_noise` is the spread of the dense model's times, taken once per chunk of levels.
 """
 
 from __future__ import annotations
@@ -74,8 +79,10 @@ def measure_structured_latency(
         timer: interleaved timer, `(functions, warmup, repeats) -> median ms of each`.
 
     Returns:
-        `{"signatures": {signature: {"keep": [...], "times_ms": [...], "groups": n}}, "groups": {group name:
-        signature}, "dense_ms": t}`, ready to be stored in a `LatencyTable`'s `structured` field.
+        `{"signatures": {signature: {"keep": [...], "times_ms": [...], "measured_ms": [...], "groups": n}},
+        "groups": {group name: signature}, "dense_ms": t, "timing_noise": spread, "fitted": True}`, ready to be
+        stored in a `LatencyTable`'s `structured` field: `times_ms` fitted (`smooth_times`), `measured_ms` one
+        group's share of the measured saving of all `n`, made non-decreasing.
     """
     by_signature: dict[str, list[int]] = {}
     for i, group in enumerate(groups):
@@ -129,7 +136,15 @@ def measure_structured_latency(
         signatures[sig] = {"keep": list(keep), "times_ms": smooth_times(list(keep), measured),
                            "measured_ms": measured, "groups": len(members)}
     return {"signatures": signatures, "groups": {group_name(groups[i]): sig for sig, members in by_signature.items()
-                                                 for i in members}, "dense_ms": dense, "timing_noise": noise}
+                                                 for i in members}, "dense_ms": dense, "timing_noise": noise,
+            "fitted": True}
+
+
+def times_are_fitted(structured: dict) -> bool:
+    """Whether a structured part's `times_ms` are fitted (`smooth_times`) rather than the measured ones: parts
+    measured since the fit say so (`"fitted"`), older ones by keeping the measured times beside them."""
+    signatures = structured.get("signatures") or {}
+    return bool(structured.get("fitted", bool(signatures) and all("measured_ms" in e for e in signatures.values())))
 
 
 def smooth_times(keep: list[int], times: list[float]) -> list[float]:

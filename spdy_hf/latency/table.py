@@ -5,6 +5,11 @@ A table holds, for every distinct unit shape and layout code ("outxin:cc", "outx
 end-to-end time (the base); the same model with every unit in its deployed dense form; and each unit's
 layout code. It is plain versioned JSON that the search reads
 and a test can write by hand. Times need not fall as sparsity rises; a level a kernel cannot run is `null`.
+
+Each figure says what it is. `timing_noise` is a different measure per kind of table, named by
+`timing_noise_kind` (`TIMING_NOISE_KINDS`); the structured part's `times_ms` are fitted (its `"fitted": true`),
+the times they were fitted to kept beside them as `measured_ms` (`spdy_hf.latency.structured`). Tables written
+before these names load as they were, named from their own figures.
 """
 
 from __future__ import annotations
@@ -29,7 +34,17 @@ PATTERNS = ("dense", "unstructured", "2:4")
 # the type each field of a table read from a file must have (the dataclass does not check them)
 FIELD_TYPES = {"backend": str, "regime": dict, "levels": list, "shapes": dict, "unit_layouts": dict,
                "input_leaders": dict, "additivity": dict, "model": (str, type(None)), "environment": dict,
-               "patterns": (list, type(None)), "ineligible": dict, "structured": dict}
+               "patterns": (list, type(None)), "ineligible": dict, "structured": dict,
+               "timing_noise_kind": (str, type(None))}
+# what a table's `timing_noise` measures, by its `timing_noise_kind`
+TIMING_NOISE_KINDS = {
+    # cpu per-layer tables: how far the table's own prediction of the forward passes it profiled (mixed levels)
+    # was from their measured times, median relative error (`additivity`)
+    "prediction_error": "the median relative error of the table's prediction of the forward passes it profiled",
+    # structured tables: how much the dense model's time, taken once per chunk of levels, spread (relative median
+    # absolute deviation)
+    "dense_spread": "the spread of the dense model's repeated times",
+}
 
 
 @dataclass
@@ -38,8 +53,12 @@ class LatencyTable:
     regime: dict[str, Any]  # batch_size, sequence_length, dtype
     levels: list[float]  # sparsities, dense (0.0) first
     shapes: dict[str, list[float | None]]  # "outxin:layout" -> ms per level; None where the level cannot run
-    base_time_ms: float  # the original dense model, end to end, one forward pass in the regime
-    deployed_dense_time_ms: float | None = None  # every unit in its deployed form at level 0; None: = base
+    # the original dense model, end to end, one unit of work in the regime (a forward pass, or a decode step). cpu
+    # tables: the deployed dense time below times the measured ratio of the two models' times (robust to drift)
+    base_time_ms: float
+    # every unit in its deployed form at level 0; None: = base. cpu tables: the table's own estimate (its constant
+    # plus the units' dense times), on the time scale of the unit times it is compared with
+    deployed_dense_time_ms: float | None = None
     unit_layouts: dict[str, str] = field(default_factory=dict)  # unit name -> layout code, e.g. "ct"; missing: "cc"
     input_leaders: dict[str, str] = field(default_factory=dict)  # unit name -> the unit that transposes its input
     # forward passes of the profiled configurations, measured and as the table predicts them (a check of additivity)
@@ -52,9 +71,11 @@ class LatencyTable:
     # structured levels (`spdy_hf.latency.structured.measure_structured_latency`): per group signature its keep
     # counts and times in the whole (plain) model, each group's signature, and the dense model's time there
     structured: dict[str, Any] = field(default_factory=dict)
-    # how much repeated measurements of the dense model spread while the table was measured (relative median
-    # absolute deviation); the search's margin is raised to cover it
+    # how noisy the timing was while the table was measured, a fraction; the search's margin is raised to cover it.
+    # What it measures depends on the table: `timing_noise_kind`, a key of `TIMING_NOISE_KINDS` (None: not named,
+    # a hand-written table). The cuda backend's per-layer tables have none.
     timing_noise: float | None = None
+    timing_noise_kind: str | None = None
     version: int = TABLE_VERSION
 
     def __post_init__(self):
@@ -81,6 +102,12 @@ class LatencyTable:
             self._check_structured()
         if self.timing_noise is not None:
             _check_time("timing_noise", self.timing_noise)
+            if self.timing_noise_kind is None:
+                self.timing_noise_kind = self._noise_kind_from_figures()
+        if self.timing_noise_kind is not None and self.timing_noise_kind not in TIMING_NOISE_KINDS:
+            raise SPDYError(f"Latency table field 'timing_noise_kind' must be one of "
+                            f"{', '.join(TIMING_NOISE_KINDS)}, not {self.timing_noise_kind!r}; the table is corrupt "
+                            "or was edited. Measure it again.")
         if self.patterns is None:
             self.patterns = ["dense"] + ["unstructured"] * (len(self.levels) - 1)
         if len(self.patterns) != len(self.levels):
@@ -118,6 +145,15 @@ class LatencyTable:
         unknown = sorted({s for s in part["groups"].values() if s not in part["signatures"]})
         if unknown:
             raise SPDYError(f"Latency table structured groups name unknown signatures: {unknown[:3]}.")
+
+    def _noise_kind_from_figures(self) -> str | None:
+        """The kind of a table's timing noise from the figure it was copied from (tables written before the kind
+        was named): the additivity check's error, or the structured part's spread of the dense times."""
+        if self.additivity.get("median_relative_error") == self.timing_noise:
+            return "prediction_error"
+        if self.structured.get("timing_noise") == self.timing_noise:
+            return "dense_spread"
+        return None
 
     # ------------------------------------------------------------------ queries
     @property
