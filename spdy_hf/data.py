@@ -90,7 +90,8 @@ def texts_from_dataset(dataset, text_column: str = "text", split: str = "train")
 
 
 def load_texts(
-    source="builtin", *, dataset_config: str | None = None, split: str = "train", text_column: str = "text"
+    source="builtin", *, dataset_config: str | None = None, split: str = "train", text_column: str = "text",
+    split_setting: str | None = "calibration.split",
 ) -> list[str]:
     """The documents of a calibration source.
 
@@ -100,6 +101,8 @@ def load_texts(
             `text_column` of its rows), or a Hugging Face Hub dataset name (loaded with `datasets.load_dataset`;
             `split` may slice, e.g. "train[:2000]").
         dataset_config: the Hub dataset's configuration name (e.g. "wikitext-2-raw-v1").
+        split_setting: the setting `split` came from, named in the warning that a local file, which is read whole,
+            ignores a split other than "train"; None: no warning (a caller whose default split is another).
     """
     if isinstance(source, (list, tuple)):
         if not all(isinstance(t, str) for t in source):
@@ -116,6 +119,10 @@ def load_texts(
     if os.path.isdir(source):
         raise SPDYError(f"Calibration source {source!r} is a directory; pass a file in it (.txt, .json, .jsonl, "
                         ".parquet, .csv) or a Hub dataset name.")
+    if (suffix in TEXT_SUFFIXES or suffix in DATA_FILE_BUILDERS) and split != "train" and split_setting:
+        logger.warning("%s=%r is ignored: a local file is read whole (its every %s), and splits are chosen in Hub "
+                       "datasets only. To calibrate on part of %s, write that part to a file of its own.",
+                       split_setting, split, "document" if suffix in TEXT_SUFFIXES else "row", source)
     if suffix in TEXT_SUFFIXES:
         return read_text_file(source)
     if suffix in DATA_FILE_BUILDERS:

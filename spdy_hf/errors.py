@@ -26,3 +26,32 @@ class UnreachableTargetError(SPDYError):
             f"level the model is at most {max_reachable_speedup:.3f}x faster than dense in this regime "
             f"on this backend. Ask for a target of at most {max_reachable_speedup:.3f}, {other}."
         )
+
+
+class NoProfileFitsError(SPDYError, ValueError):
+    """No profile of the allowed levels fits the time budget the search was asked to meet."""
+
+    def __init__(self, budget_ms: float, fastest_ms: float, buckets: int):
+        super().__init__(
+            f"No profile fits the time budget of {budget_ms:.4g} ms: every unit at its fastest level takes "
+            f"{fastest_ms:.4g} ms (each time rounded up to one of {buckets} buckets). Check the target first "
+            "(`spdy_hf.search.compute_budget` and `fits`), then ask for a lower target speedup.")
+
+
+class NonFiniteScoreError(SPDYError):
+    """Every candidate profile scored NaN or infinity: the model's outputs are not finite on the scoring windows."""
+
+    def __init__(self, candidates: int):
+        super().__init__(
+            f"Every one of the {candidates} candidate profiles scored NaN or infinity against the dense model: the "
+            "model's outputs are not finite on the calibration windows. Check that the dense model gives finite "
+            "outputs on the calibration text (a damaged checkpoint gives NaN everywhere); score in float32 "
+            "(search.score_dtype: float32) where a half precision overflows; or calibrate on other text.")
+
+
+class DamagedModelFileError(SPDYError):
+    """A model file is not what its name says: truncated, overwritten, or a Git LFS pointer instead of the weights."""
+
+    def __init__(self, path: str, problem: str, remedy: str):
+        self.path = path
+        super().__init__(f"The model file {path} is damaged: {problem}. {remedy}")

@@ -90,7 +90,7 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
         f"Pruned with spdy_hf (SPDY: speedup-targeted pruning, Frantar & Alistarh, ICML 2022) to run "
         f"{report.get('target_speedup', config.get('target_speedup')):g}× faster than "
         f"{'`' + base_model + '`' if base_model else 'the dense model'} on **{backend}** ({device}), "
-        f"batch {regime.get('batch_size')} × {regime.get('sequence_length')} tokens, {regime.get('dtype')}.",
+        f"{regime_text(regime, config)}.",
         "",
         "| | |",
         "|---|---|",
@@ -141,6 +141,17 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
                      f"{'' if dense_ms is None else f'{dense_ms:.4f}'} | {'' if ms is None else f'{ms:.4f}'} |")
     lines += ["", "The full report is in `spdy_report.json`, the per-layer profile in `spdy_profile.json`.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def regime_text(regime: dict[str, Any], config: dict[str, Any]) -> str:
+    """The regime the speedup is for, in words: a prefill forward pass, or decode steps against a filled cache."""
+    if regime.get("mode") == "decode":
+        new_tokens = (config.get("timing") or {}).get("generate_tokens")
+        measured = f", measured as greedy `generate` of {new_tokens} new tokens" if new_tokens else ""
+        return (f"decode: batch {regime.get('batch_size')}, one new token per sequence per step against a "
+                f"key/value cache of {regime.get('context_length')} tokens (context length){measured}, "
+                f"{regime.get('dtype')}; the speedup is per generated token")
+    return f"prefill: batch {regime.get('batch_size')} × {regime.get('sequence_length')} tokens, {regime.get('dtype')}"
 
 
 def recovery_lines(entry: dict[str, Any] | None) -> list[str]:

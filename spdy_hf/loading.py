@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -10,7 +11,7 @@ import os
 import torch
 
 from .config import SPDYConfig
-from .errors import SPDYError
+from .errors import DamagedModelFileError, SPDYError
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,31 @@ def plain_checkpoint(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False):
     """Loads a model (the class its config names, else `AutoModel`) and its tokenizer, in float32, eval mode: a
-    directory or Hub id (safetensors weights only), or a `.gguf` file (dequantized to an ordinary model)."""
+    directory or Hub id (safetensors weights only), or a `.gguf` file (dequantized to an ordinary model).
+
+    Raises:
+        DamagedModelFileError: a weights file (a .gguf file, or a safetensors file of the directory or of the Hub
+            model's local copy) is truncated, overwritten or a Git LFS pointer; the error names the file.
+        SPDYError: no such model, or weights that are not safetensors.
+    """
+    name_or_path = os.fspath(name_or_path or default_model_path())
+    try:
+        return _load_model_and_tokenizer(name_or_path, trust_remote_code)
+    except Exception as e:  # a damaged file fails deep in transformers, in any way: name the file instead
+        damaged = damaged_model_file(name_or_path)
+        if damaged is None:
+            raise
+        raise damaged from e
+
+
+def _load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool):
     import transformers
 
-    name_or_path = os.fspath(name_or_path or default_model_path())
     gguf = gguf_location(name_or_path)
     source, gguf_file = (gguf[0], {"gguf_file": gguf[1]}) if gguf else (name_or_path, {})
+    if gguf is None and os.path.isfile(name_or_path):
+        raise SPDYError(f"Model path {name_or_path!r} is a file; pass the directory that holds it with its config.json "
+                        f"and tokenizer ({os.path.dirname(os.path.abspath(name_or_path))}), or a .gguf file.")
     if gguf is None and not os.path.isdir(name_or_path) and _looks_local(name_or_path):
         raise SPDYError(f"Model path {name_or_path!r} does not exist; pass an existing directory, a .gguf file or "
                         "a Hub model id.")
@@ -101,6 +121,90 @@ def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code:
         model.config._name_or_path = os.path.abspath(name_or_path)  # the base a saved model records: the file
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_file)
     return model.to(torch.float32).eval(), tokenizer
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file begins
+
+
+def damaged_model_file(name_or_path: str) -> DamagedModelFileError | None:
+    """The error naming the first weights file of a model that cannot be read: a `.gguf` file, or the safetensors
+    files of a directory or of a Hub model's copy in the local cache. None when every one reads (or none is here).
+    Reads headers only: cheap enough to run after any failed load."""
+    if name_or_path.lower().endswith(".gguf"):
+        return _damaged_gguf(name_or_path) if os.path.isfile(name_or_path) else None
+    cached = not os.path.isdir(name_or_path)
+    directory = _cached_snapshot(name_or_path) if cached else name_or_path
+    if directory is None:
+        return None
+    remedy = (f"Remove the model from the Hugging Face cache (`hf cache rm model/{name_or_path}`) and load it again "
+              "to download it afresh." if cached else
+              "Download or copy it again (a file cut short by an interrupted download or a full disk reads like "
+              "this).")
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        pointer = _lfs_pointer(path)
+        if pointer:
+            return DamagedModelFileError(path, pointer, _lfs_remedy(path))
+        problem = _unreadable_safetensors(path)
+        if problem:
+            return DamagedModelFileError(path, problem, remedy)
+    return None
+
+
+def _damaged_gguf(path: str) -> DamagedModelFileError | None:
+    problem = _lfs_pointer(path)
+    if problem:
+        return DamagedModelFileError(path, problem, _lfs_remedy(path))
+    try:
+        import gguf
+    except ImportError:
+        return None
+    try:
+        gguf.GGUFReader(path)  # parses the header and maps every tensor: a short or overwritten file fails here
+    except Exception as e:
+        return DamagedModelFileError(
+            path, f"it is not a readable GGUF file ({os.path.getsize(path):,} bytes; {_first_line(e)})",
+            "Download or export it again (an interrupted download leaves a file shorter than its source: compare "
+            "the sizes).")
+    return None
+
+
+def _unreadable_safetensors(path: str) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt"):  # checks the header and that the data covers every tensor
+            return None
+    except Exception as e:
+        return f"it is not a readable safetensors file ({os.path.getsize(path):,} bytes; {_first_line(e)})"
+
+
+def _lfs_pointer(path: str) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        return f"it is a Git LFS pointer ({os.path.getsize(path)} bytes), not the weights"
+    return None
+
+
+def _lfs_remedy(path: str) -> str:
+    return (f"The repository was cloned without Git LFS: run `git lfs install && git lfs pull` in "
+            f"{os.path.dirname(os.path.abspath(path))}, or download the file itself.")
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot directory of a Hub model, if it is in the cache (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid Hub id
+        return None
+    return os.path.dirname(config) if isinstance(config, str) else None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -83,3 +83,21 @@ def test_text_file_source(tmp_path, tokenizer):
 def test_missing_text_file_raises(tmp_path):
     with pytest.raises(SPDYError, match="does not exist"):
         load_texts(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("name", ["corpus.txt", "corpus.jsonl"])
+def test_a_split_a_local_file_cannot_honour_is_named_in_a_warning(name, tmp_path, caplog):
+    """A local file is read whole: a split asked of it is not silently dropped but named, with what to do."""
+    if name.endswith(".jsonl"):
+        pytest.importorskip("datasets")
+    path = tmp_path / name
+    docs = [f"Document {i} is about pruning." for i in range(6)]
+    path.write_text("\n".join(f'{{"text": "{d}"}}' for d in docs) if name.endswith(".jsonl") else "\n\n".join(docs))
+    with caplog.at_level("WARNING", logger="spdy_hf.data"):
+        assert load_texts(str(path), split="train[:2]") == docs  # every document: the split does not apply
+    assert "calibration.split='train[:2]' is ignored" in caplog.text and "a file of its own" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spdy_hf.data"):
+        load_texts(str(path))  # the default split says nothing
+        load_texts(str(path), split="test", split_setting=None)  # a caller whose default is another split
+    assert caplog.text == ""

@@ -16,7 +16,7 @@ from conftest import example_inputs, handwritten_table, make_bert, small_config
 from spdy_hf import SPDYPruner
 from spdy_hf.cli import main
 from spdy_hf.errors import SPDYError
-from spdy_hf.hub import base_model_id, push_folder, sparsity_plot_svg
+from spdy_hf.hub import base_model_id, model_card, push_folder, sparsity_plot_svg
 from spdy_hf.loading import load_pretrained
 from spdy_hf.units import find_units
 
@@ -68,6 +68,21 @@ def test_model_card_renders_and_reads_back(saved):
     assert "predicted speedup" in text and "spdy_profile.svg" in text
     svg = (out / "spdy_profile.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<rect") == len(result.profile) + 1
+
+
+def test_model_card_states_the_regime_it_was_pruned_for(saved):
+    """A prefill card names batch x sequence length; a decode card the batch, the context length in the cache and the
+    new tokens verify generated (a decode regime has no sequence length: never "None tokens")."""
+    out, _, _ = saved
+    regime = {"mode": "decode", "batch_size": 2, "context_length": 256, "dtype": "float32"}
+    report = {"backend": "cpu", "regime": regime, "target_speedup": 1.5, "predicted_speedup": 1.6,
+              "measured_speedup": 1.55, "target_met": True, "environment": {"processor": "a test CPU"}}
+    text = str(model_card([], report, {"regime": regime, "timing": {"generate_tokens": 32}}))
+    intro = next(line for line in text.splitlines() if line.startswith("Pruned with spdy_hf"))
+    assert "None" not in intro
+    assert "decode: batch 2" in intro and "cache of 256 tokens" in intro and "32 new tokens" in intro
+    assert "per generated token" in intro
+    assert "prefill: batch 1 × 32 tokens, float32" in (out / "README.md").read_text()
 
 
 def test_base_model_ids():

@@ -32,6 +32,7 @@ from .unstructured import build_database, unit_latency_table
 
 class MixedFamily(StructuredFamily):
     name = "mixed"
+    uses_levels = True
 
     def plan_unit_table(self, units, table):
         self.levels, self.patterns = get_levels(self.config.levels), get_patterns(self.config.levels)

@@ -88,16 +88,35 @@ def fits(times: np.ndarray, budget: Budget, buckets: int) -> bool:
 def with_margin(times: np.ndarray, budget: Budget, margin: float, buckets: int,
                 reference_ms: float | None = None) -> Budget:
     """The budget the search aims at: the target raised by `margin` (a fraction) for timing error, as far as it is
-    reachable and fits the DP's buckets; else `budget` itself. `reference_ms` as in `compute_budget`."""
-    aim = min(budget.target_speedup * (1 + margin), budget.max_reachable_speedup)
+    reachable and fits the DP's buckets; else `budget` itself. A margin cut short or dropped is logged as a warning
+    naming `search.speedup_margin`: the profile then has less room for timing error. `reference_ms` as in
+    `compute_budget`."""
+    if margin <= 0:
+        return budget
+    wanted = budget.target_speedup * (1 + margin)
+    aim = min(wanted, budget.max_reachable_speedup)
     if aim <= budget.target_speedup:
+        _margin_lost(budget, margin, wanted, "the target is already the fastest this model reaches")
         return budget
     raised = compute_budget(times, budget.base_ms, aim, reference_ms=reference_ms)
     if not fits(times, raised, buckets):
+        _margin_lost(budget, margin, wanted, f"no profile fits {aim:.3f}x once times are rounded up to "
+                     f"{buckets} buckets (search.dp_buckets)")
         return budget
-    logger.info("Searching for %.3fx (target %.3gx with a margin of %.0f%% for timing error).",
-                aim, budget.target_speedup, 100 * (aim / budget.target_speedup - 1))
+    if aim < wanted:
+        logger.warning("The search aims at %.3fx, not %.3fx (target %.3gx with search.speedup_margin %.0f%%): %.3fx "
+                       "is the most this model reaches, so the margin for timing error is %.1f%%.", aim, wanted,
+                       budget.target_speedup, 100 * margin, aim, 100 * (aim / budget.target_speedup - 1))
+    else:
+        logger.info("Searching for %.3fx (target %.3gx with a margin of %.0f%% for timing error).",
+                    aim, budget.target_speedup, 100 * margin)
     return raised
+
+
+def _margin_lost(budget: Budget, margin: float, wanted: float, why: str) -> None:
+    logger.warning("The search aims at the target itself, %.3gx, not %.3fx (search.speedup_margin %.0f%%): %s. A "
+                   "measured speedup then has no room for timing error and may fall short of the target.",
+                   budget.target_speedup, wanted, 100 * margin, why)
 
 
 def anchor_level(times: np.ndarray, budget_ms: float) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, NonFiniteScoreError, NoProfileFitsError
 from .dp import solve_dp
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,10 @@ def spdy_search(
     times = np.asarray(times, dtype=np.float64)
     n_units, n_levels = times.shape
     prior = _unit_prior(prior, n_units, n_levels)
-    spaces = _level_spaces(times, budget_ms, buckets, subsets)
     if max_candidates is not None and max_candidates < num_random_inits:
-        raise ValueError(f"max_candidates ({max_candidates}) must be at least num_random_inits ({num_random_inits}).")
+        raise ConfigError(f"search.max_candidates ({max_candidates}) must be at least search.num_random_inits "
+                          f"({num_random_inits}): the random starts count toward it. Raise it, or set it to null.")
+    spaces = _level_spaces(times, budget_ms, buckets, subsets)
     rng = np.random.default_rng(seed)
     scores: dict[tuple[int, ...], float] = {}
 
@@ -114,8 +116,9 @@ def spdy_search(
     def consider(c: np.ndarray, space: int) -> bool:
         nonlocal best_c, best_profile, best_score, best_space, candidates
         profile = solve_dp(c[:, None] * prior, spaces[space][1], budget_ms, buckets)
-        if profile is None:
-            raise ValueError("No profile fits the budget; check reachability before searching.")
+        if profile is None:  # whether a profile fits depends on the times only: the first candidate tells
+            bar.close()
+            raise NoProfileFitsError(budget_ms, float(times.min(axis=1).sum()), buckets)
         score = score_of(profile)
         candidates += 1
         improved = score < best_score
@@ -131,7 +134,7 @@ def spdy_search(
         consider(rng.random(n_units), i % len(spaces) if 2 * i < num_random_inits or best_c is None else best_space)
     if best_c is None:
         bar.close()
-        raise RuntimeError("Every candidate scored NaN: the model's outputs are not finite on the calibration set.")
+        raise NonFiniteScoreError(candidates)
     while k >= 1:
         failures = 0
         # this size's end under the bound: an equal share of what is left to the k sizes left
