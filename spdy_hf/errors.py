@@ -55,3 +55,14 @@ class DamagedModelFileError(SPDYError):
     def __init__(self, path: str, problem: str, remedy: str):
         self.path = path
         super().__init__(f"The model file {path} is damaged: {problem}. {remedy}")
+
+
+class NonFiniteCalibrationError(SPDYError):
+    """A layer's calibration inputs hold NaN or infinity, so no data-aware pruning of it exists."""
+
+    def __init__(self):
+        super().__init__(
+            "A layer's calibration inputs are not finite (NaN or infinity), so OBS cannot prune it: the dense model's "
+            "activations on the calibration text overflow or the checkpoint holds NaN. Check that the dense model "
+            "gives finite outputs on the calibration text; load it in float32 if a half precision overflows, or "
+            "prune without data (method: magnitude).")

@@ -60,3 +60,26 @@ def test_a_checkpoint_whose_outputs_are_nan_exits_2_with_the_reason(tmp_path, to
     assert "Traceback" not in err and "spdy-hf: error:" in err
     assert "NaN or infinity" in err and "calibration" in err
     assert not out.exists()
+
+
+def test_calibration_inputs_that_are_not_finite_stop_obs_with_the_reason(tmp_path, tokenizer, capsys):
+    """NaN early in the model (the embeddings' LayerNorm) reaches every layer's calibration inputs: the data-aware
+    database stops with one clear error and exit 2, where the OBS solver used to crash on a missing factor."""
+    model = make_bert()
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight[0] = math.nan
+    model_dir = tmp_path / "nan-bert"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = small_config(tmp_path, method="obs", family="unstructured")
+    table = tmp_path / "table.json"
+    handwritten_table(model, find_units(model, config.skip_modules), config).save(table)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config.to_dict()))
+    out = tmp_path / "out"
+    code = main(["prune", str(model_dir), "--recipe", str(recipe), "--latency-table", str(table), "-o", str(out),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "calibration inputs are not finite" in err
+    assert not out.exists()

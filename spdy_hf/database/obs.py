@@ -15,6 +15,8 @@ import logging
 
 import torch
 
+from ..errors import NonFiniteCalibrationError
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +26,12 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float = 0.01, max_tries
     Columns that never saw a non-zero input (diag 0) get a unit diagonal. A Hessian that is still not positive
     definite is retried with ten times the dampening, with a warning; after `max_tries`, its diagonal alone is
     used (which makes OBS selection magnitude-like per column), never a crash or NaN weights.
+
+    Raises:
+        NonFiniteCalibrationError: the Hessian holds NaN or infinity (its calibration inputs did).
     """
+    if not bool(torch.isfinite(hessian).all()):
+        raise NonFiniteCalibrationError()
     h = hessian.to(torch.float64).clone()  # (in, in)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
