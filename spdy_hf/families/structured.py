@@ -14,6 +14,7 @@ heads/neurons. The mixed family (`spdy_hf.families.mixed`) extends the maps with
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import logging
@@ -23,14 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import SPDYConfig
+from ..config import DEFAULT_LEVELS, SPDYConfig
 from ..database.obs_database import windows_digest
 from ..database.store import STORE_VERSION
 from ..database.structured_database import StructuredDatabase, build_structured_database
 from ..deploy import STRUCTURED_SPARSE, deploy_groups
 from ..errors import SPDYError
 from ..latency.check import cached_or_measured, constant_problem, judge_profiles
-from ..latency.structured import check_profiles, keep_counts, measure_structured_latency
+from ..latency.structured import check_profiles, keep_counts, measure_structured_latency, times_are_fitted
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..loading import model_fingerprint, weights_fingerprint
 from ..structured import StructuredGroup, find_structured_groups, group_name
@@ -41,17 +42,39 @@ from .base import Entries, Family, Measurement, Plan
 logger = logging.getLogger(__name__)
 
 
+def searchable_groups(groups: list[StructuredGroup], units, skip_modules: list[str]) -> list[StructuredGroup]:
+    """The groups whose every layer is a search unit. A group with a layer left out (by `skip_modules`) stays dense,
+    which a warning says, naming the groups and the patterns that left their layers out."""
+    unit_names = {u.name for u in units}
+    kept, dropped = [], {}
+    for g in groups:
+        missing = [n for n in [*g.producers, g.consumer] if n not in unit_names]
+        if missing:
+            dropped[group_name(g)] = missing
+        else:
+            kept.append(g)
+    if dropped:
+        layers = [n for names in dropped.values() for n in names]
+        patterns = sorted({p for p in skip_modules if any(fnmatch.fnmatchcase(n, p) for n in layers)})
+        why = f"matching skip_modules {patterns}" if patterns else "not among the search units"
+        logger.warning("%d attention/FFN group(s) stay dense, as some of their layers are not searched (%s, %s): %s.%s",
+                       len(dropped), ", ".join(layers[:4]) + (" ..." if len(layers) > 4 else ""), why,
+                       ", ".join(list(dropped)[:8]) + (f" and {len(dropped) - 8} more" if len(dropped) > 8 else ""),
+                       " To prune them, take those patterns out of skip_modules." if patterns else "")
+    return kept
+
+
 class StructuredFamily(Family):
     name = "structured"
+    uses_levels = False  # whether the sparse `levels` are among the search's levels (the mixed family's are)
     unit_table: LatencyTable | None = None  # the per-layer table (the mixed family's sparse levels)
 
     # ------------------------------------------------------------------ profile
     def plan(self, units, latency_table=None) -> Plan:
         table = self.given_table(latency_table)
         self.units = units
-        unit_names = {u.name for u in units}
-        self.groups = [g for g in find_structured_groups(self.model)
-                       if all(n in unit_names for n in [*g.producers, g.consumer])]
+        self.check_levels_setting()
+        self.groups = searchable_groups(find_structured_groups(self.model), units, self.config.skip_modules)
         if not self.groups:
             raise SPDYError("No attention or FFN group has all its layers among the searchable units (check "
                             "skip_modules), so there is nothing to prune structurally; use family: unstructured.")
@@ -75,9 +98,22 @@ class StructuredFamily(Family):
         # saved with the result under the labels it was measured with (backend, regime, environment)
         self.table = copy.copy(self.unit_table if self.unit_table is not None else source)
         self.table.structured = structured
-        noises = [t.timing_noise for t in (source, self.unit_table) if t is not None and t.timing_noise is not None]
+        # the larger noise of the tables behind the times, named for what it is (they measure different things)
+        noises = [(t.timing_noise, t.timing_noise_kind) for t in (source, self.unit_table)
+                  if t is not None and t.timing_noise is not None]
+        noise, noise_kind = max(noises, key=lambda n: n[0], default=(None, None))
         return Plan(units=units, names=[group_name(g) for g in self.groups], times=self.times, base_ms=base_ms,
-                    reference_ms=None, table=self.table, timing_noise=max(noises, default=None))
+                    reference_ms=None, table=self.table, timing_noise=noise, timing_noise_kind=noise_kind,
+                    latency_times="fitted" if times_are_fitted(structured) else "measured")
+
+    def check_levels_setting(self) -> None:
+        """Sparse `levels` other than the backend's default, in a family that uses none, are named in a warning: they
+        have no effect there."""
+        levels = self.config.levels
+        if not self.uses_levels and levels != DEFAULT_LEVELS[self.config.backend]:
+            logger.warning("levels=%r is ignored: family 'structured' removes attention heads and FFN neurons and "
+                           "uses no sparse levels. Use family: mixed to let the search choose those levels per block "
+                           "too, or drop the levels setting.", levels)
 
     def plan_unit_table(self, units, table: LatencyTable | None) -> LatencyTable | None:
         """The per-layer latency table this family needs besides the structured levels' (none here), after checking
@@ -268,7 +304,7 @@ def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> 
         return LatencyTable(backend=config.backend, regime=regime, levels=[0.0], shapes={},
                             base_time_ms=structured["dense_ms"], model=family.fingerprint,
                             environment=family.environment, structured=structured,
-                            timing_noise=structured.get("timing_noise"))
+                            timing_noise=structured.get("timing_noise"), timing_noise_kind="dense_spread")
 
     def check(t: LatencyTable) -> str | None:
         return full_time_problem(t.structured, groups) if covers(t.structured) else "it holds other groups"
