@@ -91,7 +91,7 @@ def texts_from_dataset(dataset, text_column: str = "text", split: str = "train")
 
 def load_texts(
     source="builtin", *, dataset_config: str | None = None, split: str = "train", text_column: str = "text",
-    split_setting: str | None = "calibration.split",
+    split_setting: str | None = None,
 ) -> list[str]:
     """The documents of a calibration source.
 
@@ -101,8 +101,9 @@ def load_texts(
             `text_column` of its rows), or a Hugging Face Hub dataset name (loaded with `datasets.load_dataset`;
             `split` may slice, e.g. "train[:2000]").
         dataset_config: the Hub dataset's configuration name (e.g. "wikitext-2-raw-v1").
-        split_setting: the setting `split` came from, named in the warning that a local file, which is read whole,
-            ignores a split other than "train"; None: no warning (a caller whose default split is another).
+        split_setting: the setting `split` came from (e.g. "calibration.split"), named in the warning that a local
+            file, which is read whole, ignores a split other than "train"; None: no warning (a caller whose split is
+            not the user's, or whose default split is another).
     """
     if isinstance(source, (list, tuple)):
         if not all(isinstance(t, str) for t in source):

@@ -151,7 +151,7 @@ class SPDYPruner:
                 raise SPDYError("Calibration text needs a tokenizer: pass SPDYPruner(model, config, tokenizer=...).")
             source = cal.source if calibration is None else calibration
             texts = load_texts(source, dataset_config=cal.dataset_config, split=cal.split,
-                               text_column=cal.text_column)
+                               text_column=cal.text_column, split_setting="calibration.split")
             windows = token_windows(self.tokenizer, texts, cal.num_samples, self._calibration_length(), cal.seed)
         n = windows["input_ids"].shape[0]
         if n < self.config.search.eval_samples:

@@ -29,3 +29,14 @@ def test_windows_within_num_samples_do_not_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="spdy_hf.pruner"):
         pruner._calibration_windows(_windows(10))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_split_asked_of_a_local_calibration_file_is_named(tmp_path, tokenizer, caplog):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"Document {i} talks about pruning models for speed." for i in range(200)))
+    config = SPDYConfig.from_dict({"calibration": {"source": str(path), "split": "train[:10]", "num_samples": 2,
+                                                   "sequence_length": 16}})
+    pruner = SPDYPruner(make_llama(), config, tokenizer=tokenizer)
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.data"):
+        pruner._calibration_windows(None)
+    assert "calibration.split='train[:10]' is ignored" in caplog.text

@@ -94,10 +94,10 @@ def test_a_split_a_local_file_cannot_honour_is_named_in_a_warning(name, tmp_path
     docs = [f"Document {i} is about pruning." for i in range(6)]
     path.write_text("\n".join(f'{{"text": "{d}"}}' for d in docs) if name.endswith(".jsonl") else "\n\n".join(docs))
     with caplog.at_level("WARNING", logger="spdy_hf.data"):
-        assert load_texts(str(path), split="train[:2]") == docs  # every document: the split does not apply
+        assert load_texts(str(path), split="train[:2]", split_setting="calibration.split") == docs  # every document: the split does not apply
     assert "calibration.split='train[:2]' is ignored" in caplog.text and "a file of its own" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="spdy_hf.data"):
-        load_texts(str(path))  # the default split says nothing
-        load_texts(str(path), split="test", split_setting=None)  # a caller whose default is another split
+        load_texts(str(path), split_setting="calibration.split")  # the default split says nothing
+        load_texts(str(path), split="test")  # a caller that names no setting
     assert caplog.text == ""
