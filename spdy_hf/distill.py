@@ -1,4 +1,4 @@
-"""What recovery fits a pruned model to: the dense teacher, kept in a temporary file; the layers a profile pruned;
+"""What recovery fits a pruned model to: the dense teacher (`DenseSnapshot`, on disk); the layers a profile pruned;
 and gAP's objective on their outputs (`spdy_hf.recovery`).
 
 The objective of one batch is
@@ -11,63 +11,16 @@ or neuron's rows in a producing layer are zero for good: `live_outputs`).
 
 from __future__ import annotations
 
-import copy
-import math
-import tempfile
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .database.sequential import first_output
 from .errors import SPDYError
+from .snapshot import DenseSnapshot
 from .structured import rows_view
 from .units import find_blocks
 
-
-class DenseSnapshot:
-    """The model's floating parameters and buffers as they are now, in an anonymous temporary file (gone when
-    closed, even if the process is killed): the dense teacher of recovery, read back when needed."""
-
-    def __init__(self, model: nn.Module):
-        self.file = tempfile.TemporaryFile()
-        self.index: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
-        offset = 0
-        for name, t in _floating(model):
-            data = t.detach().contiguous().cpu()
-            self.file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-            self.index[name] = (offset, tuple(data.shape), data.dtype)
-            offset += data.numel() * data.element_size()
-
-    def tensor(self, name: str) -> torch.Tensor:
-        offset, shape, dtype = self.index[name]
-        numel = math.prod(shape)
-        self.file.seek(offset)
-        raw = np.frombuffer(self.file.read(numel * torch.empty(0, dtype=dtype).element_size()), dtype=np.uint8)
-        return torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
-
-    @torch.no_grad()
-    def restore(self, module: nn.Module, prefix: str = "") -> None:
-        """Writes the snapshot's values into `module` (the model, or one of its submodules named `prefix`)."""
-        for name, t in _floating(module):
-            t.copy_(self.tensor(prefix + name).to(t.device))
-
-    def model(self, like: nn.Module) -> nn.Module:
-        """A copy of `like` holding the snapshot's values, in eval mode, without gradients."""
-        teacher = copy.deepcopy(like)
-        self.restore(teacher)
-        teacher.eval().requires_grad_(False)
-        return teacher
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _floating(module: nn.Module):
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.is_floating_point():
-            yield name, t
 
 class LayerOutputs:
     """Forward hooks that keep the outputs of the named layers of one model."""
@@ -126,7 +79,7 @@ def pruned_layers(model: nn.Module, snapshot: DenseSnapshot) -> dict[str, nn.Mod
         for name, module in block.named_modules():
             weight = getattr(module, "weight", None)
             full = f"{block_name}.{name}" if name else block_name
-            if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or f"{full}.weight" not in snapshot.index:
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or f"{full}.weight" not in snapshot:
                 continue
             if int((weight.detach() == 0).sum()) > int((snapshot.tensor(f"{full}.weight") == 0).sum()):
                 out[full] = module

@@ -29,11 +29,12 @@ from .errors import UnreachableTargetError
 from .evaluation import HeldOutQuality
 from .families import Plan, get_family
 from .io import release_free_memory
-from .recovery import DenseSnapshot, recovery_stage
+from .recovery import recovery_stage
 from .result import PruningResult
 from .scoring import DistanceScorer, has_lm_head
 from .search import Budget, SearchResult, compute_budget, fits, spdy_search, with_margin
 from .shadow import bfloat16_is_faster, lowered
+from .snapshot import DenseSnapshot
 from .units import find_blocks, find_units
 from .verify import both_regimes, verify, verify_summary
 
@@ -89,7 +90,7 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
     """
     family = get_family(config.family)(config, model, progress)
     stages = StageTimer(stage_seconds)
-    # the dense weights, for recovery's teacher (in a temporary file, not in memory)
+    # the dense weights, for recovery's teacher (on disk, not in memory)
     snapshot = DenseSnapshot(model) if config.recovery.method != "none" else None
     with stages("profile"):
         example = {k: v[:1].to(model_device(model)) for k, v in windows.items()}
@@ -104,7 +105,11 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
     prior = family.prior()
     with stages("search"):
         low = score_dtype(config)
-        with lowered(model, low):  # candidates scored in bfloat16 where that is faster
+        with lowered(model, low) as running:  # candidates scored in bfloat16 where that is faster
+            if low is not None and running != low:
+                logger.warning("search.score_dtype asks for %s, but only a float32 model on the CPU is lowered for "
+                               "the search: candidates are scored in the model's own %s.", dtype_name(low),
+                               dtype_name(running))
             result, scorer = search_profile(config, model, windows, plan.times, search_budget.budget_ms, prior,
                                             family.stitch, progress, plan.names, family.level_subsets())
             family.stitch(result.profile)
@@ -129,18 +134,19 @@ def run_pipeline(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.
     if snapshot is not None:
         snapshot.close()
     if verification.corrections or recovered is not None:
-        score = scorer()
+        score = scorer()  # in the reference's dtype: lowered again if the search ran lowered
     report_quality = {}
     if quality is not None:
         with stages("heldout"):
             report_quality = {"heldout": quality.compare(model)}
     entries = family.entries(verification.profile, verification.measurement)
     report = {**verify_summary(config, plan, budget, search_budget, verification), "timing_noise": plan.timing_noise,
+              "timing_noise_kind": plan.timing_noise_kind, "latency_times": plan.latency_times,
               "speedups": speedups, **report_quality, **({"recovery": recovered} if recovered else {}),
               **entries.report,
               **job_summary(config, score, scorer.kind, database_info, budget, search_budget, result, stages)}
-    report["search"].update(score_dtype=str(low or next(model.parameters()).dtype).replace("torch.", ""),
-                            blocks_run=scorer.blocks_run, blocks_full=scorer.blocks_full)
+    report["search"].update(score_dtype=dtype_name(scorer.dtype), blocks_run=scorer.blocks_run,
+                            blocks_full=scorer.blocks_full)
     return PruningResult(model=model, tokenizer=tokenizer, config=config, units=plan.units, profile=entries.profile,
                          report=report, latency_table=plan.table, groups=entries.groups)
 
@@ -162,9 +168,8 @@ def check_budget(config: SPDYConfig, plan: Plan) -> tuple[Budget, Budget]:
         raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup, config.family)
     margin = config.search.speedup_margin
     if plan.timing_noise is not None and plan.timing_noise > margin:
-        logger.warning("The timing noise while the latency table was measured (%.1f%%) exceeds the search margin "
-                       "(%.1f%%): raising the margin to cover it. An idle machine gives a tighter table.",
-                       100 * plan.timing_noise, 100 * margin)
+        logger.warning("The latency table's timing noise, %s, exceeds the search margin (%.1f%%): raising the "
+                       "margin to cover it. An idle machine gives a tighter table.", plan.describe_noise(), 100 * margin)
         margin = min(plan.timing_noise, 0.5)
     search_budget = with_margin(times, budget, margin, buckets, reference_ms=plan.reference_ms)
     return budget, search_budget
@@ -217,12 +222,17 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
 
 
 def score_dtype(config: SPDYConfig) -> torch.dtype | None:
-    """The dtype candidates are scored in (`search.score_dtype`); None: the model's own."""
+    """The dtype `search.score_dtype` asks candidates to be scored in; None: the model's own. What runs is what
+    `lowered` can do with the model (the report names that)."""
     choice = config.search.score_dtype
     if choice == "auto":
         cpu_fp32 = config.backend == "cpu" and config.regime.dtype == "float32"
         choice = "bfloat16" if cpu_fp32 and bfloat16_is_faster() else "float32"
     return getattr(torch, choice) if choice != "float32" or config.regime.dtype == "float32" else None
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def unit_blocks(names: list[str], blocks: list[str]) -> list[int]:

@@ -23,9 +23,9 @@ Two variants (`recovery.method`):
 - `layerwise`: block by block. Each block of the pruned model, on the inputs the (already recovered) blocks before
   it give, is fitted to the dense block's layer outputs on the dense inputs. It holds one block's training state
   and the windows' hidden states at one block (two sets: pruned and dense), not a second model; the dense weights
-  are read one block at a time from the snapshot file.
+  are read one block at a time from the snapshot on disk.
 `auto` takes `gap` when about five times the trained parameters' size fits in the memory free now, else
-`layerwise`.
+`layerwise`; where the free memory cannot be told, `layerwise` (with a warning), the variant that holds less.
 
 Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
 on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
@@ -51,7 +51,6 @@ from .backend import model_device
 from .config import SPDYConfig
 from .database.sequential import BlockCall, SequentialCalibrator, first_output, forward_kwargs_of
 from .distill import (
-    DenseSnapshot,
     LayerOutputs,
     layer_loss,
     live_outputs,
@@ -62,6 +61,7 @@ from .distill import (
 from .errors import SPDYError
 from .masks import HeldZeros
 from .scoring import DistanceScorer
+from .snapshot import DenseSnapshot
 from .units import find_blocks
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,14 @@ class Recovery:
         size = sum(p.numel() * p.element_size() for _, b in self.blocks for p in b.parameters())
         model_size = sum(p.numel() * p.element_size() for p in self.model.parameters())
         need = model_size + 5 * size  # a dense copy, gradients, Adam's moments, the best copy
-        free = _available_memory(model_device(self.model))
-        choice = "gap" if free is None or need < 0.8 * free else "layerwise"
-        logger.info("Recovery 'auto': %s (gap needs about %.2f GB beside the model, %s free).", choice, need / 1e9,
-                    "unknown" if free is None else f"{free / 1e9:.2f} GB")
+        free = free_memory(model_device(self.model))
+        if free is None:
+            logger.warning("Recovery 'auto' cannot tell the free memory: taking 'layerwise', which holds one block at "
+                           "a time; recovery.method: gap trains the whole model at once (%.2f GB more).", need / 1e9)
+            return "layerwise"
+        choice = "gap" if need < 0.8 * free else "layerwise"
+        logger.info("Recovery 'auto': %s (gap needs about %.2f GB beside the model, %.2f GB free).", choice,
+                    need / 1e9, free / 1e9)
         return choice
 
     def run(self) -> dict:
@@ -381,16 +385,19 @@ def _batches(windows: dict[str, torch.Tensor], size: int) -> list[dict[str, torc
     return [{k: v[i:i + size] for k, v in windows.items()} for i in range(0, n, size)]
 
 
-def _available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free now on `device` (the GPU's count on CUDA, the host's on the CPU and MPS), None where unknown. Not
+    `accelerate.utils.get_max_memory`: it reads the same counts, but starts every GPU of the machine to do so."""
     try:
-        import psutil
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type in ("cpu", "mps"):
+            import psutil
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
+            return int(psutil.virtual_memory().available)
+    except (ImportError, RuntimeError, OSError) as error:
+        logger.debug("Free memory on %s unknown: %s", device, error)
+    return None
 
 
 def recovery_stage(config: SPDYConfig, family, model: nn.Module, snapshot: DenseSnapshot, profile: np.ndarray,

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import SPDYError
 from .io import release_free_memory
-from .shadow import LowPrecisionShadow
+from .shadow import LowPrecisionShadow, lowered, model_dtype
 from .units import find_blocks
 
 
@@ -42,7 +43,9 @@ KL_CHUNK = 64  # positions whose logits are in float32 at once (64 x 49 k vocabu
 
 
 class DistanceScorer:
-    """Scores the model as it is now against dense outputs recorded once at construction.
+    """Scores the model as it is now against dense outputs recorded once at construction, in the dtype those ran in
+    (`dtype`): a float32 model scored against a reference made while it was lowered to bfloat16 (the search's, in
+    `spdy_hf.shadow.lowered`) is lowered again for the score.
 
     Args:
         model: the dense model (its outputs become the reference).
@@ -60,6 +63,7 @@ class DistanceScorer:
             self.shadow = LowPrecisionShadow(model, dtype)
             model = self.shadow.model
         self.model = model
+        self.dtype = model_dtype(model)  # the precision of the reference, and of every score
         self.batches = batches
         lm = has_lm_head(model)
         if kind == "kl" and not lm:
@@ -129,10 +133,24 @@ class DistanceScorer:
         return (hidden if hidden is not None else out.hidden_states[-1]).float()  # (B, T, H)
 
     def __call__(self, block_keys: list | None = None) -> float:
-        """The score of the model as it is now. With `block_keys` (what each block holds), blocks before the first
-        one that differs from the best candidate so far are not run again."""
+        """The score of the model as it is now, in the reference's dtype. With `block_keys` (what each block holds),
+        blocks before the first one that differs from the best candidate so far are not run again.
+
+        Raises:
+            SPDYError: the model runs in another dtype than the reference did and cannot be lowered to it.
+        """
         if self.shadow is not None:
             self.shadow.sync()
+        if model_dtype(self.model) == self.dtype:
+            return self._scored(block_keys)
+        with lowered(self.model, self.dtype) as running:
+            if running != self.dtype:
+                raise SPDYError(f"The dense reference was computed in {self.dtype} and the model now runs in "
+                                f"{running}: a score would compare unlike precisions. Score in one dtype "
+                                "(search.score_dtype: float32) or keep the model's dtype between scores.")
+            return self._scored(block_keys)
+
+    def _scored(self, block_keys: list | None) -> float:
         self.blocks_full += len(self.blocks) * len(self.batches)
         if block_keys is None or len(block_keys) != len(self.blocks) or not self.blocks:
             self.blocks_run += len(self.blocks) * len(self.batches)

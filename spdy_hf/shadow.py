@@ -9,6 +9,10 @@ the search and puts its float32 weights back from disk afterwards, so the search
 instead of one and a half. The copy (for benchmarks and tests) holds its own weights in the low dtype; `sync()`
 copies in whatever the live model's weights changed since (PyTorch counts in-place writes to a tensor: its
 `_version`), which is what stitching a candidate does.
+
+A score compares like with like: the scorer (`spdy_hf.scoring.DistanceScorer`) keeps the dtype its dense reference
+ran in and scores every model in that dtype, lowering a float32 model again for a score asked after the search
+(after recovery, say), never comparing float32 outputs with a bfloat16 reference.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ from __future__ import annotations
 import copy
 import functools
 import platform
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import nn
+
+from .snapshot import DenseSnapshot, floating_tensors
 
 
 class LowPrecisionShadow:
@@ -72,29 +76,34 @@ def bfloat16_is_faster(min_ratio: float = 1.5) -> bool:
     return fp32 >= min_ratio * best(a16, b16, 5)
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the model computes in: its first floating parameter's (None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 @contextmanager
-def lowered(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+def lowered(model: nn.Module, dtype: torch.dtype | None) -> Iterator[torch.dtype | None]:
     """Within the block the model runs in `dtype` (the search scores candidates in bfloat16 this way, with no copy
     of the model held beside it); afterwards every floating parameter and buffer is exactly what it was, read back
-    from a copy in an anonymous temporary file (gone when the file is closed, even if the process is killed).
-    Stitched weights written inside the block are not kept: stitch again after it. `dtype` None: no change."""
-    def floating() -> list[torch.Tensor]:  # looked up again after a dtype change, which replaces buffers
-        tensors = [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
-        return [t for t in tensors if t.is_floating_point()]
+    from a snapshot on disk (`spdy_hf.snapshot`). Stitched weights written inside the block are not kept: stitch
+    again after it.
 
-    tensors = floating()
-    if dtype is None or not tensors or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-        yield
+    Only a float32 model whose floating tensors are all on the CPU is lowered; any other is left as it is, and so is
+    every model for `dtype` None or float32. The block is given the dtype the model runs in within it: the one to
+    report.
+    """
+    tensors = [t for _, t in floating_tensors(model)]
+    if dtype in (None, torch.float32) or not tensors or \
+            any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        yield model_dtype(model)
         return
-    with tempfile.TemporaryFile() as f:
-        for t in tensors:
-            f.write(t.detach().contiguous().numpy().tobytes())
+    snapshot = DenseSnapshot(model)
+    try:
         model.to(dtype)
         try:
-            yield
+            yield dtype
         finally:
             model.to(torch.float32)
-            f.seek(0)
-            with torch.no_grad():
-                for t in floating():
-                    t.copy_(torch.from_numpy(np.fromfile(f, dtype=np.float32, count=t.numel())).view(t.shape))
+            snapshot.restore(model)  # looked up by name again: a dtype change replaces buffers
+    finally:
+        snapshot.close()

@@ -357,3 +357,38 @@ def test_a_lazily_read_unit_whose_file_went_away_or_changed_says_so(tmp_path):
     os.unlink(store.unit_path("u"))
     with pytest.raises(DamagedUnitError, match="is gone.*run the job again"):
         held["weight.0"]
+
+
+def test_captured_block_calls_move_whole_to_another_device():
+    """A block's captured call (hidden states, rotary embeddings in a tuple, masks, flags) moves to another device
+    with accelerate's `send_to_device`, as the calibrator moves a block's inputs to `database.device`: every tensor
+    moves, shapes and everything else stay."""
+    from accelerate.utils import send_to_device
+
+    model, _ = setup("llama")
+    data = windows()
+    batches = [{k: v[i:i + 3] for k, v in data.items()} for i in range(0, 6, 3)]
+    calibrator = SequentialCalibrator(model, [], batches, progress=False)
+    block = model.model.layers[1]
+    calls = calibrator.capture(block, {"use_cache": False})
+    moved = send_to_device(calls, "meta")
+    assert len(moved) == len(calls) == 2
+
+    def leaves(obj):
+        if isinstance(obj, (tuple, list)):
+            return [x for o in obj for x in leaves(o)]
+        if isinstance(obj, dict):
+            return [x for v in obj.values() for x in leaves(v)]
+        return [obj]
+
+    for call, far in zip(calls, moved):
+        before, after = leaves([call.args, call.kwargs]), leaves([far.args, far.kwargs])
+        assert len(before) == len(after)
+        tensors = 0
+        for a, b in zip(before, after):
+            if isinstance(a, torch.Tensor):
+                tensors += 1
+                assert b.device.type == "meta" and b.shape == a.shape and b.dtype == a.dtype
+            else:
+                assert b is a or b == a
+        assert tensors >= 3  # hidden states, and the cos and sin of the rotary embeddings at least

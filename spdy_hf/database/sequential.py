@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -54,6 +55,11 @@ class BlockCall:
         if self.args:
             return BlockCall((hidden, *self.args[1:]), self.kwargs)
         return BlockCall(self.args, {**self.kwargs, "hidden_states": hidden})
+
+    def to(self, device, non_blocking: bool = False) -> BlockCall:
+        """The call with every tensor on `device`: what `send_to_device` asks of an object it moves, so that it
+        moves a list of calls too."""
+        return BlockCall(*send_to_device((self.args, self.kwargs), device, non_blocking=non_blocking))
 
 
 @dataclass
@@ -126,7 +132,7 @@ class SequentialCalibrator:
                     and torch.device(self.device) != original_device
                 if moved:
                     block.to(self.device)
-                    calls = [_to_device(c, self.device) for c in calls]
+                    calls = send_to_device(calls, self.device)
                 try:
                     stats: dict[str, UnitStatistics] = {}
                     outputs = None
@@ -207,7 +213,7 @@ class SequentialCalibrator:
         try:
             for batch in batches if batches is not None else self.batches:
                 try:
-                    self.model(**_to_device(batch, _input_device(self.model)), **forward_kwargs)
+                    self.model(**send_to_device(batch, _input_device(self.model)), **forward_kwargs)
                 except _StopForward:
                     pass
         finally:
@@ -232,7 +238,7 @@ class SequentialCalibrator:
             handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             try:
-                self.model(**_to_device(self.batches[0], _input_device(self.model)), **forward_kwargs)
+                self.model(**send_to_device(self.batches[0], _input_device(self.model)), **forward_kwargs)
             except _StopForward:
                 pass
         finally:
@@ -286,20 +292,6 @@ def _input_device(model: nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
-
-
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, BlockCall):
-        return BlockCall(_to_device(obj.args, device), _to_device(obj.kwargs, device))
-    if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 def _same(a, b) -> bool:

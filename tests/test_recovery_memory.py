@@ -1,0 +1,85 @@
+"""What recovery holds in memory: the dense weights stay on disk (`DenseSnapshot`, safetensors files that vanish
+with it), and `auto` chooses by the memory free now, and where that cannot be told, the variant that holds less
+(`layerwise`), saying so with the setting to change."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, example_inputs, small_config
+
+import spdy_hf.snapshot as snapshot_module
+from spdy_hf.recovery import Recovery
+from spdy_hf.snapshot import DenseSnapshot
+
+
+@pytest.fixture
+def recovery(tmp_path):
+    """A tiny llama with one layer pruned against its dense snapshot, recovery.method: auto."""
+    model = MODEL_FACTORIES["llama"]()
+    snapshot = DenseSnapshot(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:, ::2] = 0
+    config = small_config(tmp_path, recovery={"method": "auto"})
+    yield Recovery(config, model, snapshot, example_inputs(4, 16), "kl", progress=False)
+    snapshot.close()
+
+
+def fake_psutil(available: int) -> SimpleNamespace:
+    return SimpleNamespace(virtual_memory=lambda: SimpleNamespace(available=available))
+
+
+def test_auto_takes_layerwise_when_free_memory_is_unknown(recovery, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # the host's free memory cannot be read
+    with caplog.at_level(logging.WARNING, logger="spdy_hf"):
+        assert recovery.method() == "layerwise"
+    assert any("recovery.method" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("available, method", [(2**40, "gap"), (2**10, "layerwise")])
+def test_auto_follows_the_free_memory(recovery, monkeypatch, available, method):
+    monkeypatch.setitem(sys.modules, "psutil", fake_psutil(available))
+    assert recovery.method() == method
+
+
+def snapshot_files() -> set[str]:
+    return {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("spdy-snapshot-")}
+
+
+@pytest.mark.parametrize("shard_bytes", [snapshot_module.SHARD_BYTES, 4096])
+def test_a_snapshot_gives_back_every_tensor_exactly_and_leaves_no_file(monkeypatch, shard_bytes):
+    """Every floating parameter and buffer (float32 and bfloat16, empty ones, a tied embedding once), in one file or
+    in many small shards; a tensor read back is its own memory; no file is left in the temporary directory while
+    the snapshot is open (the files are unlinked once open) or after it is closed."""
+    monkeypatch.setattr(snapshot_module, "SHARD_BYTES", shard_bytes)
+    model = MODEL_FACTORIES["gpt2"]()  # lm_head.weight is the token embedding
+    model.register_buffer("low", torch.randn(3, 5).to(torch.bfloat16))
+    model.register_buffer("empty", torch.zeros(0, 4))
+    dense = {n: t.detach().clone() for n, t in snapshot_module.floating_tensors(model)}
+    before = snapshot_files()
+    snapshot = DenseSnapshot(model)
+    try:
+        assert snapshot_files() == before
+        assert (len(set(snapshot.index.values())) > 1) == (shard_bytes == 4096)
+        assert set(snapshot.index) == set(dense) and "low" in snapshot and "lm_head.weight" not in snapshot
+        with torch.no_grad():
+            for t in model.parameters():
+                t.zero_()
+        snapshot.tensor("transformer.wte.weight").fill_(7.0)  # a copy: the snapshot keeps its values
+        snapshot.restore(model)
+        for name, t in snapshot_module.floating_tensors(model):
+            assert t.dtype == dense[name].dtype and torch.equal(t, dense[name]), name
+        block = model.transformer.h[1]
+        with torch.no_grad():
+            block.mlp.c_fc.weight.zero_()
+        snapshot.restore(block, prefix="transformer.h.1.")
+        assert torch.equal(block.mlp.c_fc.weight, dense["transformer.h.1.mlp.c_fc.weight"])
+    finally:
+        snapshot.close()
+    assert snapshot_files() == before
