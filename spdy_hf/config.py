@@ -190,11 +190,9 @@ class SearchConfig:
     eval_batch_size: int = field(default=8, metadata={
         "min": 1, "help": "Windows per forward pass while scoring (fewer for an LM whose logits would pass 64 MB)."})
     score_dtype: str = field(
-        default="auto", metadata={"help": "dtype candidates are scored in: 'float32'; 'bfloat16' (a float32 model is "
-                                  "lowered to bfloat16 for the search, and every later score of the job is taken in "
-                                  "that precision too; other models are scored in their own dtype); 'auto': "
-                                  "bfloat16 on a cpu float32 job where this CPU multiplies bfloat16 matrices at "
-                                  "least 1.5x faster (measured), else the model's own."})
+        default="auto", metadata={"help": "dtype every score of the job is taken in: 'float32'; 'bfloat16' (a float32 "
+                                  "model lowered; others keep their own); 'auto': bfloat16 on a cpu float32 job "
+                                  "where this CPU multiplies bfloat16 at least 1.5x faster (measured), else float32."})
     error_prior: str = field(
         default="auto",
         metadata={"help": "Per-level error prior of the DP: 'spdy', SPDY's reference prior ((k/(K-1))^2 over a "
