@@ -192,7 +192,7 @@ class SearchConfig:
     score_dtype: str = field(
         default="auto", metadata={"help": "dtype every score of the job is taken in: 'float32'; 'bfloat16' (a float32 "
                                   "model lowered; others keep their own); 'auto': bfloat16 on a cpu float32 job "
-                                  "where this CPU multiplies bfloat16 at least 1.5x faster (measured), else float32."})
+                                  "where this CPU multiplies bfloat16 at least 1.5x faster (measured), else the model's own."})
     error_prior: str = field(
         default="auto",
         metadata={"help": "Per-level error prior of the DP: 'spdy', SPDY's reference prior ((k/(K-1))^2 over a "
