@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import MODEL_FACTORIES, handwritten_table, small_config
+from conftest import BUSY_CORES, MODEL_FACTORIES, cpu_seconds, handwritten_table, other_cores, small_config
 from test_structured_pruner import structured_part
 
 import spdy_hf.families.structured as structured_family
@@ -461,13 +461,16 @@ def test_what_a_killed_save_left_is_cleared_by_the_next_save(tmp_path, tokenizer
 
 # ---------------------------------------------------------------------------------------------- a real busy machine
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_the_default_job_with_one_core_kept_busy_while_profiling(tmp_path, minilm_path):
     """The bundled MiniLM pruned to 1.5x (magnitude database and fewer timed passes, to keep it short) while another
     process spins on one core until the first latency table measured under it has been checked (like a `pip
-    install` that ends during profiling). Whatever the load did to the timings, the job ends in one of the honest
-    ways: the target met as measured after the load is gone (exit 0, `target_met: true`), the shortfall named
-    (exit 3, `target_met: false`, the output written), or a table that failed its checks every time refused
-    (exit 2, nothing cached). No cached table has a negative constant or failed its random-profile check."""
+    install` that ends during profiling). A table the load spoiled is refused and measured again once the load is
+    gone, or, if it passed its checks, verify's corrections make up for it: the job meets its target as measured
+    (exit 0, `target_met: true`), far inside MiniLM's reach. No cached table has a negative constant or failed its
+    random-profile check. Only where other processes (not the test's own) kept the machine busy through the job
+    may it end in one of the other honest ways: the shortfall named (exit 3, `target_met: false`, the output
+    written), or a table that failed its checks every time refused (exit 2, nothing cached)."""
     import json
     import subprocess
     import sys
@@ -479,6 +482,7 @@ def test_the_default_job_with_one_core_kept_busy_while_profiling(tmp_path, minil
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"target_speedup": 1.5, "method": "magnitude",
                                                           "timing": {"model_repeats": 5}}))
     env = dict(os.environ, SPDY_HF_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    before, start = cpu_seconds(), time.monotonic()
     with open(log_path, "w") as log:
         job = subprocess.Popen([sys.executable, "-m", "spdy_hf", "prune", str(minilm_path), "--recipe",
                                 str(tmp_path / "recipe.yaml"), "-o", str(out), "--no-progress"],
@@ -491,21 +495,31 @@ def test_the_default_job_with_one_core_kept_busy_while_profiling(tmp_path, minil
         finally:
             hog.kill()
             hog.wait()
-        job.wait(timeout=3600)
+        try:
+            job.wait(timeout=1400)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.wait()
+            raise
+    others = other_cores(before, cpu_seconds(), time.monotonic() - start)  # the job and the hog are this test's
+    busy = others is None or others >= BUSY_CORES
     text = log_path.read_text()
     tables = [json.loads(p.read_text()) for p in (cache / "latency").glob("*.json")]
-    if job.returncode == 2:
-        assert "failed its check" in text and not tables, text[-3000:]
-        return
-    assert job.returncode in (0, 3), text[-3000:]
-    report = json.loads((out / "spdy_report.json").read_text())
-    assert report["target_met"] is (job.returncode == 0)
-    if job.returncode == 3:
-        assert f"target missed: measured {report['measured_speedup']:.3f}x for a 1.5x target" in text
-    else:
-        assert report["measured_speedup"] >= 1.5 * (1 - 0.02) - 1e-9  # search.target_tolerance
     for table in tables:
         part = table["structured"]
         full = {sig: entry["times_ms"][0] for sig, entry in part["signatures"].items()}
         assert part["dense_ms"] - sum(full[sig] for sig in part["groups"].values()) >= 0
         assert part["profile_check"]["passed"]
+    if busy and job.returncode == 2:  # other processes kept the machine busy after the hog was gone
+        assert "failed its check" in text and not tables, text[-3000:]
+        return
+    report = json.loads((out / "spdy_report.json").read_text()) if job.returncode in (0, 3) else None
+    if busy and job.returncode == 3:
+        assert report["target_met"] is False
+        assert f"target missed: measured {report['measured_speedup']:.3f}x for a 1.5x target" in text
+        return
+    load = "an unknown number of" if others is None else f"{others:.2f}"
+    assert job.returncode == 0, f"other processes kept {load} cores busy during the job\n" + text[-3000:]
+    assert report["target_met"] is True and report["verify_busy"] is None
+    assert report["measured_speedup"] >= 1.5 * (1 - 0.02) - 1e-9  # search.target_tolerance
+    assert tables and "is cached at" in text

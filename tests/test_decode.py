@@ -3,14 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, small_config
-from test_structured_pruner import structured_part
+from conftest import MODEL_FACTORIES, VOCAB, small_config
 from test_timing_arithmetic import work_timer
 
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.config import RegimeConfig
 from spdy_hf.errors import ConfigError, SPDYError
-from spdy_hf.latency import LatencyTable
 from spdy_hf.latency.structured import check_profiles, keep_counts, measure_structured_latency
 from spdy_hf.regime import end_to_end_call, regime_inputs
 from spdy_hf.structured import find_structured_groups, shrink
@@ -125,26 +123,69 @@ def test_decode_structured_table_predicts_random_profiles():
     assert any(p > 1.0 for p, _ in pairs)
 
 
-def test_decode_job_end_to_end(tmp_path, tokenizer):
-    """A structured job in the decode regime: verify generates, the report has both regimes' speedups and the
-    held-out perplexity; the saved model loads in plain transformers and generates."""
+CALL_WORK = 6000  # the work every forward pass of the model does whatever it is given (a third of a decode step's)
+
+
+def token_work_timer(fns, warmup, repeats):
+    """A clock whose "milliseconds" are the multiply-adds of the decoder blocks' linear layers over the rows they
+    are given, plus `CALL_WORK` per forward pass of the model (the lm_head, whose work no profile changes, is left
+    out). A decode step does one row per sequence, a prefill pass one per token, and `generate` one forward pass
+    of one row per new token: a table profiled in a regime predicts exactly what verify measures in it, and the
+    two regimes' speedups differ (the fixed work weighs more against one row than against 32)."""
+    out = []
+    for fn in fns:
+        work = [0]
+
+        def count(module, args, output, work=work):
+            if isinstance(module, torch.nn.Linear) and module.out_features != VOCAB:
+                work[0] += args[0].shape[:-1].numel() * module.weight.numel()
+            elif type(module).__name__ == "LlamaForCausalLM":
+                work[0] += CALL_WORK
+
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+        try:
+            fn()
+        finally:
+            handle.remove()
+        out.append(work[0] / 1000)
+    return out
+
+
+def test_decode_job_end_to_end(tmp_path, tokenizer, monkeypatch):
+    """A structured job in the decode regime, profiled and verified on a clock of work (`token_work_timer`): the
+    profile meets the target in decode as verify measures it (generate), as the decode table predicted, and its
+    prefill speedup is what the same pruned model gives over 32 tokens; the report has the held-out perplexity; the
+    saved model loads in plain transformers and generates."""
     from transformers import AutoModelForCausalLM
 
+    import spdy_hf.families.base as family_base
+
+    monkeypatch.setattr(family_base, "interleaved_timer", lambda backend: token_work_timer)
     model = MODEL_FACTORIES["llama"]()
-    config = small_config(tmp_path, target_speedup=1.5, family="structured", regime={"mode": "decode"},
+    config = small_config(tmp_path, target_speedup=1.5, family="structured", method="magnitude",
+                          regime={"mode": "decode"},
                           search={"score_dtype": "bfloat16"})  # scored on a bfloat16 copy, as on an AMX CPU
-    part = structured_part(model, config)
-    table = LatencyTable(backend="cpu", regime=config.regime.to_dict(), levels=[0.0], shapes={},
-                         base_time_ms=part["dense_ms"], structured=part)
-    result = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False)
+    result = SPDYPruner(model, config, tokenizer).prune(progress=False)
     report = result.report
     assert report["regime"]["mode"] == "decode"
     speedups = report["speedups"]
     assert speedups["decode"]["searched"] and not speedups["prefill"]["searched"]
     assert report["search"]["score_dtype"] == "bfloat16"
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # the model itself stays float32
-    assert speedups["decode"]["measured_speedup"] == report["measured_speedup"]
-    assert speedups["prefill"]["regime"]["sequence_length"] == 32 and speedups["prefill"]["measured_speedup"] > 0
+    decode = speedups["decode"]["measured_speedup"]
+    assert decode == report["measured_speedup"] == pytest.approx(report["dense_time_ms"] / report["pruned_time_ms"])
+    # the target, in the regime searched: met as measured, and as the decode table predicted (work adds up exactly)
+    assert decode >= config.target_speedup * (1 - config.search.target_tolerance) and report["target_met"] is True
+    assert decode == pytest.approx(report["predicted_speedup"], rel=1e-3)
+    # a decode step is one row per sequence: the blocks' weights once, and the fixed work
+    blocks = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features != VOCAB)
+    assert report["dense_time_ms"] == pytest.approx((blocks + CALL_WORK) / 1000)
+    # prefill, measured over 32 tokens: the same pruned blocks (work `kept` per row), 32 rows, the fixed work once
+    kept = (blocks + CALL_WORK) / decode - CALL_WORK
+    assert speedups["prefill"]["regime"]["sequence_length"] == 32
+    assert speedups["prefill"]["dense_time_ms"] == pytest.approx((32 * blocks + CALL_WORK) / 1000)
+    assert speedups["prefill"]["measured_speedup"] == pytest.approx((32 * blocks + CALL_WORK) / (32 * kept + CALL_WORK))
+    assert speedups["prefill"]["measured_speedup"] > decode * 1.05  # the regimes differ, and each was measured
     heldout = report["heldout"]
     assert heldout["metric"] == "perplexity" and heldout["source"] == "builtin"
     assert np.isfinite(heldout["dense"]) and np.isfinite(heldout["pruned"]) and heldout["pruned"] != heldout["dense"]

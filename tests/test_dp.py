@@ -206,19 +206,24 @@ def test_spdy_search_scores_repeated_profiles_once():
     assert result.profile.tolist() == [1]
 
 
-def test_spdy_search_beats_a_naive_uniform_choice():
-    times, budget, c_true, sparsity = synthetic_problem(seed=5, n_units=10)
+@pytest.mark.parametrize("seed", range(6))
+def test_spdy_search_comes_close_to_the_optimum_of_the_true_sensitivities(seed):
+    """On additive problems, the search (which sees only scores) lands within a few percent of the optimum that the
+    DP finds knowing the hidden sensitivities: measured 1.000-1.104x of it on these six (mean 1.03). A search that
+    ignored its scores (every sensitivity equal) lands at 1.17-1.66x (mean 1.31); a uniform level, at ~2x."""
+    times, budget, c_true, sparsity = synthetic_problem(seed=seed, n_units=10)
 
     def evaluate(p):
         return float(np.sum(c_true * sparsity[p] ** 2))
 
     result = spdy_search(evaluate, times, budget, num_random_inits=30, patience=20, buckets=1000, seed=0,
                          progress=False)
-    # the true optimum under the true sensitivities, by the DP itself
-    best = solve_dp(c_true[:, None] * sparsity[None, :] ** 2, times, budget, 1000)
+    best = evaluate(solve_dp(c_true[:, None] * sparsity[None, :] ** 2, times, budget, 1000))
+    blind = evaluate(solve_dp(np.ones_like(c_true)[:, None] * sparsity[None, :] ** 2, times, budget, 1000))
     uniform = [k for k in range(len(sparsity)) if times[:, k].sum() <= budget][0]
-    assert result.score <= evaluate(np.full(times.shape[0], uniform))
-    assert result.score <= 1.5 * evaluate(best)
+    assert best <= result.score <= 1.12 * best
+    assert result.score < min(blind, evaluate(np.full(times.shape[0], uniform)))
+    assert result.score == evaluate(result.profile) and np.sum(times[np.arange(10), result.profile]) <= budget
 
 
 def test_spdy_search_raises_when_nothing_fits():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, MS_PER_WEIGHT, example_inputs, handwritten_table, small_config
+from conftest import MODEL_FACTORIES, MS_PER_WEIGHT, VOCAB, example_inputs, handwritten_table, small_config
 from test_cuda_backend import cuda_config, cuda_table
 from test_structured_pruner import AUTO, outputs, structured_part, structured_table
 
@@ -176,11 +176,25 @@ def test_recovery_config_checks():
     assert np.isfinite(c.recovery.holdout)
 
 
+def sharp_llama():
+    """The tiny Llama with weights drawn 5x wider (initializer_range 0.1): its output depends on what is pruned
+    (a KL of ~0.06 at 2x, against ~1e-4 for the default tiny model), so recovery has something to win back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, initializer_range=0.1,
+                         bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("method", ["gap", "layerwise"])
 def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tmp_path, tokenizer):
     """`recovery.precision: bfloat16` (what 'auto' picks on a GPU): the pruned layers compute in bfloat16 during
-    recovery, the weights stay float32, every profile zero stays zero, and the held-back loss still falls."""
-    model = MODEL_FACTORIES["llama"]()
+    recovery, the weights stay float32, every profile zero stays zero, and it helps: the weights are trained, not
+    put back, and the job's own score (KL to the dense model, in float32) on the held-back windows falls, as the
+    layer objective does (measured: 0.063 -> 0.054 for both methods)."""
+    model = sharp_llama()
     snapshot = DenseSnapshot(model)
     config = small_config(tmp_path, target_speedup=2.0, family="unstructured", recovery={"method": "none"},
                           search={"verify_corrections": 0})
@@ -188,7 +202,8 @@ def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tm
     result = pruner.prune(latency_table=handwritten_table(model, find_units(model, config.skip_modules), config),
                           progress=False)
     held = zeros(result.model)
-    settings = {"method": method, **FAST, "epochs": 6, "patience": 6, "precision": "bfloat16"}
+    unrecovered = {n: p.detach().clone() for n, p in result.model.named_parameters()}
+    settings = {"method": method, **FAST, "learning_rate": 1e-3, "epochs": 6, "patience": 6, "precision": "bfloat16"}
     rc = SPDYConfig.from_dict({**config.to_dict(), "recovery": settings})
     seen = set()
     layers = pruned_layers(result.model, snapshot)
@@ -198,7 +213,10 @@ def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tm
         h.remove()
     snapshot.close()
     assert entry["precision"] == "bfloat16" and torch.bfloat16 in seen
-    assert entry["heldback_after"] < entry["heldback_before"]
+    assert entry["heldback_after"] < 0.97 * entry["heldback_before"]
+    guard = entry["heldback_score"]
+    assert guard["kind"] == "kl" and not entry["reverted"] and guard["after"] < 0.95 * guard["before"], guard
+    assert any(not torch.equal(p.detach(), unrecovered[n]) for n, p in result.model.named_parameters())
     for n, p in result.model.named_parameters():
         assert p.dtype == torch.float32 and not p[held[n]].any(), n
 
