@@ -191,3 +191,35 @@ def test_structured_table_times_the_regime(mode, backend, tmp_path, monkeypatch)
     plan = family.plan(find_units(model, config.skip_modules))
     assert_timed_in_regime(clock, config)
     assert plan.table.regime == config.regime.to_dict()
+
+
+@pytest.mark.parametrize("family", ["unstructured", "structured"])
+def test_cli_profile_on_cuda_in_decode_times_one_token_steps(family, tmp_path, monkeypatch, tokenizer):
+    """`spdy-hf profile --backend cuda --regime decode`, as a user runs it on a GPU machine: every timed product has
+    one row per sequence and every timed model call is a one-token step against the cache, and the table it writes
+    says so."""
+    import json
+
+    import spdy_hf.loading as loading
+    import spdy_hf.pruner as pruner
+    from spdy_hf.cli import main
+
+    model = MODEL_FACTORIES["llama"]()
+    clock = fake_gpu(monkeypatch, model)
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda name, trust_remote_code=False: (model, tokenizer))
+    # on the fake GPU the model stays on the cpu, in the regime's dtype as on a real one
+    monkeypatch.setattr(pruner, "to_target_device", lambda m, backend, dtype: m.to(getattr(torch, dtype)))
+    monkeypatch.setattr(family_base, "interleaved_timer", lambda backend: clock.timer)
+    monkeypatch.setattr(structured_family, "spin_up", lambda fn, seconds: None)
+    config = cuda_config(tmp_path, "decode")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "table.json"
+    code = main(["profile", "tiny-llama", "--recipe", str(recipe), "--backend", "cuda", "--regime", "decode",
+                 "--dtype", "bfloat16", "--batch-size", "2", "--context-length", "12", "--family", family,
+                 "-o", str(out), "--no-progress"])
+    assert code == 0
+    assert_timed_in_regime(clock, config)
+    saved = json.loads(out.read_text())
+    assert saved["backend"] == "cuda"
+    assert saved["regime"] == {"mode": "decode", "batch_size": 2, "context_length": 12, "dtype": "bfloat16"}
