@@ -119,6 +119,9 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
             "",
             f"![per-group sparsity and time]({PLOT_FILE})",
             "",
+            *(["The times are the latency table's: fitted per level to whole-model timings with every group of a "
+               "shape shrunk together, not timed group by group. The end-to-end speedup above is the measured "
+               "figure.", ""] if report.get("latency_times") == "fitted" else []),
             "| group | family | kept | of | sparsity | dense ms | ms |",
             "|---|---|---|---|---|---|---|",
         ]

@@ -212,3 +212,16 @@ def test_load_pretrained_refuses_a_plain_checkpoint(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "plain")
     with pytest.raises(SPDYError, match="not a saved SPDY model"):
         load_pretrained(str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("latency_times", ["fitted", "measured"])
+def test_model_card_says_when_group_times_are_fitted(latency_times):
+    """Structured level times are fitted to whole-model timings, not timed per group: the card's per-block table says
+    so where they are, and only there."""
+    group = {"name": "encoder.layer.0:attention", "family": "structured", "keep": 1, "num_groups": 2,
+             "sparsity": 0.5, "dense_time_ms": 1.0, "time_ms": 0.6}
+    report = {"backend": "cpu", "regime": {"batch_size": 1, "sequence_length": 32, "dtype": "float32"},
+              "target_speedup": 1.5, "predicted_speedup": 1.6, "measured_speedup": 1.55, "target_met": True,
+              "latency_times": latency_times}
+    text = str(model_card([], report, {}, groups=[group]))
+    assert ("fitted per level to whole-model timings" in text) == (latency_times == "fitted")
