@@ -1,4 +1,4 @@
-"""Few-sample recovery on MiniLM: none vs gAP vs layer-wise on the same pruned models (issue 15).
+"""Few-sample recovery on MiniLM: none vs gAP vs layer-wise on the same pruned models.
 
 1. For each case (family, target speedup), SPDYPruner runs once with `recovery.method: none` (the default job
    otherwise, its latency table and database cached in --cache-dir); its model is the unrecovered one, its

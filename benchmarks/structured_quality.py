@@ -1,5 +1,5 @@
 """What structured removal costs in accuracy on MiniLM: heads and neurons chosen by structured OBS (with
-compensation) vs by column norm (without), uniform shares per block (issue 6, a step).
+compensation) vs by column norm (without), uniform shares per block.
 
 One sequential calibration pass (128 windows x 128 tokens of the built-in corpus, dense propagation) gives each
 block's output-projection and down-projection Hessians; `structured_obs_levels` chooses the groups to keep at

@@ -2,7 +2,7 @@
 
 Every block keeps the same share of its attention heads and FFN neurons (the first ones: timing does not depend
 on which); the shrunk model is timed interleaved with the dense one (median of 50 pairs), at batch 1 x 128
-tokens, fp32. Quality is not measured here (the structured OBS database is a later step of issue 6).
+tokens, fp32. Quality is not measured here (benchmarks/structured_quality.py measures it).
 
     python benchmarks/structured_speed.py
 """

@@ -1,4 +1,4 @@
-"""Structured-only vs unstructured-only vs mixed SPDY, each with the OBS database, on MiniLM (issue 6).
+"""Structured-only vs unstructured-only vs mixed SPDY, each with the OBS database, on MiniLM.
 
 For each target speedup and each `family`, SPDYPruner prunes a fresh copy of all-MiniLM-L6-v2 with the default
 config otherwise (cpu backend, batch 1 x 128 tokens, the built-in calibration corpus, method obs) and measures

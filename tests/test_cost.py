@@ -1,4 +1,4 @@
-"""What makes a 30-block job cheap must not change its results (issue 14, item 5): the structured OBS solver on
+"""What makes a 30-block job cheap must not change its results: the structured OBS solver on
 shrinking matrices, consumer-only stitching with weights read from disk, candidates scored past an unchanged
 prefix of blocks, and shrunk forms timed in the live model."""
 

@@ -1,4 +1,4 @@
-"""The decode regime: one new token against a key/value cache of context_length tokens (issue 14, item 2)."""
+"""The decode regime: one new token against a key/value cache of context_length tokens."""
 
 import numpy as np
 import pytest

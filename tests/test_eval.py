@@ -1,4 +1,4 @@
-"""Held-out quality: perplexity and embedding cosine (the report's "heldout"), and `spdy-hf eval` (issue 14, item 3)."""
+"""Held-out quality: perplexity and embedding cosine (the report's "heldout"), and `spdy-hf eval`."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""A model given as a .gguf file (issue 14): loaded through the same path as a directory, dequantized into an
+"""A model given as a .gguf file: loaded through the same path as a directory, dequantized into an
 ordinary model, pruned and saved as a plain safetensors checkpoint that transformers loads without gguf."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The structured database: for every attention/FFN group, which heads or neurons each keep count leaves, and the
-compensated output projection (issue 6).
+compensated output projection.
 
 One sequential calibration pass (`SequentialCalibrator`, dense propagation) collects the Hessian of every
 group's consumer (the attention output projection, the FFN down projection); `structured_obs_levels` then removes

@@ -1,4 +1,4 @@
-"""Structured OBS: which attention heads or FFN neurons to remove, and how to compensate (issue 6, a step).
+"""Structured OBS: which attention heads or FFN neurons to remove, and how to compensate.
 
 For a group's consumer (the output projection of an attention, the down projection of an FFN), y = W x with
 calibration Hessian H = 2 X X^T / n over its inputs, removing the input columns S of one group and updating the
