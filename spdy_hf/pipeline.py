@@ -1,12 +1,14 @@
 """SPDY's pipeline, once for every level family:
 
-    profile -> budget -> database -> search -> verify -> result
+    profile -> budget -> database -> search -> recovery -> verify (-> recovery again) -> result
 
 profile: the family's search units and the times of their levels (latency table). budget: what the target leaves
 for the searched units; an unreachable target stops here, before any costly stage. database: the pruned weights
 of every level. search: SPDY's DP and local search over sensitivities, each candidate stitched into the live model
-and scored against the dense model. verify: the chosen profile timed end to end, re-aimed on a confirmed miss.
-result: the pruned model (dense weights with zeros), its profile and the report.
+and scored against the dense model. recovery (when `recovery.method` is not "none"): the remaining weights fitted
+to the dense model's outputs on the calibration windows, the profile's zeros held. verify: the chosen profile timed
+end to end, re-aimed on a confirmed miss or a large overshoot; a re-aimed profile is recovered afresh from the
+dense weights. result: the pruned model (dense weights with zeros), its profile and the report.
 
 The family (`spdy_hf.families`) does everything that depends on what a unit is; this module only orders the stages.
 """

@@ -1,6 +1,6 @@
 """The shape of the code, kept by a test: no two modules of spdy_hf import each other (directly or through
 others, lazy imports inside functions and TYPE_CHECKING blocks included), no module imports another's private
-(`_`-prefixed) names, and functions and modules stay short enough to read top to bottom."""
+(`_`-prefixed) names. How long a function or module is follows its idea, so no line count is checked."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "spdy_hf"
-MAX_FUNCTION_LINES = 90  # "about 80"
-MAX_MODULE_LINES = 420  # "about 400"
 
 
 def modules_of(root: Path) -> dict[str, Path]:
@@ -92,30 +90,12 @@ def private_imports(root: Path) -> list[str]:
             if imported.startswith("_") and target != m]
 
 
-def long_definitions(root: Path) -> list[str]:
-    too_long = []
-    for name, path in modules_of(root).items():
-        source = path.read_text(encoding="utf-8")
-        if source.count("\n") > MAX_MODULE_LINES:
-            too_long.append(f"{name}: {source.count(chr(10))} lines")
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                if length > MAX_FUNCTION_LINES:
-                    too_long.append(f"{name}.{node.name}: {length} lines")
-    return too_long
-
-
 def test_no_module_imports_another_that_imports_it_back():
     assert import_cycles(PACKAGE) == []
 
 
 def test_no_module_imports_private_names_of_another():
     assert private_imports(PACKAGE) == []
-
-
-def test_functions_and_modules_stay_short():
-    assert long_definitions(PACKAGE) == []
 
 
 def test_every_family_is_a_plug_in_of_one_interface():
@@ -155,9 +135,3 @@ def test_private_import_check(tmp_path):
     root = write_package(tmp_path, {"__init__.py": "", "a.py": "def _f(): ...\n_X = 1\n",
                                     "b.py": "from .a import _f\n", "c.py": "def g():\n    from pkg.a import _X\n"})
     assert private_imports(root) == ["pkg.b:1 imports pkg.a._f", "pkg.c:2 imports pkg.a._X"]
-
-
-def test_length_check(tmp_path):
-    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
-    root = write_package(tmp_path, {"__init__.py": "", "a.py": f"def long():\n{body}\n"})
-    assert long_definitions(root) == [f"pkg.a.long: {MAX_FUNCTION_LINES + 1} lines"]
