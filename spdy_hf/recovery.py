@@ -5,9 +5,9 @@ in, the pruned model's remaining weights are fitted so that every pruned layer's
 on the calibration windows: gAP's normalised squared error of every pruned layer's output (`spdy_hf.distill`),
 each model on its own activations; `gap` adds `output_weight` times the job's score on the final output (KL for
 LMs, 1 - cosine per token otherwise). Adam. The reference uses a learning rate of 1e-5 for the global variant, 1e-3
-for the layer-wise one and no output term; the defaults here are the best measured (docs/BENCHMARKS.md, "Few-sample
-recovery"): for gap 3e-5 on an encoder (MiniLM) and 3e-4 on a causal LM (SmolLM2-135M, scored by KL), 1e-4 for the
-layer-wise variant, output weight 10.
+for the layer-wise one and no output term; the defaults here are the best measured
+(docs/benchmarks/recovery.md): for gap 3e-5 on an encoder (MiniLM) and 3e-4 on a causal LM (SmolLM2-135M,
+scored by KL), 1e-4 for the layer-wise variant, output weight 10.
 
 What may change: every parameter of the blocks that hold a pruned layer. What may not: a zero of the profile
 (`spdy_hf.masks.HeldZeros`: their gradients are zeroed before each step and the entries set to zero after it), so
@@ -358,7 +358,7 @@ def recovery_dtype(precision: str, device: torch.device) -> torch.dtype:
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX tiles), as oneDNN uses them: there
     recovery's forward and backward passes in bfloat16 take about half the time of float32 ones (SmolLM2-135M on an
-    AVX512-BF16 EPYC, docs/BENCHMARKS.md) and recover as well."""
+    AVX512-BF16 EPYC, docs/benchmarks/recovery.md) and recover as well."""
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):  # torch.cpu's, private: probed with care
         check = getattr(torch.cpu, probe, None)
         try:

@@ -9,8 +9,8 @@ Without labels, SPDY scores a candidate by its distance to the dense model on th
 - "nmse": sum ||h_pruned - h_dense||^2 / sum ||h_dense||^2 over the final hidden states.
 
 On MiniLM at 1.5x on a CPU, searching on "nmse" found profiles with a lower NMSE but a worse held-out sentence
-embedding cosine than uniform sparsity (docs/BENCHMARKS.md): above an NMSE of about 1 the objective rewards
-small outputs rather than right directions.
+embedding cosine than uniform sparsity (docs/benchmarks/spdy-vs-uniform.md): above an NMSE of about 1 the objective
+rewards small outputs rather than right directions.
 
 Reusing an unchanged prefix: the search's candidates differ from the best profile so far in a few units, so a
 candidate is scored with `scorer(block_keys)`, where `block_keys[b]` names what block b holds (its units' levels).
