@@ -155,6 +155,29 @@ def other_cores(before, after, wall_s: float) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- config
+def work_clock(work_of):
+    """A stand-in for the interleaved timers, `(functions, warmup, repeats) -> "ms" each`, whose "milliseconds" are
+    the work the modules do while each function runs once: `work_of(module, args)` for every module called, summed,
+    in thousands. Timings that follow from the model's work alone make a timing test exact."""
+    def timer(fns, warmup, repeats):
+        out = []
+        for fn in fns:
+            work = [0]
+
+            def count(module, args, output, work=work):
+                work[0] += work_of(module, args)
+
+            handle = torch.nn.modules.module.register_module_forward_hook(count)
+            try:
+                fn()
+            finally:
+                handle.remove()
+            out.append(work[0] / 1000)
+        return out
+
+    return timer
+
+
 def small_config(tmp_path, target_speedup: float = 2.0, **overrides) -> SPDYConfig:
     """Search settings small enough for a test; the cache lives in tmp_path, never in ~/.cache. A section given in
     `overrides` (a dict) is merged into these. New tables skip the random-profile check (`timing.check_profiles`:

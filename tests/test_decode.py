@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, VOCAB, small_config
+from conftest import MODEL_FACTORIES, VOCAB, small_config, work_clock
 from test_timing_arithmetic import work_timer
 
 from spdy_hf import SPDYConfig, SPDYPruner
@@ -126,29 +126,18 @@ def test_decode_structured_table_predicts_random_profiles():
 CALL_WORK = 6000  # the work every forward pass of the model does whatever it is given (a third of a decode step's)
 
 
-def token_work_timer(fns, warmup, repeats):
-    """A clock whose "milliseconds" are the multiply-adds of the decoder blocks' linear layers over the rows they
-    are given, plus `CALL_WORK` per forward pass of the model (the lm_head, whose work no profile changes, is left
-    out). A decode step does one row per sequence, a prefill pass one per token, and `generate` one forward pass
-    of one row per new token: a table profiled in a regime predicts exactly what verify measures in it, and the
-    two regimes' speedups differ (the fixed work weighs more against one row than against 32)."""
-    out = []
-    for fn in fns:
-        work = [0]
+def token_work(module, args) -> int:
+    """The multiply-adds of the decoder blocks' linear layers over the rows they are given, plus `CALL_WORK` per
+    forward pass of the model (the lm_head, whose work no profile changes, is left out). A decode step does one row
+    per sequence, a prefill pass one per token, and `generate` one forward pass of one row per new token: a table
+    profiled in a regime predicts exactly what verify measures in it, and the two regimes' speedups differ (the
+    fixed work weighs more against one row than against 32)."""
+    if isinstance(module, torch.nn.Linear) and module.out_features != VOCAB:
+        return args[0].shape[:-1].numel() * module.weight.numel()
+    return CALL_WORK if type(module).__name__ == "LlamaForCausalLM" else 0
 
-        def count(module, args, output, work=work):
-            if isinstance(module, torch.nn.Linear) and module.out_features != VOCAB:
-                work[0] += args[0].shape[:-1].numel() * module.weight.numel()
-            elif type(module).__name__ == "LlamaForCausalLM":
-                work[0] += CALL_WORK
 
-        handle = torch.nn.modules.module.register_module_forward_hook(count)
-        try:
-            fn()
-        finally:
-            handle.remove()
-        out.append(work[0] / 1000)
-    return out
+token_work_timer = work_clock(token_work)
 
 
 def test_decode_job_end_to_end(tmp_path, tokenizer, monkeypatch):

@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, handwritten_table, small_config
+from conftest import MODEL_FACTORIES, handwritten_table, small_config, work_clock
 from test_structured_pruner import structured_table
 from torch import nn
 
@@ -24,26 +24,15 @@ from spdy_hf.structured import find_structured_groups
 from spdy_hf.units import find_units
 
 
-def work_timer(fns, warmup, repeats):
-    """A timer whose "milliseconds" are the multiply-adds per token of the linear layers each function runs:
-    what a pruned model saves shows up only if the pruned model is what runs."""
-    out = []
-    for fn in fns:
-        work = [0]
+def linear_work(module, args) -> int:
+    """The multiply-adds per token of a linear layer (a sparse one's non-zeros): what a pruned model saves shows up
+    only if the pruned model is what runs."""
+    if isinstance(module, FastLinear):
+        return module.nnz if module.sparse else module.in_features * module.out_features
+    return module.weight.numel() if isinstance(module, nn.Linear) else 0
 
-        def count(module, args, output, work=work):
-            if isinstance(module, FastLinear):
-                work[0] += module.nnz if module.sparse else module.in_features * module.out_features
-            elif isinstance(module, nn.Linear):
-                work[0] += module.weight.numel()
 
-        handle = nn.modules.module.register_module_forward_hook(count)
-        try:
-            fn()
-        finally:
-            handle.remove()
-        out.append(work[0] / 1000)
-    return out
+work_timer = work_clock(linear_work)
 
 
 SEARCH = {"num_random_inits": 3, "patience": 2, "eval_samples": 4, "dp_buckets": 1000, "verify_corrections": 0}
