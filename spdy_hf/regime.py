@@ -89,7 +89,7 @@ def step_shape(regime: RegimeConfig) -> tuple[int, int]:
     """(sequences, new tokens per sequence) of one unit of work: (batch_size, sequence_length) for a prefill pass,
     (batch_size, 1) for a decode step. Every linear layer's input has their product (`regime.tokens`) rows; a unit
     timed alone must be timed at that size, as the whole model is."""
-    return regime.batch_size, regime.tokens // regime.batch_size
+    return regime.batch_size, 1 if regime.mode == "decode" else regime.sequence_length
 
 
 def regime_inputs(model: nn.Module, regime: RegimeConfig) -> dict:

@@ -92,7 +92,8 @@ class TwoFourSwap(ModuleSwap):
     """Swaps the units whose pattern is "2:4" for `TwoFourLinear`s built from their (2:4) weights, and back.
 
     With `masked`, each is built from a 2:4 magnitude-masked copy of the unit's weight instead (timing a profile on
-    the dense model: the kernel's speed does not depend on which weights it keeps); one copy lives at a time.
+    the dense model: the kernel's speed does not depend on which weights it keeps); each masked dense copy is freed
+    once converted, so only the compressed 2:4 forms are held.
     """
 
     def __init__(self, model: nn.Module, units: list[Unit], patterns: list[str], masked: bool = False):
