@@ -1,6 +1,6 @@
 """CPU kernel facts behind spdy_hf's cpu backend, measured side by side on this machine.
 
-1. Per unit shape of all-MiniLM-L6-v2 and per layout code (see `spdy_hf.apply.FastLinear`): the time of the
+1. Per unit shape of all-MiniLM-L6-v2 and per layout code (see `spdy_hf.deploy.kernels.FastLinear`): the time of the
    unit at a few sparsities relative to dense, in the regime (batch x sequence length tokens).
 2. End to end: every encoder unit uniformly pruned (magnitude) at a few sparsities, deployed with
    `FastLinear`s, against the dense model; interleaved, median of repeats.
@@ -18,14 +18,14 @@ import sys
 import torch
 
 from spdy_hf import SPDYConfig
-from spdy_hf.apply import KernelSwap
 from spdy_hf.database import MagnitudeDatabase
-from spdy_hf.environment import environment_info
-from spdy_hf.io import atomic_write_json
+from spdy_hf.deploy.kernels import KernelSwap
 from spdy_hf.latency.cpu import plan_layouts, time_shape
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.timing import interleaved_median_ms
-from spdy_hf.units import find_units
+from spdy_hf.latency.environment import environment_info
+from spdy_hf.latency.timing import interleaved_median_ms
+from spdy_hf.modeling.loading import load_model_and_tokenizer
+from spdy_hf.modeling.units import find_units
+from spdy_hf.utils.io import atomic_write_json
 
 SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
 

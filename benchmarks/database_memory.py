@@ -16,8 +16,8 @@ from transformers import BertConfig, BertModel
 
 import spdy_hf
 from spdy_hf.database import build_obs_database
-from spdy_hf.levels import get_levels
-from spdy_hf.units import find_units
+from spdy_hf.modeling.levels import get_levels
+from spdy_hf.modeling.units import find_units
 
 
 def anonymous_mb() -> float:

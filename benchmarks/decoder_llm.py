@@ -36,39 +36,40 @@ import numpy as np
 from heldout import smollm2_path
 
 from spdy_hf import SPDYConfig, SPDYPruner
-from spdy_hf.data import load_texts, token_windows
-from spdy_hf.environment import environment_info
-from spdy_hf.evaluation import heldout_windows, perplexity
+from spdy_hf.calibration.text import load_texts, token_windows
 from spdy_hf.families import get_family
-from spdy_hf.io import atomic_write_text
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.pipeline import check_budget
-from spdy_hf.units import find_units
+from spdy_hf.latency.environment import environment_info
+from spdy_hf.modeling.loading import load_model_and_tokenizer
+from spdy_hf.modeling.units import find_units
+from spdy_hf.pipeline.quality import heldout_windows, perplexity
+from spdy_hf.pipeline.run import check_budget
+from spdy_hf.search import LiveProfile
+from spdy_hf.utils.io import atomic_write_text
 
 log = logging.getLogger("decoder_llm")
 REGIMES = {"prefill": {"batch_size": 1, "sequence_length": 256},
            "decode": {"mode": "decode", "batch_size": 1, "context_length": 512}}
 
 
-def uniform_candidates(family, times: np.ndarray, config: SPDYConfig) -> list[np.ndarray]:
-    """Uniform profiles of the family, least pruned first."""
-    name = config.family
+def uniform_candidates(plan, config: SPDYConfig) -> list[np.ndarray]:
+    """Uniform profiles of the family (its `plan`), least pruned first."""
+    name, times, layout = config.family, plan.times, plan.layout
     if name == "unstructured":
         return [np.full(len(times), k) for k in range(1, times.shape[1]) if np.isfinite(times[:, k]).all()]
     out = []
     if name == "structured":
-        ffn = [i for i, g in enumerate(family.groups) if g.kind == "ffn"]
-        for a in range(1, len(family.counts[ffn[0]])):
-            share = family.counts[ffn[0]][a] / family.groups[ffn[0]].num_groups
-            profile = np.zeros(len(family.groups), dtype=int)
-            for i, g in enumerate(family.groups):  # each group's keep count nearest the FFN's share
-                profile[i] = int(np.argmin([abs(k / g.num_groups - share) for k in family.counts[i]]))
+        ffn = [i for i, g in enumerate(layout.groups) if g.kind == "ffn"]
+        for a in range(1, len(layout.counts[ffn[0]])):
+            share = layout.counts[ffn[0]][a] / layout.groups[ffn[0]].num_groups
+            profile = np.zeros(len(layout.groups), dtype=int)
+            for i, g in enumerate(layout.groups):  # each group's keep count nearest the FFN's share
+                profile[i] = int(np.argmin([abs(k / g.num_groups - share) for k in layout.counts[i]]))
             out.append(profile)
         return out
-    sparse = sorted({j for m in family.level_maps for kind, a, j in m if kind == "unstructured"})
+    sparse = sorted({j for m in layout.level_maps for kind, a, j in m if kind == "unstructured"})
     for j in sparse:  # mixed: every group at one sparse level (all heads and neurons kept)
         out.append(np.array([next(lv for lv, (kind, a, jj) in enumerate(m) if kind == "unstructured" and jj == j)
-                             for m in family.level_maps]))
+                             for m in layout.level_maps]))
     return out
 
 
@@ -80,15 +81,16 @@ def uniform_baseline(config: SPDYConfig, spdy_measured: float, heldout: dict) ->
     cal = config.calibration  # the job's calibration windows, so that the database is the job's (cached)
     windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
     # the job's budgets (its search aim sets the database's anchor): the same database the SPDY row was built from
-    budget, search_budget = check_budget(config, plan)
-    family.build_database(plan, windows, budget, search_budget)
+    budgets = check_budget(config, plan)
+    databases = family.build_database(plan, windows, budgets)
+    live = LiveProfile(family, plan, databases)
     tried = []
-    candidates = uniform_candidates(family, plan.times, config)
-    predicted = [budget.predicted_speedup(plan.times[np.arange(len(p)), p]) for p in candidates]
+    candidates = uniform_candidates(plan, config)
+    predicted = [budgets.target.predicted_speedup(plan.times[np.arange(len(p)), p]) for p in candidates]
     order = [i for i in np.argsort(predicted) if predicted[i] >= 0.95 * spdy_measured] or [int(np.argmax(predicted))]
     for i in order[:5]:
-        family.stitch(candidates[i])
-        m = family.measure(candidates[i])
+        live(candidates[i])
+        m = family.measure(plan, databases, candidates[i])
         ppl = perplexity(model, heldout)  # every candidate's: the ones just slower than SPDY bracket it too
         tried.append({"predicted": predicted[i], "measured": m.speedup, "perplexity": ppl})
         log.info("Uniform candidate: predicted %.3fx, measured %.3fx, held-out perplexity %.2f.", predicted[i],

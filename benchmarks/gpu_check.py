@@ -49,10 +49,10 @@ if not torch.cuda.is_available():
     sys.exit("gpu_check: no CUDA device here; run it on the GPU machine.")
 
 from spdy_hf import SPDYConfig, SPDYPruner, UnreachableTargetError, find_units  # noqa: E402
-from spdy_hf.environment import environment_info  # noqa: E402
-from spdy_hf.io import atomic_write_json  # noqa: E402
 from spdy_hf.latency.cuda import cuda_environment, ratios  # noqa: E402
+from spdy_hf.latency.environment import environment_info  # noqa: E402
 from spdy_hf.search import compute_budget  # noqa: E402
+from spdy_hf.utils.io import atomic_write_json  # noqa: E402
 
 started = time.perf_counter()
 results = {"benchmark": "gpu_check", "date": datetime.now(timezone.utc).isoformat(), "command": sys.argv,

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from spdy_hf.data import builtin_corpus
+from spdy_hf.calibration.text import builtin_corpus
 
 HELDOUT_TEXTS, HELDOUT_MAX_LENGTH, HELDOUT_BATCH = 256, 128, 32
 
@@ -58,13 +58,14 @@ def smollm2_path() -> str:
 def smollm2_structured_job(cache_dir: str):
     """SmolLM2 with a default job's structured family, planned and its database built from the job's cache
     (`cache_dir`: the SPDY_HF_CACHE of a default job; the latency table is measured and the database built where
-    they are not there). Returns (model, tokenizer, config, family, plan, budget)."""
+    they are not there). Returns (model, tokenizer, config, family, plan, databases, budget): `budget` is the
+    target's (`Budget`), which the database is built with as its search aim too."""
     from spdy_hf import SPDYConfig
-    from spdy_hf.data import load_texts, token_windows
+    from spdy_hf.calibration.text import load_texts, token_windows
     from spdy_hf.families import get_family
-    from spdy_hf.loading import load_model_and_tokenizer
-    from spdy_hf.search import compute_budget
-    from spdy_hf.units import find_units
+    from spdy_hf.modeling.loading import load_model_and_tokenizer
+    from spdy_hf.modeling.units import find_units
+    from spdy_hf.search import Budgets, compute_budget
 
     model, tokenizer = load_model_and_tokenizer(smollm2_path())
     config = SPDYConfig.from_dict({"cache_dir": cache_dir})
@@ -73,5 +74,5 @@ def smollm2_structured_job(cache_dir: str):
     family = get_family("structured")(config, model, progress=False)
     plan = family.plan(find_units(model, config.skip_modules, example_inputs={k: v[:1] for k, v in windows.items()}))
     budget = compute_budget(plan.times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms)
-    family.build_database(plan, windows, budget, budget)
-    return model, tokenizer, config, family, plan, budget
+    databases = family.build_database(plan, windows, Budgets(target=budget, search=budget))
+    return model, tokenizer, config, family, plan, databases, budget

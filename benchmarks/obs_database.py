@@ -25,15 +25,15 @@ from datetime import datetime, timezone
 from heldout import heldout_texts, sentence_embeddings
 
 from spdy_hf import SPDYConfig, find_units
-from spdy_hf.data import load_texts, token_windows
+from spdy_hf.calibration.text import load_texts, token_windows
 from spdy_hf.database import MagnitudeDatabase, build_obs_database
-from spdy_hf.environment import environment_info
 from spdy_hf.families.unstructured import UnstructuredFamily
-from spdy_hf.io import atomic_write_json
-from spdy_hf.levels import get_levels
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.scoring import DistanceScorer
+from spdy_hf.latency.environment import environment_info
+from spdy_hf.modeling.levels import get_levels
+from spdy_hf.modeling.loading import load_model_and_tokenizer
 from spdy_hf.search import anchor_level, compute_budget, with_margin
+from spdy_hf.search.scoring import DistanceScorer
+from spdy_hf.utils.io import atomic_write_json
 
 log = logging.getLogger("obs_database")
 

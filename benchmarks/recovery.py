@@ -3,7 +3,7 @@
 1. For each case (family, target speedup), SPDYPruner runs once with `recovery.method: none` (the default job
    otherwise, its latency table and database cached in --cache-dir); its model is the unrecovered one, its
    measured speedup the case's speed (recovery keeps every profile zero, so the deployed form's time is that one).
-2. Each recovery method then runs on its own copy of that pruned model (`spdy_hf.recovery.Recovery`, the same
+2. Each recovery method then runs on its own copy of that pruned model (`spdy_hf.recovery.fit.Recovery`, the same
    class the pipeline's recovery stage runs) against the dense weights, on the pruner's calibration windows.
 3. Every model is scored against the dense model, on text the job never saw: the mean cosine of sentence
    embeddings (mean pooling + L2, all-MiniLM-L6-v2's pooling) on (a) held-out standard-library docstrings (files
@@ -31,13 +31,13 @@ import torch
 from heldout import heldout_texts, mean_cosine, prose_texts, sentence_embeddings
 
 from spdy_hf import SPDYConfig, SPDYPruner
-from spdy_hf.distill import DenseSnapshot
 from spdy_hf.families.unstructured import build_database
-from spdy_hf.io import atomic_write_json
-from spdy_hf.levels import get_levels, get_patterns
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.recovery import Recovery
-from spdy_hf.units import find_units
+from spdy_hf.modeling.levels import get_levels, get_patterns
+from spdy_hf.modeling.loading import load_model_and_tokenizer
+from spdy_hf.modeling.snapshot import DenseSnapshot
+from spdy_hf.modeling.units import find_units
+from spdy_hf.recovery.fit import Recovery
+from spdy_hf.utils.io import atomic_write_json
 
 CASES = [("structured", 1.5), ("structured", 2.0), ("unstructured", 1.5)]
 
@@ -89,7 +89,7 @@ for family, target in cases:
                                    **({"calibration": {"num_samples": args.num_samples}} if args.num_samples else {})})
     model = copy.deepcopy(dense)
     pruner = SPDYPruner(model, config, tokenizer)
-    windows = pruner._calibration_windows(None)
+    windows = pruner.calibration_windows()
     start = time.perf_counter()
     if two_four:
         uniform_two_four(config, model, windows)

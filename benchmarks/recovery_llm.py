@@ -3,7 +3,7 @@
 1. The job: `SPDYPruner` with the library's defaults (structured, prefill batch 1 x 128, recovery off) and the given
    target, its latency table and database cached in --cache-dir; its model is the unrecovered one, its measured
    speedup the speed of every row (recovery holds every profile zero, so the deployed form's time is that one).
-2. Recovery (`spdy_hf.recovery.Recovery`, what the pipeline's recovery stage runs) on a fresh copy of that model for
+2. Recovery (`spdy_hf.recovery.fit.Recovery`, what the pipeline's recovery stage runs) on a fresh copy of that model for
    each setting: N calibration windows of 128 tokens of the built-in corpus's calibration split (N = 128: the job's
    own windows; another N: a draw of N windows from the same split with the same seed), the method, and optionally
    the learning rate, output weight and epochs.
@@ -31,13 +31,13 @@ import torch
 from heldout import prose_texts, smollm2_path
 
 from spdy_hf import SPDYConfig, SPDYPruner
-from spdy_hf.data import load_texts, token_windows
-from spdy_hf.distill import DenseSnapshot
-from spdy_hf.environment import environment_info
-from spdy_hf.evaluation import heldout_windows, perplexity
-from spdy_hf.io import atomic_write_json, read_json
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.recovery import Recovery
+from spdy_hf.calibration.text import load_texts, token_windows
+from spdy_hf.latency.environment import environment_info
+from spdy_hf.modeling.loading import load_model_and_tokenizer
+from spdy_hf.modeling.snapshot import DenseSnapshot
+from spdy_hf.pipeline.quality import heldout_windows, perplexity
+from spdy_hf.recovery.fit import Recovery
+from spdy_hf.utils.io import atomic_write_json, read_json
 
 PROMPTS = ["The capital of France is", "To sort a list in Python, you can"]
 

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 
 from spdy_hf import SPDYConfig
-from spdy_hf.data import load_texts, token_windows
-from spdy_hf.environment import environment_info
+from spdy_hf.calibration.text import load_texts, token_windows
 from spdy_hf.families import get_family
-from spdy_hf.io import atomic_write_text
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.pipeline import check_budget
-from spdy_hf.scoring import DistanceScorer
-from spdy_hf.search import solve_dp
-from spdy_hf.units import find_units
+from spdy_hf.latency.environment import environment_info
+from spdy_hf.modeling.loading import load_model_and_tokenizer
+from spdy_hf.modeling.units import find_units
+from spdy_hf.pipeline.run import check_budget
+from spdy_hf.search import LiveProfile, solve_dp
+from spdy_hf.search.scoring import DistanceScorer
+from spdy_hf.utils.io import atomic_write_text
 
 log = logging.getLogger("score_ranking")
 
@@ -64,13 +64,14 @@ cal = config.calibration
 windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
 family = get_family(config.family)(config, model, progress=False)
 plan = family.plan(find_units(model, config.skip_modules, example_inputs={k: v[:1] for k, v in windows.items()}))
-budget, search_budget = check_budget(config, plan)
-family.build_database(plan, windows, budget, search_budget)
-prior = family.prior()
+budgets = check_budget(config, plan)
+databases = family.build_database(plan, windows, budgets)
+prior = family.prior(plan, databases)
+live = LiveProfile(family, plan, databases)
 rng = np.random.default_rng(0)
 n_random = args.candidates // 2
 sens = [rng.random(len(plan.names)) for _ in range(n_random)]
-profiles = [solve_dp(c[:, None] * prior, plan.times, search_budget.budget_ms, config.search.dp_buckets) for c in sens]
+profiles = [solve_dp(c[:, None] * prior, plan.times, budgets.search.budget_ms, config.search.dp_buckets) for c in sens]
 
 
 def batches(w: int) -> list[dict]:
@@ -84,7 +85,7 @@ start = time.perf_counter()
 
 
 def score_all(profile):
-    family.stitch(profile)
+    live(profile)
     for w, scorer in scorers.items():
         scores[w].append(scorer())
 
@@ -97,7 +98,7 @@ while len(profiles) < args.candidates:  # mutations of the best random candidate
     c = best.copy()
     redraw = rng.choice(len(c), size=k, replace=False)
     c[redraw] = rng.random(k)
-    p = solve_dp(c[:, None] * prior, plan.times, search_budget.budget_ms, config.search.dp_buckets)
+    p = solve_dp(c[:, None] * prior, plan.times, budgets.search.budget_ms, config.search.dp_buckets)
     if any(list(p) == list(q) for q in profiles):
         continue
     profiles.append(p)

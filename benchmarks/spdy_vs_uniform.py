@@ -25,17 +25,17 @@ import torch
 from heldout import HELDOUT_MAX_LENGTH, heldout_texts, sentence_embeddings
 
 from spdy_hf import RegimeConfig, SearchConfig, SPDYConfig, SPDYPruner, find_units
-from spdy_hf.apply import KernelSwap
-from spdy_hf.data import load_texts, token_windows
+from spdy_hf.calibration.text import load_texts, token_windows
 from spdy_hf.database import MagnitudeDatabase, load_obs_database
-from spdy_hf.environment import environment_info
+from spdy_hf.deploy.kernels import KernelSwap
 from spdy_hf.errors import SPDYError
-from spdy_hf.io import atomic_write_json
-from spdy_hf.levels import get_levels
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.scoring import DistanceScorer
+from spdy_hf.latency.environment import environment_info
+from spdy_hf.latency.timing import interleaved_median_ms
+from spdy_hf.modeling.levels import get_levels
+from spdy_hf.modeling.loading import load_model_and_tokenizer
 from spdy_hf.search import compute_budget
-from spdy_hf.timing import interleaved_median_ms
+from spdy_hf.search.scoring import DistanceScorer
+from spdy_hf.utils.io import atomic_write_json
 
 log = logging.getLogger("spdy_vs_uniform")
 
@@ -111,7 +111,7 @@ def overall_sparsity(profile):
 
 
 # ----------------------------------------------------------------------------- 3. timing, interleaved
-gen = torch.Generator().manual_seed(0)  # the regime's input, as spdy_hf.backend.regime_inputs draws it
+gen = torch.Generator().manual_seed(0)  # the regime's input, as spdy_hf.latency.backend.regime_inputs draws it
 ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.sequence_length), generator=gen)
 regime_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 warmup, repeats = config.timing.warmup, max(10, config.timing.verify_repeats)

@@ -18,12 +18,12 @@ from datetime import datetime, timezone
 import torch
 from heldout import heldout_texts, sentence_embeddings
 
-from spdy_hf.data import load_texts, token_windows
-from spdy_hf.database.sequential import SequentialCalibrator
+from spdy_hf.calibration.sequential import SequentialCalibrator
+from spdy_hf.calibration.text import load_texts, token_windows
 from spdy_hf.database.structured_obs import group_magnitude_levels, structured_obs_levels
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.structured import find_structured_groups, zero_fill
-from spdy_hf.units import Unit
+from spdy_hf.modeling.groups import find_structured_groups, zero_fill
+from spdy_hf.modeling.loading import load_model_and_tokenizer
+from spdy_hf.modeling.units import Unit
 
 SHARES = [0.75, 0.5, 0.25]
 COMBOS = [(0.75, 0.75), (0.5, 0.5), (0.75, 0.25), (0.5, 0.25), (0.25, 0.25)]

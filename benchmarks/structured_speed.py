@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from spdy_hf.environment import environment_info
-from spdy_hf.loading import load_model_and_tokenizer
-from spdy_hf.structured import find_structured_groups, shrink
-from spdy_hf.timing import interleaved_median_ms
+from spdy_hf.latency.environment import environment_info
+from spdy_hf.latency.timing import interleaved_median_ms
+from spdy_hf.modeling.groups import find_structured_groups, shrink
+from spdy_hf.modeling.loading import load_model_and_tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="Shares of groups kept.")

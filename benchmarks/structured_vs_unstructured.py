@@ -20,10 +20,10 @@ import torch
 from heldout import heldout_texts, mean_cosine, sentence_embeddings
 
 from spdy_hf import SPDYConfig, SPDYPruner
-from spdy_hf.environment import environment_info
 from spdy_hf.errors import UnreachableTargetError
-from spdy_hf.io import atomic_write_json
-from spdy_hf.loading import load_model_and_tokenizer
+from spdy_hf.latency.environment import environment_info
+from spdy_hf.modeling.loading import load_model_and_tokenizer
+from spdy_hf.utils.io import atomic_write_json
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0])

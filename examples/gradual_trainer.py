@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from spdy_hf import SPDYConfig, SPDYPruningCallback, prune_pretrained
-from spdy_hf.data import builtin_corpus, load_texts, token_windows
-from spdy_hf.loading import load_model_and_tokenizer
+from spdy_hf.calibration.text import builtin_corpus, load_texts, token_windows
+from spdy_hf.modeling.loading import load_model_and_tokenizer
 
 
 class Windows(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 
-from spdy_hf.hub import CARD_FILE, push_folder, write_card
+from spdy_hf.integrations.hub import CARD_FILE, push_folder, write_card
 
 
 def main():

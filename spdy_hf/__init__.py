@@ -19,20 +19,20 @@ _LAZY = {
     "SearchConfig": "config",
     "TimingConfig": "config",
     "StructuredConfig": "config",
-    "find_structured_groups": "structured",
+    "find_structured_groups": "modeling.groups",
     "SPDYPruner": "pruner",
-    "PruningResult": "result",
+    "PruningResult": "output.result",
     "LatencyTable": "latency.table",
     "SPDYError": "errors",
     "ConfigError": "errors",
     "UnreachableTargetError": "errors",
-    "find_units": "units",
-    "FastLinear": "apply",
-    "load_pretrained": "loading",
+    "find_units": "modeling.units",
+    "FastLinear": "deploy.kernels",
+    "load_pretrained": "output.load",
     "prune_pretrained": "pruner",
     "SPDYPruningCallback": "integrations.trainer",
     "SPDYHeldZerosCallback": "integrations.trainer",
-    "RecoveryConfig": "config_training",
+    "RecoveryConfig": "config",
 }
 
 __all__ = [
@@ -43,25 +43,25 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .apply import FastLinear
     from .config import (
         CalibrationConfig,
         DatabaseConfig,
+        RecoveryConfig,
         RegimeConfig,
         SearchConfig,
         SPDYConfig,
         StructuredConfig,
         TimingConfig,
     )
-    from .config_training import RecoveryConfig
+    from .deploy.kernels import FastLinear
     from .errors import ConfigError, SPDYError, UnreachableTargetError
     from .integrations.trainer import SPDYHeldZerosCallback, SPDYPruningCallback
     from .latency.table import LatencyTable
-    from .loading import load_pretrained
+    from .modeling.groups import find_structured_groups
+    from .modeling.units import find_units
+    from .output.load import load_pretrained
+    from .output.result import PruningResult
     from .pruner import SPDYPruner, prune_pretrained
-    from .result import PruningResult
-    from .structured import find_structured_groups
-    from .units import find_units
 
 
 def __getattr__(name: str):

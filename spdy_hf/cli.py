@@ -15,6 +15,8 @@ SHORTFALL_EXIT = 3  # the output was written, but the measured speedup missed th
 
 def _regime_arguments(p) -> None:
     """The flags that decide what is timed: backend, regime and level family."""
+    from .families import family_names
+
     p.add_argument("--backend", choices=["cpu", "cuda"], help="Target backend (default cpu).")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="Regime: dtype (cpu: float32; cuda: float16 or bfloat16).")
@@ -25,7 +27,7 @@ def _regime_arguments(p) -> None:
                         "generating one token against a key/value cache of --context-length tokens (decode; causal "
                         "LMs).")
     p.add_argument("--context-length", type=int, help="Regime decode: tokens already in the cache (default 512).")
-    p.add_argument("--family", choices=["structured", "mixed", "unstructured"],
+    p.add_argument("--family", choices=family_names(),
                    help="Level families: heads and FFN neurons removed (structured, the default), those or the "
                         "backend's sparse levels per block (mixed), or sparse levels per layer (unstructured).")
 
@@ -50,7 +52,7 @@ def profile_command_parser(subparsers) -> argparse.ArgumentParser:
 
 def profile_command(args) -> int:
     from .errors import SPDYError
-    from .loading import load_model_and_tokenizer
+    from .modeling.loading import load_model_and_tokenizer
     from .pruner import SPDYPruner
 
     if os.path.exists(args.output) and not args.overwrite:
@@ -116,6 +118,16 @@ def _candidates(text: str) -> int | str:
 
 
 def _build_config(args):
+    """The job's config: the recipe (if any), then the flags; an unknown level family is an error here, before any
+    model is loaded."""
+    from .families import get_family
+
+    config = _config_from(args)
+    get_family(config.family)
+    return config
+
+
+def _config_from(args):
     from .config import SPDYConfig
 
     data = SPDYConfig.load(args.recipe).to_dict() if args.recipe else {}
@@ -169,9 +181,9 @@ def _default_output(model: str | None, target: float) -> str:
 
 
 def prune_command(args) -> int:
-    from .loading import load_model_and_tokenizer
+    from .modeling.loading import load_model_and_tokenizer
+    from .output.result import check_output_dir
     from .pruner import SPDYPruner
-    from .result import check_output_dir
 
     config = _build_config(args)
     output = args.output or _default_output(args.model, config.target_speedup)
@@ -204,7 +216,7 @@ def prune_command(args) -> int:
               "idle machine (delete the latency cache), or pass --allow-shortfall to accept it.", file=sys.stderr)
         return SHORTFALL_EXIT
     if args.push_to_hub:
-        from .hub import push_folder
+        from .integrations.hub import push_folder
 
         url = push_folder(path, args.push_to_hub, private=args.private or None)
         print(f"Pushed to {url}")
@@ -233,8 +245,8 @@ def eval_command_parser(subparsers) -> argparse.ArgumentParser:
 
 def eval_command(args) -> int:
     from .errors import SPDYError
-    from .evaluation import evaluate_saved
-    from .io import atomic_write_text
+    from .pipeline.quality import evaluate_saved
+    from .utils.io import atomic_write_text
 
     if args.num_samples < 1 or args.sequence_length < 8:
         raise SPDYError("--num-samples must be at least 1 and --sequence-length at least 8.")
@@ -264,16 +276,15 @@ def push_command_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def push_command(args) -> int:
-    from .hub import push_folder
+    from .integrations.hub import push_folder
 
     url = push_folder(args.directory, args.repo, private=args.private or None)
     print(f"Pushed {args.directory} to {url}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .errors import SPDYError
-
+def build_parser() -> argparse.ArgumentParser:
+    """The `spdy-hf` command line: prune, profile, eval, push."""
     parser = argparse.ArgumentParser(prog="spdy-hf", description="Speedup-targeted pruning for Hugging Face models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -281,7 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     profile_command_parser(subparsers)
     eval_command_parser(subparsers)
     push_command_parser(subparsers)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import SPDYError
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -11,20 +11,71 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from .config_checks import build_section, check_choice, check_fields, check_int, check_number
-from .config_training import GradualConfig, RecoveryConfig
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+
+# ------------------------------------------------------------------ checks of field values
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
+
+
+def check_fields(section, prefix: str) -> None:
+    """Every field whose metadata names a "min" must be an integer at least that; every text field a string (a
+    path object becomes its string), or null where the field allows it."""
+    for f in dataclasses.fields(section):
+        name, value, optional = f"{prefix}{f.name}", getattr(section, f.name), "None" in str(f.type)
+        if "min" in f.metadata:
+            check_int(name, value, f.metadata["min"])
+        elif str(f.type) in ("str", "str | None") and isinstance(value, os.PathLike):
+            setattr(section, f.name, os.fspath(value))
+        elif str(f.type) in ("str", "str | None") and not (isinstance(value, str) or (value is None and optional)):
+            raise ConfigError(f"{name}={value!r} must be a string{' or null' if optional else ''}.")
+
+
+def check_number(name: str, value: Any, in_range: Callable[[float], bool], interval: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
+        raise ConfigError(f"{name}={value!r} must be a number in {interval}.")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+
+def build_section(cls, data: dict[str, Any], strict: bool, prefix: str, sections: dict, root: type):
+    """A config section (or the whole config, `root`) from a dict: unknown keys an error with `strict`, else a
+    warning; nested sections built the same way."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        if strict:
+            raise ConfigError(f"Unknown config key(s): {names}. Known keys: {', '.join(prefix + k for k in known)}.")
+        logger.warning("Ignoring unknown config key(s) %s (written by another spdy_hf version?).", names)
+    kwargs = {name: build_section(sections[name], value, strict, f"{prefix}{name}.", sections, root)
+              if cls is root and name in sections and isinstance(value, dict) else value
+              for name, value in data.items() if name in known}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a wrong type that __post_init__ did not catch
+        raise ConfigError(f"Invalid config: {e}") from e
+
+
+# ------------------------------------------------------------------ sections
+
 BACKENDS = ("cpu", "cuda")
 METHODS = ("obs", "magnitude")
-FAMILIES = ("structured", "mixed", "unstructured")
 ERROR_PRIORS = ("auto", "spdy", "measured")
 PROPAGATIONS = ("auto", "pruned", "dense")
 LEVEL_GRIDS = ("auto", "spdy", "2:4")
@@ -267,6 +318,76 @@ class StructuredConfig:
         check_fields(self, "structured.")
 
 
+RECOVERY_METHODS = ("none", "gap", "layerwise", "auto")
+RECOVERY_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class RecoveryConfig:
+    """Few-sample recovery between search and verify (`spdy_hf.recovery.fit`): the pruned model's remaining weights
+    fitted to the dense model's layer outputs on the calibration windows, every profile zero held."""
+
+    method: str = field(default="none", metadata={
+        "help": "'gap' (global AdaPrune: the whole model at once, beside a dense copy), 'layerwise' (block by "
+                "block: one block's activations at a time), 'auto' (gap where both models fit in memory, else "
+                "layerwise) or 'none'."})
+    epochs: int = field(default=8, metadata={"min": 1, "help": "Passes over the training windows (at most)."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Adam's learning rate; null: for gap 3e-4 when the job's score is KL (causal LMs: the best measured on "
+                "SmolLM2-135M) and 3e-5 otherwise (encoders: the best measured on MiniLM), 1e-4 for layerwise."})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per optimizer step."})
+    num_samples: int | None = field(default=None, metadata={
+        "help": "Calibration windows used (the first ones); null: all of them."})
+    holdout: float = field(default=0.125, metadata={
+        "help": "Share of those windows held back for early stopping (never trained on)."})
+    patience: int = field(default=2, metadata={"min": 1, "help": "Epochs without a better held-back loss before "
+                                                                  "stopping; the best epoch's weights are kept."})
+    output_weight: float = field(default=10.0, metadata={
+        "help": "gap only: weight of the job's score on the final output (KL for LMs, cosine distance otherwise) "
+                "added to the layer loss (10: the best measured on MiniLM); 0: layer outputs only, as the reference "
+                "gAP."})
+
+    precision: str = field(default="auto", metadata={
+        "help": "Forward passes of recovery: 'bfloat16' (torch.autocast; the weights, gradients and Adam's state "
+                "stay float32, the losses are taken in float32), 'float32', or 'auto' (bfloat16 on a GPU that "
+                "supports it and on a CPU with bfloat16 matrix instructions, AVX512-BF16 or AMX; float32 on other "
+                "CPUs)."})
+
+    def __post_init__(self):
+        check_fields(self, "recovery.")
+        check_choice("recovery.method", self.method, RECOVERY_METHODS)
+        check_choice("recovery.precision", self.precision, RECOVERY_PRECISIONS)
+        if self.learning_rate is not None:
+            check_number("recovery.learning_rate", self.learning_rate, lambda x: x > 0, "(0, inf)")
+        check_number("recovery.holdout", self.holdout, lambda x: 0 < x < 1, "(0, 1)")
+        check_number("recovery.output_weight", self.output_weight, lambda x: x >= 0, "[0, inf)")
+        if self.num_samples is not None:
+            check_int("recovery.num_samples", self.num_samples, 2)
+
+    def lr(self, method: str, kind: str | None = None) -> float:
+        """The learning rate for `method` ('gap' or 'layerwise') in a job scored by `kind` ('kl' for causal LMs)."""
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        if method != "gap":
+            return 1e-4
+        return 3e-4 if kind == "kl" else 3e-5
+
+
+@dataclass
+class GradualConfig:
+    """Gradual pruning with `transformers.Trainer` toward the profile (`SPDYPruningCallback.from_config`)."""
+
+    start_step: int = field(default=0, metadata={"min": 0, "help": "Optimizer step the cubic sparsity ramp starts at."})
+    end_step: int | None = field(
+        default=None, metadata={"help": "Step the ramp ends at; null: two thirds of the training steps."})
+    update_every: int = field(default=10, metadata={"min": 1, "help": "Optimizer steps between mask updates in the ramp."})
+
+    def __post_init__(self):
+        check_fields(self, "gradual.")
+        if self.end_step is not None:
+            check_int("gradual.end_step", self.end_step, self.start_step + 1)
+
+
 DEFAULT_SKIP_MODULES = ("*embed*", "*lm_head*", "*pooler*", "*classifier*", "*score*")
 
 
@@ -327,7 +448,8 @@ class SPDYConfig:
                 f"allowed values: {', '.join(map(repr, BACKEND_DTYPES[self.backend]))}."
             )
         check_choice("method", self.method, METHODS)
-        check_choice("family", self.family, FAMILIES)
+        if not isinstance(self.family, str) or not self.family:
+            raise ConfigError(f"family={self.family!r} must be the name of a level family, such as 'structured'.")
         if self.search.error_prior == "measured" and self.method != "obs":
             raise ConfigError("search.error_prior='measured' needs method='obs': magnitude pruning measures no errors.")
         if self.database.propagation == "pruned" and self.family != "unstructured":
@@ -354,7 +476,7 @@ class SPDYConfig:
             raise ConfigError(f"levels={self.levels!r} must be 'auto', 'spdy', '2:4' or a non-empty list of "
                               "sparsities in (0, 1).")
         if self.backend == "cuda":
-            from .levels import get_patterns
+            from .modeling.levels import get_patterns
 
             other = sorted({p for p in get_patterns(self.levels)[1:] if p != "2:4"})
             if other:
@@ -390,7 +512,7 @@ class SPDYConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the config as YAML (`.yaml`/`.yml`) or JSON (anything else), atomically."""
-        from .io import atomic_write_text
+        from .utils.io import atomic_write_text
 
         path = os.fspath(path)
         text = self.to_yaml_string() if path.endswith((".yaml", ".yml")) else self.to_json_string()

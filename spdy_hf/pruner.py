@@ -1,7 +1,7 @@
 """`SPDYPruner` and `prune_pretrained`: model + calibration data + config -> a pruned model that meets a measured
 speedup.
 
-The pruner checks the job and turns calibration data into token windows; `spdy_hf.pipeline` runs the stages
+The pruner checks the job and turns calibration data into token windows; `spdy_hf.pipeline.run` runs the stages
 (profile, budget, database, search, verify) for the config's level family (`spdy_hf.families`).
 """
 
@@ -12,17 +12,17 @@ import logging
 import torch
 from torch import nn
 
-from .backend import model_device, regime_inputs, to_target_device
+from .calibration import calibration_windows
 from .config import SPDYConfig
-from .data import load_texts, token_windows
 from .errors import SPDYError
-from .evaluation import heldout_windows
 from .families import get_family
 from .latency import LatencyTable
-from .loading import loaded_from_gguf, plain_checkpoint
-from .pipeline import run_pipeline
-from .result import PruningResult
-from .units import find_units
+from .latency.backend import model_device, regime_inputs, to_target_device
+from .modeling.loading import loaded_from_gguf, plain_checkpoint
+from .modeling.units import find_units
+from .output.result import PruningResult
+from .pipeline import Job, StageTimer, run_pipeline
+from .pipeline.quality import heldout_windows
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class SPDYPruner:
             plain_checkpoint(model)
         self.model = model
         self.config = config if config is not None else SPDYConfig()
+        get_family(self.config.family)  # an unknown family is an error now, not after the model is prepared
         self.tokenizer = tokenizer
         self.stage_seconds: dict[str, float] = {}  # wall seconds of the last job's stages
 
@@ -69,10 +70,12 @@ class SPDYPruner:
             UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
         """
         model = self._prepare()
-        windows = self._calibration_windows(calibration)
+        windows = self.calibration_windows(calibration)
         self.stage_seconds = {}
-        return run_pipeline(self.config, model, windows, tokenizer=self.tokenizer, latency_table=latency_table,
-                            progress=progress, stage_seconds=self.stage_seconds, heldout=self._heldout_windows())
+        job = Job(config=self.config, model=model, windows=windows, heldout=self._heldout_windows(),
+                  tokenizer=self.tokenizer, latency_table=latency_table, progress=progress,
+                  stages=StageTimer(self.stage_seconds))
+        return run_pipeline(job)
 
     def profile(self, latency_table: LatencyTable | str | None = None, progress: bool = True) -> LatencyTable:
         """Only the profiling stage: the latency table of this model in the config's regime, on its backend
@@ -86,6 +89,11 @@ class SPDYPruner:
         return family.plan(units, latency_table).table
 
     # ------------------------------------------------------------------ inputs
+    def calibration_windows(self, calibration=None) -> dict[str, torch.Tensor]:
+        """The token windows `prune` calibrates on: `calibration` (texts, a dataset, or windows as given), or the
+        config's calibration source, cut to `calibration.sequence_length` tokens (the model's maximum if null)."""
+        return calibration_windows(self.config, self.tokenizer, calibration, self._max_positions())
+
     def _prepare(self) -> nn.Module:
         """The model in eval mode on the backend's device, after checking the regime against it."""
         model = self.model.eval()
@@ -101,17 +109,6 @@ class SPDYPruner:
             tok_limit = getattr(self.tokenizer, "model_max_length", None)
             if isinstance(tok_limit, int) and tok_limit < 1_000_000:  # transformers' "unset" is ~1e30
                 limit = tok_limit
-        return limit
-
-    def _calibration_length(self) -> int:
-        length = self.config.calibration.sequence_length
-        if length is not None:
-            return length
-        limit = self._max_positions()
-        if limit is None:
-            raise SPDYError("calibration.sequence_length is not set and the model states no maximum length "
-                            "(max_position_embeddings); set calibration.sequence_length (--calibration-length).")
-        logger.info("Calibration windows of %d tokens, the model's maximum.", limit)
         return limit
 
     def _check_model(self, model: nn.Module) -> None:
@@ -132,33 +129,6 @@ class SPDYPruner:
                                   text_column=ev.text_column)
         return {k: v.to(model_device(self.model)) for k, v in windows.items()}
 
-    def _calibration_windows(self, calibration) -> dict[str, torch.Tensor]:
-        cal = self.config.calibration
-        if isinstance(calibration, dict) and not hasattr(calibration, "column_names"):
-            if "input_ids" not in calibration:
-                raise SPDYError("Calibration windows must be a dict with an 'input_ids' tensor of shape (N, L).")
-            windows = dict(calibration)
-            windows.setdefault("attention_mask", torch.ones_like(windows["input_ids"]))
-            given = windows["input_ids"].shape[0]
-            if given > cal.num_samples:
-                # the databases are built from the first num_samples windows; recovery and scoring read their own
-                # counts (recovery.num_samples, search.eval_samples) from all of them
-                logger.warning("%d calibration windows were given but calibration.num_samples=%d: the pruning "
-                               "database is built from the first %d only. Set calibration.num_samples=%d to use "
-                               "them all.", given, cal.num_samples, cal.num_samples, given)
-        else:
-            if self.tokenizer is None:
-                raise SPDYError("Calibration text needs a tokenizer: pass SPDYPruner(model, config, tokenizer=...).")
-            source = cal.source if calibration is None else calibration
-            texts = load_texts(source, dataset_config=cal.dataset_config, split=cal.split,
-                               text_column=cal.text_column, split_setting="calibration.split")
-            windows = token_windows(self.tokenizer, texts, cal.num_samples, self._calibration_length(), cal.seed)
-        n = windows["input_ids"].shape[0]
-        if n < self.config.search.eval_samples:
-            logger.info("Scoring candidates on all %d calibration windows (search.eval_samples=%d).",
-                        n, self.config.search.eval_samples)
-        return windows
-
 
 def prune_pretrained(name_or_path: str | None = None, config=None, calibration=None, trust_remote_code: bool = False,
                      progress: bool = True) -> PruningResult:
@@ -168,10 +138,11 @@ def prune_pretrained(name_or_path: str | None = None, config=None, calibration=N
 
         result = spdy_hf.prune_pretrained("sentence-transformers/all-MiniLM-L6-v2", SPDYConfig(target_speedup=1.5))
     """
-    from .loading import load_model_and_tokenizer
+    from .modeling.loading import load_model_and_tokenizer
 
     config = config if config is not None else SPDYConfig()
     if isinstance(config, dict):
         config = SPDYConfig.from_dict(config)
+    get_family(config.family)  # before the model is loaded
     model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     return SPDYPruner(model, config, tokenizer=tokenizer).prune(calibration=calibration, progress=progress)

@@ -10,7 +10,7 @@ import torch
 
 from spdy_hf.config import SPDYConfig
 from spdy_hf.latency.table import LatencyTable
-from spdy_hf.levels import get_levels
+from spdy_hf.modeling.levels import get_levels
 
 VOCAB = 30522  # the MiniLM tokenizer's vocabulary, so its token ids are valid in every tiny model
 MS_PER_WEIGHT = 1e-4  # hand-written dense time of a unit: proportional to out * in

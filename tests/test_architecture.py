@@ -5,9 +5,17 @@ others, lazy imports inside functions and TYPE_CHECKING blocks included), no mod
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from spdy_hf.config import SPDYConfig
+from spdy_hf.errors import ConfigError
+from spdy_hf.families import get_family
+from spdy_hf.pruner import SPDYPruner
 
 PACKAGE = Path(__file__).resolve().parent.parent / "spdy_hf"
 
@@ -99,11 +107,75 @@ def test_no_module_imports_private_names_of_another():
 
 
 def test_every_family_is_a_plug_in_of_one_interface():
-    from spdy_hf.config import FAMILIES as NAMES
-    from spdy_hf.families import FAMILIES, Family
+    """The families a config and the CLI accept are the registered ones, each a `Family` under its own name."""
+    from spdy_hf.cli import build_parser
+    from spdy_hf.families import FAMILIES, Family, family_names
 
-    assert set(FAMILIES) == set(NAMES)
+    assert family_names() == tuple(FAMILIES) and {"structured", "mixed", "unstructured"} <= set(FAMILIES)
     assert all(issubclass(cls, Family) and cls.name == name for name, cls in FAMILIES.items())
+    for name in FAMILIES:
+        assert get_family(SPDYConfig(family=name).family) is FAMILIES[name]
+    with pytest.raises(ConfigError, match="structured"):  # a job with another name stops before the model is touched
+        SPDYPruner(None, SPDYConfig(family="no-such-family"))
+    prune = next(a for a in build_parser()._subparsers._group_actions[0].choices["prune"]._actions
+                 if a.dest == "family")
+    assert tuple(prune.choices) == family_names()
+
+
+STAGES = {"calibration": "calibration_windows", "latency": "measure_latency_table", "database": "build_obs_database",
+          "search": "run_search", "recovery": "recovery_stage", "deploy": "deploy_profile",
+          "pipeline": "run_pipeline", "output": "PruningResult", "families": "get_family"}
+
+
+def test_the_root_keeps_the_public_api_and_each_stage_is_a_folder_with_its_entry():
+    root = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(root) <= 8, root
+    for folder, entry in STAGES.items():
+        assert (PACKAGE / folder / "__init__.py").is_file(), folder
+        module = importlib.import_module(f"spdy_hf.{folder}")
+        assert entry in module.__all__ and callable(getattr(module, entry)), (folder, entry)
+
+
+@pytest.mark.parametrize("model_name,family", [("bert", "structured"), ("llama", "mixed"), ("gpt2", "unstructured")])
+def test_a_family_keeps_no_state_of_the_job(model_name, family, tmp_path, tokenizer, monkeypatch):
+    """Every stage's result is in its artifact: a family object assigns no attribute after `__init__`, through a
+    whole job with recovery and a verify correction (nothing written through `__setattr__` or into `__dict__`)."""
+    from test_recovery import FAST, job
+
+    import spdy_hf.pipeline.run as pipeline
+
+    made, late = [], []
+
+    def watched(name):
+        cls = get_family(name)
+
+        class Watched(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made.append((self, set(vars(self))))
+
+            def __setattr__(self, attribute, value):
+                if any(obj is self for obj, _ in made):
+                    late.append(attribute)
+                super().__setattr__(attribute, value)
+
+        return Watched
+
+    real_verify = pipeline.verify
+
+    def corrected(config, family_, plan, databases, budgets, outcome):  # a re-aim, so recovery runs twice
+        out = real_verify(config, family_, plan, databases, budgets, outcome)
+        profile = np.array(out.profile)
+        profile[int(np.flatnonzero(profile)[0])] = 0
+        outcome.live(profile)
+        return dataclasses.replace(out, profile=profile, corrections=[{"aim": 0.0, "note": "forced by the test"}])
+
+    monkeypatch.setattr(pipeline, "get_family", watched)
+    monkeypatch.setattr(pipeline, "verify", corrected)
+    result = job(model_name, family, tmp_path, tokenizer, {"method": "gap", **FAST})
+    assert result.report["recovery"] and len(made) == 1
+    family_object, attributes = made[0]
+    assert late == [] and set(vars(family_object)) == attributes == {"config", "model", "progress", "inputs"}
 
 
 # ------------------------------------------------------------------ the checks themselves catch what they name

@@ -18,7 +18,7 @@ import spdy_hf.families.structured as structured_family
 import spdy_hf.latency.cpu as cpu
 from spdy_hf import LatencyTable, SPDYPruner
 from spdy_hf.errors import SPDYError
-from spdy_hf.units import find_units
+from spdy_hf.modeling.units import find_units
 
 
 def busy_table(table: LatencyTable) -> LatencyTable:
@@ -144,7 +144,7 @@ def saved_structured(tmp_path, tokenizer):
 def test_a_damaged_profile_gets_one_clear_error_naming_the_field(edit, field, tmp_path, tokenizer):
     import json
 
-    from spdy_hf.loading import load_pretrained
+    from spdy_hf.output.load import load_pretrained
 
     out = saved_structured(tmp_path, tokenizer)
     path = f"{out}/spdy_profile.json"
@@ -307,7 +307,7 @@ def test_timing_noise_is_measured_reported_and_covered_by_the_margin(tmp_path, t
     config = small_config(tmp_path, target_speedup=1.5, method="magnitude")
     table = handwritten_table(model, find_units(model, config.skip_modules), config)
     table.timing_noise = 0.12  # a busy machine: the dense passes spread by 12 %, more than the 5 % margin
-    with caplog.at_level(logging.WARNING, logger="spdy_hf.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.pipeline.run"):
         report = SPDYPruner(model, config, tokenizer).prune(latency_table=table, progress=False).report
     assert report["timing_noise"] == 0.12
     assert "timing noise" in caplog.text and "raising the margin" in caplog.text
@@ -321,7 +321,7 @@ def test_timing_noise_is_measured_reported_and_covered_by_the_margin(tmp_path, t
 
 def test_structured_timing_noise_is_the_spread_of_the_dense_passes():
     from spdy_hf.latency.structured import keep_counts, measure_structured_latency
-    from spdy_hf.structured import find_structured_groups
+    from spdy_hf.modeling.groups import find_structured_groups
 
     model = MODEL_FACTORIES["llama"]()
     ffn = [g for g in find_structured_groups(model) if g.kind == "ffn"]
@@ -401,7 +401,7 @@ def test_a_hostile_spdy_entry_in_config_json_gets_one_clear_error(spdy, message,
     """`load_pretrained` reads the job from config.json's "spdy" entry like a recipe (field by field, nothing run)."""
     import json
 
-    from spdy_hf.loading import load_pretrained
+    from spdy_hf.output.load import load_pretrained
 
     out = saved_structured(tmp_path, tokenizer)
     path = out + "/config.json"
@@ -415,7 +415,7 @@ def test_a_hostile_spdy_entry_in_config_json_gets_one_clear_error(spdy, message,
 
 
 def test_a_damaged_profile_file_is_named(tmp_path, tokenizer):
-    from spdy_hf.loading import load_pretrained
+    from spdy_hf.output.load import load_pretrained
 
     out = saved_structured(tmp_path, tokenizer)
     with open(out + "/spdy_profile.json", "w") as f:
@@ -449,7 +449,7 @@ def test_what_a_killed_save_left_is_cleared_by_the_next_save(tmp_path, tokenizer
     moved = tmp_path / f".out.old-{pid}-def"  # an overwrite killed between its two renames
     moved.mkdir()
     (moved / "marker").write_text("the user's earlier output")
-    with caplog.at_level(logging.INFO, logger="spdy_hf.result"):
+    with caplog.at_level(logging.INFO, logger="spdy_hf.output.result"):
         with pytest.raises(SPDYError, match="exists and is not empty"):  # the earlier output is back in place
             result.save_pretrained(tmp_path / "out")
     assert (tmp_path / "out" / "marker").read_text() == "the user's earlier output"

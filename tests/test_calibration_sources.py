@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import make_bert, small_config
 
-import spdy_hf.data as data_module
+import spdy_hf.calibration.text as data_module
+from spdy_hf.calibration.text import load_texts, token_windows
 from spdy_hf.config import SPDYConfig
-from spdy_hf.data import load_texts, token_windows
 from spdy_hf.errors import ConfigError, SPDYError
 from spdy_hf.pruner import SPDYPruner
 
@@ -129,7 +129,7 @@ def test_calibration_config_fields():
 def test_missing_calibration_length_takes_the_model_maximum(tmp_path, tokenizer):
     config = small_config(tmp_path, calibration={"num_samples": 2, "sequence_length": None})
     model = make_bert()  # max_position_embeddings 128
-    windows = SPDYPruner(model, config, tokenizer)._calibration_windows(None)
+    windows = SPDYPruner(model, config, tokenizer).calibration_windows(None)
     assert windows["input_ids"].shape == (2, 128)
 
 
@@ -138,14 +138,14 @@ def test_unbounded_calibration_length_is_an_error(tmp_path, tokenizer, monkeypat
     model = torch.nn.Linear(4, 4)  # a model without a config: no stated maximum length
     monkeypatch.setattr(tokenizer, "model_max_length", int(1e30))  # transformers' "no limit"
     with pytest.raises(SPDYError, match="no maximum length.*calibration.sequence_length"):
-        SPDYPruner(model, config, tokenizer)._calibration_windows(None)
+        SPDYPruner(model, config, tokenizer).calibration_windows(None)
 
 
 def test_pruner_accepts_a_dataset(tmp_path, tokenizer):
     datasets = pytest.importorskip("datasets")
-    from spdy_hf.data import builtin_corpus
+    from spdy_hf.calibration.text import builtin_corpus
 
     config = small_config(tmp_path, calibration={"num_samples": 3, "sequence_length": 16, "text_column": "body"})
     ds = datasets.Dataset.from_dict({"body": list(builtin_corpus())[:50]})
-    windows = SPDYPruner(make_bert(), config, tokenizer)._calibration_windows(ds)
+    windows = SPDYPruner(make_bert(), config, tokenizer).calibration_windows(ds)
     assert windows["input_ids"].shape == (3, 16) and torch.all(windows["attention_mask"] == 1)

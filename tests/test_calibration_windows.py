@@ -17,7 +17,7 @@ def test_more_windows_than_num_samples_warns_naming_the_setting(caplog):
     config = SPDYConfig.from_dict({"calibration": {"num_samples": 4}})
     pruner = SPDYPruner(make_llama(), config)
     with caplog.at_level(logging.WARNING, logger="spdy_hf.pruner"):
-        windows = pruner._calibration_windows(_windows(10))
+        windows = pruner.calibration_windows(_windows(10))
     assert windows["input_ids"].shape[0] == 10  # recovery and scoring still see every window
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("calibration.num_samples=4" in m and "10 calibration windows" in m for m in messages), messages
@@ -27,7 +27,7 @@ def test_windows_within_num_samples_do_not_warn(caplog):
     config = SPDYConfig.from_dict({"calibration": {"num_samples": 16}})
     pruner = SPDYPruner(make_llama(), config)
     with caplog.at_level(logging.WARNING, logger="spdy_hf.pruner"):
-        pruner._calibration_windows(_windows(10))
+        pruner.calibration_windows(_windows(10))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -37,6 +37,6 @@ def test_a_split_asked_of_a_local_calibration_file_is_named(tmp_path, tokenizer,
     config = SPDYConfig.from_dict({"calibration": {"source": str(path), "split": "train[:10]", "num_samples": 2,
                                                    "sequence_length": 16}})
     pruner = SPDYPruner(make_llama(), config, tokenizer=tokenizer)
-    with caplog.at_level(logging.WARNING, logger="spdy_hf.data"):
-        pruner._calibration_windows(None)
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.calibration.text"):
+        pruner.calibration_windows(None)
     assert "calibration.split='train[:10]' is ignored" in caplog.text

@@ -13,7 +13,7 @@ from conftest import handwritten_table, make_bert, small_config
 
 from spdy_hf import SPDYConfig
 from spdy_hf.cli import main
-from spdy_hf.units import find_units
+from spdy_hf.modeling.units import find_units
 
 SMALL_RECIPE = {
     "calibration": {"num_samples": 8, "sequence_length": 32},
@@ -33,9 +33,9 @@ def must_not_load(*args, **kwargs):
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    import spdy_hf.loading
+    import spdy_hf.modeling.loading
 
-    monkeypatch.setattr(spdy_hf.loading, "load_model_and_tokenizer", must_not_load)
+    monkeypatch.setattr(spdy_hf.modeling.loading, "load_model_and_tokenizer", must_not_load)
 
 
 @pytest.fixture
@@ -51,6 +51,16 @@ def tiny_model_dir(tmp_path, tokenizer):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**SMALL_RECIPE, "cache_dir": str(tmp_path / "cache")}))
     return model_dir, table_path, recipe
+
+
+@pytest.mark.parametrize("command", ["prune", "profile"])
+def test_a_recipe_naming_an_unknown_family_stops_before_the_model_is_loaded(command, tmp_path, capsys, no_loading):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("family: rows\n")
+    code = main([command, "--recipe", str(recipe), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "family='rows' is not a known level family; known: structured, unstructured, mixed" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("target", ["0.5", "1.0", "1"])
@@ -310,7 +320,7 @@ def test_a_verify_on_a_busy_machine_is_not_confirmed_and_exits_3(tiny_model_dir,
     import yaml
 
     import spdy_hf.families.unstructured as unstructured
-    import spdy_hf.verify as verify
+    import spdy_hf.pipeline.verify as verify
     from spdy_hf import LatencyTable
     from spdy_hf.families import Measurement
 

@@ -10,7 +10,7 @@ import yaml
 
 from spdy_hf.config import CalibrationConfig, RegimeConfig, SearchConfig, SPDYConfig, TimingConfig
 from spdy_hf.errors import ConfigError, SPDYError
-from spdy_hf.levels import get_levels, spdy_grid
+from spdy_hf.modeling.levels import get_levels, spdy_grid
 
 
 def test_defaults():

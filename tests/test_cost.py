@@ -14,10 +14,10 @@ from spdy_hf.database.store import StoredTensors
 from spdy_hf.database.structured_database import build_structured_database
 from spdy_hf.database.structured_obs import structured_obs_levels
 from spdy_hf.latency.structured import keep_counts
-from spdy_hf.pipeline import unit_blocks
-from spdy_hf.scoring import DistanceScorer
-from spdy_hf.structured import find_structured_groups
-from spdy_hf.units import find_blocks
+from spdy_hf.modeling.groups import find_structured_groups
+from spdy_hf.modeling.units import find_blocks
+from spdy_hf.search.run import unit_blocks
+from spdy_hf.search.scoring import DistanceScorer
 
 
 def reference_obs(weight, hessian, group_size, keep_counts_, damp=0.01):
@@ -169,7 +169,7 @@ def test_a_bfloat16_shadow_follows_the_live_model(name):
 
 def test_a_model_lowered_for_the_search_comes_back_exactly():
     """`lowered`: bfloat16 inside (stitched writes included), every float32 weight and buffer exact afterwards."""
-    from spdy_hf.shadow import lowered
+    from spdy_hf.search.lowered import lowered
 
     model = MODEL_FACTORIES["llama"]()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -187,7 +187,7 @@ def test_a_model_lowered_for_the_search_comes_back_exactly():
 
 def test_scoring_batches_keep_a_language_models_logits_small():
     """An LM's scoring passes hold at most `LOGITS_BYTES` of float32 logits; an encoder's batch size is the user's."""
-    from spdy_hf.pipeline import LOGITS_BYTES, scoring_batch_size
+    from spdy_hf.search.run import LOGITS_BYTES, scoring_batch_size
 
     llama, bert = MODEL_FACTORIES["llama"](), MODEL_FACTORIES["bert"]()
     vocab = llama.config.vocab_size
@@ -202,7 +202,7 @@ def test_scoring_batches_keep_a_language_models_logits_small():
 
 def test_the_chunked_kl_score_is_the_kl_divergence():
     """The scorer's KL (float16 probabilities, in chunks of positions) against torch's KL in float64."""
-    import spdy_hf.scoring as scoring
+    import spdy_hf.search.scoring as scoring
 
     model = MODEL_FACTORIES["llama"]()
     batch = example_inputs(2, 12)
@@ -259,7 +259,7 @@ def test_a_per_layer_database_holds_only_each_units_pruned_at_and_reads_level_va
     weights as the stored unit decoded whole."""
     from spdy_hf.database import build_obs_database, load_obs_database
     from spdy_hf.database.store import DatabaseStore, decode_level
-    from spdy_hf.units import find_units
+    from spdy_hf.modeling.units import find_units
 
     model = MODEL_FACTORIES["bert"]()
     units = find_units(model, ["*embed*", "*pooler*"], example_inputs=example_inputs(1, 8))

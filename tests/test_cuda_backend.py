@@ -15,16 +15,13 @@ from test_regime_shapes import ProductClock, fake_gpu
 from spdy_hf import LatencyTable, SPDYPruner
 from spdy_hf.config import SPDYConfig
 from spdy_hf.database import MagnitudeDatabase, build_obs_database
+from spdy_hf.deploy.two_four import two_four_ineligibility
 from spdy_hf.errors import ConfigError, SPDYError, UnreachableTargetError
 from spdy_hf.families.unstructured import UnstructuredFamily
-from spdy_hf.latency.cuda import (
-    is_two_four,
-    ratios,
-    two_four_ineligibility,
-    two_four_magnitude_mask,
-)
-from spdy_hf.levels import get_levels, get_patterns
-from spdy_hf.units import find_units
+from spdy_hf.latency.cuda import ratios
+from spdy_hf.modeling.levels import get_levels, get_patterns
+from spdy_hf.modeling.patterns import is_two_four, two_four_magnitude_mask
+from spdy_hf.modeling.units import find_units
 
 
 def test_eligibility_follows_the_kernel_minimums():
@@ -187,7 +184,7 @@ def test_cuda_backend_without_gpu_or_table_is_a_clear_error(tmp_path, tokenizer)
 # ---------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
 def test_two_four_linear_matches_the_masked_dense_product():
-    from spdy_hf.latency.cuda import TwoFourLinear
+    from spdy_hf.deploy.two_four import TwoFourLinear
 
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
     w = w.masked_fill(two_four_magnitude_mask(w), 0)
@@ -306,10 +303,10 @@ def test_cuda_verify_reports_no_deployed_dense_time_it_did_not_measure(tmp_path,
     config = cuda_config(tmp_path, 1.2, method="magnitude")
     units = find_units(model, config.skip_modules)
     family = UnstructuredFamily(config, model, progress=False)
-    family.plan(units, cuda_table(model, units, config))
+    plan = family.plan(units, cuda_table(model, units, config))
     profile = [1] * len(units)
     inputs = example_inputs(1, 32)
     measurement = time_two_four(model, units, ["2:4"] * len(units), lambda: model(**inputs), 1, 2, 1)
     assert measurement.deployed_dense_ms is None and measurement.speedup > 1.0 and clock.sparse
-    report = family.entries(profile, measurement).report
+    report = family.entries(plan, None, profile, measurement).report
     assert report["deployed_dense_time_ms"] is None and report["measured_speedup_vs_deployed_dense"] is None

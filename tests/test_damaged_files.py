@@ -8,7 +8,7 @@ from conftest import make_gpt2
 
 from spdy_hf.cli import main
 from spdy_hf.errors import DamagedModelFileError
-from spdy_hf.loading import damaged_model_file, load_model_and_tokenizer
+from spdy_hf.modeling.loading import damaged_model_file, load_model_and_tokenizer
 
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
                b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 90868376\n")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spdy_hf.data import builtin_corpus, load_texts, read_text_file, special_tokens_around, token_windows
+from spdy_hf.calibration.text import (
+    builtin_corpus,
+    load_texts,
+    read_text_file,
+    special_tokens_around,
+    token_windows,
+)
 from spdy_hf.errors import SPDYError
 
 
@@ -93,11 +99,11 @@ def test_a_split_a_local_file_cannot_honour_is_named_in_a_warning(name, tmp_path
     path = tmp_path / name
     docs = [f"Document {i} is about pruning." for i in range(6)]
     path.write_text("\n".join(f'{{"text": "{d}"}}' for d in docs) if name.endswith(".jsonl") else "\n\n".join(docs))
-    with caplog.at_level("WARNING", logger="spdy_hf.data"):
+    with caplog.at_level("WARNING", logger="spdy_hf.calibration.text"):
         assert load_texts(str(path), split="train[:2]", split_setting="calibration.split") == docs  # every document: the split does not apply
     assert "calibration.split='train[:2]' is ignored" in caplog.text and "a file of its own" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="spdy_hf.data"):
+    with caplog.at_level("WARNING", logger="spdy_hf.calibration.text"):
         load_texts(str(path), split_setting="calibration.split")  # the default split says nothing
         load_texts(str(path), split="test")  # a caller that names no setting
     assert caplog.text == ""

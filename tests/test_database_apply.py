@@ -7,12 +7,19 @@ import torch
 import torch.nn.functional as F
 from conftest import example_inputs
 
-from spdy_hf.apply import FastLinear, KernelSwap, SharedInput, UnitLayout, deployed_kernels, deployed_modules
 from spdy_hf.config import DEFAULT_SKIP_MODULES, SPDYConfig
 from spdy_hf.database import MagnitudeDatabase
+from spdy_hf.deploy.kernels import (
+    FastLinear,
+    KernelSwap,
+    SharedInput,
+    UnitLayout,
+    deployed_kernels,
+    deployed_modules,
+)
 from spdy_hf.families.unstructured import build_database
-from spdy_hf.levels import get_levels
-from spdy_hf.units import find_units
+from spdy_hf.modeling.levels import get_levels
+from spdy_hf.modeling.units import find_units
 
 LEVELS = [0.0, 0.25, 0.5, 0.75, 0.9, 0.99]
 
@@ -261,7 +268,7 @@ def test_stitch_writes_only_units_whose_level_changed(tiny_bert):
 
 
 def test_distance_scorer(tiny_bert, tiny_llama):
-    from spdy_hf.scoring import DistanceScorer
+    from spdy_hf.search.scoring import DistanceScorer
 
     for model, kind in ((tiny_bert, "auto"), (tiny_bert, "nmse"), (tiny_llama, "auto"), (tiny_llama, "cosine")):
         units = find_units(model, DEFAULT_SKIP_MODULES)
@@ -280,7 +287,7 @@ def test_distance_scorer(tiny_bert, tiny_llama):
 
 
 def test_cosine_score_is_scale_invariant_and_skips_padding(tiny_bert):
-    from spdy_hf.scoring import DistanceScorer
+    from spdy_hf.search.scoring import DistanceScorer
 
     batch = example_inputs(batch=2, seq=8)
     batch["attention_mask"][1, 5:] = 0

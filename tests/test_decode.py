@@ -9,10 +9,10 @@ from test_timing_arithmetic import work_timer
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.config import RegimeConfig
 from spdy_hf.errors import ConfigError, SPDYError
+from spdy_hf.latency.regime import end_to_end_call, regime_inputs
 from spdy_hf.latency.structured import check_profiles, keep_counts, measure_structured_latency
-from spdy_hf.regime import end_to_end_call, regime_inputs
-from spdy_hf.structured import find_structured_groups, shrink
-from spdy_hf.swap import TreeSwap
+from spdy_hf.modeling.groups import find_structured_groups, shrink
+from spdy_hf.modeling.swap import TreeSwap
 
 DECODERS = ["gpt2", "llama", "opt"]
 

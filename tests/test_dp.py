@@ -329,7 +329,7 @@ def test_a_reaim_keeps_to_the_subset_and_its_reach():
     higher than that subset can reach (not the whole table's reach, where the DP would find nothing), and its new
     profile stays in the subset."""
     from spdy_hf import SPDYConfig
-    from spdy_hf.verify import reaim
+    from spdy_hf.pipeline.verify import Reaim
 
     times = np.tile([4.0, 3.0, 2.0, 0.5], (4, 1))  # level 3 is out of the subset: only it reaches far
     allowed = np.array([[True, True, True, False]] * 4)
@@ -337,8 +337,9 @@ def test_a_reaim_keeps_to_the_subset_and_its_reach():
     config = SPDYConfig.from_dict({"target_speedup": 1.8, "search": {"dp_buckets": 1000, "verify_corrections": 2}})
     budget = compute_budget(times, base_ms=20.0, target_speedup=1.5)  # 4 ms constant + 16 ms of units
     profile = np.array([1, 1, 1, 2])
-    corrections = []
-    step = reaim(config, restricted, np.tile([0.0, 1.0, 2.0, 3.0], (4, 1)), budget, profile, 1.5, 1.6, corrections)
+    aims = Reaim(config, restricted, np.tile([0.0, 1.0, 2.0, 3.0], (4, 1)), budget)
+    corrections = aims.corrections
+    step = aims.up(profile, 1.5, 1.6)
     assert step is not None
     new_aim, new_profile = step
     reach = compute_budget(restricted, 20.0, 1.5).max_reachable_speedup  # 20 / (4 + 8) = 1.667

@@ -12,8 +12,8 @@ from conftest import handwritten_table, make_bert, small_config
 
 from spdy_hf.cli import main
 from spdy_hf.errors import ConfigError, NonFiniteScoreError, NoProfileFitsError, SPDYError
+from spdy_hf.modeling.units import find_units
 from spdy_hf.search import spdy_search
-from spdy_hf.units import find_units
 
 TIMES = np.array([[2.0, 1.0, 0.5], [4.0, 2.0, 1.0]])  # (U, K): two units, dense first
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import MODEL_FACTORIES
 
+from spdy_hf.calibration.text import builtin_corpus
 from spdy_hf.cli import main
-from spdy_hf.data import builtin_corpus
-from spdy_hf.evaluation import HeldOutQuality, embeddings, heldout_windows, perplexity
+from spdy_hf.pipeline.quality import HeldOutQuality, embeddings, heldout_windows, perplexity
 
 
 def _save(model, tokenizer, path, base=None):

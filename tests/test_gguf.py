@@ -12,8 +12,8 @@ from conftest import handwritten_table, small_config
 
 from spdy_hf import SPDYPruner
 from spdy_hf.errors import SPDYError
-from spdy_hf.loading import load_model_and_tokenizer, loaded_from_gguf
-from spdy_hf.units import find_units
+from spdy_hf.modeling.loading import load_model_and_tokenizer, loaded_from_gguf
+from spdy_hf.modeling.units import find_units
 
 gguf = pytest.importorskip("gguf")
 

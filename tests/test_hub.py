@@ -16,9 +16,9 @@ from conftest import example_inputs, handwritten_table, make_bert, small_config
 from spdy_hf import SPDYPruner
 from spdy_hf.cli import main
 from spdy_hf.errors import SPDYError
-from spdy_hf.hub import base_model_id, model_card, push_folder, sparsity_plot_svg
-from spdy_hf.loading import load_pretrained
-from spdy_hf.units import find_units
+from spdy_hf.integrations.hub import base_model_id, model_card, push_folder, sparsity_plot_svg
+from spdy_hf.modeling.units import find_units
+from spdy_hf.output.load import load_pretrained
 
 TOKEN = "hf_abcdefghijklmnopqrstuvwx"
 
@@ -180,7 +180,7 @@ def test_plain_from_pretrained_without_spdy_hf_gives_the_pruned_outputs(saved, t
 
 
 def test_load_pretrained_swaps_in_kernels(saved):
-    from spdy_hf.apply import FastLinear
+    from spdy_hf.deploy.kernels import FastLinear
 
     out, result, expected = saved
     model, tokenizer, profile = load_pretrained(str(out))

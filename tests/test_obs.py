@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spdy_hf.database.obs import damped_inverse_cholesky, obs_prune_levels, obs_prune_nm
-from spdy_hf.levels import spdy_grid
+from spdy_hf.modeling.levels import spdy_grid
 
 
 def correlated_layer(out_features=48, in_features=64, samples=512, seed=0):

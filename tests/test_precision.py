@@ -13,9 +13,9 @@ from test_cuda_backend import cuda_config, cuda_table
 
 from spdy_hf import SPDYPruner
 from spdy_hf.errors import SPDYError
-from spdy_hf.scoring import DistanceScorer
-from spdy_hf.shadow import lowered
-from spdy_hf.units import find_units
+from spdy_hf.modeling.units import find_units
+from spdy_hf.search.lowered import lowered
+from spdy_hf.search.scoring import DistanceScorer
 
 
 def weights(model) -> dict[str, torch.Tensor]:

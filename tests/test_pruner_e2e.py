@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 import spdy_hf.families.unstructured as unstructured
 from spdy_hf import LatencyTable, PruningResult, SPDYPruner, UnreachableTargetError
-from spdy_hf.apply import FastLinear
+from spdy_hf.deploy.kernels import FastLinear
 from spdy_hf.errors import SPDYError
 from spdy_hf.families import Measurement
-from spdy_hf.scoring import DistanceScorer
+from spdy_hf.modeling.units import find_units
 from spdy_hf.search import compute_budget
-from spdy_hf.units import find_units
+from spdy_hf.search.scoring import DistanceScorer
 
 MODELS = ["bert", "llama", "opt", "gpt2"]
 AUTO_CLASS = {"bert": "AutoModel", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM",
@@ -79,7 +79,7 @@ def test_report_and_profile(pruned, tmp_path, tokenizer):
     assert report["target_met"] is (report["measured_speedup"] >= 2.0 * (1 - config.search.target_tolerance))
     # the score is the returned model's distance to the dense one on the search's windows, recomputed here
     assert report["score_kind"] == ("cosine" if name == "bert" else "kl")
-    windows = SPDYPruner(MODEL_FACTORIES[name](), config, tokenizer)._calibration_windows(None)
+    windows = SPDYPruner(MODEL_FACTORIES[name](), config, tokenizer).calibration_windows(None)
     reference = MODEL_FACTORIES[name]()
     reference.load_state_dict(dense_state)
     batches = [{k: v[: config.search.eval_samples] for k, v in windows.items()}]
@@ -236,13 +236,13 @@ def test_deterministic_for_a_seed(tmp_path, tokenizer):
 
 
 def test_unreachable_target_raises_before_any_other_stage(tiny_bert, tmp_path, tokenizer, monkeypatch):
-    import spdy_hf.pipeline as pipeline
+    import spdy_hf.search.run as search_run
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a stage after the budget check ran")
 
     monkeypatch.setattr(unstructured, "build_database", must_not_run)
-    monkeypatch.setattr(pipeline, "spdy_search", must_not_run)
+    monkeypatch.setattr(search_run, "spdy_search", must_not_run)
     monkeypatch.setattr(unstructured, "time_kernels", must_not_run)
     before = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
     config = small_config(tmp_path, target_speedup=50.0)

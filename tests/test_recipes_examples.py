@@ -16,7 +16,7 @@ from spdy_hf import SPDYConfig, prune_pretrained
 from spdy_hf.cli import _build_config, main
 from spdy_hf.errors import ConfigError
 from spdy_hf.latency.check import BUSY_MACHINE  # how the library says why it refused a latency table
-from spdy_hf.units import find_units
+from spdy_hf.modeling.units import find_units
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
@@ -188,7 +188,7 @@ def test_examples_run_offline(tmp_path):
     import json
     import re
 
-    from spdy_hf.hub import CARD_FILE
+    from spdy_hf.integrations.hub import CARD_FILE
 
     deadline = time.monotonic() + EXAMPLES_DEADLINE_S
     cache = tmp_path / "cache"  # a fresh cache: the examples measure their own latency table

@@ -12,12 +12,12 @@ from test_structured_pruner import AUTO, outputs, structured_part, structured_ta
 
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.config import DEFAULT_SKIP_MODULES
-from spdy_hf.distill import DenseSnapshot, layer_loss, pruned_layers
 from spdy_hf.errors import ConfigError
-from spdy_hf.loading import load_pretrained
-from spdy_hf.masks import HeldZeros
-from spdy_hf.recovery import Recovery, recovery_dtype
-from spdy_hf.units import find_units
+from spdy_hf.modeling.units import find_units
+from spdy_hf.output.load import load_pretrained
+from spdy_hf.recovery.fit import Recovery, recovery_dtype
+from spdy_hf.recovery.held_zeros import HeldZeros
+from spdy_hf.recovery.teacher import DenseSnapshot, layer_loss, pruned_layers
 
 # a learning rate a tiny random model improves at within a few steps of 2 windows (1e-3 overshoots on some: the
 # held-back loss rises after the first epoch and the unrecovered weights are kept)
@@ -80,7 +80,7 @@ def test_recovery_holds_every_profile_zero(name, family, method, tmp_path, token
     guard = entry["heldback_score"]  # the final output on the held-back windows: better, or the weights reverted
     assert (guard["after"] > guard["before"]) == entry["reverted"]
     if family == "cuda":  # every unit at the 2:4 level is still 2:4
-        from spdy_hf.patterns import is_two_four
+        from spdy_hf.modeling.patterns import is_two_four
 
         for p, unit in zip(recovered.profile, recovered.units):
             if p["pattern"] == "2:4":
@@ -208,7 +208,7 @@ def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tm
     seen = set()
     layers = pruned_layers(result.model, snapshot)
     hooks = [m.register_forward_hook(lambda m, a, out: seen.add(out.dtype)) for m in layers.values()]
-    entry = Recovery(rc, result.model, snapshot, pruner._calibration_windows(None), "kl", progress=False).run()
+    entry = Recovery(rc, result.model, snapshot, pruner.calibration_windows(None), "kl", progress=False).run()
     for h in hooks:
         h.remove()
     snapshot.close()
@@ -223,7 +223,7 @@ def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tm
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_recovery_precision_auto_takes_bfloat16_only_on_a_cpu_with_bfloat16_instructions(bf16, monkeypatch):
-    import spdy_hf.recovery as recovery
+    import spdy_hf.recovery.fit as recovery
 
     monkeypatch.setattr(recovery, "cpu_has_bf16_matmul", lambda: bf16)
     assert recovery_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else torch.float32)
@@ -231,7 +231,7 @@ def test_recovery_precision_auto_takes_bfloat16_only_on_a_cpu_with_bfloat16_inst
 
 
 def test_the_cpu_bfloat16_probe_follows_torch_and_survives_a_failing_probe(monkeypatch):
-    from spdy_hf.recovery import cpu_has_bf16_matmul
+    from spdy_hf.recovery.fit import cpu_has_bf16_matmul
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
@@ -270,17 +270,17 @@ def test_a_profile_corrected_by_verify_is_recovered_afresh_from_the_dense_weight
     recovery runs on that: a unit the correction made dense has no zero left of the first profile."""
     import dataclasses
 
-    import spdy_hf.pipeline as pipeline
+    import spdy_hf.pipeline.run as pipeline
 
     real = pipeline.verify
     seen = {}
 
-    def corrected(config, family, plan, budget, search_budget, result, prior):
-        out = real(config, family, plan, budget, search_budget, result, prior)
+    def corrected(config, family, plan, databases, budgets, outcome):
+        out = real(config, family, plan, databases, budgets, outcome)
         profile = np.array(out.profile)
         seen["unit"] = int(np.flatnonzero(profile)[0])
         profile[seen["unit"]] = 0  # the first pruned unit made dense, as a re-aimed DP could
-        family.stitch(profile)
+        outcome.live(profile)
         return dataclasses.replace(out, profile=profile, corrections=[{"aim": 0.0, "note": "forced by the test"}])
 
     monkeypatch.setattr(pipeline, "verify", corrected)
@@ -299,7 +299,7 @@ def test_a_profile_corrected_by_verify_is_recovered_afresh_from_the_dense_weight
 def test_recovery_that_hurts_the_held_back_score_is_undone(tmp_path, tokenizer, monkeypatch):
     """Whatever the layer objective says, the unrecovered weights are kept when the job's score on the held-back
     windows got worse: here a 'recovery' that scales every trained weight by 1.5."""
-    from spdy_hf.recovery import Recovery
+    from spdy_hf.recovery.fit import Recovery
 
     def harmful(self, lr):
         with torch.no_grad():

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import MODEL_FACTORIES, example_inputs, small_config
 
-import spdy_hf.snapshot as snapshot_module
-from spdy_hf.recovery import Recovery
-from spdy_hf.snapshot import DenseSnapshot
+import spdy_hf.modeling.snapshot as snapshot_module
+from spdy_hf.modeling.snapshot import DenseSnapshot
+from spdy_hf.recovery.fit import Recovery
 
 
 @pytest.fixture

@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from conftest import MODEL_FACTORIES, small_config
 from torch import nn
 
+import spdy_hf.deploy.two_four as two_four
 import spdy_hf.families.base as family_base
 import spdy_hf.families.structured as structured_family
 import spdy_hf.latency.cpu as cpu
 import spdy_hf.latency.cuda as cuda
-from spdy_hf.apply import FastLinear
+from spdy_hf.deploy.kernels import FastLinear
 from spdy_hf.families.structured import StructuredFamily
 from spdy_hf.families.unstructured import UnstructuredFamily
-from spdy_hf.regime import regime_inputs
-from spdy_hf.units import find_units
+from spdy_hf.latency.regime import regime_inputs
+from spdy_hf.modeling.units import find_units
 
 REGIMES = {
     "prefill": {"mode": "prefill", "batch_size": 2, "sequence_length": 8},
@@ -122,7 +123,7 @@ def fake_gpu(monkeypatch, model: nn.Module, clock: type[ProductClock] = ProductC
     monkeypatch.setattr(cuda, "cuda_environment", lambda: {"gpu": "Fake GPU", "cusparselt": 1})
     clock = clock(model).install(monkeypatch)
     monkeypatch.setattr(cuda, "cuda_interleaved_median_ms", clock.timer)
-    monkeypatch.setattr(cuda, "to_two_four", clock.two_four)
+    monkeypatch.setattr(two_four, "to_two_four", clock.two_four)
     return clock
 
 
@@ -138,7 +139,6 @@ def test_cuda_per_layer_table_times_the_regime(mode, tmp_path, monkeypatch):
     config = cuda_config(tmp_path, mode)
     clock = fake_gpu(monkeypatch, model)
     family = UnstructuredFamily(config, model, progress=False)
-    family.inputs  # noqa: B018  (the decode cache is filled before anything is timed)
     plan = family.plan(find_units(model, config.skip_modules))
     assert_timed_in_regime(clock, config)
     assert plan.table.backend == "cuda" and plan.table.regime == config.regime.to_dict()
@@ -187,7 +187,6 @@ def test_structured_table_times_the_regime(mode, backend, tmp_path, monkeypatch)
     monkeypatch.setattr(family_base, "interleaved_timer", lambda backend: clock.timer)
     monkeypatch.setattr(structured_family, "spin_up", lambda fn, seconds: None)
     family = StructuredFamily(config, model, progress=False)
-    family.inputs  # noqa: B018
     plan = family.plan(find_units(model, config.skip_modules))
     assert_timed_in_regime(clock, config)
     assert plan.table.regime == config.regime.to_dict()
@@ -200,7 +199,7 @@ def test_cli_profile_on_cuda_in_decode_times_one_token_steps(family, tmp_path, m
     says so."""
     import json
 
-    import spdy_hf.loading as loading
+    import spdy_hf.modeling.loading as loading
     import spdy_hf.pruner as pruner
     from spdy_hf.cli import main
 

@@ -11,11 +11,11 @@ import torch
 from conftest import MODEL_FACTORIES, example_inputs
 
 import spdy_hf.database.obs_database as obs_database
+from spdy_hf.calibration.sequential import SequentialCalibrator
 from spdy_hf.database import build_obs_database, load_obs_database
-from spdy_hf.database.sequential import SequentialCalibrator
 from spdy_hf.database.store import DatabaseStore, decode_level, encode_levels
 from spdy_hf.errors import SPDYError
-from spdy_hf.units import find_units
+from spdy_hf.modeling.units import find_units
 
 LEVELS = [0.0, 0.4, 0.7, 0.9]
 SKIP = ["*embed*", "*lm_head*", "*pooler*"]

@@ -15,7 +15,7 @@ from spdy_hf import SPDYPruner
 from spdy_hf.errors import SPDYError
 from spdy_hf.latency.structured import keep_counts, measure_structured_latency, smooth_times, times_are_fitted
 from spdy_hf.latency.table import TIMING_NOISE_KINDS, LatencyTable
-from spdy_hf.structured import find_structured_groups, shrink, zero_fill
+from spdy_hf.modeling.groups import find_structured_groups, shrink, zero_fill
 
 MODELS = ["bert", "gpt2", "opt", "llama"]
 
@@ -138,7 +138,7 @@ def noisy_structured_table(model, config, noise):
 def test_report_names_the_timing_noise_and_the_fitted_times(tmp_path, tokenizer, caplog):
     model = MODEL_FACTORIES["llama"]()
     config = small_config(tmp_path, target_speedup=1.5, family="structured", method="magnitude")
-    with caplog.at_level(logging.WARNING, logger="spdy_hf.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="spdy_hf.pipeline.run"):
         report = SPDYPruner(model, config, tokenizer).prune(latency_table=noisy_structured_table(model, config, 0.12),
                                                            progress=False).report
     assert report["timing_noise"] == 0.12 and report["timing_noise_kind"] == "dense_spread"

@@ -13,9 +13,9 @@ from spdy_hf import LatencyTable, SPDYPruner
 from spdy_hf.database.structured_database import build_structured_database
 from spdy_hf.errors import SPDYError
 from spdy_hf.latency.structured import group_signature, keep_counts, measure_structured_latency
-from spdy_hf.loading import load_pretrained
-from spdy_hf.structured import RemovedAttention, find_structured_groups, group_name
-from spdy_hf.units import find_units
+from spdy_hf.modeling.groups import RemovedAttention, find_structured_groups, group_name
+from spdy_hf.modeling.units import find_units
+from spdy_hf.output.load import load_pretrained
 
 MODELS = ["bert", "gpt2", "opt", "llama"]
 AUTO = {"bert": "AutoModel", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM",
@@ -142,7 +142,7 @@ def test_mixed_family_can_choose_sparse_levels_and_deploys_them(tmp_path, tokeni
     inputs = example_inputs(1, 16)
     expected = outputs(result.model, inputs)
     result.to_sparse_kernels()
-    from spdy_hf.apply import FastLinear
+    from spdy_hf.deploy.kernels import FastLinear
 
     assert any(isinstance(m, FastLinear) and m.sparse for m in result.model.modules())
     torch.testing.assert_close(outputs(result.model, inputs), expected, rtol=1e-4, atol=1e-4)
@@ -161,10 +161,10 @@ def test_mixed_family_level_subsets_are_its_kinds_each_with_dense(tmp_path):
     table.structured["dense_ms"] = table.base_time_ms
     family = get_family("mixed")(config, model, progress=False)
     plan = family.plan(units, table)
-    subsets = family.level_subsets()
+    subsets = family.level_subsets(plan)
     assert set(subsets) == {"structured", "sparse"}
     kinds_seen = set()
-    for i, level_map in enumerate(family.level_maps):
+    for i, level_map in enumerate(plan.layout.level_maps):
         assert subsets["structured"][i, 0] and subsets["sparse"][i, 0]  # dense in both
         for level, (kind, a, _) in enumerate(level_map):
             kinds_seen.add(kind)
@@ -257,23 +257,21 @@ def test_structured_database_resumes_and_loads(tmp_path, monkeypatch):
 def test_removal_order_follows_the_databases_nested_levels(tmp_path):
     """A group's `removal_order` at a keep count lists exactly what the database's level removes, those gone at a
     less pruned level first: each level's order is the start of the next one's (what gradual pruning relies on)."""
-    from spdy_hf.families.structured import StructuredFamily
+    from spdy_hf.families.structured import removal_order
 
     model = MODEL_FACTORIES["llama"]()
     groups = find_structured_groups(model)
     counts = [keep_counts(g, 1, 8) for g in groups]
     windows = random_windows(0, 1000)
-    family = StructuredFamily.__new__(StructuredFamily)  # removal_order needs only the groups and the database
-    family.groups = groups
-    family.sdb = build_structured_database(model, groups, counts, windows, directory=tmp_path / "db", progress=False)
+    sdb = build_structured_database(model, groups, counts, windows, directory=tmp_path / "db", progress=False)
     later_than_index = 0  # some level removes a lower index after a higher one: the order is not just sorted
     for i, g in enumerate(groups):
-        everything = family.removal_order(i, len(counts[i]) - 1)
+        everything = removal_order(sdb, i, len(counts[i]) - 1, g.num_groups)
         assert sorted(everything) == list(range(g.num_groups))
         later_than_index += everything != sorted(everything)
         for a in range(len(counts[i])):
-            order = family.removal_order(i, a)
-            assert set(order) == set(range(g.num_groups)) - set(family.sdb.kept(i, a))
+            order = removal_order(sdb, i, a, g.num_groups)
+            assert set(order) == set(range(g.num_groups)) - set(sdb.kept(i, a))
             assert len(order) == g.num_groups - counts[i][a]
             assert order == everything[:len(order)]
     assert later_than_index
@@ -281,7 +279,7 @@ def test_removal_order_follows_the_databases_nested_levels(tmp_path):
 
 def test_stitched_levels_equal_zero_fill_and_restore():
     """Stitching a level is zero-filling its removed groups (magnitude: no compensation); level 0 restores dense."""
-    from spdy_hf.structured import zero_fill
+    from spdy_hf.modeling.groups import zero_fill
 
     model, reference = MODEL_FACTORIES["opt"](), MODEL_FACTORIES["opt"]()
     groups = find_structured_groups(model)
@@ -324,7 +322,9 @@ def test_family_flag_and_config():
 
     assert SPDYConfig().family == "structured"
     with pytest.raises(ConfigError, match="family"):
-        SPDYConfig(family="rows")
+        SPDYConfig(family="")
+    with pytest.raises(ConfigError, match="'rows' is not a known level family; known: structured"):
+        SPDYPruner(MODEL_FACTORIES["bert"](), SPDYConfig(family="rows"))  # a job with it stops before any stage
     with pytest.raises(ConfigError, match="ffn_grid"):
         SPDYConfig(structured={"ffn_grid": 0})
     parser = argparse.ArgumentParser()
@@ -338,7 +338,7 @@ def test_mixed_family_on_cuda_chooses_two_four_per_block_without_a_gpu(tmp_path,
     2:4 level hold 2:4 weights in every layer; verifying needs the GPU and is skipped here."""
     from test_cuda_backend import cuda_config, cuda_table
 
-    from spdy_hf.patterns import is_two_four
+    from spdy_hf.modeling.patterns import is_two_four
 
     model = MODEL_FACTORIES["llama"]()
     config = cuda_config(tmp_path, 1.2, method="magnitude", family="mixed")
@@ -385,7 +385,7 @@ def test_mixed_family_combines_removed_heads_with_sparse_remaining_weights(tmp_p
     (very slow), one sparse level (50 %, 0.8 of dense) exists, and keeping k of n costs k / n of the group. The
     search must remove heads/neurons *and* sparsify what remains; the deployed form equals the zero-filled one,
     and so does the model loaded back with spdy_hf."""
-    from spdy_hf.apply import FastLinear
+    from spdy_hf.deploy.kernels import FastLinear
 
     model = MODEL_FACTORIES["bert"]()
     config = small_config(tmp_path, target_speedup=2.35, family="mixed", levels=[0.5])

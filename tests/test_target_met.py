@@ -20,7 +20,7 @@ import torch
 from conftest import VOCAB, example_inputs, small_config
 
 from spdy_hf import SPDYPruner
-from spdy_hf.loading import load_pretrained
+from spdy_hf.output.load import load_pretrained
 
 TARGET = 1.3
 

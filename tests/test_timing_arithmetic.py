@@ -16,12 +16,12 @@ import spdy_hf.families.base as family_base
 import spdy_hf.families.unstructured as unstructured
 import spdy_hf.latency.cpu as cpu
 from spdy_hf import SPDYPruner
-from spdy_hf.apply import FastLinear
+from spdy_hf.deploy.kernels import FastLinear
 from spdy_hf.latency.check import prediction_problem
 from spdy_hf.latency.structured import check_profiles, keep_counts, measure_structured_latency, smooth_times
+from spdy_hf.modeling.groups import find_structured_groups
+from spdy_hf.modeling.units import find_units
 from spdy_hf.search import compute_budget
-from spdy_hf.structured import find_structured_groups
-from spdy_hf.units import find_units
 
 
 def linear_work(module, args) -> int:

@@ -12,8 +12,8 @@ from conftest import make_gpt2
 
 from spdy_hf.errors import SPDYError
 from spdy_hf.integrations.trainer import SPDYPruningCallback, cubic_sparsity
-from spdy_hf.structured import rows_view
-from spdy_hf.units import find_units
+from spdy_hf.modeling.groups import rows_view
+from spdy_hf.modeling.units import find_units
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -191,7 +191,7 @@ def test_gradual_pruning_to_a_structured_profile(family, tmp_path, tokenizer):
     from test_structured_pruner import outputs
     from transformers import Trainer, TrainingArguments
 
-    from spdy_hf.deploy import deploy_profile
+    from spdy_hf.deploy.shrink import deploy_profile
 
     # mixed: enough random starts that the search's best profile mixes the kinds (5 starts find a sparse-only one)
     search = {"verify_corrections": 0, "num_random_inits": 8 if family == "mixed" else 5}

@@ -15,7 +15,7 @@ from test_structured_pruner import structured_table
 
 from spdy_hf import SPDYPruner
 from spdy_hf.errors import SPDYError
-from spdy_hf.units import find_units
+from spdy_hf.modeling.units import find_units
 
 
 def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -108,16 +108,16 @@ def test_the_error_prior_setting_is_honoured_by_the_structured_families(family, 
     relative output errors: the DP receives what was asked for, and the report says which."""
     from test_structured_pruner import structured_part
 
-    import spdy_hf.pipeline as pipeline
+    import spdy_hf.search.run as search_run
 
     seen = {}
-    real_search = pipeline.spdy_search
+    real_search = search_run.spdy_search
 
     def spy(evaluate, times, budget_ms, **kwargs):
         seen["prior"] = kwargs["prior"]
         return real_search(evaluate, times, budget_ms, **kwargs)
 
-    monkeypatch.setattr(pipeline, "spdy_search", spy)
+    monkeypatch.setattr(search_run, "spdy_search", spy)
     priors, families = {}, {}
     for choice in ("spdy", "measured"):
         model = MODEL_FACTORIES["bert"]()
@@ -143,8 +143,8 @@ def test_a_structured_plus_sparse_group_stays_shrunk_when_loaded_without_its_gpu
     from conftest import example_inputs
     from test_structured_pruner import outputs
 
-    from spdy_hf.deploy import STRUCTURED_SPARSE
-    from spdy_hf.loading import load_pretrained
+    from spdy_hf.deploy.shrink import STRUCTURED_SPARSE
+    from spdy_hf.output.load import load_pretrained
 
     model = MODEL_FACTORIES["bert"]()
     config = small_config(tmp_path, target_speedup=2.35, family="mixed", method="magnitude", levels=[0.5])
@@ -174,7 +174,7 @@ def combination_table(model, config):
     from conftest import MS_PER_WEIGHT
 
     from spdy_hf.latency.structured import group_signature, keep_counts
-    from spdy_hf.structured import find_structured_groups, group_name
+    from spdy_hf.modeling.groups import find_structured_groups, group_name
 
     table = handwritten_table(model, find_units(model, config.skip_modules), config)
     modules = dict(model.named_modules())

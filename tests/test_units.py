@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from spdy_hf.config import DEFAULT_SKIP_MODULES
 from spdy_hf.errors import SPDYError
-from spdy_hf.units import find_blocks, find_units
+from spdy_hf.modeling.units import find_blocks, find_units
 
 BERT_PER_LAYER = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                   "intermediate.dense", "output.dense"]

@@ -11,9 +11,9 @@ import spdy_hf.families.unstructured as unstructured
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.errors import ConfigError
 from spdy_hf.families import Measurement
+from spdy_hf.modeling.units import find_units
+from spdy_hf.pipeline.verify import Reaim
 from spdy_hf.search import compute_budget
-from spdy_hf.units import find_units
-from spdy_hf.verify import reaim_down
 
 SEARCH = {"num_random_inits": 5, "patience": 3, "eval_samples": 4, "dp_buckets": 1000, "speedup_margin": 0.0,
           "verify_overshoot": 0.10}  # the default (small_config turns it off)
@@ -103,12 +103,13 @@ def test_reaim_down_is_once_per_job_and_keeps_the_configured_margin():
     config = SPDYConfig.from_dict({"target_speedup": 1.2, "search": {"dp_buckets": 1000, "speedup_margin": 0.05}})
     budget = compute_budget(times, base_ms=20.0, target_speedup=1.2)  # 4 ms constant + 16 ms of units
     profile = np.array([2, 2, 2, 2])  # predicted 20 / 12 = 1.667
-    corrections = []
-    assert reaim_down(config, times, costs, budget, profile, 1.6, 1.32, corrections) is None  # within 10 %
-    new_aim, new_profile = reaim_down(config, times, costs, budget, profile, 1.6, 2.0, corrections)
+    aims = Reaim(config, times, costs, budget)
+    corrections = aims.corrections
+    assert aims.down(profile, 1.6, 1.32) is None  # within 10 %
+    new_aim, new_profile = aims.down(profile, 1.6, 2.0)
     assert new_aim == pytest.approx(1.6 * 1.2 * 1.05 / 2.0)
     assert budget.predicted_speedup(times[np.arange(4), new_profile]) >= new_aim
     assert new_profile.sum() < profile.sum() and corrections[0]["direction"] == "down"
-    assert reaim_down(config, times, costs, budget, new_profile, new_aim, 2.0, corrections) is None  # once only
+    assert aims.down(new_profile, new_aim, 2.0) is None  # once only
     with pytest.raises(ConfigError, match="verify_overshoot"):
         SPDYConfig.from_dict({"search": {"verify_overshoot": 0}})

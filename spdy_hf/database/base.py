@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..units import Unit
+from ..modeling.units import Unit
 
 
 class PruningDatabase:
@@ -40,6 +40,11 @@ class PruningDatabase:
     def forget_stitched(self) -> None:
         """The units' weights were replaced by other means: the next `stitch` writes every unit."""
         self._current = [-1] * len(self.units)
+
+    def write(self, unit_index: int, level_index: int) -> None:
+        """Writes one unit's weight at a level into the model, in place (whatever it held before)."""
+        with torch.no_grad():
+            self._write(unit_index, level_index)
 
     def _write(self, unit_index: int, level_index: int) -> None:
         self.units[unit_index].weight.copy_(self.weight(unit_index, level_index))

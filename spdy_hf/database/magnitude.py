@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import two_four_magnitude_mask
-from ..units import Unit
+from ..modeling.patterns import two_four_magnitude_mask
+from ..modeling.units import Unit
 from .base import PruningDatabase
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..calibration.sequential import UnitStatistics, calibrate_windows
 from ..errors import SPDYError
-from ..io import release_free_memory
-from ..units import Unit
+from ..modeling.units import Unit
+from ..utils.io import release_free_memory
 from .base import PruningDatabase
 from .obs import obs_prune_levels, obs_prune_nm
-from .sequential import UnitStatistics, calibrate_windows
 from .store import STORE_VERSION, DatabaseStore, StoredTensors, decode_level, encode_levels
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def build_obs_database(
 
     Args:
         windows: calibration token windows, `{"input_ids": (N, L), "attention_mask": (N, L)}`.
-        patterns: the pattern of each level ("dense", "unstructured", "2:4"; `spdy_hf.levels.get_patterns`); by
+        patterns: the pattern of each level ("dense", "unstructured", "2:4"; `spdy_hf.modeling.levels.get_patterns`); by
             default dense then unstructured. Unstructured levels are nested; 2:4 levels are chosen by OBS
             saliency in every group of 4 inputs, from the same Hessian.
         directory: where the database lives; a finished one is loaded without touching the model.

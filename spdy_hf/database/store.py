@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import SPDYError
-from ..io import atomic_write_json, default_mode
+from ..utils.io import atomic_write_json, default_mode
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ group is stored as it finishes, in the same on-disk store as the unstructured da
 build resumes with the missing groups only. With `method="magnitude"` the groups with the largest consumer
 column norms are kept, without calibration or compensation.
 
-The database stitches a profile in zero-filled form (`spdy_hf.structured.zero_fill`): shapes stay, removed
+The database stitches a profile in zero-filled form (`spdy_hf.modeling.groups.zero_fill`): shapes stay, removed
 producer rows and consumer columns are zero, the kept consumer columns hold the compensated weights.
 """
 
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import release_free_memory
-from ..structured import StructuredGroup, group_name, rows_view
-from ..units import Unit
+from ..calibration.sequential import UnitStatistics, calibrate_windows
+from ..modeling.groups import StructuredGroup, group_name, rows_view
+from ..modeling.units import Unit
+from ..utils.io import release_free_memory
 from .obs_database import relative_output_errors, windows_digest
-from .sequential import UnitStatistics, calibrate_windows
 from .store import STORE_VERSION, DatabaseStore, StoredTensors
 from .structured_obs import group_magnitude_levels, structured_obs_levels
 
@@ -80,7 +80,7 @@ class StructuredDatabase:
                 h = hessian[cols][:, cols].float()
                 sub = obs_prune_nm(w, h, 2, 4) if pattern == "2:4" else obs_prune_levels(w, h, [sparsity])[-1]
             elif pattern == "2:4":
-                from ..patterns import two_four_magnitude_mask
+                from ..modeling.patterns import two_four_magnitude_mask
 
                 sub = w.masked_fill(two_four_magnitude_mask(w), 0.0)
             else:
@@ -129,7 +129,7 @@ class StructuredDatabase:
     @torch.no_grad()
     def zero_producers(self, group_index: int, level: int) -> None:
         """Zeroes the producers' rows (and biases) of the groups that `level` removes, and the consumer's columns."""
-        from ..structured import zero_fill
+        from ..modeling.groups import zero_fill
 
         zero_fill(_ModulesView(self._modules), self.groups[group_index], self.kept(group_index, level))
 

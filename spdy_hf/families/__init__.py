@@ -5,31 +5,32 @@ interface (`Family`); the pipeline (`spdy_hf.pipeline`) runs the same stages for
 - `unstructured`: each linear layer is a unit; its levels are the backend's sparse levels (CSR or 2:4).
 - `mixed`: the structured units, whose levels may also be sparse, or both at once.
 
-A new family is one new module with a `Family` subclass, named in `FAMILIES` here and in `spdy_hf.config.FAMILIES`
-(the names a config accepts).
+A new family is one new module with a `Family` subclass decorated with `register_family`, imported here; the
+names a config accepts come from the registry (`family_names`).
 """
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Entries, Family, Measurement, Plan
+from .base import Databases, Entries, Family, LevelGrid, Measurement, Plan
 from .mixed import MixedFamily
-from .structured import StructuredFamily
+from .registry import FAMILIES, register_family
+from .structured import StructuredFamily, StructuredLayout
 from .unstructured import UnstructuredFamily
 
-FAMILIES: dict[str, type[Family]] = {
-    "structured": StructuredFamily,
-    "unstructured": UnstructuredFamily,
-    "mixed": MixedFamily,
-}
+
+def family_names() -> tuple[str, ...]:
+    """The names of the registered families, in the order they registered (the default, "structured", first)."""
+    return tuple(FAMILIES)
 
 
 def get_family(name: str) -> type[Family]:
     """The family class registered as `name`."""
     if name not in FAMILIES:
-        raise ConfigError(f"family={name!r} is not a known level family; known: {', '.join(sorted(FAMILIES))}.")
+        raise ConfigError(f"family={name!r} is not a known level family; known: {', '.join(FAMILIES)}.")
     return FAMILIES[name]
 
 
-__all__ = ["Entries", "FAMILIES", "Family", "Measurement", "MixedFamily", "Plan", "StructuredFamily",
-           "UnstructuredFamily", "get_family"]
+__all__ = ["Databases", "Entries", "FAMILIES", "Family", "LevelGrid", "Measurement", "MixedFamily", "Plan",
+           "StructuredFamily", "StructuredLayout", "UnstructuredFamily", "family_names", "get_family",
+           "register_family"]

@@ -3,7 +3,7 @@
 A family decides what a search unit is (a layer, or a block's attention or FFN), which levels it has, what those
 levels cost (latency), which weights they leave (the pruning database), how a profile is put into the live model
 for scoring (`stitch`) and into its fast form for timing (`measure`), and how the result is described. The
-pipeline (`spdy_hf.pipeline`) runs the stages in order and never looks inside.
+pipeline (`spdy_hf.pipeline.run`) runs the stages in order and never looks inside.
 """
 
 from __future__ import annotations
@@ -11,23 +11,23 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..backend import interleaved_timer, regime_inputs, table_environment
 from ..config import RegimeConfig, SPDYConfig
+from ..latency.backend import interleaved_timer, regime_inputs, table_environment
+from ..latency.regime import end_to_end_call
 from ..latency.table import TIMING_NOISE_KINDS, LatencyTable
-from ..loading import model_fingerprint, weights_fingerprint
-from ..regime import end_to_end_call
-from ..search import Budget
-from ..units import Unit
+from ..modeling.levels import get_levels, get_patterns
+from ..modeling.loading import model_fingerprint
+from ..modeling.units import Unit
+from ..search import Budgets
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """What the profile stage hands on."""
 
@@ -43,6 +43,12 @@ class Plan:
     timing_noise: float | None = None
     timing_noise_kind: str | None = None
     latency_times: str = "measured"  # what `times` are: "measured", or "fitted" (structured levels)
+    layout: Any = None  # the family's own map of its search units and their levels (e.g. `StructuredLayout`)
+
+    def report(self) -> dict[str, Any]:
+        """The profile stage's entries of the report."""
+        return {"timing_noise": self.timing_noise, "timing_noise_kind": self.timing_noise_kind,
+                "latency_times": self.latency_times}
 
     def describe_noise(self) -> str:
         """The timing noise as a reader needs it: the figure and what it measures."""
@@ -52,7 +58,19 @@ class Plan:
         return f"{100 * self.timing_noise:.1f}% ({what})"
 
 
-@dataclass
+@dataclass(frozen=True)
+class LevelGrid:
+    """The backend's sparse levels of a job (`config.levels`): each level's sparsity and pattern, dense first."""
+
+    levels: list[float]
+    patterns: list[str]
+
+    @classmethod
+    def of(cls, config: SPDYConfig) -> LevelGrid:
+        return cls(get_levels(config.levels), get_patterns(config.levels))
+
+
+@dataclass(frozen=True)
 class Measurement:
     """One end-to-end measurement of the pruned model in its deployed form against the dense model."""
 
@@ -74,10 +92,26 @@ class Entries:
     report: dict[str, Any] = field(default_factory=dict)  # the family's own report entries
 
 
-class Family:
-    """A level family: subclass it, implement the six methods, and register it (`spdy_hf.families`).
+@dataclass(frozen=True)
+class Databases:
+    """What the database stage hands on: the pruned weights of every level, and the report's summary of them."""
 
-    One instance serves one job: `plan` comes first and may keep what later methods need.
+    info: dict[str, Any]  # the report's "database" entry
+    structured: Any = None  # a `StructuredDatabase` (structured and mixed families)
+    layers: Any = None  # a per-layer `PruningDatabase` (unstructured and mixed families)
+    offsets: np.ndarray | None = None  # mixed: the index in `layers` of each group's first layer
+
+    def report(self) -> dict[str, Any]:
+        return {"database": self.info}
+
+
+class Family:
+    """A level family: subclass it, implement the methods below, and register it (`register_family`).
+
+    A family holds nothing of a job's stages: what the profile stage finds is in the `Plan` (its `layout`), what the
+    database stage builds is in the `Databases`, and which levels the live model holds is the search stage's
+    (`spdy_hf.search.LiveProfile`). So one family object serves a job from start to end, and each stage's artifact
+    says all the next one reads.
     """
 
     name = ""
@@ -86,46 +120,44 @@ class Family:
         self.config = config
         self.model = model
         self.progress = progress
+        # one forward pass's inputs in the regime (for decode, a cache filled by the model while it is dense)
+        self.inputs = regime_inputs(model, config.regime)
 
     def plan(self, units: list[Unit], latency_table: LatencyTable | str | None = None) -> Plan:
         """The profile stage: search units, their levels' times (from `latency_table`, the cache, or measured)."""
         raise NotImplementedError
 
-    def build_database(self, plan: Plan, windows: dict[str, torch.Tensor], budget: Budget,
-                       search_budget: Budget) -> dict[str, Any]:
-        """The database stage: the pruned weights of every level (built, resumed or loaded); returns the report's
-        summary of it."""
+    def build_database(self, plan: Plan, windows: dict[str, torch.Tensor], budgets: Budgets) -> Databases:
+        """The database stage: the pruned weights of every level (built, resumed or loaded), with the report's
+        summary of them."""
         raise NotImplementedError
 
-    def prior(self) -> np.ndarray:
+    def prior(self, plan: Plan, databases: Databases) -> np.ndarray:
         """The DP's error prior, (U, K) or (1, K): a level's cost is the unit's sensitivity times this."""
         raise NotImplementedError
 
-    def level_subsets(self) -> dict[str, np.ndarray]:
+    def level_subsets(self, plan: Plan) -> dict[str, np.ndarray]:
         """Named (U, K) masks of levels the search also explores on their own (`spdy_search`'s `subsets`): a
         family that mixes kinds of level gives each kind. None (an empty mapping) by default."""
         return {}
 
-    def stitch(self, profile: np.ndarray) -> None:
-        """Puts the database's weights of `profile` (a level index per search unit) into the live model, in place,
-        in a form that keeps every shape (for scoring and saving)."""
+    def stitch_unit(self, plan: Plan, databases: Databases, index: int, level: int) -> None:
+        """Writes search unit `index` at `level` from the database into the live model, in place, in a form that
+        keeps every shape (for scoring and saving). `LiveProfile` calls it for the units whose level changes."""
         raise NotImplementedError
 
-    def forget_stitched(self) -> None:
-        """The live model's weights were put back to dense behind the family's back (the search ran in another
-        dtype): the next `stitch` writes every unit."""
-        raise NotImplementedError
-
-    def finalize(self, profile: np.ndarray) -> None:
+    def finalize(self, plan: Plan, databases: Databases, profile: np.ndarray) -> None:
         """Makes the live model, with `profile` stitched, exactly the pruned model the job returns (the structured
         families zero the producers of removed groups, which stitching leaves for speed). Idempotent."""
 
-    def measure(self, profile: np.ndarray, regime: RegimeConfig | None = None) -> Measurement:
+    def measure(self, plan: Plan, databases: Databases, profile: np.ndarray, regime: RegimeConfig | None = None
+                ) -> Measurement:
         """Times the stitched profile in its deployed form against the dense model, end to end, interleaved, in
-        `regime` (default the config's; `spdy_hf.regime.end_to_end_call`): ms per forward pass or per token."""
+        `regime` (default the config's; `spdy_hf.latency.regime.end_to_end_call`): ms per forward pass or token."""
         raise NotImplementedError
 
-    def entries(self, profile: np.ndarray, measurement: Measurement | None) -> Entries:
+    def entries(self, plan: Plan, databases: Databases, profile: np.ndarray, measurement: Measurement | None
+                ) -> Entries:
         """The profile as the result, the saved files and the report describe it."""
         raise NotImplementedError
 
@@ -145,29 +177,19 @@ class Family:
             repeats = max(5, -(-self.config.timing.verify_repeats // 5))
         return calls, per, repeats
 
-    @cached_property
-    def inputs(self) -> dict[str, torch.Tensor]:
-        """One forward pass's inputs in the regime."""
-        return regime_inputs(self.model, self.config.regime)
-
     @property
     def timer(self):
         return interleaved_timer(self.config.backend)
 
-    @cached_property
+    @property
     def environment(self) -> dict:
+        """The part of the machine a latency table depends on (its cache key)."""
         return table_environment(self.config.backend)
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
         """The model's class and config (what latency depends on)."""
         return model_fingerprint(self.model)
-
-    @cached_property
-    def weights(self) -> str | None:
-        """A hash of the model's weights, which the stored (OBS) databases are keyed by; read once, while the model
-        is still dense. None with `method: magnitude`, which stores nothing."""
-        return None if self.config.method == "magnitude" else weights_fingerprint(self.model)
 
     def given_table(self, latency_table: LatencyTable | str | os.PathLike | None) -> LatencyTable | None:
         """The table passed to this job (an object or a path), else the config's, else None."""

@@ -1,11 +1,11 @@
-"""The structured family: each block's attention and FFN is a search unit (`spdy_hf.structured.StructuredGroup`),
+"""The structured family: each block's attention and FFN is a search unit (`spdy_hf.modeling.groups.StructuredGroup`),
 its levels keep counts of heads / neurons from all down to none.
 
 Times are measured in the whole model (`spdy_hf.latency.structured`); weights come from the structured database
 (OBS: nested, compensated; or magnitude). The DP's prior follows `search.error_prior`: the database's measured
 relative output error of each level, or SPDY's reference curve in structured terms (the fraction removed,
 squared). The search scores profiles in zero-filled form (shapes unchanged); verify measures the deployed form: a
-copy of the model with the removed heads and neurons cut out (`spdy_hf.deploy`).
+copy of the model with the removed heads and neurons cut out (`spdy_hf.deploy.shrink`).
 
 A level index of group i means `level_maps[i][index] = (kind, a, j)`: kind "structured" keeps `counts[i][a]`
 heads/neurons. The mixed family (`spdy_hf.families.mixed`) extends the maps with sparse levels and combinations.
@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,16 +29,18 @@ from ..config import DEFAULT_LEVELS, SPDYConfig
 from ..database.obs_database import windows_digest
 from ..database.store import STORE_VERSION
 from ..database.structured_database import StructuredDatabase, build_structured_database
-from ..deploy import STRUCTURED_SPARSE, deploy_groups
+from ..deploy.shrink import STRUCTURED_SPARSE, deploy_groups
 from ..errors import SPDYError
 from ..latency.check import cached_or_measured, constant_problem, judge_profiles
 from ..latency.structured import check_profiles, keep_counts, measure_structured_latency, times_are_fitted
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
-from ..loading import model_fingerprint, weights_fingerprint
-from ..structured import StructuredGroup, find_structured_groups, group_name
-from ..swap import TreeSwap
-from ..timing import spin_up
-from .base import Entries, Family, Measurement, Plan
+from ..latency.timing import spin_up
+from ..modeling.groups import StructuredGroup, find_structured_groups, group_name
+from ..modeling.loading import model_fingerprint, weights_fingerprint
+from ..modeling.swap import TreeSwap
+from ..modeling.units import Unit
+from .base import Databases, Entries, Family, LevelGrid, Measurement, Plan
+from .registry import register_family
 
 logger = logging.getLogger(__name__)
 
@@ -64,47 +67,60 @@ def searchable_groups(groups: list[StructuredGroup], units, skip_modules: list[s
     return kept
 
 
+@dataclass(frozen=True)
+class StructuredLayout:
+    """The structured families' map of their search units (`Plan.layout`): the attention/FFN groups, the counts of
+    heads/neurons each level keeps, and what each level index of a group is: `level_maps[i][index] = (kind, a, j)`,
+    kind "structured" keeping `counts[i][a]`, "unstructured" the sparse level j of `grid`, or both at once."""
+
+    groups: list[StructuredGroup]
+    counts: list[list[int]]  # per group, the heads/neurons each keep-count index keeps, all first
+    group_units: list[list[Unit]]  # per group, its producers then its consumer
+    level_maps: list[list[tuple[str, int, int]]]
+    unit_table: LatencyTable | None = None  # the per-layer table of the sparse levels (family mixed)
+    grid: LevelGrid | None = None  # the sparse levels (family mixed)
+
+
+@register_family
 class StructuredFamily(Family):
     name = "structured"
     uses_levels = False  # whether the sparse `levels` are among the search's levels (the mixed family's are)
-    unit_table: LatencyTable | None = None  # the per-layer table (the mixed family's sparse levels)
 
     # ------------------------------------------------------------------ profile
     def plan(self, units, latency_table=None) -> Plan:
         table = self.given_table(latency_table)
-        self.units = units
         self.check_levels_setting()
-        self.groups = searchable_groups(find_structured_groups(self.model), units, self.config.skip_modules)
-        if not self.groups:
+        groups = searchable_groups(find_structured_groups(self.model), units, self.config.skip_modules)
+        if not groups:
             raise SPDYError("No attention or FFN group has all its layers among the searchable units (check "
                             "skip_modules), so there is nothing to prune structurally; use family: unstructured.")
         s = self.config.structured
-        self.counts = [keep_counts(g, s.head_step, s.ffn_grid) for g in self.groups]
+        counts = [keep_counts(g, s.head_step, s.ffn_grid) for g in groups]
         by_name = {u.name: u for u in units}
-        self.group_units = [[by_name[n] for n in [*g.producers, g.consumer]] for g in self.groups]
-        self.unit_table = self.plan_unit_table(units, table)
-        source = structured_latency(self, table)  # the table the structured times come from (given, cached, measured)
+        unit_table, grid = self.sparse_levels(units, table)
+        layout = StructuredLayout(groups=groups, counts=counts, level_maps=[], unit_table=unit_table, grid=grid,
+                                  group_units=[[by_name[n] for n in [*g.producers, g.consumer]] for g in groups])
+        source = structured_latency(self, groups, counts, table)  # the table the structured times come from
         structured = source.structured
-        self.level_maps, rows = [], []
-        for i, g in enumerate(self.groups):
+        rows = []
+        for i, g in enumerate(groups):
             group_times = structured["signatures"][structured["groups"][group_name(g)]]["times_ms"]
-            level_map, row = self.group_levels(i, group_times)
-            self.level_maps.append(level_map)
+            level_map, row = self.group_levels(layout, i, group_times)
+            layout.level_maps.append(level_map)
             rows.append(row)
-        self.times = np.full((len(self.groups), max(len(r) for r in rows)), np.inf)
+        times = np.full((len(groups), max(len(r) for r in rows)), np.inf)
         for i, row in enumerate(rows):
-            self.times[i, :len(row)] = row
-        base_ms = structured["dense_ms"]
+            times[i, :len(row)] = row
         # saved with the result under the labels it was measured with (backend, regime, environment)
-        self.table = copy.copy(self.unit_table if self.unit_table is not None else source)
-        self.table.structured = structured
+        saved = copy.copy(unit_table if unit_table is not None else source)
+        saved.structured = structured
         # the larger noise of the tables behind the times, named for what it is (they measure different things)
-        noises = [(t.timing_noise, t.timing_noise_kind) for t in (source, self.unit_table)
+        noises = [(t.timing_noise, t.timing_noise_kind) for t in (source, unit_table)
                   if t is not None and t.timing_noise is not None]
         noise, noise_kind = max(noises, key=lambda n: n[0], default=(None, None))
-        return Plan(units=units, names=[group_name(g) for g in self.groups], times=self.times, base_ms=base_ms,
-                    reference_ms=None, table=self.table, timing_noise=noise, timing_noise_kind=noise_kind,
-                    latency_times="fitted" if times_are_fitted(structured) else "measured")
+        return Plan(units=units, names=[group_name(g) for g in groups], times=times, base_ms=structured["dense_ms"],
+                    reference_ms=None, table=saved, timing_noise=noise, timing_noise_kind=noise_kind,
+                    latency_times="fitted" if times_are_fitted(structured) else "measured", layout=layout)
 
     def check_levels_setting(self) -> None:
         """Sparse `levels` other than the backend's default, in a family that uses none, are named in a warning: they
@@ -115,72 +131,73 @@ class StructuredFamily(Family):
                            "uses no sparse levels. Use family: mixed to let the search choose those levels per block "
                            "too, or drop the levels setting.", levels)
 
-    def plan_unit_table(self, units, table: LatencyTable | None) -> LatencyTable | None:
-        """The per-layer latency table this family needs besides the structured levels' (none here), after checking
-        a given `table` against the job: another backend is an error; another regime or environment a warning."""
+    def sparse_levels(self, units, table: LatencyTable | None) -> tuple[LatencyTable | None, LevelGrid | None]:
+        """The per-layer latency table and the sparse levels this family uses besides the structured ones (none
+        here), after checking a given `table` against the job: another backend is an error; another regime or
+        environment a warning."""
         if table is not None:
             table.check_matches(self.config.backend, self.config.regime.to_dict(), environment=self.environment)
             table.check_units([u.name for u in units], self.fingerprint)
-        return None
+        return None, None
 
-    def group_levels(self, i: int, group_times: list[float]) -> tuple[list[tuple[str, int, int]], list[float]]:
+    def group_levels(self, layout: StructuredLayout, i: int, group_times: list[float]
+                     ) -> tuple[list[tuple[str, int, int]], list[float]]:
         """Group i's levels, as (kind, keep-count index, sparse level index), and their times."""
         return [("structured", a, 0) for a in range(len(group_times))], list(group_times)
 
     # ------------------------------------------------------------------ database
-    def build_database(self, plan, windows, budget, search_budget) -> dict:
-        self.sdb, info = build_group_database(self.config, self.model, self.groups, self.counts, windows,
-                                              store_hessian=self.keeps_hessians(), progress=self.progress,
-                                              weights=self.weights)
-        self.current = [0] * len(self.groups)  # the level each group has in the live model
-        return info
+    def build_database(self, plan, windows, budgets) -> Databases:
+        weights = None if self.config.method == "magnitude" else weights_fingerprint(self.model)
+        return self.group_database(plan, windows, weights)
+
+    def group_database(self, plan: Plan, windows: dict[str, torch.Tensor], weights: str | None) -> Databases:
+        """The structured database of the plan's groups (`weights`: the dense model's fingerprint, which a stored
+        database is keyed by; None with magnitude pruning)."""
+        layout = plan.layout
+        sdb, info = build_group_database(self.config, self.model, layout.groups, layout.counts, windows,
+                                         store_hessian=self.keeps_hessians(), progress=self.progress, weights=weights)
+        return Databases(info=info, structured=sdb)
 
     def keeps_hessians(self) -> bool:
         """Whether the structured store keeps each consumer's Hessian (for the mixed family's combinations)."""
         return False
 
-    def prior(self) -> np.ndarray:
+    def prior(self, plan, databases) -> np.ndarray:
         """Per level, the structured part's error plus the sparse part's (`search.error_prior`: measured relative
         output errors, or the fraction removed, squared)."""
-        prior = np.zeros_like(self.times)
-        for i in range(len(self.groups)):
-            struct_err, sparse_err = self.structured_errors(i), self.sparse_errors(i)
-            for level, (kind, a, j) in enumerate(self.level_maps[i]):
+        prior = np.zeros_like(plan.times)
+        for i, level_map in enumerate(plan.layout.level_maps):
+            struct_err, sparse_err = self.structured_errors(plan, databases, i), self.sparse_errors(plan, databases, i)
+            for level, (kind, a, j) in enumerate(level_map):
                 prior[i, level] = (struct_err[a] if kind != "unstructured" else 0.0) + \
                     (sparse_err[j] if kind != "structured" else 0.0)
-        prior[~np.isfinite(self.times)] = prior.max() + 1.0  # padding levels: never chosen (their time is inf)
+        prior[~np.isfinite(plan.times)] = prior.max() + 1.0  # padding levels: never chosen (their time is inf)
         return prior
 
-    def structured_errors(self, i: int) -> np.ndarray:
+    def structured_errors(self, plan: Plan, databases: Databases, i: int) -> np.ndarray:
         """Group i's prior at each keep count: the database's measured relative output errors, or with
         `error_prior: spdy` (and with magnitude pruning) the fraction of the group removed, squared."""
         if self.config.resolved_error_prior() == "measured":
-            return self.sdb.errors[i]
-        return np.array([(1.0 - k / self.groups[i].num_groups) ** 2 for k in self.counts[i]], dtype=np.float64)
+            return databases.structured.errors[i]
+        group = plan.layout.groups[i]
+        return np.array([(1.0 - k / group.num_groups) ** 2 for k in plan.layout.counts[i]], dtype=np.float64)
 
-    def sparse_errors(self, i: int) -> np.ndarray | None:
+    def sparse_errors(self, plan: Plan, databases: Databases, i: int) -> np.ndarray | None:
         """Group i's relative output error at each sparse level (mixed family only)."""
         return None
 
     # ------------------------------------------------------------------ stitch, measure, describe
-    @torch.no_grad()
-    def stitch(self, profile) -> None:
-        for i, level in enumerate(profile):
-            level = int(level)
-            if self.current[i] != level:
-                self.stitch_level(i, *self.level_maps[i][level])
-                self.current[i] = level
+    def stitch_unit(self, plan, databases, index, level) -> None:
+        with torch.no_grad():
+            self.stitch_level(plan, databases, index, *plan.layout.level_maps[index][level])
 
-    def forget_stitched(self) -> None:
-        self.current = [-1] * len(self.groups)
-
-    def stitch_level(self, i: int, kind: str, a: int, j: int) -> None:
+    def stitch_level(self, plan: Plan, databases: Databases, i: int, kind: str, a: int, j: int) -> None:
         """Writes group i's level (kind, a, j) into the live model in zero-filled form."""
-        self.sdb.stitch(i, a)
+        databases.structured.stitch(i, a)
 
-    def measure(self, profile, regime=None) -> Measurement:
-        ut = self.unit_table
-        entries = self.group_entries(profile)
+    def measure(self, plan, databases, profile, regime=None) -> Measurement:
+        ut = plan.layout.unit_table
+        entries = self.group_entries(plan, databases, profile)
         # the deployed form is swapped into the live model and out again: no copy of the model
         swap = TreeSwap.record(self.model, lambda m: deploy_groups(
             m, entries, self.config.backend, ut.unit_layouts if ut is not None else None,
@@ -194,48 +211,37 @@ class StructuredFamily(Family):
             swap.revert()
         return Measurement(dense_ms / per, pruned_ms / per)
 
-    def group_entries(self, profile) -> list[dict]:
+    def group_entries(self, plan: Plan, databases: Databases, profile) -> list[dict]:
         """Per group: its name, layers, level, times and what the level keeps (`spdy_profile.json`'s "groups")."""
         out = []
-        for i, (g, level) in enumerate(zip(self.groups, profile)):
+        for i, (g, level) in enumerate(zip(plan.layout.groups, profile)):
             level = int(level)
             entry = {"name": group_name(g), "kind": g.kind, "block": g.block, "num_groups": g.num_groups,
                      "producers": list(g.producers), "consumer": g.consumer, "level": level,
-                     "dense_time_ms": float(self.times[i, 0]), "time_ms": float(self.times[i, level])}
-            entry.update(self.describe_level(i, *self.level_maps[i][level]))
+                     "dense_time_ms": float(plan.times[i, 0]), "time_ms": float(plan.times[i, level])}
+            entry.update(self.describe_level(plan, databases, i, *plan.layout.level_maps[i][level]))
             out.append(entry)
         return out
 
-    def describe_level(self, i: int, kind: str, a: int, j: int) -> dict:
+    def describe_level(self, plan: Plan, databases: Databases, i: int, kind: str, a: int, j: int) -> dict:
         """Group i's level (kind, a, j) as entries: family, keep, kept, sparsity, pattern."""
-        g, keep = self.groups[i], self.counts[i][a]
-        return dict(family="structured", keep=keep, kept=self.sdb.kept(i, a), sparsity=1 - keep / g.num_groups,
-                    pattern="structured", removal_order=self.removal_order(i, a))
+        g, keep, sdb = plan.layout.groups[i], plan.layout.counts[i][a], databases.structured
+        return dict(family="structured", keep=keep, kept=sdb.kept(i, a), sparsity=1 - keep / g.num_groups,
+                    pattern="structured", removal_order=removal_order(sdb, i, a, g.num_groups))
 
-    def removal_order(self, i: int, a: int) -> list[int]:
-        """Group i's heads/neurons that keep-count index `a` removes, in the order the database removed them (its
-        levels are nested: those gone at a less pruned level first; by index within one level). Gradual pruning
-        with `Trainer` removes them in this order."""
-        order, kept = [], set(range(self.groups[i].num_groups))
-        for b in range(1, a + 1):
-            now = set(self.sdb.kept(i, b))
-            order += sorted(kept - now)
-            kept = now
-        return order
-
-    def finalize(self, profile) -> None:
+    def finalize(self, plan, databases, profile) -> None:
         for i, level in enumerate(profile):  # removed heads and neurons zero in every layer, producers too
-            kind, a, _ = self.level_maps[i][int(level)]
+            kind, a, _ = plan.layout.level_maps[i][int(level)]
             if kind != "unstructured" and a > 0:
-                self.sdb.zero_producers(i, a)
+                databases.structured.zero_producers(i, a)
 
-    def entries(self, profile, measurement) -> Entries:
-        self.finalize(profile)
-        groups = self.group_entries(profile)
+    def entries(self, plan, databases, profile, measurement) -> Entries:
+        self.finalize(plan, databases, profile)
+        groups = self.group_entries(plan, databases, profile)
         family_of = {n: e for e in groups for n in [*e["producers"], e["consumer"]]}
-        table = self.table if self.unit_table is not None else None
+        table = plan.table if plan.layout.unit_table is not None else None
         units, zeros, total = [], 0, 0
-        for unit in self.units:
+        for unit in plan.units:
             n_zero = int((unit.weight == 0).sum())
             zeros += n_zero
             total += unit.numel
@@ -258,15 +264,28 @@ class StructuredFamily(Family):
             "kept_ffn_neurons": {e["block"]: e["keep"] for e in groups if e["kind"] == "ffn"},
             "overall_sparsity": zeros / max(total, 1),
             "error_prior": self.config.resolved_error_prior(),
-            "num_units": len(self.groups),
+            "num_units": len(groups),
         }
         return Entries(profile=units, groups=groups, report=report)
 
 
-def structured_latency(family: StructuredFamily, table: LatencyTable | None) -> LatencyTable:
-    """The latency table holding the structured levels' times (its `structured` part): the given `table`, which
-    must cover these groups and keep counts; else the cached one; else measured in the whole model and cached."""
-    config, groups, counts = family.config, family.groups, family.counts
+def removal_order(sdb: StructuredDatabase, i: int, a: int, num_groups: int) -> list[int]:
+    """Group i's heads/neurons that keep-count index `a` removes, in the order the database removed them (its levels
+    are nested: those gone at a less pruned level first; by index within one level). Gradual pruning with `Trainer`
+    removes them in this order."""
+    order, kept = [], set(range(num_groups))
+    for b in range(1, a + 1):
+        now = set(sdb.kept(i, b))
+        order += sorted(kept - now)
+        kept = now
+    return order
+
+
+def structured_latency(family: StructuredFamily, groups: list[StructuredGroup], counts: list[list[int]],
+                       table: LatencyTable | None) -> LatencyTable:
+    """The latency table holding the structured levels' times (its `structured` part) of `groups` at keep `counts`:
+    the given `table`, which must cover them; else the cached one; else measured in the whole model and cached."""
+    config = family.config
 
     def covers(structured: dict) -> bool:
         if not structured:

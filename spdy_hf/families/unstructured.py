@@ -14,70 +14,69 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..apply import KernelSwap, UnitLayout
 from ..config import SPDYConfig
 from ..database import MagnitudeDatabase, PruningDatabase, build_obs_database
 from ..database.obs_database import windows_digest
 from ..database.store import STORE_VERSION
+from ..deploy.kernels import KernelSwap, UnitLayout
 from ..latency.check import cached_or_measured, constant_problem, judge_profiles
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
-from ..levels import get_levels, get_patterns
-from ..loading import model_fingerprint, weights_fingerprint
+from ..latency.timing import interleaved_median_ms
+from ..modeling.levels import get_levels, get_patterns
+from ..modeling.loading import model_fingerprint, weights_fingerprint
+from ..modeling.units import Unit
 from ..search import anchor_level, error_prior
-from ..timing import interleaved_median_ms
-from ..units import Unit
-from .base import Entries, Family, Measurement, Plan
+from .base import Databases, Entries, Family, LevelGrid, Measurement, Plan
+from .registry import register_family
 
 logger = logging.getLogger(__name__)
 
 
+@register_family
 class UnstructuredFamily(Family):
     name = "unstructured"
 
     def plan(self, units, latency_table=None) -> Plan:
-        self.units = units
-        self.levels, self.patterns = get_levels(self.config.levels), get_patterns(self.config.levels)
-        self.table = unit_latency_table(self, units, self.given_table(latency_table))
-        self.times = self.table.times_for(self.table.keys_for(units))  # (U, K) ms
-        return Plan(units=units, names=[u.name for u in units], times=self.times, base_ms=self.table.base_time_ms,
-                    reference_ms=self.table.reference_time_ms, table=self.table, timing_noise=self.table.timing_noise,
-                    timing_noise_kind=self.table.timing_noise_kind)
+        table = unit_latency_table(self, units, self.given_table(latency_table))
+        return Plan(units=units, names=[u.name for u in units], times=table.times_for(table.keys_for(units)),
+                    base_ms=table.base_time_ms, reference_ms=table.reference_time_ms, table=table,
+                    timing_noise=table.timing_noise, timing_noise_kind=table.timing_noise_kind,
+                    layout=LevelGrid.of(self.config))
 
-    def build_database(self, plan, windows, budget, search_budget) -> dict:
-        anchor = anchor_level(plan.times, search_budget.budget_ms)
-        self.database, info = build_database(self.config, self.model, self.units, self.levels, windows, anchor,
-                                             self.progress, patterns=self.patterns, weights=self.weights)
-        return info
+    def build_database(self, plan, windows, budgets) -> Databases:
+        anchor = anchor_level(plan.times, budgets.search.budget_ms)
+        grid = plan.layout
+        database, info = build_database(self.config, self.model, plan.units, grid.levels, windows, anchor,
+                                        self.progress, patterns=grid.patterns)
+        return Databases(info=info, layers=database)
 
-    def prior(self) -> np.ndarray:
+    def prior(self, plan, databases) -> np.ndarray:
         if self.config.resolved_error_prior() == "measured":
-            return self.database.errors
-        return error_prior(len(self.levels))[None, :]
+            return databases.layers.errors
+        return error_prior(len(plan.layout.levels))[None, :]
 
-    def stitch(self, profile) -> None:
-        self.database.stitch(profile)
+    def stitch_unit(self, plan, databases, index, level) -> None:
+        databases.layers.write(index, level)
 
-    def forget_stitched(self) -> None:
-        self.database.forget_stitched()
-
-    def measure(self, profile, regime=None) -> Measurement:
+    def measure(self, plan, databases, profile, regime=None) -> Measurement:
         # sparse kernels keep every shape, so one call (a decode cache filled by the dense form) serves all forms
         (call,), per, repeats = self.end_to_end_calls([lambda: None], regime)
+        grid = plan.layout
         if self.config.backend == "cuda":
-            return time_two_four(self.model, self.units, [self.patterns[k] for k in profile], call, per, repeats,
+            return time_two_four(self.model, plan.units, [grid.patterns[k] for k in profile], call, per, repeats,
                                  self.config.timing.warmup)
-        return time_kernels(self.model, self.units, [self.levels[k] for k in profile],
-                            self.table.layouts_for(self.units), call, per, repeats, self.config.timing.warmup)
+        return time_kernels(self.model, plan.units, [grid.levels[k] for k in profile],
+                            plan.table.layouts_for(plan.units), call, per, repeats, self.config.timing.warmup)
 
-    def entries(self, profile, measurement) -> Entries:
-        table, units, times = self.table, self.units, self.times
+    def entries(self, plan, databases, profile, measurement) -> Entries:
+        table, units, times, grid = plan.table, plan.units, plan.times, plan.layout
         entries, zeros, total = [], 0, 0
         for u, (unit, k) in enumerate(zip(units, profile)):
-            zeros += int(round(self.levels[k] * unit.numel))
+            zeros += int(round(grid.levels[k] * unit.numel))
             total += unit.numel
             entries.append({
-                "name": unit.name, "shape": list(unit.shape), "level": int(k), "sparsity": self.levels[k],
-                "pattern": self.patterns[k], "layout": table.layout_of(unit.name),
+                "name": unit.name, "shape": list(unit.shape), "level": int(k), "sparsity": grid.levels[k],
+                "pattern": grid.patterns[k], "layout": table.layout_of(unit.name),
                 "input_leader": table.input_leaders.get(unit.name),
                 "dense_time_ms": float(times[u, 0]), "time_ms": float(times[u, k]),
             })
@@ -214,7 +213,8 @@ def time_two_four(model: nn.Module, units: list[Unit], patterns: list[str], call
                   repeats: int, warmup: int) -> Measurement:
     """Dense vs pruned (2:4 units as semi-structured tensors), interleaved, CUDA events. There is no deployed dense
     form to time apart: a dense unit keeps its own module, so it would be the dense model again (left out, None)."""
-    from ..latency.cuda import TwoFourSwap, cuda_interleaved_median_ms
+    from ..deploy.two_four import TwoFourSwap
+    from ..latency.cuda import cuda_interleaved_median_ms
 
     swap = TwoFourSwap(model, units, patterns)
 

@@ -1,1 +1,2 @@
-"""Integrations with the Hugging Face stack: `transformers.Trainer` (gradual pruning) and the Hub."""
+"""spdy_hf with the rest of the Hugging Face stack: `Trainer` callbacks (gradual pruning, held zeros) and the Hub
+(model card, upload)."""

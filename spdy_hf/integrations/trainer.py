@@ -20,7 +20,7 @@ has one level, nothing to ramp). At the end the model holds the profile's zeros:
 
 `SPDYHeldZerosCallback` fine-tunes a model SPDY has already pruned one-shot, of any family (removed heads and FFN
 neurons, CSR levels, 2:4): every zero of the blocks' linear layers when training begins is held from step 0, with
-the mechanism few-sample recovery uses (`spdy_hf.masks.HeldZeros`: gradients zeroed before each optimizer step,
+the mechanism few-sample recovery uses (`spdy_hf.recovery.held_zeros.HeldZeros`: gradients zeroed before each optimizer step,
 entries zeroed after it), so the latency the profile was chosen for still holds.
 
     result = SPDYPruner(model, config, tokenizer).prune()
@@ -38,13 +38,13 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import DEFAULT_SKIP_MODULES
-from ..deploy import STRUCTURED_SPARSE, check_profile
+from ..deploy.shrink import STRUCTURED_SPARSE, check_profile
 from ..errors import SPDYError
-from ..io import read_json
-from ..masks import HeldZeros
-from ..patterns import two_four_magnitude_mask
-from ..structured import StructuredGroup, find_structured_groups, group_name, rows_view, zero_fill
-from ..units import Unit, find_units
+from ..modeling.groups import StructuredGroup, find_structured_groups, group_name, rows_view, zero_fill
+from ..modeling.patterns import two_four_magnitude_mask
+from ..modeling.units import Unit, find_units
+from ..recovery.held_zeros import HeldZeros
+from ..utils.io import read_json
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A unit's time depends on memory layouts: a CSR product is several times faster on an input whose transpose
 is contiguous than on a row-major one, and attention kernels and LayerNorm slow down on transposed inputs.
-So each unit gets a fixed `UnitLayout` (see `spdy_hf.apply`), which does not depend on the levels chosen; we
+So each unit gets a fixed `UnitLayout` (see `spdy_hf.deploy.kernels`), which does not depend on the levels chosen; we
 find the layouts once by observation and time each distinct (shape, layout code) at every level in isolation.
 """
 
@@ -15,15 +15,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..apply import FastLinear, KernelSwap, UnitLayout
 from ..config import SPDYConfig
-from ..environment import table_environment
+from ..deploy.kernels import FastLinear, KernelSwap, UnitLayout
 from ..errors import SPDYError
-from ..regime import step_shape
-from ..timing import interleaved_median_ms, median_ms, spin_up
-from ..units import Unit
+from ..modeling.units import Unit
 from .check import random_profiles
+from .environment import table_environment
+from .regime import step_shape
 from .table import LatencyTable
+from .timing import interleaved_median_ms, median_ms, spin_up
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def measure_latency_table(
     """Measures every distinct (unit shape, input layout) at every level, and the model end to end.
 
     Args:
-        inputs: keyword inputs of one unit of work in the regime (`spdy_hf.regime.regime_inputs`: a forward pass
+        inputs: keyword inputs of one unit of work in the regime (`spdy_hf.latency.regime.regime_inputs`: a forward pass
             over batch_size x sequence_length tokens, or one decode step against the cache): the units are timed in
             place in these passes, so in the regime's shapes.
     """

@@ -1,6 +1,6 @@
 """Latency of structured levels: each group's time at every keep count, measured in the whole model.
 
-A structured level of a group (`spdy_hf.structured.StructuredGroup`) keeps k of its heads or neurons. Timed
+A structured level of a group (`spdy_hf.modeling.groups.StructuredGroup`) keeps k of its heads or neurons. Timed
 alone, a group's matrix products miss most of what removing heads saves (the attention scores, softmax and
 context products of those heads, the reshapes, the cache misses of a real forward pass): the prototype that did
 so predicted 1.5x for a profile that measured 1.9x. So levels are measured where they run: for every distinct
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..structured import StructuredGroup, group_name, shrink
-from ..swap import TreeSwap
+from ..modeling.groups import StructuredGroup, group_name, shrink
+from ..modeling.swap import TreeSwap
 from .check import random_profiles
 
 logger = logging.getLogger(__name__)

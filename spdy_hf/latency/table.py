@@ -29,7 +29,7 @@ from ..errors import SPDYError
 logger = logging.getLogger(__name__)
 
 TABLE_VERSION = 1
-LAYOUT_CODES = ("cc", "ct", "tc", "tt", "sc", "st")  # `spdy_hf.apply.UnitLayout` codes: input then output
+LAYOUT_CODES = ("cc", "ct", "tc", "tt", "sc", "st")  # `spdy_hf.deploy.kernels.UnitLayout` codes: input then output
 PATTERNS = ("dense", "unstructured", "2:4")
 # the type each field of a table read from a file must have (the dataclass does not check them)
 FIELD_TYPES = {"backend": str, "regime": dict, "levels": list, "shapes": dict, "unit_layouts": dict,
@@ -170,7 +170,7 @@ class LatencyTable:
 
     def layouts_for(self, units) -> list:
         """The `UnitLayout` of each unit in the deployed model."""
-        from ..apply import UnitLayout
+        from ..deploy.kernels import UnitLayout
 
         index = {u.name: i for i, u in enumerate(units)}
         return [UnitLayout(self.layout_of(u.name), index.get(self.input_leaders.get(u.name))) for u in units]
@@ -239,7 +239,7 @@ class LatencyTable:
             raise SPDYError(f"Not a valid latency table: {e}") from e
 
     def save(self, path: str | os.PathLike) -> None:
-        from ..io import atomic_write_json
+        from ..utils.io import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
 

@@ -38,6 +38,21 @@ class Budget:
         return self.base_ms / (self.constant_ms + float(np.sum(unit_times_ms)))
 
 
+@dataclass(frozen=True)
+class Budgets:
+    """What the budget stage hands on: the target's budget, and the one the search aims at (the target raised by
+    `search.speedup_margin` where it can be)."""
+
+    target: Budget
+    search: Budget
+
+    def report(self) -> dict:
+        return {"max_reachable_speedup": self.target.max_reachable_speedup,
+                "search_target_speedup": self.search.target_speedup,
+                "budget": {"base_ms": self.target.base_ms, "prunable_ms": self.target.prunable_ms,
+                           "constant_ms": self.target.constant_ms, "budget_ms": self.search.budget_ms}}
+
+
 def compute_budget(
     times: np.ndarray, base_ms: float, target_speedup: float, reference_ms: float | None = None,
     names: list[str] | None = None,

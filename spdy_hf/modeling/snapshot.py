@@ -1,0 +1,100 @@
+"""A model's floating weights kept on disk, not in memory: `DenseSnapshot`.
+
+Recovery's dense teacher, and the float32 weights of a model lowered for the search (`spdy_hf.search.lowered.lowered`), are
+written once to safetensors files in the temporary directory and read back one tensor at a time (safetensors'
+`pread` backend: each read fills fresh memory, and no file mapping counts toward the process's memory). The
+tensors go into shards of at most `SHARD_BYTES`, so a model on a GPU is never copied to host memory whole. A
+shard's file is unlinked once it is open (where the system allows that, as POSIX systems do): it is gone when the
+snapshot is closed or the process ends, even if it is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+SHARD_BYTES = 512 * 2**20  # the most host memory a snapshot of a GPU model copies at once
+
+
+class DenseSnapshot:
+    """The module's floating parameters and buffers as they are now, by name (`named_parameters`, then
+    `named_buffers`), in temporary safetensors files."""
+
+    def __init__(self, model: nn.Module):
+        self.index: dict[str, int] = {}  # tensor name -> shard holding it
+        self._shards: list = []  # open safetensors handles
+        self._stack = contextlib.ExitStack()  # closes the handles, then removes any file still there
+        shard: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+        size = 0
+        try:
+            for name, t in floating_tensors(model):
+                data = t.detach().to("cpu").contiguous()
+                if data.numel() and data.untyped_storage().data_ptr() in storages:
+                    data = data.clone()  # views of one memory under two names: safetensors takes one
+                storages.add(data.untyped_storage().data_ptr())
+                shard[name] = data
+                size += data.numel() * data.element_size()
+                if size >= SHARD_BYTES:
+                    self._write(shard)
+                    shard, storages, size = {}, set(), 0
+            if shard:
+                self._write(shard)
+        except BaseException:
+            self.close()
+            raise
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        fd, path = tempfile.mkstemp(prefix="spdy-snapshot-", suffix=".safetensors")
+        os.close(fd)
+        self._stack.callback(_remove, path)  # after the handle is closed (last in, first out)
+        save_file(tensors, path)
+        handle = self._stack.enter_context(safe_open(path, framework="pt", backend="pread"))
+        _remove(path)  # the open handle keeps the data (where an open file cannot be removed, Windows, close does it)
+        self.index.update(dict.fromkeys(tensors, len(self._shards)))
+        self._shards.append(handle)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name` as it was, on the CPU, in fresh memory of its own."""
+        return self._shards[self.index[name]].get_tensor(name)
+
+    @torch.no_grad()
+    def restore(self, module: nn.Module, prefix: str = "") -> None:
+        """Writes the snapshot's values into `module` (the model, or one of its submodules named `prefix`)."""
+        for name, t in floating_tensors(module):
+            t.copy_(self.tensor(prefix + name).to(t.device))
+
+    def model(self, like: nn.Module) -> nn.Module:
+        """A copy of `like` holding the snapshot's values, in eval mode, without gradients."""
+        teacher = copy.deepcopy(like)
+        self.restore(teacher)
+        teacher.eval().requires_grad_(False)
+        return teacher
+
+    def close(self) -> None:
+        self._shards = []
+        self._stack.close()
+
+
+def floating_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The module's floating parameters and buffers, by name (a tied parameter once)."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point():
+            yield name, t
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)

@@ -1,0 +1,116 @@
+"""SPDY's pipeline, once for every level family:
+
+    profile -> budget -> database -> search -> recovery -> verify (-> recovery again) -> result
+
+profile: the family's search units and the times of their levels (latency table). budget: what the target leaves
+for the searched units; an unreachable target stops here, before any costly stage. database: the pruned weights
+of every level. search: SPDY's DP and local search over sensitivities, each candidate stitched into the live model
+and scored against the dense model. recovery (when `recovery.method` is not "none"): the remaining weights fitted
+to the dense model's outputs on the calibration windows, the profile's zeros held. verify: the chosen profile timed
+end to end, re-aimed on a confirmed miss or a large overshoot; a re-aimed profile is recovered afresh from the
+dense weights. result: the pruned model (dense weights with zeros), its profile and the report, merged from the
+entries each stage's artifact gives.
+
+The family (`spdy_hf.families`) does everything that depends on what a unit is; each stage hands the next a frozen
+artifact (`Plan`, `Budgets`, `Databases`, `SearchOutcome`, `RecoveryRecord`, `Verification`); this module only
+orders the stages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import SPDYConfig
+from ..errors import UnreachableTargetError
+from ..families import Plan, get_family
+from ..modeling.snapshot import DenseSnapshot
+from ..modeling.units import find_units
+from ..output.result import PruningResult
+from ..recovery import RecoveryRecord, recovery_stage
+from ..search import Budgets, compute_budget, fits, run_search, with_margin
+from .job import Job
+from .quality import HeldOutQuality
+from .report import merge_report
+from .verify import both_regimes, verify, verify_summary
+
+logger = logging.getLogger(__name__)
+
+
+def run_pipeline(job: Job) -> PruningResult:
+    """Every stage in order, for `job.config.family`; the model is pruned in place.
+
+    Raises:
+        UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
+    """
+    config, model, stages = job.config, job.model, job.stages
+    family = get_family(config.family)(config, model, job.progress)
+    # the dense weights, for recovery's teacher (on disk, not in memory)
+    snapshot = DenseSnapshot(model) if config.recovery.method != "none" else None
+    with stages("profile"):
+        plan = family.plan(find_units(model, config.skip_modules, example_inputs=job.example_inputs()),
+                           job.latency_table)
+    budgets = check_budget(config, plan)
+    quality = None
+    if job.heldout is not None:  # the dense model's, before anything is stitched into it
+        with stages("heldout"):
+            quality = HeldOutQuality(model, job.heldout, config.evaluation.source)
+    with stages("database"):
+        databases = family.build_database(plan, job.windows, budgets)
+    with stages("search"):
+        outcome = run_search(config, family, plan, databases, budgets, job.windows, job.progress)
+
+    def recover(profile, fresh: bool) -> RecoveryRecord:
+        """`profile` recovered; `fresh`: from the dense weights (it is not the profile recovered before)."""
+        with stages("recovery"):
+            if fresh:
+                snapshot.restore(model)
+                outcome.live.rewrite(profile)
+            return recovery_stage(config, model, job.windows, snapshot, outcome.scorer,
+                                  lambda: family.finalize(plan, databases, profile), quality, job.progress)
+
+    recovered = recover(outcome.result.profile, fresh=False) if snapshot is not None else None
+    with stages("verify"):
+        verification = verify(config, family, plan, databases, budgets, outcome)
+        speedups = both_regimes(config, family, plan, databases, verification)
+    if snapshot is not None and verification.corrections:  # another profile: recovered afresh
+        recovered = recover(verification.profile, fresh=True)
+    if snapshot is not None:
+        snapshot.close()
+    # the score in the reference's dtype (lowered again if the search ran lowered), of the model as returned
+    score = outcome.scorer() if verification.corrections or recovered is not None else outcome.score
+    heldout = {}
+    if quality is not None:
+        with stages("heldout"):
+            heldout = {"heldout": quality.compare(model)}
+    entries = family.entries(plan, databases, verification.profile, verification.measurement)
+    report = merge_report(
+        verify_summary(config, plan, budgets, verification), plan.report(), {"speedups": speedups}, heldout,
+        recovered.report() if recovered is not None else {}, entries.report, budgets.report(),
+        {"score_dense_vs_pruned": score}, outcome.report(config), databases.report(), job.report())
+    return PruningResult(model=model, tokenizer=job.tokenizer, config=config, units=plan.units,
+                         profile=entries.profile, report=report, latency_table=plan.table, groups=entries.groups)
+
+
+def check_budget(config: SPDYConfig, plan: Plan) -> Budgets:
+    """The target's budget, and the one the search aims at (raised by `search.speedup_margin` where it can be).
+
+    Raises:
+        UnreachableTargetError: no profile meets the target, even with every unit at its fastest level.
+    """
+    times, buckets = plan.times, config.search.dp_buckets
+    budget = compute_budget(times, plan.base_ms, config.target_speedup, reference_ms=plan.reference_ms,
+                            names=plan.names)
+    logger.info("%d search units (%s family); dense model %.3f ms, searched units %.3f ms; max reachable speedup "
+                "%.3fx.", len(plan.names), config.family, budget.base_ms, budget.prunable_ms,
+                budget.max_reachable_speedup)
+    # the second test: times rounded up to DP buckets may not fit where the true times just do
+    if not budget.reachable or not fits(times, budget, buckets):
+        raise UnreachableTargetError(config.target_speedup, budget.max_reachable_speedup, config.family)
+    margin = config.search.speedup_margin
+    if plan.timing_noise is not None and plan.timing_noise > margin:
+        logger.warning("The latency table's timing noise, %s, exceeds the search margin (%.1f%%): raising the "
+                       "margin to cover it. An idle machine gives a tighter table.", plan.describe_noise(), 100 * margin)
+        margin = min(plan.timing_noise, 0.5)
+    search = with_margin(times, budget, margin, buckets, reference_ms=plan.reference_ms)
+    return Budgets(target=budget, search=search)
+

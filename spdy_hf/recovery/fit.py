@@ -1,0 +1,432 @@
+"""Few-sample recovery after pruning: global AdaPrune (gAP) and its block-by-block variant.
+
+SPDY's second half (Frantar & Alistarh, 2022; the reference code's `global_adaprune`): once the profile is stitched
+in, the pruned model's remaining weights are fitted so that every pruned layer's output matches the dense model's
+on the calibration windows: gAP's normalised squared error of every pruned layer's output (`spdy_hf.recovery.teacher`),
+each model on its own activations; `gap` adds `output_weight` times the job's score on the final output (KL for
+LMs, 1 - cosine per token otherwise). Adam. The reference uses a learning rate of 1e-5 for the global variant, 1e-3
+for the layer-wise one and no output term; the defaults here are the best measured
+(docs/benchmarks/recovery.md): for gap 3e-5 on an encoder (MiniLM) and 3e-4 on a causal LM (SmolLM2-135M,
+scored by KL), 1e-4 for the layer-wise variant, output weight 10.
+
+What may change: every parameter of the blocks that hold a pruned layer. What may not: a zero of the profile
+(`spdy_hf.recovery.held_zeros.HeldZeros`: their gradients are zeroed before each step and the entries set to zero after it), so
+the latency table's times still hold and a structured model still shrinks to the same outputs.
+
+Overfitting a few samples: a slice of the windows (`recovery.holdout`) is never trained on; the objective on it is
+measured before training and after every epoch, training stops after `patience` epochs without a better value, and
+the best epoch's weights are kept, the unrecovered ones if no epoch beat them.
+
+Two variants (`recovery.method`):
+- `gap`: the whole pruned model against a dense copy of it, both in memory: the model twice, plus the gradients
+  and Adam's two moments of the trained parameters, plus one best copy of them, plus one batch's activations.
+- `layerwise`: block by block. Each block of the pruned model, on the inputs the (already recovered) blocks before
+  it give, is fitted to the dense block's layer outputs on the dense inputs. It holds one block's training state
+  and the windows' hidden states at one block (two sets: pruned and dense), not a second model; the dense weights
+  are read one block at a time from the snapshot on disk.
+`auto` takes `gap` when about five times the trained parameters' size fits in the memory free now, else
+`layerwise`; where the free memory cannot be told, `layerwise` (with a warning), the variant that holds less.
+
+Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
+on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
+SmolLM2-135M and MiniLM), float32 on other CPUs; the weights, their gradients and Adam's state stay float32 and every
+loss is taken in float32, so no loss scaling is needed. Placement is the model's device. `accelerate`'s `Accelerator` is not
+used for this: its state is process-wide (another `Accelerator` with other mixed-precision settings in the same
+process is refused), and a `Trainer` later in the same process (gradual pruning, fine-tuning with the held-zeros
+callback) makes one of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.sequential import BlockCall, SequentialCalibrator, first_output, forward_kwargs_of
+from ..config import SPDYConfig
+from ..errors import SPDYError
+from ..latency.backend import model_device
+from ..modeling.snapshot import DenseSnapshot
+from ..modeling.units import find_blocks
+from ..search.scoring import DistanceScorer
+from .held_zeros import HeldZeros
+from .teacher import (
+    LayerOutputs,
+    layer_loss,
+    live_outputs,
+    modules_named,
+    output_distance,
+    pruned_layers,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Ends a forward pass after the last block: the layer objective needs nothing after it."""
+
+
+class Recovery:
+    """Runs `config.recovery` on `model` (its profile stitched and finalized) against the dense `snapshot`.
+
+    The pruned layers are those of the model's blocks with more zero weights than in the snapshot, whatever the
+    family (a structured group's producers and consumer, a CSR or 2:4 unit); their outputs make the objective, and
+    their zeros are held.
+
+    Args:
+        windows: the calibration windows; the first `recovery.num_samples` are used, the last `holdout` share of
+            those held back.
+        kind: the job's score ("kl", "cosine", ...), for `output_weight`.
+    """
+
+    def __init__(self, config: SPDYConfig, model: nn.Module, snapshot: DenseSnapshot,
+                 windows: dict[str, torch.Tensor], kind: str, progress: bool = True):
+        self.config, self.cfg, self.model, self.snapshot = config, config.recovery, model, snapshot
+        self.kind, self.progress = kind, progress
+        self.layers = pruned_layers(model, snapshot)
+        self.held = HeldZeros.of_modules(model, self.layers)
+        self.live = {n: keep for n, m in self.layers.items() if (keep := live_outputs(m)) is not None}
+        self.blocks = [(name, block) for name, block in find_blocks(model)
+                       if any(layer.startswith(name + ".") for layer in self.layers)]
+        n = windows["input_ids"].shape[0] if self.cfg.num_samples is None else min(self.cfg.num_samples,
+                                                                                    windows["input_ids"].shape[0])
+        if n < 2:
+            raise SPDYError("Recovery needs at least 2 calibration windows (one to train on, one held back); "
+                            "raise calibration.num_samples or set recovery.method: none.")
+        held_back = min(n - 1, max(1, int(round(self.cfg.holdout * n))))
+        device = model_device(model)
+        cut = {k: v[:n].to(device) for k, v in windows.items()}
+        self.train = _batches({k: v[: n - held_back] for k, v in cut.items()}, self.cfg.batch_size)
+        self.heldback = _batches({k: v[n - held_back:] for k, v in cut.items()}, self.cfg.batch_size)
+        self.extra = forward_kwargs_of(model)
+        self.device, self.dtype = device, recovery_dtype(self.cfg.precision, device)
+
+    def autocast(self):
+        """The forward passes' precision: bfloat16 autocast (`recovery.precision`), or nothing (float32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    def method(self) -> str:
+        if self.cfg.method != "auto":
+            return self.cfg.method
+        size = sum(p.numel() * p.element_size() for _, b in self.blocks for p in b.parameters())
+        model_size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        need = model_size + 5 * size  # a dense copy, gradients, Adam's moments, the best copy
+        free = free_memory(model_device(self.model))
+        if free is None:
+            logger.warning("Recovery 'auto' cannot tell the free memory: taking 'layerwise', which holds one block at "
+                           "a time; recovery.method: gap trains the whole model at once (%.2f GB more).", need / 1e9)
+            return "layerwise"
+        choice = "gap" if need < 0.8 * free else "layerwise"
+        logger.info("Recovery 'auto': %s (gap needs about %.2f GB beside the model, %.2f GB free).", choice,
+                    need / 1e9, free / 1e9)
+        return choice
+
+    def run(self) -> dict:
+        """Recovers the model in place; returns the report's entry (without the before/after scores)."""
+        if not self.blocks:
+            logger.info("Recovery: nothing is pruned; nothing to recover.")
+            return {"method": "none", "reason": "nothing pruned"}
+        method = self.method()
+        start = time.perf_counter()
+        lr = self.cfg.lr(method, self.kind)
+        counts_before = self.held.counts()
+        was_training = self.model.training
+        self.model.eval()
+        unrecovered = DenseSnapshot(self.model)  # the weights the search left, to fall back on
+        try:
+            guard = self._guard(unrecovered)
+            guard_before = guard()
+            history = self._global(lr) if method == "gap" else self._layerwise(lr)
+            guard_after = guard()
+            reverted = guard_after > guard_before
+            if reverted:
+                unrecovered.restore(self.model)
+                logger.warning("Recovery (%s) made the %s score on the held-back windows worse (%.5g -> %.5g): the "
+                               "unrecovered weights are kept.", method, guard.kind, guard_before, guard_after)
+        finally:
+            unrecovered.close()
+            self.model.train(was_training)
+        problems = self.held.violations()
+        if problems or self.held.counts() != counts_before:  # cannot happen: every step re-applies the masks
+            raise SPDYError(f"Recovery moved profile zeros: {problems}.")
+        seconds = time.perf_counter() - start
+        return {"method": method, "learning_rate": lr, "epochs": self.cfg.epochs, "batch_size": self.cfg.batch_size,
+                "precision": str(self.dtype).removeprefix("torch."),
+                "train_windows": sum(len(b["input_ids"]) for b in self.train),
+                "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
+                "output_weight": self.cfg.output_weight if method == "gap" else 0.0,
+                "held_zeros": int(sum(counts_before.values())), "trained_blocks": len(self.blocks),
+                "seconds": round(seconds, 3), "heldback_score": {"kind": guard.kind, "before": guard_before,
+                                                                  "after": guard_after},
+                "reverted": reverted, **history}
+
+    def _guard(self, unrecovered: DenseSnapshot) -> DistanceScorer:
+        """The job's score on the held-back windows against the dense model: the last word on whether recovery
+        helped the final output. A layer objective that improves block by block can still hurt the output (the
+        layer-wise variant does on heavily sparse MiniLM). The dense reference comes from the dense weights written
+        into the model for one pass and the pruned ones written back: no second model in memory."""
+        with torch.no_grad():
+            self.snapshot.restore(self.model)
+            try:
+                return DistanceScorer(self.model, self.heldback, self.kind)
+            finally:
+                unrecovered.restore(self.model)
+
+    # ------------------------------------------------------------------ gAP: the whole model at once
+    def _global(self, lr: float) -> dict:
+        model = self.model
+        teacher = self.snapshot.model(model)
+        params = [p for _, b in self.blocks for p in b.parameters()]
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        student_out = LayerOutputs({n: m for n, m in modules_named(model, self.layers)}, detach=False)
+        teacher_out = LayerOutputs({n: m for n, m in modules_named(teacher, self.layers)}, detach=True)
+        stop = self.cfg.output_weight == 0
+        last = [dict(find_blocks(model))[self.blocks[-1][0]], dict(find_blocks(teacher))[self.blocks[-1][0]]]
+        stops = [b.register_forward_hook(_raise_stop) for b in last] if stop else []
+
+        def objective(batch) -> torch.Tensor:
+            with self.autocast():
+                with torch.no_grad():
+                    t = _run(teacher, batch, self.extra)
+                s = _run(model, batch, self.extra)
+            loss = layer_loss(student_out.values, teacher_out.values, self.live)
+            if not stop:
+                loss = loss + self.cfg.output_weight * output_distance(s, t, self.kind)
+            student_out.values.clear()
+            teacher_out.values.clear()
+            return loss
+
+        try:
+            return self._fit(params, objective, lr, desc="Recovery (gAP)")
+        finally:
+            for h in stops:
+                h.remove()
+            student_out.remove()
+            teacher_out.remove()
+            model.requires_grad_(False)
+            for p in frozen:
+                p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ block by block
+    def _layerwise(self, lr: float) -> dict:
+        model = self.model
+        blocks = find_blocks(model)
+        names = [n for n, _ in blocks]
+        first = names.index(self.blocks[0][0])
+        calibrator = SequentialCalibrator(model, [], self.train + self.heldback, progress=False)
+        chain = blocks[first:names.index(self.blocks[-1][0]) + 1]
+        with torch.no_grad():
+            chained = calibrator.check_chain(chain, self.extra)
+            calls = calibrator.capture(chain[0][1], self.extra)  # dense and pruned inputs agree here
+        dense_calls = list(calls)
+        histories = {}
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        model.requires_grad_(False)
+        try:
+            bar = tqdm(chain, desc="Recovery (layer-wise)", unit="block", disable=not self.progress)
+            for i, (name, block) in enumerate(bar):
+                if i and not chained:  # inputs from the models themselves (slow, but right for any wiring)
+                    with torch.no_grad():
+                        calls = calibrator.capture(block, self.extra)
+                        dense_calls = self._dense_inputs(model, name, block)
+                dense_block = copy.deepcopy(block)
+                self.snapshot.restore(dense_block, prefix=name + ".")
+                dense_block.requires_grad_(False)
+                layers = {n[len(name) + 1:] for n in self.layers if n.startswith(name + ".")}
+                if layers:
+                    live = {n[len(name) + 1:]: v for n, v in self.live.items() if n.startswith(name + ".")}
+                    histories[name] = self._fit_block(block, dense_block, layers, live, calls, dense_calls, lr)
+                with torch.no_grad():
+                    if chained and i < len(chain) - 1:
+                        calls = [c.with_hidden(first_output(block(*c.args, **c.kwargs))) for c in calls]
+                        dense_calls = [c.with_hidden(first_output(dense_block(*c.args, **c.kwargs))) for c in dense_calls]
+                del dense_block
+        finally:
+            model.requires_grad_(False)
+            for p in frozen:
+                p.requires_grad_(True)
+        before = sum(h["heldback_before"] for h in histories.values())
+        after = sum(h["heldback_after"] for h in histories.values())
+        return {"heldback_before": before, "heldback_after": after, "blocks": histories}
+
+    def _dense_inputs(self, model: nn.Module, name: str, block: nn.Module) -> list[BlockCall]:
+        """The dense model's inputs to block `name`: the whole dense model run up to it (unchained models only)."""
+        teacher = self.snapshot.model(model)
+        try:
+            return SequentialCalibrator(teacher, [], self.train + self.heldback, progress=False).capture(
+                dict(find_blocks(teacher))[name], self.extra)
+        finally:
+            del teacher
+
+    def _fit_block(self, block, dense_block, layers, live, calls, dense_calls, lr) -> dict:
+        student_out = LayerOutputs({n: m for n, m in block.named_modules() if n in layers}, detach=False)
+        teacher_out = LayerOutputs({n: m for n, m in dense_block.named_modules() if n in layers}, detach=True)
+        targets = []
+        with torch.no_grad():
+            for c in dense_calls:
+                dense_block(*c.args, **c.kwargs)
+                targets.append(dict(teacher_out.values))
+                teacher_out.values.clear()
+        teacher_out.remove()
+        params = list(block.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        index = {id(b): i for i, b in enumerate(self.train + self.heldback)}
+
+        def objective(batch) -> torch.Tensor:
+            i = index[id(batch)]
+            with self.autocast():
+                block(*calls[i].args, **calls[i].kwargs)
+            loss = layer_loss(student_out.values, targets[i], live)
+            student_out.values.clear()
+            return loss
+
+        try:
+            return self._fit(params, objective, lr, desc=None)
+        finally:
+            student_out.remove()
+            for p in params:
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ the training loop both share
+    def _fit(self, params: list[nn.Parameter], objective, lr: float, desc: str | None) -> dict:
+        optimizer = torch.optim.Adam(params, lr=lr)
+        rng = np.random.default_rng(self.config.search.seed)
+
+        def heldback_loss() -> float:
+            with torch.no_grad():
+                return sum(float(objective(b)) for b in self.heldback) / len(self.heldback)
+
+        best = before = heldback_loss()
+        best_state = [p.detach().clone() for p in params]
+        best_epoch, bad, train_losses, heldback_losses = 0, 0, [], []
+        total = self.cfg.epochs * len(self.train)
+        bar = tqdm(total=total, desc=desc, unit="step", disable=not self.progress or desc is None)
+        for epoch in range(1, self.cfg.epochs + 1):
+            running = 0.0
+            for i in rng.permutation(len(self.train)):
+                loss = objective(self.train[i])
+                loss.backward()
+                self.held.hold_gradients()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.held.apply()
+                running += float(loss.detach())
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+            train_losses.append(running / len(self.train))
+            heldback_losses.append(heldback_loss())
+            logger.debug("Recovery epoch %d: train %.5g, held back %.5g.", epoch, train_losses[-1],
+                         heldback_losses[-1])
+            if heldback_losses[-1] < best:
+                best, best_epoch, bad = heldback_losses[-1], epoch, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                bad += 1
+                if bad >= self.cfg.patience:
+                    break
+        bar.close()
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
+        self.held.apply()
+        return {"heldback_before": before, "heldback_after": best, "best_epoch": best_epoch,
+                "epochs_run": len(train_losses), "train_loss": train_losses, "heldback_loss": heldback_losses}
+
+def recovery_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of recovery's forward passes: `recovery.precision`, with 'auto' bfloat16 on a GPU that supports it
+    and on a CPU with bfloat16 matrix instructions, float32 elsewhere (without them a CPU's bfloat16 products are
+    emulated, not measured to pay)."""
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_bf16_matmul():
+            return torch.bfloat16
+    return torch.float32
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX tiles), as oneDNN uses them: there
+    recovery's forward and backward passes in bfloat16 take about half the time of float32 ones (SmolLM2-135M on an
+    AVX512-BF16 EPYC, docs/benchmarks/recovery.md) and recover as well."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):  # torch.cpu's, private: probed with care
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and bool(check()):
+                return True
+        except Exception:  # noqa: BLE001 - a probe that fails means "not known to be there"
+            continue
+    return False
+
+
+def _raise_stop(module, args, output):
+    raise _Stop
+
+
+def _run(model: nn.Module, batch: dict, extra: dict):
+    try:
+        return model(**batch, **extra)
+    except _Stop:
+        return None
+
+
+def _batches(windows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    n = windows["input_ids"].shape[0]
+    return [{k: v[i:i + size] for k, v in windows.items()} for i in range(0, n, size)]
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free now on `device` (the GPU's count on CUDA, the host's on the CPU and MPS), None where unknown. Not
+    `accelerate.utils.get_max_memory`: it reads the same counts, but starts every GPU of the machine to do so."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type in ("cpu", "mps"):
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+    except (ImportError, RuntimeError, OSError) as error:
+        logger.debug("Free memory on %s unknown: %s", device, error)
+    return None
+
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """What the recovery stage hands on: its report entry (method, epochs, the scores before and after)."""
+
+    entry: dict
+
+    def report(self) -> dict:
+        return {"recovery": self.entry}
+
+
+def recovery_stage(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], snapshot: DenseSnapshot,
+                   scorer, finalize: Callable[[], None], quality=None, progress: bool = True) -> RecoveryRecord:
+    """The pipeline's recovery stage: the stitched profile made final (`finalize`), then recovered toward the dense
+    weights in `snapshot`; the record holds the job's score on the scoring windows and, given `quality`
+    (`HeldOutQuality`), the held-out quality before and after recovery."""
+    finalize()
+    before = {"calibration_score": scorer()}
+    if quality is not None:
+        before["heldout"] = quality.compare(model)["pruned"]
+    entry = Recovery(config, model, snapshot, windows, scorer.kind, progress).run()
+    after = {"calibration_score": scorer()}
+    if quality is not None:
+        after["heldout"] = quality.compare(model)["pruned"]
+    logger.info("Recovery (%s): score %.5g -> %.5g%s.", entry["method"], before["calibration_score"],
+                after["calibration_score"], "" if quality is None else
+                f", held-out {'perplexity' if quality.causal else 'cosine'} {before['heldout']:.4g} -> "
+                f"{after['heldout']:.4g}")
+    return RecoveryRecord({**entry, "score_kind": scorer.kind, "before": before, "after": after})

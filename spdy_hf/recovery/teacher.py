@@ -1,0 +1,107 @@
+"""What recovery fits a pruned model to: the dense teacher (`DenseSnapshot`, on disk); the layers a profile pruned;
+and gAP's objective on their outputs (`spdy_hf.recovery.fit`).
+
+The objective of one batch is
+
+    sum over pruned layers l of ||y_l(pruned) - y_l(dense)||^2 / ||y_l(dense)||^2
+
+with y_l a layer's output in its own model, over the output features that can still be nonzero (a removed head's
+or neuron's rows in a producing layer are zero for good: `live_outputs`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibration.sequential import first_output
+from ..errors import SPDYError
+from ..modeling.groups import rows_view
+from ..modeling.snapshot import DenseSnapshot
+from ..modeling.units import find_blocks
+
+
+class LayerOutputs:
+    """Forward hooks that keep the outputs of the named layers of one model."""
+
+    def __init__(self, modules: dict[str, nn.Module], detach: bool):
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name, detach)) for name, m in modules.items()]
+
+    def _hook(self, name: str, detach: bool):
+        def hook(module, args, output):
+            out = first_output(output)
+            self.values[name] = out.detach() if detach else out
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def layer_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+               live: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """gAP's objective: each layer's squared error over the dense output's squared norm, summed over layers; with
+    `live` (a layer's output features that can still be nonzero, `live_outputs`), on those features only."""
+    total = None
+    for name, t in teacher.items():
+        t, s = t.float(), student[name].float()
+        keep = None if live is None else live.get(name)
+        if keep is not None:
+            t, s = t[..., keep.to(t.device)], s[..., keep.to(s.device)]
+        term = (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+        total = term if total is None else total + term
+    if total is None:
+        raise SPDYError("Recovery found none of the pruned layers' outputs in the forward pass.")
+    return total
+
+
+def output_distance(student, teacher, kind: str) -> torch.Tensor:
+    """The job's score on the final output: KL(dense || pruned) per token for LMs, else 1 - cosine per token."""
+    if kind == "kl":
+        s, t = student.logits.float(), teacher.logits.float()
+        s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    s, t = _last_hidden(student), _last_hidden(teacher)
+    return (1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean()
+
+
+def _last_hidden(out) -> torch.Tensor:
+    hidden = getattr(out, "last_hidden_state", None)
+    return hidden if hidden is not None else out.hidden_states[-1]
+
+def pruned_layers(model: nn.Module, snapshot: DenseSnapshot) -> dict[str, nn.Module]:
+    """The layers of the model's blocks (modules with a 2-D weight) holding more zero weights than the dense
+    snapshot: those the profile pruned, in model order."""
+    out = {}
+    for block_name, block in find_blocks(model):
+        for name, module in block.named_modules():
+            weight = getattr(module, "weight", None)
+            full = f"{block_name}.{name}" if name else block_name
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or f"{full}.weight" not in snapshot:
+                continue
+            if int((weight.detach() == 0).sum()) > int((snapshot.tensor(f"{full}.weight") == 0).sum()):
+                out[full] = module
+    return out
+
+
+@torch.no_grad()
+def live_outputs(module: nn.Module) -> torch.Tensor | None:
+    """The output features of a pruned layer that training can still move: all but those whose weight row is all
+    zero with no bias or a zero one (a removed head's or neuron's rows in a producing layer). Those are zero for
+    good, held so by `HeldZeros`; leaving them in the objective would only add the dense values as a constant error
+    that swamps what can be fitted. None when every feature is live."""
+    weight, _ = rows_view(module)
+    dead = (weight == 0).all(dim=1)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        dead &= bias.detach() == 0
+    if not bool(dead.any()):
+        return None
+    return ~dead
+
+
+def modules_named(model: nn.Module, layers: dict[str, nn.Module]):
+    modules = dict(model.named_modules())
+    return [(name, modules[name]) for name in layers]

@@ -1,0 +1,134 @@
+"""The search stage: SPDY's search run on the live model. Each candidate profile is stitched into the model
+(`LiveProfile`) and scored against the dense model (`DistanceScorer`) on the first `search.eval_samples`
+calibration windows, in bfloat16 where that is faster; the stage ends with the best profile stitched at the model's
+own precision."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import SPDYConfig
+from ..latency.backend import model_device
+from ..modeling.units import find_blocks
+from .lowered import bfloat16_is_faster
+from .scoring import DistanceScorer, has_lm_head
+from .spdy import SearchResult, spdy_search
+from .stitch import LiveProfile
+
+logger = logging.getLogger(__name__)
+
+LOGITS_BYTES = 64 * 2**20  # the most a scoring pass's float32 logits may take
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What the search stage hands on: the search's result (the best profile, its sensitivities), the DP's prior
+    (verify re-solves the DP with both), the scorer (every later score of the job uses it: one reference, one
+    dtype), the live profile (the best one, stitched) and the best profile's score."""
+
+    result: SearchResult
+    prior: np.ndarray
+    scorer: DistanceScorer
+    live: LiveProfile
+    score: float
+
+    def report(self, config: SPDYConfig) -> dict:
+        """The search's entries of the report; the scorer's counts include every score taken since the search."""
+        result, scorer = self.result, self.scorer
+        return {"score_kind": scorer.kind,
+                "search": {"candidates": result.candidates, "evaluations": result.evaluations,
+                           "max_candidates": config.search.max_candidates, "cut_short": result.cut_short,
+                           "schedule": [[k, n] for k, n in result.schedule], "levels": result.subset or "all",
+                           "improvements": [[i, score] for i, score in result.improvements()],
+                           "score_dtype": dtype_name(scorer.dtype), "blocks_run": scorer.blocks_run,
+                           "blocks_full": scorer.blocks_full}}
+
+
+def run_search(config: SPDYConfig, family, plan, databases, budgets, windows: dict[str, torch.Tensor],
+               progress: bool = True) -> SearchOutcome:
+    """The search stage for `family`'s `plan` and `databases`, aiming at `budgets.search`; the best profile is
+    stitched into the live model when it returns."""
+    prior = family.prior(plan, databases)
+    live = LiveProfile(family, plan, databases)
+    low = score_dtype(config)
+    with live.lowered(low) as running:  # candidates scored in bfloat16 where that is faster
+        if low is not None and running != low:
+            logger.warning("search.score_dtype asks for %s, but only a float32 model on the CPU is lowered for "
+                           "the search: candidates are scored in the model's own %s.", dtype_name(low),
+                           dtype_name(running))
+        result, scorer = search_profile(config, family.model, windows, plan.times, budgets.search.budget_ms, prior,
+                                        live, progress, plan.names, family.level_subsets(plan))
+        live(result.profile)
+        score = scorer()
+    return SearchOutcome(result=result, prior=prior, scorer=scorer, live=live, score=score)
+
+
+def scoring_batch_size(model: nn.Module, requested: int, length: int) -> int:
+    """`search.eval_batch_size`, lowered for a language model so that one pass's float32 logits stay within
+    `LOGITS_BYTES` (SmolLM2's 49 k vocabulary: 25 MB per 128-token window, so 2 windows a pass, not 8)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not has_lm_head(model) or not isinstance(vocab, int) or vocab <= 0:
+        return requested
+    return max(1, min(requested, LOGITS_BYTES // (4 * vocab * max(length, 1))))
+
+
+def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], times: np.ndarray,
+                   budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True,
+                   names: list[str] | None = None, subsets: dict[str, np.ndarray] | None = None
+                   ) -> tuple[SearchResult, DistanceScorer]:
+    """SPDY's search with the config's settings: each candidate profile is stitched into the live model (`stitch`)
+    and scored against the dense model on the first `search.eval_samples` calibration windows, the blocks before
+    the first one it changes not run again (`names`: the search units, to tell their blocks; `subsets`: the
+    family's kinds of level, each also searched on its own, `spdy_search`). Returns the
+    `SearchResult` and the scorer (the best profile is not stitched yet)."""
+    s = config.search
+    device = model_device(model)
+    eval_windows = {k: v[: s.eval_samples].to(device) for k, v in windows.items()}
+    n, length = eval_windows["input_ids"].shape
+    size = scoring_batch_size(model, s.eval_batch_size, length)
+    batches = [{k: v[i:i + size] for k, v in eval_windows.items()} for i in range(0, n, size)]
+    scorer = DistanceScorer(model, batches, s.score)
+    block_of = None if names is None else unit_blocks(names, [name for name, _ in find_blocks(model)])
+
+    def evaluate(profile: np.ndarray) -> float:
+        stitch(profile)
+        if block_of is None:
+            return scorer()
+        keys: list[list[int]] = [[] for _ in scorer.blocks]
+        for u, level in enumerate(profile):  # a unit outside the blocks counts as changing the first one
+            keys[max(block_of[u], 0)].append(int(level) if block_of[u] >= 0 else -1 - int(level))
+        return scorer(keys)
+
+    result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
+                         neighbourhood_fraction=s.neighbourhood_fraction, max_candidates=s.max_candidates,
+                         buckets=s.dp_buckets, seed=s.seed,
+                         prior=prior, subsets=subsets, progress=progress)
+    return result, scorer
+
+
+def score_dtype(config: SPDYConfig) -> torch.dtype | None:
+    """The dtype `search.score_dtype` asks candidates to be scored in; None: the model's own. What runs is what
+    `lowered` can do with the model (the report names that)."""
+    choice = config.search.score_dtype
+    if choice == "auto":
+        cpu_fp32 = config.backend == "cpu" and config.regime.dtype == "float32"
+        choice = "bfloat16" if cpu_fp32 and bfloat16_is_faster() else "float32"
+    return getattr(torch, choice) if choice != "float32" or config.regime.dtype == "float32" else None
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def unit_blocks(names: list[str], blocks: list[str]) -> list[int]:
+    """The index of the block each search unit (a layer, or "<block>:attention") lies in; -1 outside every block."""
+    out = []
+    for name in names:
+        inside = [i for i, b in enumerate(blocks) if name.startswith(b + ".") or name.startswith(b + ":")]
+        out.append(max(inside, key=lambda i: len(blocks[i])) if inside else -1)
+    return out
