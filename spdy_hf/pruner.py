@@ -17,7 +17,7 @@ from .config import SPDYConfig
 from .errors import SPDYError
 from .families import get_family
 from .latency import LatencyTable
-from .latency.backend import model_device, regime_inputs, to_target_device
+from .latency.backend import model_device, to_target_device
 from .modeling.loading import loaded_from_gguf, plain_checkpoint
 from .modeling.units import find_units
 from .output.result import PruningResult
@@ -83,9 +83,8 @@ class SPDYPruner:
         times too. Measure it on the target machine, then pass it (saved with `LatencyTable.save`) as
         `latency_table` to prune anywhere."""
         model = self._prepare()
-        example = regime_inputs(model, self.config.regime)
-        units = find_units(model, self.config.skip_modules, example_inputs=example)
         family = get_family(self.config.family)(self.config, model, progress)
+        units = find_units(model, self.config.skip_modules, example_inputs=family.inputs)  # the regime's own work
         return family.plan(units, latency_table).table
 
     # ------------------------------------------------------------------ inputs

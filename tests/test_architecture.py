@@ -207,3 +207,17 @@ def test_private_import_check(tmp_path):
     root = write_package(tmp_path, {"__init__.py": "", "a.py": "def _f(): ...\n_X = 1\n",
                                     "b.py": "from .a import _f\n", "c.py": "def g():\n    from pkg.a import _X\n"})
     assert private_imports(root) == ["pkg.b:1 imports pkg.a._f", "pkg.c:2 imports pkg.a._X"]
+
+
+def test_the_report_is_merged_and_no_stage_overwrites_another():
+    from spdy_hf.pipeline.report import merge_report
+
+    report = merge_report({"a": 1, "search": {"candidates": 3}}, {"search": {"score_dtype": "bfloat16"}}, {"b": None})
+    assert report == {"a": 1, "search": {"candidates": 3, "score_dtype": "bfloat16"}, "b": None}
+    with pytest.raises(ValueError, match="'a'"):
+        merge_report({"a": 1}, {"a": 1})
+    with pytest.raises(ValueError, match="search.candidates"):
+        merge_report({"search": {"candidates": 3}}, {"search": {"candidates": 4}})
+    first = {"search": {"candidates": 3}}
+    merge_report(first, {"search": {"levels": "all"}})
+    assert first == {"search": {"candidates": 3}}  # the fragments themselves are left as they were

@@ -243,28 +243,36 @@ def test_sparse_deployed_model_matches_pruned_dense_model(model_name, request):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_stitch_writes_only_units_whose_level_changed(tiny_bert):
-    units = find_units(tiny_bert, DEFAULT_SKIP_MODULES)
-    db = MagnitudeDatabase(units, LEVELS)
+def test_live_profile_writes_only_units_whose_level_changed():
+    """The search stage's record of the live model: a unit is written when its level changes, every unit after the
+    weights were read back from disk (`rewrite`, and on leaving `lowered`), and a profile of the wrong length is
+    refused."""
+    from types import SimpleNamespace
+
+    from spdy_hf.search import LiveProfile
+
     writes = []
-    original_write = db._write
-
-    def counting_write(unit_index, level_index):
-        writes.append((unit_index, level_index))
-        original_write(unit_index, level_index)
-
-    db._write = counting_write
-    db.stitch([0] * len(units))
-    assert writes == []  # the live weights are dense already
-    profile = [2] * len(units)
-    db.stitch(profile)
-    assert sorted(writes) == [(i, 2) for i in range(len(units))]
+    family = SimpleNamespace(stitch_unit=lambda plan, databases, i, level: writes.append((i, level)),
+                             model=torch.nn.Linear(2, 2))
+    live = LiveProfile(family, SimpleNamespace(names=["a", "b", "c", "d"]), None)
+    live([0, 0, 0, 0])
+    assert writes == []  # the model is dense already
+    live([2, 2, 0, 2])
+    assert writes == [(0, 2), (1, 2), (3, 2)]
     writes.clear()
-    db.stitch(profile)
+    live([2, 2, 0, 2])
     assert writes == []
-    profile[3] = 4
-    db.stitch(profile)
-    assert writes == [(3, 4)]
+    live([2, 4, 0, 2])
+    assert writes == [(1, 4)]
+    writes.clear()
+    live.rewrite([2, 4, 0, 2])
+    assert writes == [(0, 2), (1, 4), (2, 0), (3, 2)]
+    writes.clear()
+    with live.lowered(None):
+        live([1, 4, 0, 2])
+    assert writes == [(0, 1), (0, 1), (1, 4), (2, 0), (3, 2)]  # inside, then the whole profile again after
+    with pytest.raises(ValueError, match="one level per search unit"):
+        live([0, 0])
 
 
 def test_distance_scorer(tiny_bert, tiny_llama):

@@ -10,14 +10,14 @@ from ..modeling.units import Unit
 class PruningDatabase:
     """Pruned weights for every unit at every level (level 0 is dense). Levels are nested.
 
-    Subclasses implement `weight`. `stitch` writes a level into the live model in place, so the search never
-    copies the model; it skips units whose level has not changed since the last stitch.
+    Subclasses implement `weight`. `write` puts one unit's level into the live model in place, so the search never
+    copies the model; `stitch` writes a whole profile. The database keeps no record of what the model holds: the
+    search stage's `LiveProfile` does, and writes only the units whose level changed.
     """
 
     def __init__(self, units: list[Unit], levels: list[float]):
         self.units = units
         self.levels = list(levels)
-        self._current = [0] * len(units)  # the level each unit's live weight holds now
 
     @property
     def num_levels(self) -> int:
@@ -31,15 +31,8 @@ class PruningDatabase:
         """Writes the weights of `profile` (a level index per unit) into the model, in place."""
         if len(profile) != len(self.units):
             raise ValueError(f"A profile needs one level per unit: got {len(profile)} for {len(self.units)} units.")
-        with torch.no_grad():
-            for i, level in enumerate(profile):
-                if self._current[i] != level:
-                    self._write(i, int(level))
-                    self._current[i] = int(level)
-
-    def forget_stitched(self) -> None:
-        """The units' weights were replaced by other means: the next `stitch` writes every unit."""
-        self._current = [-1] * len(self.units)
+        for i, level in enumerate(profile):
+            self.write(i, int(level))
 
     def write(self, unit_index: int, level_index: int) -> None:
         """Writes one unit's weight at a level into the model, in place (whatever it held before)."""

@@ -39,7 +39,8 @@ class MixedFamily(StructuredFamily):
     uses_levels = True
 
     def sparse_levels(self, units, table):
-        return unit_latency_table(self, units, table), LevelGrid.of(self.config)
+        grid = LevelGrid.of(self.config)
+        return unit_latency_table(self, units, table, grid), grid
 
     def group_levels(self, layout, i, group_times):
         level_map, row = super().group_levels(layout, i, group_times)

@@ -14,6 +14,7 @@ heads/neurons. The mixed family (`spdy_hf.families.mixed`) extends the maps with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -98,16 +99,18 @@ class StructuredFamily(Family):
         counts = [keep_counts(g, s.head_step, s.ffn_grid) for g in groups]
         by_name = {u.name: u for u in units}
         unit_table, grid = self.sparse_levels(units, table)
+        # the levels' map is filled in below, from the times (each group's sparse levels need the layout's tables)
         layout = StructuredLayout(groups=groups, counts=counts, level_maps=[], unit_table=unit_table, grid=grid,
                                   group_units=[[by_name[n] for n in [*g.producers, g.consumer]] for g in groups])
         source = structured_latency(self, groups, counts, table)  # the table the structured times come from
         structured = source.structured
-        rows = []
+        level_maps, rows = [], []
         for i, g in enumerate(groups):
             group_times = structured["signatures"][structured["groups"][group_name(g)]]["times_ms"]
             level_map, row = self.group_levels(layout, i, group_times)
-            layout.level_maps.append(level_map)
+            level_maps.append(level_map)
             rows.append(row)
+        layout = dataclasses.replace(layout, level_maps=level_maps)
         times = np.full((len(groups), max(len(r) for r in rows)), np.inf)
         for i, row in enumerate(rows):
             times[i, :len(row)] = row

@@ -22,7 +22,6 @@ from ..deploy.kernels import KernelSwap, UnitLayout
 from ..latency.check import cached_or_measured, constant_problem, judge_profiles
 from ..latency.table import LatencyTable, cache_key, default_cache_dir
 from ..latency.timing import interleaved_median_ms
-from ..modeling.levels import get_levels, get_patterns
 from ..modeling.loading import model_fingerprint, weights_fingerprint
 from ..modeling.units import Unit
 from ..search import anchor_level, error_prior
@@ -37,11 +36,12 @@ class UnstructuredFamily(Family):
     name = "unstructured"
 
     def plan(self, units, latency_table=None) -> Plan:
-        table = unit_latency_table(self, units, self.given_table(latency_table))
+        grid = LevelGrid.of(self.config)
+        table = unit_latency_table(self, units, self.given_table(latency_table), grid)
         return Plan(units=units, names=[u.name for u in units], times=table.times_for(table.keys_for(units)),
                     base_ms=table.base_time_ms, reference_ms=table.reference_time_ms, table=table,
                     timing_noise=table.timing_noise, timing_noise_kind=table.timing_noise_kind,
-                    layout=LevelGrid.of(self.config))
+                    layout=grid)
 
     def build_database(self, plan, windows, budgets) -> Databases:
         anchor = anchor_level(plan.times, budgets.search.budget_ms)
@@ -97,12 +97,13 @@ class UnstructuredFamily(Family):
         return Entries(profile=entries, report=report)
 
 
-def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | None) -> LatencyTable:
-    """The per-layer latency table: `table` when given (checked against the job), else the cached one, else
-    measured on the backend and cached."""
+def unit_latency_table(family: Family, units: list[Unit], table: LatencyTable | None, grid: LevelGrid
+                       ) -> LatencyTable:
+    """The per-layer latency table of `grid`'s levels: `table` when given (checked against the job), else the cached
+    one, else measured on the backend and cached."""
     config = family.config
     regime = config.regime.to_dict()
-    levels, patterns = get_levels(config.levels), get_patterns(config.levels)
+    levels, patterns = grid.levels, grid.patterns
     if table is not None:
         table.check_matches(config.backend, regime, levels, patterns, family.environment)
         table.check_units([u.name for u in units], family.fingerprint)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 from .lowered import lowered
@@ -31,10 +30,6 @@ class LiveProfile:
             if self.levels[index] != level:
                 self.family.stitch_unit(self.plan, self.databases, index, level)
                 self.levels[index] = level
-
-    @property
-    def profile(self) -> np.ndarray:
-        return np.asarray(self.levels, dtype=np.int64)
 
     def forget(self) -> None:
         """The model's weights were replaced by other means (read back from disk): the next call writes every unit."""
