@@ -125,13 +125,18 @@ class CalibrationConfig:
 
     source: str = field(
         default="builtin",
-        metadata={"help": "'builtin' (offline corpus of Python standard-library docstrings), a local file "
-                  "(.txt, .json, .jsonl, .parquet, .csv) or a Hugging Face Hub dataset name."},
+        metadata={"help": "'builtin' (the offline corpus: Python standard-library docstrings and everyday English a "
+                  "language model wrote, interleaved), 'docstrings' or 'written' (one of the two alone), a local "
+                  "file (.txt, .json, .jsonl, .parquet, .csv) or a Hugging Face Hub dataset name."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     split: str = field(default="train", metadata={"help": "Dataset split (Hub datasets and data files)."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text (datasets and data files)."})
-    num_samples: int = field(default=128, metadata={"min": 1, "help": "Number of calibration windows."})
+    num_samples: int = field(
+        default=512, metadata={"min": 1, "help": "Number of calibration windows (the database's Hessians, the search's "
+                               "scoring windows, recovery). More text carries over to other text better: 512 "
+                               "instead of 128 added 0.01-0.03 of embedding cosine on every held-out set of MiniLM "
+                               "(docs/benchmarks/transfer.md)."})
     sequence_length: int | None = field(
         default=128,
         metadata={"help": "Tokens per calibration window; null takes the model's maximum number of positions."})
@@ -168,6 +173,11 @@ class DatabaseConfig:
 
     dampening: float = field(
         default=0.01, metadata={"help": "OBS: fraction of the Hessian's mean diagonal added before inversion."})
+    compensation: float = field(
+        default=1.0,
+        metadata={"help": "Structured OBS: the share of the optimal update that the kept weights receive when heads or "
+                  "neurons are removed (1: all of it, fitted to the calibration text; lower: less of the calibration "
+                  "text's statistics carried into every kept weight)."})
     block_size: int = field(default=128, metadata={"min": 1, "help": "OBS: columns per lazy batch of updates."})
     propagation: str = field(
         default="auto",
@@ -192,6 +202,8 @@ class DatabaseConfig:
         check_fields(self, "database.")
         check_number("database.dampening", self.dampening, lambda v: 0 < v < 1, "(0, 1)")
         self.dampening = float(self.dampening)
+        check_number("database.compensation", self.compensation, lambda v: 0 <= v <= 1, "[0, 1]")
+        self.compensation = float(self.compensation)
         check_choice("database.propagation", self.propagation, PROPAGATIONS)
         for name in ("device", "dir"):
             if getattr(self, name) == "":
@@ -215,6 +227,21 @@ class SearchConfig:
                   "past 600 bought 2.5 % calibration score and a worse held-out perplexity (docs/benchmarks/decoder-llm.md). "
                   "null: SPDY's schedule, at least num_random_inits + patience x round(neighbourhood_fraction x "
                   "units) candidates (each improvement restarts a size's count)."})
+    select_top: int = field(
+        default=1,
+        metadata={"min": 1, "help": "Staged selection: the search screens candidates on its eval_samples windows; "
+                  "its best select_top distinct profiles are then scored again on select_samples calibration "
+                  "windows the search never scored, and the best of them there is the result. 1: the search's best."})
+    select_samples: int = field(
+        default=32, metadata={"min": 1, "help": "Calibration windows the staged selection scores on (taken after "
+                              "the search's eval_samples; at most what the calibration set has left)."})
+    max_cut_ratio: float | None = field(
+        default=1.5,
+        metadata={"help": "How far the profile may stray from uniform: no search unit may lose more than this multiple "
+                  "of the share of time the target removes from all of them (e.g. 2.0 at a target that cuts 30 % of "
+                  "the searched time: no unit loses more than 60 % of its own). Bounds how much of a block's "
+                  "heads or neurons goes: an unbounded profile empties whole units where the calibration text lets it, and "
+                  "holds up worse on other text (docs/benchmarks/transfer.md). null: unbounded, as in SPDY."})
     dp_buckets: int = field(default=10_000, metadata={"min": 10, "help": "Time buckets of the dynamic program."})
     speedup_margin: float = field(
         default=0.05,
@@ -227,10 +254,11 @@ class SearchConfig:
         metadata={"min": 0, "help": "When the verified speedup falls short of the target, re-aim the DP higher by the "
                   "shortfall (same sensitivities, no new search) and verify again, at most this many times."})
     verify_overshoot: float | None = field(
-        default=0.10,
+        default=0.05,
         metadata={"help": "When the verified speedup exceeds the target by more than this fraction, re-aim the DP "
-                  "lower once, for target x (1 + speedup_margin) as measured; a lower profile that misses is re-aimed "
-                  "up, below the first, while verify_corrections are left, else the first comes back. null: off."})
+                  "lower once, for target x (1 + speedup_margin / 2) as measured (speed beyond the target is paid in "
+                  "quality); a lower profile that misses is re-aimed up, below the first, while verify_corrections "
+                  "are left, else the first comes back. null: off."})
     target_tolerance: float = field(
         default=0.02,
         metadata={"help": "How far below the target (a fraction of it) a measured speedup may land and still count "
@@ -267,6 +295,8 @@ class SearchConfig:
             raise ConfigError(f"search.max_candidates={self.max_candidates!r} must be null (no bound) or an integer "
                               f">= search.num_random_inits ({self.num_random_inits}): the random starts count toward "
                               "it. Raise it with num_random_inits, or set it to null.")
+        if self.max_cut_ratio is not None:
+            check_number("search.max_cut_ratio", self.max_cut_ratio, lambda v: v >= 1, "[1, inf) or null")
         check_number("search.speedup_margin", self.speedup_margin, lambda v: 0 <= v < 1, "[0, 1)")
         check_choice("search.error_prior", self.error_prior, ERROR_PRIORS)
         check_number("search.target_tolerance", self.target_tolerance, lambda v: 0 <= v < 1, "[0, 1)")

@@ -149,3 +149,60 @@ def test_pruner_accepts_a_dataset(tmp_path, tokenizer):
     ds = datasets.Dataset.from_dict({"body": list(builtin_corpus())[:50]})
     windows = SPDYPruner(make_bert(), config, tokenizer).calibration_windows(ds)
     assert windows["input_ids"].shape == (3, 16) and torch.all(windows["attention_mask"] == 1)
+
+
+def test_builtin_corpora_are_disjoint_splits_of_their_own_kinds():
+    from spdy_hf.calibration.text import BUILTIN_SOURCES, builtin_texts
+
+    assert set(BUILTIN_SOURCES) >= {"builtin", "docstrings", "written", "mix"}
+    written = {split: builtin_texts("written", split) for split in ("calibration", "heldout")}
+    assert len(written["calibration"]) > 3 * len(written["heldout"]) > 0
+    assert not set(written["calibration"]) & set(written["heldout"])
+    assert all(len(t.split()) >= 20 for t in written["calibration"])
+    mix = builtin_texts("builtin")
+    assert mix == builtin_texts("mix")
+    docs = builtin_texts("docstrings")
+    assert mix[0] == docs[0] and mix[1] == written["calibration"][0]  # a document of each in turn
+    assert sorted(mix) == sorted(docs + written["calibration"])
+    assert load_texts("written") == written["calibration"] and load_texts("builtin") == mix
+    with pytest.raises(SPDYError, match="Unknown built-in corpus"):
+        builtin_texts("poems")
+
+
+def test_writing_prompts_are_fixed_varied_and_name_no_code():
+    from spdy_hf.calibration.written import KINDS, SUBJECTS, writing_prompts
+
+    prompts = writing_prompts()
+    assert len(prompts) == len(set(prompts)) == len(KINDS) * len(SUBJECTS)
+    assert prompts == writing_prompts() and prompts != writing_prompts(seed=1)
+    assert not any(word in p.lower() for p in prompts for word in ("python", "code", "licen", "program"))
+
+
+def test_write_texts_answers_through_the_chat_template_and_drops_short_answers(monkeypatch):
+    from spdy_hf.calibration.written import write_texts
+
+    class Tokenizer:
+        padding_side, pad_token_id, eos_token_id = "right", 0, 0
+        chat_template = "yes"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "<user>" + messages[0]["content"] + "<assistant>"
+
+        def __call__(self, texts, **kwargs):
+            assert self.padding_side == "left" and all(t.startswith("<user>") for t in texts)
+            return {"input_ids": torch.ones(len(texts), 3, dtype=torch.long),
+                    "attention_mask": torch.ones(len(texts), 3, dtype=torch.long)}
+
+        def decode(self, row, skip_special_tokens):
+            return " ".join(["word"] * int(row[0]))
+
+    class Model:
+        def generate(self, input_ids, attention_mask, **kwargs):
+            assert kwargs["do_sample"] and kwargs["pad_token_id"] == 0
+            lengths = torch.tensor([[30], [5]]).repeat(input_ids.shape[0] // 2 + 1, 1)[: input_ids.shape[0]]
+            return torch.cat([input_ids, lengths], dim=1)
+
+    tok = Tokenizer()
+    texts = write_texts(Model(), tok, ["a", "b", "c", "d"], batch_size=4, progress=False)
+    assert texts == [" ".join(["word"] * 30)] * 2  # the 5-word answers are dropped
+    assert tok.padding_side == "right"  # restored

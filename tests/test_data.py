@@ -23,7 +23,7 @@ def test_builtin_corpus_non_empty_deterministic_and_split():
     assert not set(cal) & set(held)
     builtin_corpus.cache_clear()
     assert builtin_corpus("calibration") == cal  # the same documents in the same order, read again
-    assert load_texts("builtin") == list(cal)
+    assert load_texts("docstrings") == list(cal)
     with pytest.raises(SPDYError, match="split"):
         builtin_corpus("train")
 

@@ -346,3 +346,26 @@ def test_a_reaim_keeps_to_the_subset_and_its_reach():
     assert new_aim == pytest.approx(reach) and new_aim < budget.max_reachable_speedup
     assert allowed[np.arange(4), new_profile].all() and new_profile.tolist() == [2, 2, 2, 2]
     assert len(corrections) == 1
+
+
+def test_bounded_levels_keep_every_unit_near_the_shared_cut():
+    from spdy_hf.search.spdy import bounded_levels
+
+    # 4 units of 10 ms, levels removing 0, 25, 50, 75, 100 % of a unit's time; the budget takes 25 % of the total
+    times = np.tile(np.array([10.0, 7.5, 5.0, 2.5, 0.0]), (4, 1))
+    allowed, cap = bounded_levels(times, 30.0, ratio=2.0)
+    assert cap == pytest.approx(0.5)
+    assert allowed[:, :3].all() and not allowed[:, 3:].any()  # at most 50 % of any unit goes
+    # an unbounded search empties two units; bounded, the profile spreads the cut
+    scores = lambda p: float(np.sum(np.asarray(p) ** 3))  # noqa: E731
+    result = spdy_search(scores, times, 30.0, num_random_inits=20, patience=5, seed=0, allowed=allowed)
+    assert (result.profile <= 2).all() and times[np.arange(4), result.profile].sum() <= 30.0
+    assert result.allowed is allowed
+
+
+def test_bounded_levels_widen_where_the_levels_are_too_coarse():
+    from spdy_hf.search.spdy import bounded_levels
+
+    times = np.array([[10.0, 0.0], [10.0, 0.0]])  # a unit is kept or removed whole
+    allowed, cap = bounded_levels(times, 10.0, ratio=1.5)  # 50 % must go: one unit must lose all of its time
+    assert cap == pytest.approx(1.0) and allowed.all()

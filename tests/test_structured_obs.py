@@ -56,3 +56,16 @@ def test_bad_group_sizes():
         structured_obs_levels(w, h, 5, [1])
     with pytest.raises(SPDYError, match="Keep counts"):
         structured_obs_levels(w, h, 4, [9])
+
+
+def test_partial_compensation_scales_the_update_and_keeps_the_choice():
+    w, x, h = layer()
+    full = structured_obs_levels(w, h, 4, [5, 2])
+    none = structured_obs_levels(w, h, 4, [5, 2], compensation=0.0)
+    half = structured_obs_levels(w, h, 4, [5, 2], compensation=0.5)
+    for (kept, w_full), (kept0, w_none), (kept5, w_half) in zip(full, none, half):
+        assert kept == kept0 == kept5  # the groups removed do not depend on how much the rest is updated
+        cols = torch.cat([torch.arange(g * 4, g * 4 + 4) for g in kept])
+        torch.testing.assert_close(w_none[:, cols], w[:, cols])  # no update: the kept weights as they were
+        torch.testing.assert_close(w_half, (w_full + w_none) / 2)
+        assert error(w_full, w, x) < error(w_half, w, x) < error(w_none, w, x)  # on the text they were fitted to

@@ -1,8 +1,10 @@
 """Calibration data: the built-in offline corpus, local text files, and fixed-length token windows.
 
-The built-in corpus is the docstrings of the Python standard library's top-level modules, read with `ast`
-(nothing is imported or downloaded), so every Python install has it. It is split by file, with a fixed
-hash, into a calibration part and a disjoint held-out part for evaluation.
+The built-in corpus mixes two kinds of text, neither downloaded: the docstrings of the Python standard library's
+top-level modules, read with `ast` (nothing is imported), so every Python install has them; and everyday English
+that a language model wrote for the package (`spdy_hf.calibration.written`). Each is split with a fixed hash (the
+docstrings by file, the written texts one by one) into a calibration part and a disjoint held-out part for
+evaluation.
 """
 
 from __future__ import annotations
@@ -52,6 +54,29 @@ def builtin_corpus(split: str = "calibration") -> tuple[str, ...]:
     if not docs:
         raise SPDYError(f"Found no standard-library docstrings under {root}; pass calibration text instead.")
     return tuple(docs)
+
+
+BUILTIN_SOURCES = ("builtin", "docstrings", "written", "mix")
+
+
+def builtin_texts(name: str, split: str = "calibration") -> list[str]:
+    """A built-in corpus's documents: "docstrings" (the standard library's, `builtin_corpus`), "written" (everyday
+    English a language model wrote, `spdy_hf.calibration.written`; one text in five is held out, by a fixed hash),
+    or "builtin" (the default; "mix" is another name for it): the two interleaved, a document of each in turn, then
+    the rest of the longer one. Text of both kinds calibrates better for text of other kinds than either alone
+    (docs/benchmarks/transfer.md)."""
+    if name == "docstrings":
+        return list(builtin_corpus(split))
+    if name == "written":
+        from .written import written_corpus
+
+        return [t for t in written_corpus() if _split_of(t) == split]
+    if name in ("builtin", "mix"):
+        docs, written = builtin_texts("docstrings", split), builtin_texts("written", split)
+        mixed = [d for pair in zip(docs, written) for d in pair]
+        longer = docs if len(docs) > len(written) else written
+        return mixed + longer[min(len(docs), len(written)):]
+    raise SPDYError(f"Unknown built-in corpus {name!r}; use one of {BUILTIN_SOURCES}.")
 
 
 def read_text_file(path: str) -> list[str]:
@@ -114,8 +139,8 @@ def load_texts(
             return texts_from_dataset(source, text_column, split)
         raise SPDYError(f"Cannot read calibration data from a {type(source).__name__}; pass 'builtin', texts, a "
                         "datasets.Dataset, a data file or a Hub dataset name.")
-    if source == "builtin":
-        return list(builtin_corpus("calibration"))
+    if source in BUILTIN_SOURCES:
+        return builtin_texts(source, "calibration")
     suffix = os.path.splitext(source)[1].lower()
     if os.path.isdir(source):
         raise SPDYError(f"Calibration source {source!r} is a directory; pass a file in it (.txt, .json, .jsonl, "

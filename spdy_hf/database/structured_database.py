@@ -145,12 +145,13 @@ class _ModulesView:
 
 
 def _solve_group(group: StructuredGroup, counts: list[int], weight: torch.Tensor, hessian: torch.Tensor | None,
-                 method: str, dampening: float, store_hessian: bool = False
+                 method: str, dampening: float, store_hessian: bool = False, compensation: float = 1.0
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     if method == "magnitude":
         levels = group_magnitude_levels(weight, group.group_size, counts)
     else:
-        levels = structured_obs_levels(weight, hessian, group.group_size, counts, damp=dampening)
+        levels = structured_obs_levels(weight, hessian, group.group_size, counts, damp=dampening,
+                                       compensation=compensation)
     tensors = {}
     for j, (kept, w) in enumerate(levels):
         tensors[f"kept.{j}"] = torch.tensor(sorted(kept), dtype=torch.int64)
@@ -173,6 +174,7 @@ def build_structured_database(
     method: str = "obs",
     build_info: dict | None = None,
     dampening: float = 0.01,
+    compensation: float = 1.0,
     batch_size: int = 8,
     device: str | None = None,
     store_hessian: bool = False,
@@ -195,13 +197,14 @@ def build_structured_database(
     if method == "magnitude":
         for g, unit, c in zip(groups, consumers, counts):
             entries[g.consumer], errors[g.consumer] = _solve_group(g, c, unit.weight.detach().float(), None,
-                                                                   method, dampening)
+                                                                   method, dampening, compensation=compensation)
         return StructuredDatabase(model, groups, counts, [entries[g.consumer] for g in groups],
                                   [errors[g.consumer].numpy() for g in groups], keep_producers=store_hessian)
     build = {
         "store_version": STORE_VERSION, "method": "structured-obs",
         "groups": [[group_name(g), g.consumer, g.num_groups, g.group_size, list(c)] for g, c in zip(groups, counts)],
         "calibration": windows_digest(windows), "propagation": "dense", "dampening": float(dampening),
+        **({"compensation": float(compensation)} if compensation != 1.0 else {}),
         **({"hessians": True} if store_hessian else {}),
         **(build_info or {}),
     }
@@ -230,7 +233,7 @@ def build_structured_database(
                 group, c = by_consumer[unit.name]
                 s = stats[unit.name]
                 entries[unit.name], errors[unit.name] = _solve_group(group, c, s.weight, s.hessian, method,
-                                                                     dampening, store_hessian)
+                                                                     dampening, store_hessian, compensation)
                 store.save_unit(unit.name, entries[unit.name], errors[unit.name])
                 entries[unit.name] = StoredTensors(store.unit_path(unit.name), entries[unit.name], LAZY)
                 solved += 1

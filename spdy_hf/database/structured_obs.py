@@ -28,9 +28,12 @@ def _damped_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, keep_counts: list[int],
-                          damp: float = 0.01) -> list[tuple[list[int], torch.Tensor]]:
+                          damp: float = 0.01, compensation: float = 1.0) -> list[tuple[list[int], torch.Tensor]]:
     """For each number of groups to keep (any order), the kept group indices and the compensated (out, in) consumer
     weight (removed columns zero).
+
+    `compensation` scales the update dW that the kept columns receive (1: OBS's, fitted to the calibration inputs;
+    0: none, the kept weights as they were); the groups removed, and their order, do not depend on it.
 
     Args:
         weight: the consumer's (out, in) weight; in = num_groups * group_size.
@@ -92,7 +95,9 @@ def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_siz
             gone = torch.zeros(len(held), dtype=torch.bool)
         if len(alive) in wanted:
             full = torch.zeros_like(w_full, dtype=torch.float32)
-            full[:, cols_of(held, group_size)] = w.to(torch.float32)
+            cols = cols_of(held, group_size)
+            kept_w = w if compensation == 1.0 else w_full[:, cols] + compensation * (w - w_full[:, cols])
+            full[:, cols] = kept_w.to(torch.float32)
             results[len(alive)] = (list(alive), full)
     if 0 in wanted and 0 not in results:
         results[0] = ([], torch.zeros_like(weight, dtype=torch.float32))

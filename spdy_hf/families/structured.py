@@ -363,12 +363,15 @@ def build_group_database(config: SPDYConfig, model: nn.Module, groups: list[Stru
         key = json.dumps({"version": STORE_VERSION, "model": fingerprint, "weights": weights,
                           "calibration": windows_digest(windows),
                           "groups": [[group_name(g), c] for g, c in zip(groups, counts)],
-                          "dampening": config.database.dampening, "hessians": store_hessian}, sort_keys=True)
+                          "dampening": config.database.dampening, "hessians": store_hessian,
+                          **({"compensation": config.database.compensation}
+                             if config.database.compensation != 1.0 else {})}, sort_keys=True)
         directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
                                  "structured-" + hashlib.sha1(key.encode()).hexdigest()[:16])
     sdb = build_structured_database(
         model, groups, counts, windows, directory=directory, method=config.method,
         build_info={"model": fingerprint, "weights": weights}, dampening=config.database.dampening,
+        compensation=config.database.compensation,
         batch_size=config.database.batch_size, device=config.database.device,
         store_hessian=store_hessian, progress=progress)
     info = {"method": config.method, "family": config.family,

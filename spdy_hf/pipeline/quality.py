@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration.text import builtin_corpus, load_texts, token_windows
+from ..calibration.text import BUILTIN_SOURCES, builtin_texts, load_texts, token_windows
 from ..latency.backend import model_device
 from ..search.scoring import has_lm_head
 from ..utils.io import release_free_memory
@@ -36,8 +36,8 @@ def heldout_windows(tokenizer, source: str = "builtin", num_samples: int = 16, s
                     seed: int = 0) -> dict[str, torch.Tensor]:
     """Token windows of held-out text: the built-in corpus's held-out split ("builtin"), or a local file or Hub
     dataset (`spdy_hf.calibration.text.load_texts`)."""
-    if source == "builtin":
-        texts = list(builtin_corpus("heldout"))
+    if source in BUILTIN_SOURCES:
+        texts = builtin_texts(source, "heldout")
     else:
         texts = load_texts(source, dataset_config=dataset_config, split=split, text_column=text_column)
     return token_windows(tokenizer, texts, num_samples, sequence_length, seed=seed)

@@ -191,8 +191,9 @@ class Reaim:
 
     def down(self, profile: np.ndarray, aim: float, measured: float) -> tuple[float, np.ndarray] | None:
         """An overshoot: if the measured speedup exceeds the target by more than `search.verify_overshoot` and
-        corrections are left, aim lower so that the profile would measure target x (1 + search.speedup_margin),
-        taking the table's error on this profile as it was measured. Once per job; returns (new aim, new profile),
+        corrections are left, aim lower so that the profile would measure target x (1 + search.speedup_margin / 2),
+        the middle of the window a delivered speedup should land in, taking the table's error on this profile as it
+        was measured. Once per job; returns (new aim, new profile),
         or None."""
         config = self.config
         overshoot = config.search.verify_overshoot
@@ -200,7 +201,7 @@ class Reaim:
                 or len(self.corrections) >= config.search.verify_corrections \
                 or any(c.get("direction") == "down" for c in self.corrections):
             return None
-        new_aim = aim * config.target_speedup * (1 + config.search.speedup_margin) / measured
+        new_aim = aim * config.target_speedup * (1 + config.search.speedup_margin / 2) / measured
         if new_aim >= aim:
             return None
         new_profile = self.resolve(profile, aim, new_aim, measured, "down")

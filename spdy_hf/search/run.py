@@ -6,7 +6,7 @@ own precision."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from ..latency.backend import model_device
 from ..modeling.units import find_blocks
 from .lowered import bfloat16_is_faster
 from .scoring import DistanceScorer, has_lm_head
-from .spdy import SearchResult, spdy_search
+from .spdy import SearchResult, bounded_levels, spdy_search
 from .stitch import LiveProfile
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class SearchOutcome:
                 "search": {"candidates": result.candidates, "evaluations": result.evaluations,
                            "max_candidates": config.search.max_candidates, "cut_short": result.cut_short,
                            "schedule": [[k, n] for k, n in result.schedule], "levels": result.subset or "all",
+                           "selection": result.selection,
                            "improvements": [[i, score] for i, score in result.improvements()],
                            "score_dtype": dtype_name(scorer.dtype), "blocks_run": scorer.blocks_run,
                            "blocks_full": scorer.blocks_full}}
@@ -62,7 +63,8 @@ def run_search(config: SPDYConfig, family, plan, databases, budgets, windows: di
                            "the search: candidates are scored in the model's own %s.", dtype_name(low),
                            dtype_name(running))
         result, scorer = search_profile(config, family.model, windows, plan.times, budgets.search.budget_ms, prior,
-                                        live, progress, plan.names, family.level_subsets(plan))
+                                        live, progress, plan.names, family.level_subsets(plan),
+                                        cut_bound(config, plan.times, budgets.search.budget_ms))
         live(result.profile)
         score = scorer()
     return SearchOutcome(result=result, prior=prior, scorer=scorer, live=live, score=score)
@@ -79,12 +81,13 @@ def scoring_batch_size(model: nn.Module, requested: int, length: int) -> int:
 
 def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], times: np.ndarray,
                    budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True,
-                   names: list[str] | None = None, subsets: dict[str, np.ndarray] | None = None
-                   ) -> tuple[SearchResult, DistanceScorer]:
+                   names: list[str] | None = None, subsets: dict[str, np.ndarray] | None = None,
+                   allowed: np.ndarray | None = None) -> tuple[SearchResult, DistanceScorer]:
     """SPDY's search with the config's settings: each candidate profile is stitched into the live model (`stitch`)
     and scored against the dense model on the first `search.eval_samples` calibration windows, the blocks before
     the first one it changes not run again (`names`: the search units, to tell their blocks; `subsets`: the
-    family's kinds of level, each also searched on its own, `spdy_search`). Returns the
+    family's kinds of level, each also searched on its own, `spdy_search`; `allowed`: the only levels a candidate may
+    take, `cut_bound`). Returns the
     `SearchResult` and the scorer (the best profile is not stitched yet)."""
     s = config.search
     device = model_device(model)
@@ -107,8 +110,46 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
     result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
                          neighbourhood_fraction=s.neighbourhood_fraction, max_candidates=s.max_candidates,
                          buckets=s.dp_buckets, seed=s.seed,
-                         prior=prior, subsets=subsets, progress=progress)
+                         prior=prior, subsets=subsets, allowed=allowed, keep_top=s.select_top, progress=progress)
+    if len(result.top) > 1:
+        result = select_on_unseen(result, model, windows, stitch, s.eval_samples, s.select_samples, size, s.score)
     return result, scorer
+
+
+def select_on_unseen(result: SearchResult, model: nn.Module, windows: dict[str, torch.Tensor], stitch,
+                     skip: int, samples: int, batch_size: int, kind: str) -> SearchResult:
+    """The second stage of a staged search: the search's best distinct profiles (`result.top`) scored again on
+    calibration windows it never scored (after its first `skip`), the best of them there returned as the result.
+    Few windows screen many candidates; many windows, unseen by the screening, choose among the few."""
+    unseen = {k: v[skip: skip + samples].to(model_device(model)) for k, v in windows.items()}
+    n = unseen["input_ids"].shape[0]
+    if n == 0:
+        logger.warning("search.select_top=%d: the calibration set has no windows past the search's %d; keeping the "
+                       "search's best profile. Raise calibration.num_samples.", len(result.top), skip)
+        return result
+    judge = DistanceScorer(model, [{k: v[i:i + batch_size] for k, v in unseen.items()}
+                                   for i in range(0, n, batch_size)], kind)
+    scored = []
+    for profile, c, search_score in result.top:
+        stitch(profile)
+        scored.append((judge(), profile, c, search_score))
+    best = min(range(len(scored)), key=lambda i: scored[i][0])
+    score, profile, c, search_score = scored[best]
+    logger.info("Staged selection: %d profiles scored on %d unseen windows; the search's #%d chosen (score %.5g "
+                "there, %.5g on the search's windows; the search's best scored %.5g there).", len(scored), n,
+                best + 1, score, search_score, scored[0][0])
+    return replace(result, profile=profile, sensitivities=c, score=search_score,
+                   selection=[[float(s), float(t)] for s, _, _, t in scored])
+
+
+def cut_bound(config: SPDYConfig, times: np.ndarray, budget_ms: float) -> np.ndarray | None:
+    """The levels `search.max_cut_ratio` leaves each unit (`bounded_levels`); None: unbounded."""
+    ratio = config.search.max_cut_ratio
+    if ratio is None:
+        return None
+    allowed, cap = bounded_levels(times, budget_ms, ratio, config.search.dp_buckets)
+    logger.info("search.max_cut_ratio=%g: no unit loses more than %.0f%% of its time.", ratio, 100 * cap)
+    return allowed
 
 
 def score_dtype(config: SPDYConfig) -> torch.dtype | None:

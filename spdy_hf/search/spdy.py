@@ -47,6 +47,10 @@ class SearchResult:
     schedule: list[tuple[int, int]] = field(default_factory=list)  # (neighbourhood size, candidates tried at it)
     subset: str | None = None  # the level subset the profile was found in (None: every level)
     allowed: np.ndarray | None = None  # (U, K) bool, that subset's levels: a re-solve of the DP keeps to them
+    # the best distinct profiles scored, best first, each with the sensitivities that first produced it and its score
+    top: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)
+    # a staged selection's scores of `top` on unseen windows, with their search scores ([unseen, search] each)
+    selection: list[list[float]] | None = None
 
     def improvements(self) -> list[tuple[int, float]]:
         """(candidate number, counted from 1, new best score) at every improvement: how the search converged."""
@@ -82,15 +86,21 @@ def spdy_search(
     seed: int = 0,
     prior: np.ndarray | None = None,
     subsets: Mapping[str, np.ndarray] | None = None,
+    allowed: np.ndarray | None = None,
+    keep_top: int = 1,
     progress: bool = True,
 ) -> SearchResult:
     """SPDY's search: random sensitivities first, then local search with a shrinking neighbourhood.
 
     Each candidate c in [0, 1]^U becomes a profile through the DP with costs c_u * e(k) (or c_u * e_u(k) with a
     per-unit prior of shape (U, K), such as measured errors); `evaluate(profile)` returns its score (lower is
-    better). `max_candidates` and `subsets`: see the module docstring.
+    better). `max_candidates` and `subsets`: see the module docstring. `allowed` (U, K), bool: the only levels
+    any candidate may take (`bounded_levels`); the result's `allowed` keeps to it. `keep_top`: how many of the best
+    distinct profiles the result lists (`SearchResult.top`), for a selection on other windows.
     """
     times = np.asarray(times, dtype=np.float64)
+    if allowed is not None:
+        times = np.where(allowed, times, np.inf)
     n_units, n_levels = times.shape
     prior = _unit_prior(prior, n_units, n_levels)
     if max_candidates is not None and max_candidates < num_random_inits:
@@ -99,11 +109,14 @@ def spdy_search(
     spaces = _level_spaces(times, budget_ms, buckets, subsets)
     rng = np.random.default_rng(seed)
     scores: dict[tuple[int, ...], float] = {}
+    # the sensitivities that first produced each profile, and the level space they were solved in
+    origin: dict[tuple[int, ...], tuple[np.ndarray, int]] = {}
 
-    def score_of(profile: np.ndarray) -> float:
+    def score_of(profile: np.ndarray, c: np.ndarray, space: int) -> float:
         key = tuple(int(k) for k in profile)
         if key not in scores:
             scores[key] = float(evaluate(profile))
+            origin[key] = (c, space)
         return scores[key]
 
     best_c, best_profile, best_score, best_space, history = None, None, np.inf, 0, []
@@ -119,7 +132,7 @@ def spdy_search(
         if profile is None:  # whether a profile fits depends on the times only: the first candidate tells
             bar.close()
             raise NoProfileFitsError(budget_ms, float(times.min(axis=1).sum()), buckets)
-        score = score_of(profile)
+        score = score_of(profile, c, space)
         candidates += 1
         improved = score < best_score
         if improved:
@@ -152,13 +165,38 @@ def spdy_search(
         schedule.append((k, candidates - start))
         k -= 1
     bar.close()
-    name, _, allowed = spaces[best_space]
+    name, _, subset_mask = spaces[best_space]
+    if subset_mask is not None:
+        allowed = subset_mask if allowed is None else subset_mask & allowed
     logger.info("SPDY search: %d candidates, %d distinct profiles scored, best score %.6g%s%s.", candidates,
                 len(scores), best_score, f" among the {name} levels" if name else "",
                 " (stopped by search.max_candidates)" if cut_short else "")
+    # the best profiles of the best one's level space (a re-aim keeps to that space's levels)
+    ranked = sorted((key for key in scores if origin[key][1] == best_space), key=scores.get)[:max(1, keep_top)]
+    top = [(np.array(key, dtype=np.int64), origin[key][0], scores[key]) for key in ranked]
     return SearchResult(profile=best_profile, sensitivities=best_c, score=best_score, candidates=candidates,
                         evaluations=len(scores), history=history, cut_short=cut_short, schedule=schedule,
-                        subset=name, allowed=allowed)
+                        subset=name, allowed=allowed, top=top)
+
+
+def bounded_levels(times: np.ndarray, budget_ms: float, ratio: float, buckets: int = 10_000
+                   ) -> tuple[np.ndarray, float]:
+    """The levels a unit may take when no unit may lose more than `ratio` times the share of time the budget takes
+    from all of them (the dense times' sum): (U, K) bool, and the largest share of its own time one unit may lose.
+    Where the levels are too coarse for that bound to reach the budget, the share is widened until it does."""
+    times = np.asarray(times, dtype=np.float64)
+    dense = times[:, :1]
+    need = max(0.0, 1.0 - budget_ms / float(dense.sum()))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        saving = np.where(dense > 0, 1.0 - times / dense, 0.0)  # (U, K) share of its own time a level removes
+    cap = min(1.0, ratio * need)
+    while True:
+        allowed = saving <= cap + 1e-9
+        allowed[:, 0] = True
+        if cap >= 1.0 or solve_dp(np.zeros_like(times), np.where(allowed, times, np.inf), budget_ms,
+                                  buckets) is not None:
+            return allowed, cap
+        cap = min(1.0, cap + 0.05)
 
 
 def _level_spaces(times: np.ndarray, budget_ms: float, buckets: int, subsets: Mapping[str, np.ndarray] | None
