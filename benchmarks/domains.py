@@ -24,7 +24,6 @@ import re
 import subprocess
 from functools import cache
 
-DOMAINS = ("quotes", "glosses", "scripture", "legal")
 PER_SET = 512  # documents kept per set, in a fixed order
 
 FORTUNE_DIR = "/usr/share/games/fortunes"
@@ -132,6 +131,7 @@ def legal(min_chars: int = 200) -> list[str]:
 
 
 BUILDERS = {"quotes": quotes, "glosses": glosses, "scripture": scripture, "legal": legal}
+DOMAINS = tuple(BUILDERS)
 
 
 @cache
@@ -140,18 +140,6 @@ def domain_texts(name: str, n: int = PER_SET) -> tuple[str, ...]:
     if name not in BUILDERS:
         raise ValueError(f"Unknown held-out set {name!r}; use one of {DOMAINS}.")
     return tuple(_pick(BUILDERS[name](), n))
-
-
-def available_domains() -> list[str]:
-    """The sets whose packages are installed (the others are named in a warning by the caller)."""
-    names = []
-    for name in DOMAINS:
-        try:
-            domain_texts(name)
-            names.append(name)
-        except MissingDomain:
-            pass
-    return names
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def build_structured_database(
     if method == "magnitude":
         for g, unit, c in zip(groups, consumers, counts):
             entries[g.consumer], errors[g.consumer] = _solve_group(g, c, unit.weight.detach().float(), None,
-                                                                   method, dampening, compensation=compensation)
+                                                                   method, dampening)
         return StructuredDatabase(model, groups, counts, [entries[g.consumer] for g in groups],
                                   [errors[g.consumer].numpy() for g in groups], keep_producers=store_hessian)
     build = {
