@@ -34,6 +34,7 @@ import torch
 import yaml
 from domains import DOMAINS, MissingDomain, domain_texts
 from heldout import mean_cosine, sentence_embeddings, smollm2_path
+from uniform import uniform_prune
 
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.calibration.text import builtin_corpus, token_windows
@@ -128,6 +129,10 @@ def main() -> int:
     parser.add_argument("--output", default=None, help="JSON lines file the row is appended to "
                         "(default: benchmarks/out/transfer-MODEL.jsonl).")
     parser.add_argument("--domains", default=",".join(DOMAINS))
+    parser.add_argument("--profile", choices=("spdy", "uniform"), default="spdy",
+                        help="spdy: the job as configured; uniform: the best uniform profile of the structured "
+                             "family that measures at least the target, from the same table and database "
+                             "(benchmarks/uniform.py).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
@@ -144,18 +149,23 @@ def main() -> int:
     model, tokenizer = load_model_and_tokenizer(model_path(args.model))
     judge = Judge(model, tokenizer, sets)
 
-    start = time.perf_counter()
-    result = SPDYPruner(model, config, tokenizer=tokenizer).prune(progress=False)
-    job_s = time.perf_counter() - start
-    scored = judge.compare(result.model)
-    report = result.report
+    if args.profile == "uniform":
+        baseline = uniform_prune(model, tokenizer, config)
+        job_s, scored = baseline.pop("job_s"), judge.compare(model)
+        report, groups = {**baseline, "stage_seconds": None}, None
+    else:
+        start = time.perf_counter()
+        result = SPDYPruner(model, config, tokenizer=tokenizer).prune(progress=False)
+        job_s = time.perf_counter() - start
+        scored = judge.compare(result.model)
+        report, groups = result.report, [(g.get("name"), g.get("kept")) for g in (result.groups or [])]
     row = {
-        "model": args.model, "label": args.label, "settings": settings,
+        "model": args.model, "label": args.label, "settings": settings, "profile": args.profile,
         "target": config.target_speedup, "mode": config.regime.mode,
         "measured_speedup": report.get("measured_speedup"), "predicted_speedup": report.get("predicted_speedup"),
         **scored, "job_s": round(job_s, 1), "stage_seconds": report.get("stage_seconds"),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "groups": [(g.get("name"), g.get("kept")) for g in (result.groups or [])],
+        "groups": groups, "uniform": report.get("uniform"),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
     }

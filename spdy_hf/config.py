@@ -119,6 +119,9 @@ class RegimeConfig:
         return self.batch_size * (1 if self.mode == "decode" else self.sequence_length)
 
 
+CALIBRATION_PACKINGS = ("auto", "stream", "documents")
+
+
 @dataclass
 class CalibrationConfig:
     """The small calibration set: it prunes (data-aware methods) and scores candidate profiles."""
@@ -140,10 +143,16 @@ class CalibrationConfig:
     sequence_length: int | None = field(
         default=128,
         metadata={"help": "Tokens per calibration window; null takes the model's maximum number of positions."})
+    packing: str = field(default="auto", metadata={
+        "help": "How text becomes windows: 'stream' (slices of the documents' running text, every window full), "
+                "'documents' (one document, or one window-long slice of a longer one, per window, at its own "
+                "length, padded; the padding is left out of every stage) or 'auto' (documents for encoders, which "
+                "embed one text at a time; stream for causal LMs)."})
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed for drawing the windows."})
 
     def __post_init__(self):
         check_fields(self, "calibration.")
+        check_choice("calibration.packing", self.packing, CALIBRATION_PACKINGS)
         for name in ("source", "split", "text_column"):  # strings by now (`check_fields`)
             if not getattr(self, name):
                 raise ConfigError(f"calibration.{name} must be a non-empty string (calibration.source: 'builtin', "

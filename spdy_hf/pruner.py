@@ -22,7 +22,7 @@ from .modeling.loading import loaded_from_gguf, plain_checkpoint
 from .modeling.units import find_units
 from .output.result import PruningResult
 from .pipeline import Job, StageTimer, run_pipeline
-from .pipeline.quality import heldout_windows
+from .pipeline.quality import heldout_windows, is_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class SPDYPruner:
     def calibration_windows(self, calibration=None) -> dict[str, torch.Tensor]:
         """The token windows `prune` calibrates on: `calibration` (texts, a dataset, or windows as given), or the
         config's calibration source, cut to `calibration.sequence_length` tokens (the model's maximum if null)."""
-        return calibration_windows(self.config, self.tokenizer, calibration, self._max_positions())
+        return calibration_windows(self.config, self.tokenizer, calibration, self._max_positions(),
+                                   causal=is_causal_lm(self.model))
 
     def _prepare(self) -> nn.Module:
         """The model in eval mode on the backend's device, after checking the regime against it."""

@@ -148,6 +148,16 @@ def test_pruner_accepts_a_dataset(tmp_path, tokenizer):
     config = small_config(tmp_path, calibration={"num_samples": 3, "sequence_length": 16, "text_column": "body"})
     ds = datasets.Dataset.from_dict({"body": list(builtin_corpus())[:50]})
     windows = SPDYPruner(make_bert(), config, tokenizer).calibration_windows(ds)
+    # an encoder's windows are documents (packing auto): [CLS] text [SEP], then padding the mask leaves out
+    mask = windows["attention_mask"]
+    assert windows["input_ids"].shape == (3, 16) and torch.all(mask[:, 0] == 1)
+    assert torch.all(windows["input_ids"][:, 0] == tokenizer.cls_token_id)
+    assert torch.all(mask[:, 1:] <= mask[:, :-1])  # real tokens first, padding after
+    for row, n in zip(windows["input_ids"], mask.sum(1)):
+        assert row[n - 1] == tokenizer.sep_token_id and torch.all(row[n:] == tokenizer.pad_token_id)
+    config = small_config(tmp_path, calibration={"num_samples": 3, "sequence_length": 16, "text_column": "body",
+                                                 "packing": "stream"})
+    windows = SPDYPruner(make_bert(), config, tokenizer).calibration_windows(ds)
     assert windows["input_ids"].shape == (3, 16) and torch.all(windows["attention_mask"] == 1)
 
 

@@ -36,18 +36,21 @@ def setup(name):
 
 
 def direct_hessians(model, units, data, batch_size):
-    """H = 2 X X^T / n of every unit from plain forward passes of the whole model, no calibrator involved."""
-    sums, counts, hooks = {}, {}, []
+    """H = 2 X X^T / n of every unit over the real tokens (attention mask 1) from plain forward passes of the whole
+    model, no calibrator involved."""
+    sums, counts, hooks, real = {}, {}, [], {}
     for unit in units:
         def hook(module, args, output, name=unit.name):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            x = args[0].reshape(-1, args[0].shape[-1]).float()[real["tokens"]]
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
         hooks.append(unit.module.register_forward_hook(hook))
     try:
         with torch.no_grad():
             for i in range(0, data["input_ids"].shape[0], batch_size):
-                model(**{k: v[i:i + batch_size] for k, v in data.items()})
+                batch = {k: v[i:i + batch_size] for k, v in data.items()}
+                real["tokens"] = batch["attention_mask"].reshape(-1).bool()
+                model(**batch)
     finally:
         for h in hooks:
             h.remove()
@@ -82,6 +85,22 @@ def test_dense_propagation_sees_exactly_what_the_model_passes(name):
     for unit in units:
         torch.testing.assert_close(seen[unit.name].hessian, expected[unit.name], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(seen[unit.name].weight, unit.weight.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_padding_enters_no_hessian(name):
+    """What stands in the padded positions changes no Hessian, and the token counts are the real tokens'."""
+    model, units = setup(name)
+    data = windows()
+    seen, _ = calibrator_hessians(model, units, data, batch_size=4)
+    other = {k: v.clone() for k, v in data.items()}
+    other["input_ids"][other["attention_mask"] == 0] = 3
+    again, _ = calibrator_hessians(model, units, other, batch_size=4)
+    real = int(data["attention_mask"].sum())
+    assert real < data["input_ids"].numel()
+    for unit in units:
+        assert seen[unit.name].samples == real
+        torch.testing.assert_close(again[unit.name].hessian, seen[unit.name].hessian, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "opt", "llama"])
@@ -187,7 +206,7 @@ def test_measured_errors_are_relative_output_errors(tmp_path):
     with torch.no_grad():
         model(**data)
     hook.remove()
-    x = inputs["x"].reshape(-1, inputs["x"].shape[-1])  # (tokens, in)
+    x = inputs["x"].reshape(-1, inputs["x"].shape[-1])[data["attention_mask"].reshape(-1).bool()]  # (real tokens, in)
     dense = x @ units[0].weight.detach().T
     for k in range(1, len(LEVELS)):
         err = ((x @ db.weight(0, k).T - dense).pow(2).sum() / dense.pow(2).sum()).item()

@@ -3,7 +3,7 @@
 For each block in model order, the block's inputs are exactly what the model passes it: every positional and
 keyword argument (attention masks, position ids or rotary embeddings, cache arguments), captured by a forward
 pre-hook. The block runs once on them while hooks on its units accumulate each unit's input Hessian
-H = 2 X X^T / n; a callback prunes the units and returns the weights whose outputs the next blocks should see;
+H = 2 X X^T / n over the real tokens (a padded window's padding, by its `attention_mask`, is left out); a callback prunes the units and returns the weights whose outputs the next blocks should see;
 the block then runs again with those weights standing in (forward hooks replace the units' outputs, so no
 weight in the model is ever written) and its outputs become the next block's inputs.
 
@@ -166,10 +166,16 @@ class SequentialCalibrator:
         weights: dict[str, torch.Tensor] = {}
         products: dict[tuple, tuple] = {}  # X^T X per input tensor within one call: q, k, v share theirs
 
+        masks = [token_mask(b) for b in self.batches] if len(calls) == len(self.batches) else [None] * len(calls)
+        current: dict[str, torch.Tensor | None] = {"mask": None}
+
         def hook_for(unit: Unit):
             def hook(module, args, output):
                 x = args[0].detach()
                 x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+                mask = current["mask"]
+                if mask is not None and x2.shape[0] == mask.numel():  # padding is no evidence about the inputs
+                    x2 = x2[mask.to(x2.device)]
                 # the key holds x itself, so its memory cannot be reused by another input during the call
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
                 if key not in products or products[key][0] is not x:
@@ -185,7 +191,8 @@ class SequentialCalibrator:
         hooks = [u.module.register_forward_hook(hook_for(u)) for u in units]
         outputs = []
         try:
-            for call in calls:
+            for call, mask in zip(calls, masks):
+                current["mask"] = mask
                 outputs.append(first_output(block(*call.args, **call.kwargs)))
                 products.clear()
         finally:
@@ -260,6 +267,15 @@ class SequentialCalibrator:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def token_mask(batch: dict) -> torch.Tensor | None:
+    """The batch's real tokens, flattened to (B * T,) bool from its 2-D `attention_mask`; None when every token is
+    real (or the batch has no such mask). Padding enters no Hessian, score or recovery loss."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.bool().all()):
+        return None
+    return mask.reshape(-1).bool()
+
+
 def forward_kwargs_of(model: nn.Module) -> dict:
     """No cache during calibration: it would hold every block's keys and values."""
     try:

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("calibration", "heldout")
 MAX_STREAM_TOKENS = 4_000_000  # tokens read at most from a large dataset (beyond 4 x what the windows need)
+MIN_DOCUMENT_TOKENS = 8  # the shortest piece of text `document_windows` draws
 
 
 def _split_of(filename: str) -> str:
@@ -229,3 +230,63 @@ def token_windows(
     logger.info("Calibration set: %d windows of %d tokens from %d tokens of text.", num_samples, sequence_length,
                 len(stream))
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def document_windows(
+    tokenizer, texts: list[str], num_samples: int, sequence_length: int, seed: int = 0,
+    min_tokens: int = MIN_DOCUMENT_TOKENS,
+) -> dict[str, torch.Tensor]:
+    """Draws `num_samples` windows that each hold one document, or one `sequence_length` slice of a longer one, at
+    its own length: the tokenizer's special tokens around it, then padding (`attention_mask` 0) up to
+    `sequence_length`.
+
+    What an embedding model is given in use: one sentence, paragraph or passage per input, of many lengths, not a
+    slice of running text that crosses documents. Every stage leaves the padding out (Hessians, scores, recovery).
+    Pieces under `min_tokens` tokens (a one-word docstring) are not drawn. Returns `input_ids` and
+    `attention_mask`, each (num_samples, sequence_length).
+    """
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise SPDYError("The calibration text is empty; pass some text (or use the built-in corpus).")
+    prefix, suffix = special_tokens_around(tokenizer)
+    body = sequence_length - len(prefix) - len(suffix)
+    if body < 1:
+        raise SPDYError(f"Calibration sequence length {sequence_length} leaves no room next to special tokens.")
+    pieces: list[list[int]] = []
+    tokens = 0
+    for i in range(0, len(texts), 1000):  # a large dataset is tokenized only until there is ample text to draw from
+        for ids in tokenizer(texts[i:i + 1000], add_special_tokens=False, verbose=False)["input_ids"]:
+            for start in range(0, len(ids), body):
+                piece = ids[start:start + body]
+                if len(piece) >= min(min_tokens, body):
+                    pieces.append(piece)
+                    tokens += len(piece)
+        if len(pieces) >= 4 * num_samples and tokens >= MAX_STREAM_TOKENS:
+            break
+    if len(pieces) < num_samples:
+        raise SPDYError(f"The calibration text has {len(pieces)} documents of at least {min_tokens} tokens, too few "
+                        f"for {num_samples} windows. Pass more text, fewer samples or calibration.packing: stream.")
+    pad = pad_token_id(tokenizer)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(pieces), generator=gen)[:num_samples].sort().values.tolist()
+    input_ids = torch.full((num_samples, sequence_length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((num_samples, sequence_length), dtype=torch.long)
+    for row, index in enumerate(chosen):
+        ids = prefix + pieces[index] + suffix
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :len(ids)] = 1
+    lengths = attention_mask.sum(1).float()
+    logger.info("Calibration set: %d documents of %d tokens at most (median %d, %.0f%% of the window on average) from "
+                "%d pieces of text.", num_samples, sequence_length, int(lengths.median()),
+                100 * float(lengths.mean()) / sequence_length, len(pieces))
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding is written with: the tokenizer's pad token, else its end-of-sequence token, else 0. Padding
+    is masked out everywhere, so any id would do; a real one keeps the embedding lookup in range."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0

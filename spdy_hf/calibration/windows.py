@@ -9,19 +9,20 @@ import torch
 
 from ..config import SPDYConfig
 from ..errors import SPDYError
-from .text import load_texts, token_windows
+from .text import document_windows, load_texts, token_windows
 
 logger = logging.getLogger(__name__)
 
 
-def calibration_windows(config: SPDYConfig, tokenizer=None, calibration=None, max_positions: int | None = None
-                        ) -> dict[str, torch.Tensor]:
+def calibration_windows(config: SPDYConfig, tokenizer=None, calibration=None, max_positions: int | None = None,
+                        causal: bool = False) -> dict[str, torch.Tensor]:
     """`{"input_ids": (N, L), "attention_mask": (N, L)}`: `calibration` as given (token windows), or tokenized from
-    it (texts, a dataset) or from `config.calibration.source` when it is None.
+    it (texts, a dataset) or from `config.calibration.source` when it is None, packed as `calibration.packing` says.
 
     Args:
         max_positions: the longest input the model takes; the window length when `calibration.sequence_length` is
             null.
+        causal: the model is a causal LM (`calibration.packing: auto` packs its text as a stream).
     """
     cal = config.calibration
     if isinstance(calibration, dict) and not hasattr(calibration, "column_names"):
@@ -42,7 +43,8 @@ def calibration_windows(config: SPDYConfig, tokenizer=None, calibration=None, ma
         source = cal.source if calibration is None else calibration
         texts = load_texts(source, dataset_config=cal.dataset_config, split=cal.split,
                            text_column=cal.text_column, split_setting="calibration.split")
-        windows = token_windows(tokenizer, texts, cal.num_samples, window_length(config, max_positions), cal.seed)
+        pack = document_windows if packing(config, causal) == "documents" else token_windows
+        windows = pack(tokenizer, texts, cal.num_samples, window_length(config, max_positions), cal.seed)
     n = windows["input_ids"].shape[0]
     if n < config.search.eval_samples:
         logger.info("Scoring candidates on all %d calibration windows (search.eval_samples=%d).",
@@ -60,3 +62,13 @@ def window_length(config: SPDYConfig, max_positions: int | None) -> int:
                         "(max_position_embeddings); set calibration.sequence_length (--calibration-length).")
     logger.info("Calibration windows of %d tokens, the model's maximum.", max_positions)
     return max_positions
+
+
+def packing(config: SPDYConfig, causal: bool) -> str:
+    """`calibration.packing`, with 'auto' resolved: 'documents' for an encoder (it embeds one text at a time, of
+    any length: windows of running text taught it only full-length inputs, and short texts of other domains lost
+    most; docs/benchmarks/transfer.md), 'stream' for a causal LM (it reads and continues running text)."""
+    choice = config.calibration.packing
+    if choice == "auto":
+        return "stream" if causal else "documents"
+    return choice

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.sequential import BlockCall, SequentialCalibrator, first_output, forward_kwargs_of
+from ..calibration.sequential import BlockCall, SequentialCalibrator, first_output, forward_kwargs_of, token_mask
 from ..config import SPDYConfig
 from ..errors import SPDYError
 from ..latency.backend import model_device
@@ -199,9 +199,10 @@ class Recovery:
                 with torch.no_grad():
                     t = _run(teacher, batch, self.extra)
                 s = _run(model, batch, self.extra)
-            loss = layer_loss(student_out.values, teacher_out.values, self.live)
+            tokens = token_mask(batch)
+            loss = layer_loss(student_out.values, teacher_out.values, self.live, tokens)
             if not stop:
-                loss = loss + self.cfg.output_weight * output_distance(s, t, self.kind)
+                loss = loss + self.cfg.output_weight * output_distance(s, t, self.kind, tokens)
             student_out.values.clear()
             teacher_out.values.clear()
             return loss
@@ -287,7 +288,7 @@ class Recovery:
             i = index[id(batch)]
             with self.autocast():
                 block(*calls[i].args, **calls[i].kwargs)
-            loss = layer_loss(student_out.values, targets[i], live)
+            loss = layer_loss(student_out.values, targets[i], live, token_mask(batch))
             student_out.values.clear()
             return loss
 

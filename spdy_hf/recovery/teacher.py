@@ -41,15 +41,19 @@ class LayerOutputs:
 
 
 def layer_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
-               live: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+               live: dict[str, torch.Tensor] | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """gAP's objective: each layer's squared error over the dense output's squared norm, summed over layers; with
-    `live` (a layer's output features that can still be nonzero, `live_outputs`), on those features only."""
+    `live` (a layer's output features that can still be nonzero, `live_outputs`), on those features only; with
+    `tokens` (the batch's real tokens, flattened: `token_mask`), on those tokens only."""
     total = None
     for name, t in teacher.items():
         t, s = t.float(), student[name].float()
         keep = None if live is None else live.get(name)
         if keep is not None:
             t, s = t[..., keep.to(t.device)], s[..., keep.to(s.device)]
+        if tokens is not None and t.shape[:-1].numel() == tokens.numel():
+            t = t.reshape(-1, t.shape[-1])[tokens.to(t.device)]
+            s = s.reshape(-1, s.shape[-1])[tokens.to(s.device)]
         term = (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
         total = term if total is None else total + term
     if total is None:
@@ -57,14 +61,18 @@ def layer_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor
     return total
 
 
-def output_distance(student, teacher, kind: str) -> torch.Tensor:
-    """The job's score on the final output: KL(dense || pruned) per token for LMs, else 1 - cosine per token."""
+def output_distance(student, teacher, kind: str, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The job's score on the final output: KL(dense || pruned) per token for LMs, else 1 - cosine per token; with
+    `tokens` (the batch's real tokens, flattened), averaged over those only."""
     if kind == "kl":
         s, t = student.logits.float(), teacher.logits.float()
         s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        if tokens is not None:
+            s, t = s[tokens.to(s.device)], t[tokens.to(t.device)]
         return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
     s, t = _last_hidden(student), _last_hidden(teacher)
-    return (1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean()
+    distance = (1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).reshape(-1)
+    return distance.mean() if tokens is None else distance[tokens.to(distance.device)].mean()
 
 
 def _last_hidden(out) -> torch.Tensor:

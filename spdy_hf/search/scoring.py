@@ -77,16 +77,19 @@ class DistanceScorer:
         self.blocks_run = 0  # block forward passes run (the work that reusing a prefix saves) ...
         self.blocks_full = 0  # ... and the passes full forward passes would have run
         self._norm = None
+        # every score averages over real tokens: a padded window's padding (attention_mask 0) is left out
         if self.kind == "kl":
             self.reference = [self._kl_reference(b) for b in batches]
+            self._weights = [self._token_weights(b, b["input_ids"]) for b in batches]
             return
         self.reference = [self._output(b) for b in batches]
+        self._weights = [self._token_weights(b, r) for b, r in zip(batches, self.reference)]
         if self.kind == "cosine":
             self.reference = [F.normalize(r, dim=-1) for r in self.reference]  # (B, T, H), unit vectors
-            self._weights = [self._token_weights(b, r) for b, r in zip(batches, self.reference)]
             self._count = sum(float(w.sum()) for w in self._weights)
         else:
-            self._norm = sum(float((r * r).sum()) for r in self.reference)  # sum of ||h_dense||^2
+            self._norm = sum(float((r * r).sum(-1).mul(w.to(r.device)).sum())
+                             for r, w in zip(self.reference, self._weights))  # sum of ||h_dense||^2
 
     @staticmethod
     def _token_weights(batch: dict, reference: torch.Tensor) -> torch.Tensor:
@@ -195,21 +198,24 @@ class DistanceScorer:
     def _raw_score(self, output) -> float:
         if self.kind == "kl":
             total, count = 0.0, 0
-            for batch, (probs, offset) in zip(self.batches, self.reference):
+            for batch, (probs, offset), weight in zip(self.batches, self.reference, self._weights):
                 logits = output(batch)
                 logits = logits.reshape(-1, logits.shape[-1])
-                # KL(dense || pruned), summed over the vocabulary, averaged over positions; in chunks of positions,
-                # so that float32 temporaries stay small
+                weight = weight.reshape(-1).to(logits.device)
+                # KL(dense || pruned), summed over the vocabulary, averaged over real positions; in chunks of
+                # positions, so that float32 temporaries stay small
                 for i, z in zip(range(0, len(logits), KL_CHUNK), logits.split(KL_CHUNK)):
                     rows = slice(i, i + len(z))
-                    total += float((offset[rows] - self._log_likelihood(probs[rows], z.float())).sum())
-                count += len(logits)
-            return total / count
+                    kl = offset[rows] - self._log_likelihood(probs[rows], z.float())
+                    total += float((kl * weight[rows]).sum())
+                count += float(weight.sum())
+            return total / max(count, 1e-30)
         if self.kind == "cosine":
             total = 0.0
             for batch, ref, weight in zip(self.batches, self.reference, self._weights):
                 cos = (F.normalize(output(batch), dim=-1) * ref).sum(-1)  # (B, T)
                 total += float(((1.0 - cos) * weight).sum())
             return total / max(self._count, 1e-30)
-        err = sum(float(((output(b) - r) ** 2).sum()) for b, r in zip(self.batches, self.reference))
+        err = sum(float(((output(b) - r) ** 2).sum(-1).mul(w.to(r.device)).sum())
+                  for b, r, w in zip(self.batches, self.reference, self._weights))
         return err / max(self._norm, 1e-30)
