@@ -165,7 +165,7 @@ def main() -> int:
         "measured_speedup": report.get("measured_speedup"), "predicted_speedup": report.get("predicted_speedup"),
         **scored, "job_s": round(job_s, 1), "stage_seconds": report.get("stage_seconds"),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "groups": groups, "uniform": report.get("uniform"),
+        "groups": groups, "uniform": report.get("uniform"), "recovery": report.get("recovery"),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
     }

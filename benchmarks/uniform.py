@@ -12,7 +12,7 @@ measurement of verify. Choosing the pair of shares is what a careful user would 
 3. measured end to end against the dense model; the first that measures at least the target is the baseline.
    A miss moves on to the next-best pair that predicts faster than the one that missed.
 
-With `recovery.method` set, the chosen profile is recovered as a job would recover it.
+The chosen profile is recovered as the job would recover it (`recovery.method`, 'auto' resolved alike).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from spdy_hf.modeling.units import find_units
 from spdy_hf.pipeline.quality import is_causal_lm
 from spdy_hf.pipeline.run import check_budget
 from spdy_hf.pipeline.verify import measure_when_quiet
-from spdy_hf.recovery.fit import recovery_stage
+from spdy_hf.recovery.fit import planned_method, recovery_stage
 from spdy_hf.search import LiveProfile
 from spdy_hf.search.run import scoring_batch_size
 from spdy_hf.search.scoring import DistanceScorer
@@ -88,7 +88,7 @@ def uniform_prune(model, tokenizer, config, progress: bool = False) -> dict:
     if family.name != "structured":
         raise SystemExit("The uniform baseline is defined for the structured family only.")
     example = {k: v[:1] for k, v in windows.items()}
-    snapshot = DenseSnapshot(model) if config.recovery.method != "none" else None
+    snapshot = DenseSnapshot(model) if planned_method(config, model) != "none" else None
     plan = family.plan(find_units(model, config.skip_modules, example_inputs=example))
     budgets = check_budget(config, plan)
     databases = family.build_database(plan, windows, budgets)

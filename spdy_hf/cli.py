@@ -90,9 +90,9 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--database-dir", help="Where the pruning database is kept (resumable); default in the cache.")
     p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
     p.add_argument("--recovery", choices=["none", "gap", "layerwise", "auto"],
-                   help="Few-sample recovery after the search, every pruned zero held: gap (global AdaPrune, the "
-                        "model beside a dense copy), layerwise (block by block, less memory), auto (gap where it "
-                        "fits) or none (the default).")
+                   help="Few-sample recovery after verify, every pruned zero held: gap (global AdaPrune, the "
+                        "model beside a dense copy), layerwise (block by block, less memory), none, or auto (the "
+                        "default: gap for encoders where it fits, none for causal LMs).")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
     p.add_argument("--max-candidates", type=_candidates,
                    help="Most candidate profiles the search scores (search.max_candidates, default 600; each costs "

@@ -363,20 +363,22 @@ RECOVERY_PRECISIONS = ("auto", "float32", "bfloat16")
 
 @dataclass
 class RecoveryConfig:
-    """Few-sample recovery between search and verify (`spdy_hf.recovery.fit`): the pruned model's remaining weights
+    """Few-sample recovery after verify (`spdy_hf.recovery.fit`): the pruned model's remaining weights
     fitted to the dense model's layer outputs on the calibration windows, every profile zero held."""
 
-    method: str = field(default="none", metadata={
+    method: str = field(default="auto", metadata={
         "help": "'gap' (global AdaPrune: the whole model at once, beside a dense copy), 'layerwise' (block by "
-                "block: one block's activations at a time), 'auto' (gap where both models fit in memory, else "
-                "layerwise) or 'none'."})
+                "block: one block's activations at a time), 'none', or 'auto': the best measured for the kind of "
+                "model within the default job's time and memory: for an encoder gap (layerwise where gap's memory "
+                "is not free), for a causal LM none (gap costs it about 13 times the model's memory)."})
     epochs: int = field(default=8, metadata={"min": 1, "help": "Passes over the training windows (at most)."})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Adam's learning rate; null: for gap 3e-4 when the job's score is KL (causal LMs: the best measured on "
                 "SmolLM2-135M) and 3e-5 otherwise (encoders: the best measured on MiniLM), 1e-4 for layerwise."})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per optimizer step."})
-    num_samples: int | None = field(default=None, metadata={
-        "help": "Calibration windows used (the first ones); null: all of them."})
+    num_samples: int | None = field(default=128, metadata={
+        "help": "Calibration windows used (the first ones); null: all of them. 128: on MiniLM as good on other "
+                "domains' text as 512, in a quarter of the time (docs/benchmarks/transfer.md)."})
     holdout: float = field(default=0.125, metadata={
         "help": "Share of those windows held back for early stopping (never trained on)."})
     patience: int = field(default=2, metadata={"min": 1, "help": "Epochs without a better held-back loss before "

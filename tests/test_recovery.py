@@ -262,12 +262,12 @@ def test_the_cli_flag_sets_the_method():
     parser = argparse.ArgumentParser()
     prune_command_parser(parser.add_subparsers())
     assert _build_config(parser.parse_args(["prune", "--recovery", "layerwise"])).recovery.method == "layerwise"
-    assert _build_config(parser.parse_args(["prune"])).recovery.method == "none"
+    assert _build_config(parser.parse_args(["prune"])).recovery.method == "auto"
 
 
-def test_a_profile_corrected_by_verify_is_recovered_afresh_from_the_dense_weights(tmp_path, tokenizer, monkeypatch):
-    """When verify re-aims, the model goes back to the dense weights, the corrected profile is stitched, and
-    recovery runs on that: a unit the correction made dense has no zero left of the first profile."""
+def test_recovery_fits_the_profile_verify_settled_on(tmp_path, tokenizer, monkeypatch):
+    """Recovery runs once, after verify, on the profile verify settled on: a unit a correction made dense has no
+    zero left of the searched profile, and the held zeros are the corrected profile's."""
     import dataclasses
 
     import spdy_hf.pipeline.run as pipeline

@@ -79,13 +79,18 @@ def relative_output_errors(weights: list[torch.Tensor], hessian: torch.Tensor) -
 
 
 def windows_digest(windows: dict[str, torch.Tensor]) -> str:
-    """A fingerprint of the calibration windows: the database depends on exactly these tokens."""
+    """A fingerprint of the calibration windows: the database depends on exactly these tokens. Padded windows
+    carry a mark of their own: their Hessians leave the padding out, and a store written by a version that counted
+    it must not be read for them."""
     h = hashlib.sha1()
     for key in sorted(windows):
         t = windows[key].detach().cpu().contiguous()
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
+    mask = windows.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
+        h.update(b"padding left out")
     return h.hexdigest()
 
 

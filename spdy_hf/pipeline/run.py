@@ -1,14 +1,14 @@
 """SPDY's pipeline, once for every level family:
 
-    profile -> budget -> database -> search -> recovery -> verify (-> recovery again) -> result
+    profile -> budget -> database -> search -> verify -> recovery -> result
 
 profile: the family's search units and the times of their levels (latency table). budget: what the target leaves
 for the searched units; an unreachable target stops here, before any costly stage. database: the pruned weights
 of every level. search: SPDY's DP and local search over sensitivities, each candidate stitched into the live model
-and scored against the dense model. recovery (when `recovery.method` is not "none"): the remaining weights fitted
-to the dense model's outputs on the calibration windows, the profile's zeros held. verify: the chosen profile timed
-end to end, re-aimed on a confirmed miss or a large overshoot; a re-aimed profile is recovered afresh from the
-dense weights. result: the pruned model (dense weights with zeros), its profile and the report, merged from the
+and scored against the dense model. verify: the chosen profile timed end to end, re-aimed on a confirmed miss or a
+large overshoot. recovery (when `recovery.method` resolves to one): the remaining weights of the profile verify
+settled on fitted to the dense model's outputs on the calibration windows, the profile's zeros held, so the measured
+speedup stays what verify measured; recovery runs once, on the final profile. result: the pruned model (dense weights with zeros), its profile and the report, merged from the
 entries each stage's artifact gives.
 
 The family (`spdy_hf.families`) does everything that depends on what a unit is; each stage hands the next a frozen
@@ -27,6 +27,7 @@ from ..modeling.snapshot import DenseSnapshot
 from ..modeling.units import find_units
 from ..output.result import PruningResult
 from ..recovery import RecoveryRecord, recovery_stage
+from ..recovery.fit import planned_method
 from ..search import Budgets, compute_budget, fits, run_search, with_margin
 from .job import Job
 from .quality import HeldOutQuality
@@ -45,7 +46,7 @@ def run_pipeline(job: Job) -> PruningResult:
     config, model, stages = job.config, job.model, job.stages
     family = get_family(config.family)(config, model, job.progress)
     # the dense weights, for recovery's teacher (on disk, not in memory)
-    snapshot = DenseSnapshot(model) if config.recovery.method != "none" else None
+    snapshot = DenseSnapshot(model) if planned_method(config, model) != "none" else None
     with stages("profile"):
         plan = family.plan(find_units(model, config.skip_modules, example_inputs=job.example_inputs()),
                            job.latency_table)
@@ -59,22 +60,15 @@ def run_pipeline(job: Job) -> PruningResult:
     with stages("search"):
         outcome = run_search(config, family, plan, databases, budgets, job.windows, job.progress)
 
-    def recover(profile, fresh: bool) -> RecoveryRecord:
-        """`profile` recovered; `fresh`: from the dense weights (it is not the profile recovered before)."""
-        with stages("recovery"):
-            if fresh:
-                snapshot.restore(model)
-                outcome.live.rewrite(profile)
-            return recovery_stage(config, model, job.windows, snapshot, outcome.scorer,
-                                  lambda: family.finalize(plan, databases, profile), quality, job.progress)
-
-    recovered = recover(outcome.result.profile, fresh=False) if snapshot is not None else None
     with stages("verify"):
         verification = verify(config, family, plan, databases, budgets, outcome)
         speedups = both_regimes(config, family, plan, databases, verification)
-    if snapshot is not None and verification.corrections:  # another profile: recovered afresh
-        recovered = recover(verification.profile, fresh=True)
-    if snapshot is not None:
+    recovered = None
+    if snapshot is not None:  # the profile verify settled on; its zeros are held, so its speed stays measured
+        with stages("recovery"):
+            profile = verification.profile
+            recovered = recovery_stage(config, model, job.windows, snapshot, outcome.scorer,
+                                       lambda: family.finalize(plan, databases, profile), quality, job.progress)
         snapshot.close()
     # the score in the reference's dtype (lowered again if the search ran lowered), of the model as returned
     score = outcome.scorer() if verification.corrections or recovered is not None else outcome.score

@@ -344,6 +344,20 @@ class Recovery:
         return {"heldback_before": before, "heldback_after": best, "best_epoch": best_epoch,
                 "epochs_run": len(train_losses), "train_loss": train_losses, "heldback_loss": heldback_losses}
 
+def planned_method(config: SPDYConfig, model: nn.Module) -> str:
+    """`recovery.method` with 'auto' resolved by the kind of model: 'none' for a causal LM (gap, the variant that
+    helps one, holds a dense copy, gradients and Adam's state: about 13 times SmolLM2-135M's memory, over the default
+    job's budget), and for an encoder 'auto' still, which `Recovery.method` settles by the memory free when it runs
+    (gap where it fits, else layerwise). On MiniLM gap on 128 windows raised the embedding cosine on held-out text
+    of four other domains by 0.01-0.02 each, for about a minute (docs/benchmarks/transfer.md)."""
+    from ..pipeline.quality import is_causal_lm
+
+    method = config.recovery.method
+    if method == "auto" and is_causal_lm(model):
+        return "none"
+    return method
+
+
 def recovery_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype of recovery's forward passes: `recovery.precision`, with 'auto' bfloat16 on a GPU that supports it
     and on a CPU with bfloat16 matrix instructions, float32 elsewhere (without them a CPU's bfloat16 products are
