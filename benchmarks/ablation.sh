@@ -6,6 +6,9 @@
 #   bash benchmarks/ablation.sh minilm            # about 2-3 minutes a row on 2 cores
 #   bash benchmarks/ablation.sh smollm2 default bound2 written   # named rows only (a SmolLM2 row takes 10-25 min)
 #   python benchmarks/transfer_table.py benchmarks/out/transfer-minilm.jsonl
+#
+# Each row changes one lever of the default of the code that runs it; docs/benchmarks/transfer.md says which
+# default each of its tables was measured against.
 set -euo pipefail
 cd "$(dirname "$0")"
 model=${1:-minilm}
@@ -36,6 +39,17 @@ declare -A ROWS=(
   [mix512-bound1.5]="--set calibration.source=mix --set calibration.num_samples=512 --set search.max_cut_ratio=1.5"
   [bound1.25]="--set search.max_cut_ratio=1.25"
   [damp0.001]="--set database.dampening=0.001"
+  [stream]="--set calibration.packing=stream --set recovery.method=none"
+  [documents]="--set recovery.method=none"
+  [documents1024]="--set recovery.method=none --set calibration.num_samples=1024"
+  [gap-e16]="--set recovery.epochs=16 --set recovery.patience=3"
+  [gap256]="--set recovery.num_samples=256"
+  [uniform]="--profile uniform"
+  [default@1.25]="--set target_speedup=1.25"
+  [uniform@1.25]="--profile uniform --set target_speedup=1.25"
+  [default@2.0]="--set target_speedup=2.0"
+  [uniform@2.0]="--profile uniform --set target_speedup=2.0"
+  [layerwise128]="--set recovery.method=layerwise --set recovery.num_samples=128"
   [len64]="--set calibration.sequence_length=64"
   [len32]="--set calibration.sequence_length=32"
   [gap128]="--set recovery.method=gap --set recovery.num_samples=128"
@@ -43,7 +57,9 @@ declare -A ROWS=(
 )
 ORDER=(default docstrings written mix cal512 mix512 len256 eval32 staged bound1.5 bound2 damp0.1 damp0.5 comp0.5
        prior-spdy recovery-gap mix-recovery-gap mix-bound1.5 mix-bound2 mix-staged mix-comp0.5 mix-damp0.1
-       mix512-bound1.5 mix512-bound1.5-gap bound1.25 damp0.001 gap128 len64 len32)
+       mix512-bound1.5 mix512-bound1.5-gap bound1.25 damp0.001 gap128 len64 len32
+       stream documents documents1024 gap-e16 gap256 uniform default@1.25 uniform@1.25 default@2.0 uniform@2.0
+       layerwise128)
 labels=("$@")
 [ ${#labels[@]} -eq 0 ] && labels=("${ORDER[@]}")
 for label in "${labels[@]}"; do

@@ -6,8 +6,9 @@ The job's own stages make it, with the job's settings: the latency table and the
 the search stitches), the calibration score (the search's scorer on its scoring windows) and the end-to-end
 measurement of verify. Choosing the pair of shares is what a careful user would do with that information:
 
-1. every (head share, FFN share) pair on the family's grids whose predicted time fits the search's budget (the
-   target raised by the search margin), and of those the ones no other fitting pair keeps more of on both sides;
+1. every (head share, FFN share) pair on the family's grids whose predicted time fits the target's budget, and of
+   those the ones no other fitting pair keeps more of on both sides (the search's margin is left out: the
+   measurement below decides, so the baseline is no faster than it has to be);
 2. those scored on the calibration scoring windows; the best first;
 3. measured end to end against the dense model; the first that measures at least the target is the baseline.
    A miss moves on to the next-best pair that predicts faster than the one that missed.
@@ -99,12 +100,12 @@ def uniform_prune(model, tokenizer, config, progress: bool = False) -> dict:
     scorer = DistanceScorer(model, [{k: v[i:i + size] for k, v in scoring.items()}
                                     for i in range(0, scoring["input_ids"].shape[0], size)], s.score)
     candidates = []
-    for shares, profile, ms in uniform_profiles(plan, budgets.search.budget_ms):
+    for shares, profile, ms in uniform_profiles(plan, budgets.target.budget_ms):
         live(profile)
         candidates.append((scorer(), shares, profile, ms))
     candidates.sort(key=lambda c: c[0])
     if not candidates:
-        raise SystemExit("No uniform profile fits the search's budget.")
+        raise SystemExit("No uniform profile fits the target's budget.")
     for score, shares, profile, ms in candidates:
         logger.info("uniform %s: predicted %.3fx, calibration score %.5g", shares,
                     budgets.target.predicted_speedup(np.array([ms])), score)
