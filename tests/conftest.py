@@ -184,7 +184,7 @@ def small_config(tmp_path, target_speedup: float = 2.0, **overrides) -> SPDYConf
     a tiny model's few timed passes are too noisy for it), verify does not compare its dense time with a
     hand-written table's (`timing.busy_factor`) and keeps a profile that measures far above the target (a
     hand-written table need not match the tiny model: `search.verify_overshoot`); the tests of those checks ask for
-    them."""
+    them. No recovery, unless a test asks for it."""
     data = dict(
         target_speedup=target_speedup,
         calibration={"num_samples": 8, "sequence_length": 32},
@@ -194,6 +194,7 @@ def small_config(tmp_path, target_speedup: float = 2.0, **overrides) -> SPDYConf
                 "busy_factor": 0, "generate_tokens": 4},
         regime={"batch_size": 1, "sequence_length": 32, "context_length": 32},
         evaluation={"num_samples": 2, "sequence_length": 32},
+        recovery={"method": "none"},  # an encoder's default recovers: the tests of recovery ask for it
         cache_dir=str(tmp_path / "cache"),
         family="unstructured",  # the per-layer family; structured tests ask for theirs
     )

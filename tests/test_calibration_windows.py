@@ -116,3 +116,13 @@ def test_recovery_losses_leave_padding_out():
         a = output_distance(SimpleNamespace(**{field: s}), SimpleNamespace(**{field: t}), kind, mask)
         b = output_distance(SimpleNamespace(**{field: moved}), SimpleNamespace(**{field: t}), kind, mask)
         assert torch.allclose(a, b), kind
+
+
+def test_recovery_losses_take_a_layer_with_no_live_output_on_padded_batches():
+    """A layer whose every output is removed for good (a whole attention pruned) adds nothing, padded or not."""
+    from spdy_hf.recovery.teacher import layer_loss
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).reshape(-1).bool()
+    t, s = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    dead = {"a": torch.zeros(4, dtype=torch.bool)}
+    assert float(layer_loss({"a": s}, {"a": t}, dead, tokens=mask)) == 0.0

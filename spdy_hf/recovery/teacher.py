@@ -52,8 +52,8 @@ def layer_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor
         if keep is not None:
             t, s = t[..., keep.to(t.device)], s[..., keep.to(s.device)]
         if tokens is not None and t.shape[:-1].numel() == tokens.numel():
-            t = t.reshape(-1, t.shape[-1])[tokens.to(t.device)]
-            s = s.reshape(-1, s.shape[-1])[tokens.to(s.device)]
+            t = t.reshape(tokens.numel(), t.shape[-1])[tokens.to(t.device)]
+            s = s.reshape(tokens.numel(), s.shape[-1])[tokens.to(s.device)]
         term = (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
         total = term if total is None else total + term
     if total is None:
