@@ -106,7 +106,7 @@ def uniform_prune(model, tokenizer, config, progress: bool = False) -> dict:
     candidates.sort(key=lambda c: c[0])
     if not candidates:
         raise SystemExit("No uniform profile fits the target's budget.")
-    for score, shares, profile, ms in candidates:
+    for score, shares, _, ms in candidates:
         logger.info("uniform %s: predicted %.3fx, calibration score %.5g", shares,
                     budgets.target.predicted_speedup(np.array([ms])), score)
     tried, chosen, limit_ms = [], None, np.inf

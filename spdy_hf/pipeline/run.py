@@ -26,7 +26,7 @@ from ..families import Plan, get_family
 from ..modeling.snapshot import DenseSnapshot
 from ..modeling.units import find_units
 from ..output.result import PruningResult
-from ..recovery import RecoveryRecord, recovery_stage
+from ..recovery import recovery_stage
 from ..recovery.fit import planned_method
 from ..search import Budgets, compute_budget, fits, run_search, with_margin
 from .job import Job

@@ -24,8 +24,10 @@ Two variants (`recovery.method`):
   it give, is fitted to the dense block's layer outputs on the dense inputs. It holds one block's training state
   and the windows' hidden states at one block (two sets: pruned and dense), not a second model; the dense weights
   are read one block at a time from the snapshot on disk.
-`auto` takes `gap` when about five times the trained parameters' size fits in the memory free now, else
-`layerwise`; where the free memory cannot be told, `layerwise` (with a warning), the variant that holds less.
+`auto`, the default, leaves a causal LM unrecovered (`planned_method`: gap, the variant that helps one, is over the
+default job's memory budget, and the layer-wise one does not help it); for other models it takes `gap` when about
+five times the trained parameters' size fits in the memory free now, else `layerwise`; where the free memory cannot
+be told, `layerwise` (with a warning), the variant that holds less.
 
 Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
 on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
@@ -49,7 +51,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.sequential import BlockCall, SequentialCalibrator, first_output, forward_kwargs_of, token_mask
+from ..calibration.sequential import (
+    BlockCall,
+    SequentialCalibrator,
+    first_output,
+    forward_kwargs_of,
+    token_mask,
+)
 from ..config import SPDYConfig
 from ..errors import SPDYError
 from ..latency.backend import model_device
@@ -346,10 +354,11 @@ class Recovery:
 
 def planned_method(config: SPDYConfig, model: nn.Module) -> str:
     """`recovery.method` with 'auto' resolved by the kind of model: 'none' for a causal LM (gap, the variant that
-    helps one, holds a dense copy, gradients and Adam's state: about 13 times SmolLM2-135M's memory, over the default
-    job's budget), and for an encoder 'auto' still, which `Recovery.method` settles by the memory free when it runs
-    (gap where it fits, else layerwise). On MiniLM gap on 128 windows raised the embedding cosine on held-out text
-    of four other domains by 0.01-0.02 each, for about a minute (docs/benchmarks/transfer.md)."""
+    helps one, holds a dense copy, gradients and Adam's state: SmolLM2-135M's job peaks at 7.3 GiB with it, 13 times
+    the model's size, over the default job's budget; the layer-wise variant took 11 minutes on it and left held-out
+    text of other domains where it was), and for an encoder 'auto' still, which `Recovery.method` settles by the memory free when it runs (gap
+    where it fits, else layerwise). On MiniLM gap on 128 windows raised the embedding cosine on held-out text of
+    four other domains by 0.01-0.02 each, for about a minute (docs/benchmarks/transfer.md)."""
     from ..pipeline.quality import is_causal_lm
 
     method = config.recovery.method
