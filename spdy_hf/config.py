@@ -370,7 +370,8 @@ class RecoveryConfig:
         "help": "'gap' (global AdaPrune: the whole model at once, beside a dense copy), 'layerwise' (block by "
                 "block: one block's activations at a time), 'none', or 'auto': the best measured for the kind of "
                 "model within the default job's time and memory: for an encoder gap (layerwise where gap's memory "
-                "is not free), for a causal LM none (with gap SmolLM2-135M's job peaks at 7.3 GiB, 13 times the model's size)."})
+                "is not free), for a causal LM none (with gap SmolLM2-135M's job peaks at 7.3 GiB, 13 times the "
+                "model's size)."})
     epochs: int = field(default=8, metadata={"min": 1, "help": "Passes over the training windows (at most)."})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Adam's learning rate; null: for gap 3e-4 when the job's score is KL (causal LMs: the best measured on "

@@ -272,10 +272,15 @@ def test_recovery_fits_the_profile_verify_settled_on(tmp_path, tokenizer, monkey
 
     import spdy_hf.pipeline.run as pipeline
 
-    real = pipeline.verify
-    seen = {}
+    real, real_recovery = pipeline.verify, pipeline.recovery_stage
+    seen, order = {}, []
+
+    def recovering(*args, **kwargs):
+        order.append("recovery")
+        return real_recovery(*args, **kwargs)
 
     def corrected(config, family, plan, databases, budgets, outcome):
+        order.append("verify")
         out = real(config, family, plan, databases, budgets, outcome)
         profile = np.array(out.profile)
         seen["unit"] = int(np.flatnonzero(profile)[0])
@@ -284,7 +289,9 @@ def test_recovery_fits_the_profile_verify_settled_on(tmp_path, tokenizer, monkey
         return dataclasses.replace(out, profile=profile, corrections=[{"aim": 0.0, "note": "forced by the test"}])
 
     monkeypatch.setattr(pipeline, "verify", corrected)
+    monkeypatch.setattr(pipeline, "recovery_stage", recovering)
     result = job("llama", "unstructured", tmp_path, tokenizer, {"method": "gap", **FAST})
+    assert order == ["verify", "recovery"]  # once, after verify
     unit = result.units[seen["unit"]]
     assert result.profile[seen["unit"]]["sparsity"] == 0
     weight = dict(result.model.named_modules())[unit.name].weight

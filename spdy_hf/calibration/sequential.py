@@ -3,7 +3,8 @@
 For each block in model order, the block's inputs are exactly what the model passes it: every positional and
 keyword argument (attention masks, position ids or rotary embeddings, cache arguments), captured by a forward
 pre-hook. The block runs once on them while hooks on its units accumulate each unit's input Hessian
-H = 2 X X^T / n over the real tokens (a padded window's padding, by its `attention_mask`, is left out); a callback prunes the units and returns the weights whose outputs the next blocks should see;
+H = 2 X X^T / n over the real tokens (a padded window's padding, by its `attention_mask`, is left out); a
+callback prunes the units and returns the weights whose outputs the next blocks should see;
 the block then runs again with those weights standing in (forward hooks replace the units' outputs, so no
 weight in the model is ever written) and its outputs become the next block's inputs.
 
@@ -166,7 +167,7 @@ class SequentialCalibrator:
         weights: dict[str, torch.Tensor] = {}
         products: dict[tuple, tuple] = {}  # X^T X per input tensor within one call: q, k, v share theirs
 
-        masks = [token_mask(b) for b in self.batches] if len(calls) == len(self.batches) else [None] * len(calls)
+        masks = [token_mask(b) for b in self.batches]  # one call per batch, in order (`capture`)
         current: dict[str, torch.Tensor | None] = {"mask": None}
 
         def hook_for(unit: Unit):

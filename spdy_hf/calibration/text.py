@@ -192,6 +192,19 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def _window_frame(tokenizer, texts: list[str], sequence_length: int) -> tuple[list[str], list[int], list[int], int]:
+    """What both packings start from: the non-empty texts, the special tokens around one sequence, and the tokens
+    of text a window holds between them."""
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise SPDYError("The calibration text is empty; pass some text (or use the built-in corpus).")
+    prefix, suffix = special_tokens_around(tokenizer)
+    body = sequence_length - len(prefix) - len(suffix)
+    if body < 1:
+        raise SPDYError(f"Calibration sequence length {sequence_length} leaves no room next to special tokens.")
+    return texts, prefix, suffix, body
+
+
 def token_windows(
     tokenizer, texts: list[str], num_samples: int, sequence_length: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -200,14 +213,8 @@ def token_windows(
     Each window holds the tokenizer's special tokens (e.g. BERT's [CLS] ... [SEP]) around a slice of the
     token stream, like a real input. Returns `input_ids` and `attention_mask`, each (num_samples, sequence_length).
     """
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise SPDYError("The calibration text is empty; pass some text (or use the built-in corpus).")
-    prefix, suffix = special_tokens_around(tokenizer)
+    texts, prefix, suffix, body = _window_frame(tokenizer, texts, sequence_length)
     n_special = len(prefix) + len(suffix)
-    body = sequence_length - n_special
-    if body < 1:
-        raise SPDYError(f"Calibration sequence length {sequence_length} leaves no room next to special tokens.")
     # whole documents may exceed the model's length limit: windows are cut below, so no warning is due.
     # A large dataset is tokenized only until there is ample text to draw from.
     enough = max(4 * num_samples * body, MAX_STREAM_TOKENS)
@@ -245,13 +252,7 @@ def document_windows(
     Pieces under `min_tokens` tokens (a one-word docstring) are not drawn. Returns `input_ids` and
     `attention_mask`, each (num_samples, sequence_length).
     """
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise SPDYError("The calibration text is empty; pass some text (or use the built-in corpus).")
-    prefix, suffix = special_tokens_around(tokenizer)
-    body = sequence_length - len(prefix) - len(suffix)
-    if body < 1:
-        raise SPDYError(f"Calibration sequence length {sequence_length} leaves no room next to special tokens.")
+    texts, prefix, suffix, body = _window_frame(tokenizer, texts, sequence_length)
     pieces: list[list[int]] = []
     tokens = 0
     for i in range(0, len(texts), 1000):  # a large dataset is tokenized only until there is ample text to draw from

@@ -7,9 +7,9 @@ for the searched units; an unreachable target stops here, before any costly stag
 of every level. search: SPDY's DP and local search over sensitivities, each candidate stitched into the live model
 and scored against the dense model. verify: the chosen profile timed end to end, re-aimed on a confirmed miss or a
 large overshoot. recovery (when `recovery.method` resolves to one): the remaining weights of the profile verify
-settled on fitted to the dense model's outputs on the calibration windows, the profile's zeros held, so the measured
-speedup stays what verify measured; recovery runs once, on the final profile. result: the pruned model (dense weights with zeros), its profile and the report, merged from the
-entries each stage's artifact gives.
+settled on fitted to the dense model's outputs on the calibration windows, the profile's zeros held, so the
+measured speedup stays what verify measured; recovery runs once, on the final profile. result: the pruned model
+(dense weights with zeros), its profile and the report, merged from the entries each stage's artifact gives.
 
 The family (`spdy_hf.families`) does everything that depends on what a unit is; each stage hands the next a frozen
 artifact (`Plan`, `Budgets`, `Databases`, `SearchOutcome`, `RecoveryRecord`, `Verification`); this module only
