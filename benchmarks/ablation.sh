@@ -53,13 +53,16 @@ declare -A ROWS=(
   [len64]="--set calibration.sequence_length=64"
   [len32]="--set calibration.sequence_length=32"
   [gap128]="--set recovery.method=gap --set recovery.num_samples=128"
+  [no-fit-bias]="--set database.fit_bias=false"
+  [logits-all]="--set regime.logits=all"
+  [gap-e4]="--set recovery.method=gap --set recovery.epochs=4"
   [mix512-bound1.5-gap]="--set calibration.source=mix --set calibration.num_samples=512 --set search.max_cut_ratio=1.5 --set recovery.method=gap"
 )
 ORDER=(default docstrings written mix cal512 mix512 len256 eval32 staged bound1.5 bound2 damp0.1 damp0.5 comp0.5
        prior-spdy recovery-gap mix-recovery-gap mix-bound1.5 mix-bound2 mix-staged mix-comp0.5 mix-damp0.1
        mix512-bound1.5 mix512-bound1.5-gap bound1.25 damp0.001 gap128 len64 len32
        stream documents documents1024 gap-e16 gap256 uniform default@1.25 uniform@1.25 default@2.0 uniform@2.0
-       layerwise128)
+       layerwise128 no-fit-bias logits-all gap-e4)
 labels=("$@")
 [ ${#labels[@]} -eq 0 ] && labels=("${ORDER[@]}")
 for label in "${labels[@]}"; do

@@ -27,6 +27,9 @@ def _regime_arguments(p) -> None:
                         "generating one token against a key/value cache of --context-length tokens (decode; causal "
                         "LMs).")
     p.add_argument("--context-length", type=int, help="Regime decode: tokens already in the cache (default 512).")
+    p.add_argument("--logits", choices=["last", "all"],
+                   help="Regime prefill of a causal LM: the last position's logits only (the default: time to the "
+                        "first token, as generate computes them) or every position's (scoring text).")
     p.add_argument("--family", choices=family_names(),
                    help="Level families: heads and FFN neurons removed (structured, the default), those or the "
                         "backend's sparse levels per block (mixed), or sparse levels per layer (unstructured).")
@@ -92,7 +95,7 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recovery", choices=["none", "gap", "layerwise", "auto"],
                    help="Few-sample recovery after verify, every pruned zero held: gap (global AdaPrune, the "
                         "model beside a dense copy), layerwise (block by block, less memory), none, or auto (the "
-                        "default: gap for encoders where it fits, none for causal LMs).")
+                        "default: gap where its memory is free, else layerwise for encoders and none for causal LMs).")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
     p.add_argument("--max-candidates", type=_candidates,
                    help="Most candidate profiles the search scores (search.max_candidates, default 600; each costs "
@@ -150,6 +153,8 @@ def _config_from(args):
         regime["mode"] = args.regime
     if args.context_length is not None:
         regime["context_length"] = args.context_length
+    if getattr(args, "logits", None) is not None:
+        regime["logits"] = args.logits
     if getattr(args, "family", None) is not None:
         data["family"] = args.family
     if not hasattr(args, "calibration"):  # the profile command: no calibration or search flags

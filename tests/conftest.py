@@ -240,7 +240,7 @@ def handwritten_table(model, units, config: SPDYConfig, layouts=None) -> Latency
     regime = config.regime
     return LatencyTable(
         backend=config.backend,
-        regime={"batch_size": regime.batch_size, "sequence_length": regime.sequence_length, "dtype": regime.dtype},
+        regime=regime.to_dict(),
         levels=list(levels),
         shapes=shapes,
         base_time_ms=1.25 * prunable,

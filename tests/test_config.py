@@ -70,8 +70,9 @@ def test_round_trip_dict():
     assert c.levels == [0.5, 0.7, 0.9]  # sorted
     d = c.to_dict()
     assert d["regime"] == {"batch_size": 4, "sequence_length": 64, "dtype": "float32", "mode": "prefill",
-                           "context_length": 512}
-    assert c.regime.to_dict() == {"batch_size": 4, "sequence_length": 64, "dtype": "float32"}  # a table key
+                           "context_length": 512, "logits": "last"}
+    assert c.regime.to_dict() == {"batch_size": 4, "sequence_length": 64, "dtype": "float32",
+                                  "logits": "last"}  # a table key
     assert SPDYConfig.from_dict(d) == c
     assert SPDYConfig.from_dict(json.loads(c.to_json_string())) == c
     assert SPDYConfig.from_dict(yaml.safe_load(c.to_yaml_string())) == c

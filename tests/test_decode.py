@@ -21,12 +21,33 @@ def test_decode_regime_in_the_config_and_the_table_key():
     decode = RegimeConfig(mode="decode", batch_size=2, context_length=64)
     assert decode.to_dict() == {"mode": "decode", "batch_size": 2, "context_length": 64, "dtype": "float32"}
     assert decode.tokens == 2  # each layer sees one row per sequence
-    # a prefill regime is recorded as before decode existed, so its cached tables stay valid
-    assert RegimeConfig().to_dict() == {"batch_size": 1, "sequence_length": 128, "dtype": "float32"}
+    # a prefill regime records whose logits it computes: tables timed with every position's are not reused
+    assert RegimeConfig().to_dict() == {"batch_size": 1, "sequence_length": 128, "dtype": "float32",
+                                        "logits": "last"}
     with pytest.raises(ConfigError, match="regime.mode"):
         RegimeConfig(mode="generate")
     with pytest.raises(ConfigError, match="context_length"):
         SPDYConfig.from_dict({"regime": {"mode": "decode", "context_length": 0}})
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_prefill_computes_the_logits_generate_computes(name):
+    """A causal LM's prefill pass computes the last position's logits (time to the first token), unless the regime
+    asks for every position's; an encoder has no logits to leave out."""
+    model = MODEL_FACTORIES[name]().eval()
+    last = regime_inputs(model, RegimeConfig(sequence_length=12))
+    every = regime_inputs(model, RegimeConfig(sequence_length=12, logits="all"))
+    assert "logits_to_keep" not in every
+    if name == "bert":
+        assert "logits_to_keep" not in last
+        return
+    assert last["logits_to_keep"] == 1
+    with torch.no_grad():
+        full, one = model(**every).logits, model(**last).logits
+    assert full.shape[1] == 12 and one.shape[1] == 1
+    torch.testing.assert_close(one[:, 0], full[:, -1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="regime.logits"):
+        RegimeConfig(logits="first")
 
 
 def test_cli_flags_set_the_decode_regime():
@@ -39,6 +60,8 @@ def test_cli_flags_set_the_decode_regime():
     args = parser.parse_args(["--regime", "decode", "--context-length", "96", "--target-speedup", "1.3"])
     config = _build_config(args)
     assert config.regime.mode == "decode" and config.regime.context_length == 96
+    config = _build_config(parser.parse_args(["--logits", "all", "--target-speedup", "1.3"]))
+    assert config.regime.logits == "all" and config.regime.mode == "prefill"
 
 
 @pytest.mark.parametrize("name", DECODERS)

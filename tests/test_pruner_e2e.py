@@ -69,7 +69,7 @@ def test_report_and_profile(pruned, tmp_path, tokenizer):
     assert report["predicted_speedup"] <= report["max_reachable_speedup"]
     assert report["max_reachable_speedup"] == pytest.approx(1.25 / (0.25 + 0.05))  # from the hand-written table
     assert report["backend"] == "cpu"
-    assert report["regime"] == {"batch_size": 1, "sequence_length": 32, "dtype": "float32"}
+    assert report["regime"] == {"batch_size": 1, "sequence_length": 32, "dtype": "float32", "logits": "last"}
     assert report["dense_time_ms"] > 0 and report["pruned_time_ms"] > 0
     assert report["measured_speedup"] == pytest.approx(report["dense_time_ms"] / report["pruned_time_ms"])
     # a tiny model's real times need not follow the hand-written table; what verify did with them must add up: a

@@ -324,3 +324,25 @@ def test_recovery_that_hurts_the_held_back_score_is_undone(tmp_path, tokenizer, 
     for (n, a), b in zip(plain.model.named_parameters(), hurt.model.parameters()):
         assert torch.equal(a, b), n
     assert entry["after"]["calibration_score"] == pytest.approx(entry["before"]["calibration_score"])
+
+
+def test_the_sliced_kl_is_the_kl_on_full_logits_with_the_same_gradient():
+    """Recovery's output term of a causal LM, taken slice by slice from the hidden states its head gets, equals
+    `output_distance` on every position's logits, padding left out, and so does its gradient."""
+    from types import SimpleNamespace
+
+    from spdy_hf.recovery.teacher import output_distance, sliced_kl
+
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    student = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
+    teacher = torch.randn(3, 7, 16, generator=gen)
+    tokens = torch.ones(21, dtype=torch.bool)
+    tokens[[5, 6, 20]] = False
+    full = output_distance(SimpleNamespace(logits=head(student)), SimpleNamespace(logits=head(teacher)), "kl", tokens)
+    (expected,) = torch.autograd.grad(full, student)
+    sliced = sliced_kl(head, student, teacher, tokens, rows=4)  # slices that do not divide the 18 real tokens
+    (got,) = torch.autograd.grad(sliced, student)
+    torch.testing.assert_close(sliced, full)
+    torch.testing.assert_close(got, expected)
+    assert float(sliced.detach()) > 0

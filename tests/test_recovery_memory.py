@@ -1,6 +1,7 @@
 """What recovery holds in memory: the dense weights stay on disk (`DenseSnapshot`, safetensors files that vanish
-with it), and `auto` chooses by the memory free now, and where that cannot be told, the variant that holds less
-(`layerwise`), saying so with the setting to change."""
+with it), and `auto` chooses by the memory free now: gap where it fits, else, and where the free memory cannot be
+told, the variant that holds less (`layerwise` for an encoder, none for a causal LM, which layerwise does not
+help), saying so with the setting to change."""
 
 from __future__ import annotations
 
@@ -19,15 +20,22 @@ from spdy_hf.modeling.snapshot import DenseSnapshot
 from spdy_hf.recovery.fit import Recovery
 
 
-@pytest.fixture
-def recovery(tmp_path):
-    """A tiny llama with one layer pruned against its dense snapshot, recovery.method: auto."""
-    model = MODEL_FACTORIES["llama"]()
+def pruned_recovery(tmp_path, name: str) -> tuple[Recovery, DenseSnapshot]:
+    """A tiny model with one FFN layer half pruned against its dense snapshot, recovery.method: auto."""
+    model = MODEL_FACTORIES[name]()
     snapshot = DenseSnapshot(model)
+    layer = model.model.layers[0].mlp.up_proj if name == "llama" else model.encoder.layer[0].intermediate.dense
     with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight[:, ::2] = 0
+        layer.weight[:, ::2] = 0
     config = small_config(tmp_path, recovery={"method": "auto"})
-    yield Recovery(config, model, snapshot, example_inputs(4, 16), "kl", progress=False)
+    return Recovery(config, model, snapshot, example_inputs(4, 16), "kl" if name == "llama" else "cosine",
+                    progress=False), snapshot
+
+
+@pytest.fixture(params=["llama", "bert"])
+def recovery(request, tmp_path):
+    made, snapshot = pruned_recovery(tmp_path, request.param)
+    yield made
     snapshot.close()
 
 
@@ -35,17 +43,33 @@ def fake_psutil(available: int) -> SimpleNamespace:
     return SimpleNamespace(virtual_memory=lambda: SimpleNamespace(available=available))
 
 
-def test_auto_takes_layerwise_when_free_memory_is_unknown(recovery, monkeypatch, caplog):
+def fallback(recovery: Recovery) -> str:
+    return "none" if type(recovery.model).__name__.endswith("ForCausalLM") else "layerwise"
+
+
+def test_auto_takes_the_lighter_choice_when_free_memory_is_unknown(recovery, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "psutil", None)  # the host's free memory cannot be read
     with caplog.at_level(logging.WARNING, logger="spdy_hf"):
-        assert recovery.method() == "layerwise"
+        assert recovery.method() == fallback(recovery)
     assert any("recovery.method" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("available, method", [(2**40, "gap"), (2**10, "layerwise")])
-def test_auto_follows_the_free_memory(recovery, monkeypatch, available, method):
-    monkeypatch.setitem(sys.modules, "psutil", fake_psutil(available))
-    assert recovery.method() == method
+@pytest.mark.parametrize("roomy", [True, False])
+def test_auto_follows_the_free_memory(recovery, monkeypatch, roomy):
+    monkeypatch.setitem(sys.modules, "psutil", fake_psutil(2**40 if roomy else 2**10))
+    assert recovery.method() == ("gap" if roomy else fallback(recovery))
+
+
+def test_a_causal_lm_without_room_for_gap_is_left_as_it_is(tmp_path, monkeypatch):
+    made, snapshot = pruned_recovery(tmp_path, "llama")
+    try:
+        monkeypatch.setitem(sys.modules, "psutil", fake_psutil(2**10))
+        before = {n: p.detach().clone() for n, p in made.model.named_parameters()}
+        entry = made.run()
+        assert entry["method"] == "none" and "memory" in entry["reason"]
+        assert all(torch.equal(p, before[n]) for n, p in made.model.named_parameters())
+    finally:
+        snapshot.close()
 
 
 def snapshot_files() -> set[str]:

@@ -69,3 +69,30 @@ def test_partial_compensation_scales_the_update_and_keeps_the_choice():
         torch.testing.assert_close(w_none[:, cols], w[:, cols])  # no update: the kept weights as they were
         torch.testing.assert_close(w_half, (w_full + w_none) / 2)
         assert error(w_full, w, x) < error(w_half, w, x) < error(w_none, w, x)  # on the text they were fitted to
+
+
+def test_a_free_bias_takes_the_removed_groups_mean_and_the_errors_say_so():
+    """Inputs far from zero mean: with the bias free, each level keeps the dense output's mean on the calibration
+    inputs and fits what is left better than OBS on X X^T alone; the errors the database records are the output
+    errors the levels really make."""
+    from spdy_hf.database.obs_database import relative_output_errors
+    from spdy_hf.database.structured_obs import bias_shifts, centered_hessian
+
+    w, x, _ = layer(samples=800)
+    gen = torch.Generator().manual_seed(1)
+    x = x + 3.0 * torch.randn(x.shape[0], 1, generator=gen)  # every input has its own offset
+    h, mean = 2 * x @ x.T / x.shape[1], x.mean(dim=1)
+    keep = [8, 6, 4, 2, 0]
+    plain = structured_obs_levels(w, h, 4, keep)
+    fitted = structured_obs_levels(w, h, 4, keep, mean=mean)
+    shifts = bias_shifts(w, [wk for _, wk in fitted], mean)
+    torch.testing.assert_close(shifts[0], torch.zeros(w.shape[0]))  # nothing removed: the bias stays
+    dense_out = w @ x
+    recorded = relative_output_errors([wk for _, wk in fitted], h, centered_hessian(h, mean))
+    for k, (_, w_plain), (_, w_fit), shift, err in zip(keep, plain, fitted, shifts, recorded):
+        out = w_fit @ x + shift[:, None]
+        torch.testing.assert_close(out.mean(dim=1), dense_out.mean(dim=1), rtol=1e-4, atol=1e-3)
+        measured = float((out - dense_out).pow(2).sum() / dense_out.pow(2).sum())
+        assert float(err) == pytest.approx(measured, rel=1e-3, abs=1e-6)
+        if 0 < k < 8:
+            assert measured < error(w_plain, w, x)

@@ -58,7 +58,7 @@ def random_windows(low: int, high: int, n: int = 8, length: int = 16) -> dict[st
 
 def structured_table(model, config, removal_ms=None) -> LatencyTable:
     part = structured_part(model, config, removal_ms)
-    return LatencyTable(backend="cpu", regime={"batch_size": 1, "sequence_length": 32, "dtype": "float32"},
+    return LatencyTable(backend="cpu", regime=config.regime.to_dict(),
                         levels=[0.0], shapes={}, base_time_ms=part["dense_ms"], structured=part)
 
 
@@ -446,3 +446,34 @@ def test_a_cut_bound_keeps_every_block_and_a_staged_selection_chooses_on_unseen_
     unseen, searched = zip(*selection)
     assert list(searched) == sorted(searched)  # the search's best first
     assert result.report["predicted_speedup"] >= 2.0
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_fitted_biases_take_the_removed_groups_mean_and_the_model_saves_and_shrinks(name, tmp_path, tokenizer):
+    """With `database.fit_bias` (the default) a consumer that lost heads or neurons gets a new bias; without it the
+    bias stays the dense one. Either way the saved model loads with a plain from_pretrained and shrinks to the same
+    outputs."""
+    import transformers
+
+    inputs = example_inputs(2, 16)
+    biases = {}
+    for fit in (True, False):
+        model = MODEL_FACTORIES[name]()
+        modules = dict(model.named_modules())
+        dense = {g.consumer: modules[g.consumer].bias.detach().clone() for g in find_structured_groups(model)}
+        config = small_config(tmp_path / str(fit), target_speedup=1.6, family="structured",
+                              database={"fit_bias": fit})
+        result = SPDYPruner(model, config, tokenizer).prune(latency_table=structured_table(model, config),
+                                                           progress=False)
+        modules = dict(result.model.named_modules())
+        cut = [e["consumer"] for e in result.groups if e["keep"] < e["num_groups"]]
+        assert cut
+        biases[fit] = {c: bool(torch.equal(modules[c].bias, dense[c])) for c in cut}
+        pruned_out = outputs(result.model, inputs)
+        out_dir = result.save_pretrained(tmp_path / f"out-{fit}")
+        plain = getattr(transformers, AUTO[name]).from_pretrained(out_dir).eval()
+        torch.testing.assert_close(outputs(plain, inputs), pruned_out, rtol=1e-4, atol=1e-5)
+        fast, _, _ = load_pretrained(str(out_dir))
+        torch.testing.assert_close(outputs(fast, inputs), pruned_out, rtol=1e-4, atol=1e-5)
+    assert not any(biases[True].values())  # every cut consumer's bias moved
+    assert all(biases[False].values())

@@ -70,6 +70,7 @@ class UnitStatistics:
     hessian: torch.Tensor  # (in, in) float32, 2 X X^T / n
     samples: int  # rows of X (tokens) seen
     weight: torch.Tensor  # (out, in) dense weight, float32, CPU
+    mean: torch.Tensor | None = None  # (in,) float32, the mean input row (X 1 / n)
 
 
 @dataclass
@@ -163,9 +164,10 @@ class SequentialCalibrator:
     def _statistics(self, block, units, calls):
         """One pass of the block: Hessians of its units' inputs and their dense weights; returns the outputs."""
         sums: dict[str, torch.Tensor] = {}
+        totals: dict[str, torch.Tensor] = {}  # per unit, the sum of its input rows
         counts: dict[str, int] = {}
         weights: dict[str, torch.Tensor] = {}
-        products: dict[tuple, tuple] = {}  # X^T X per input tensor within one call: q, k, v share theirs
+        products: dict[tuple, tuple] = {}  # X^T X and X^T 1 per input tensor within one call: q, k, v share theirs
 
         masks = [token_mask(b) for b in self.batches]  # one call per batch, in order (`capture`)
         current: dict[str, torch.Tensor | None] = {"mask": None}
@@ -181,9 +183,10 @@ class SequentialCalibrator:
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
                 if key not in products or products[key][0] is not x:
                     xf = x2.to(torch.float32)
-                    products[key] = (x, xf.T @ xf)
-                product = products[key][1]
+                    products[key] = (x, xf.T @ xf, xf.sum(dim=0))
+                _, product, total = products[key]
                 sums[unit.name] = sums[unit.name] + product if unit.name in sums else product.clone()
+                totals[unit.name] = totals[unit.name] + total if unit.name in totals else total.clone()
                 counts[unit.name] = counts.get(unit.name, 0) + x2.shape[0]
                 if unit.name not in weights:
                     weights[unit.name] = dense_weight(unit).to("cpu", torch.float32).clone()
@@ -205,7 +208,7 @@ class SequentialCalibrator:
                 raise SPDYError(f"Unit {unit.name} was never called by its block on the calibration set.")
             n = counts[unit.name]
             stats[unit.name] = UnitStatistics(hessian=(2.0 / n) * sums.pop(unit.name), samples=n,
-                                              weight=weights[unit.name])
+                                              weight=weights[unit.name], mean=totals.pop(unit.name) / n)
         return stats, outputs
 
     @torch.no_grad()

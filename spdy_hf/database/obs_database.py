@@ -64,9 +64,13 @@ class EncodedDatabase(PruningDatabase):
         return level_weight(self.encoded[unit_index], level_index, self.patterns)
 
 
-def relative_output_errors(weights: list[torch.Tensor], hessian: torch.Tensor) -> torch.Tensor:
-    """||(W_k - W) X||^2 / ||W X||^2 for every level k, from H = 2 X X^T / n (no data pass needed)."""
+def relative_output_errors(weights: list[torch.Tensor], hessian: torch.Tensor,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """||(W_k - W) X||^2 / ||W X||^2 for every level k, from H = 2 X X^T / n (no data pass needed). With
+    `residual`, the Hessian the levels' errors are taken on instead (the inputs' covariance, for levels whose bias
+    absorbs the mean); the norm stays the dense output's."""
     h = hessian.to(torch.float32)
+    r = h if residual is None else residual.to(device=h.device, dtype=torch.float32)
     dense = weights[0].to(device=h.device, dtype=torch.float32)
     norm = float(((dense @ h) * dense).sum(dtype=torch.float64))
     out = torch.zeros(len(weights), dtype=torch.float64)
@@ -74,7 +78,7 @@ def relative_output_errors(weights: list[torch.Tensor], hessian: torch.Tensor) -
         return out
     for k, w in enumerate(weights[1:], start=1):
         delta = w.to(device=h.device, dtype=torch.float32) - dense
-        out[k] = max(0.0, float(((delta @ h) * delta).sum(dtype=torch.float64))) / norm
+        out[k] = max(0.0, float(((delta @ r) * delta).sum(dtype=torch.float64))) / norm
     return out
 
 

@@ -29,11 +29,11 @@ from ..modeling.units import Unit
 from ..utils.io import release_free_memory
 from .obs_database import relative_output_errors, windows_digest
 from .store import STORE_VERSION, DatabaseStore, StoredTensors
-from .structured_obs import group_magnitude_levels, structured_obs_levels
+from .structured_obs import bias_shifts, centered_hessian, group_magnitude_levels, structured_obs_levels
 
 logger = logging.getLogger(__name__)
 
-LAZY = ("weight.", "hessian")  # a stored group's tensors read from its file when stitched, not held
+LAZY = ("weight.", "bias.", "hessian")  # a stored group's tensors read from its file when stitched, not held
 
 
 class StructuredDatabase:
@@ -100,6 +100,19 @@ class StructuredDatabase:
     def consumer_weight(self, group_index: int, level: int) -> torch.Tensor:
         return self.entries[group_index][f"weight.{level}"]
 
+    def consumer_bias(self, group_index: int, level: int) -> torch.Tensor | None:
+        """The consumer's bias at `level` where the database fitted it (`database.fit_bias`), else None."""
+        entry = self.entries[group_index]
+        return entry[f"bias.{level}"] if f"bias.{level}" in entry else None
+
+    def _write_consumer(self, group_index: int, level: int) -> None:
+        module = self._modules[self.groups[group_index].consumer]
+        w, _ = rows_view(module)
+        w.copy_(self.consumer_weight(group_index, level).to(w.dtype))
+        bias = self.consumer_bias(group_index, level)
+        if bias is not None:
+            module.bias.copy_(bias.to(module.bias.dtype))
+
     @torch.no_grad()
     def restore(self, group_index: int) -> None:
         """Puts the group's dense weights back."""
@@ -110,21 +123,18 @@ class StructuredDatabase:
             module.weight.copy_(weight)
             if bias is not None:
                 module.bias.copy_(bias)
-        w, _ = rows_view(self._modules[group.consumer])
-        w.copy_(self.consumer_weight(group_index, 0).to(w.dtype))  # the first level keeps every group: dense
+        self._write_consumer(group_index, 0)  # the first level keeps every group: dense
 
     @torch.no_grad()
     def stitch(self, group_index: int, level: int) -> None:
-        """The group at `level`: the compensated consumer weight (removed columns zero); producers zero-filled too
-        with `keep_producers`."""
-        group = self.groups[group_index]
+        """The group at `level`: the compensated consumer weight (removed columns zero) and, where the database
+        fitted it, the consumer's bias; producers zero-filled too with `keep_producers`."""
         if self.keep_producers:
             self.restore(group_index)
             if level == 0:
                 return
             self.zero_producers(group_index, level)
-        w, _ = rows_view(self._modules[group.consumer])
-        w.copy_(self.consumer_weight(group_index, level).to(w.dtype))
+        self._write_consumer(group_index, level)
 
     @torch.no_grad()
     def zero_producers(self, group_index: int, level: int) -> None:
@@ -145,21 +155,30 @@ class _ModulesView:
 
 
 def _solve_group(group: StructuredGroup, counts: list[int], weight: torch.Tensor, hessian: torch.Tensor | None,
-                 method: str, dampening: float, store_hessian: bool = False, compensation: float = 1.0
+                 method: str, dampening: float, store_hessian: bool = False, compensation: float = 1.0,
+                 mean: torch.Tensor | None = None, bias: torch.Tensor | None = None
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every level of one group. With `mean` and `bias` (the consumer's mean input and dense bias), the levels are
+    fitted with the bias free and each stores its bias (`bias.{j}`)."""
+    fit_bias = method != "magnitude" and mean is not None and bias is not None
     if method == "magnitude":
         levels = group_magnitude_levels(weight, group.group_size, counts)
     else:
         levels = structured_obs_levels(weight, hessian, group.group_size, counts, damp=dampening,
-                                       compensation=compensation)
+                                       compensation=compensation, mean=mean if fit_bias else None)
     tensors = {}
     for j, (kept, w) in enumerate(levels):
         tensors[f"kept.{j}"] = torch.tensor(sorted(kept), dtype=torch.int64)
         tensors[f"weight.{j}"] = w.to(torch.float32).contiguous()
+    if fit_bias:
+        dense_bias = bias.detach().to("cpu", torch.float32)
+        for j, shift in enumerate(bias_shifts(weight, [w for _, w in levels], mean)):
+            tensors[f"bias.{j}"] = (dense_bias + shift).contiguous()
     if store_hessian and hessian is not None:
         tensors["hessian"] = hessian.detach().float().cpu().contiguous()
     # without data, the DP's prior falls back to the fraction of the group removed, squared (SPDY's curve shape)
-    errors = relative_output_errors([w for _, w in levels], hessian) if hessian is not None \
+    errors = relative_output_errors([w for _, w in levels], hessian,
+                                    centered_hessian(hessian, mean) if fit_bias else None) if hessian is not None \
         else torch.tensor([(1.0 - k / group.num_groups) ** 2 for k in counts], dtype=torch.float64)
     return tensors, errors
 
@@ -175,6 +194,7 @@ def build_structured_database(
     build_info: dict | None = None,
     dampening: float = 0.01,
     compensation: float = 1.0,
+    fit_bias: bool = False,
     batch_size: int = 8,
     device: str | None = None,
     store_hessian: bool = False,
@@ -186,6 +206,8 @@ def build_structured_database(
         counts: per group, its keep counts, the full count first.
         windows: calibration token windows (unused with `method="magnitude"`).
         directory: where the database lives (None: in memory only, for magnitude).
+        fit_bias: fit each consumer's bias to what the removed groups gave on average (consumers that have a
+            bias; `structured_obs_levels`).
         store_hessian: also keep each consumer's Hessian, so that the mixed family can prune the kept columns
             further (`StructuredDatabase.combo_weight`); the database then also keeps the producers' dense weights,
             which the mixed family's sparse levels overwrite (`keep_producers`).
@@ -205,6 +227,7 @@ def build_structured_database(
         "groups": [[group_name(g), g.consumer, g.num_groups, g.group_size, list(c)] for g, c in zip(groups, counts)],
         "calibration": windows_digest(windows), "propagation": "dense", "dampening": float(dampening),
         **({"compensation": float(compensation)} if compensation != 1.0 else {}),
+        **({"fit_bias": True} if fit_bias else {}),
         **({"hessians": True} if store_hessian else {}),
         **(build_info or {}),
     }
@@ -232,8 +255,10 @@ def build_structured_database(
                     continue
                 group, c = by_consumer[unit.name]
                 s = stats[unit.name]
-                entries[unit.name], errors[unit.name] = _solve_group(group, c, s.weight, s.hessian, method,
-                                                                     dampening, store_hessian, compensation)
+                bias = getattr(unit.module, "bias", None) if fit_bias else None
+                entries[unit.name], errors[unit.name] = _solve_group(
+                    group, c, s.weight, s.hessian, method, dampening, store_hessian, compensation,
+                    mean=s.mean if fit_bias else None, bias=bias if isinstance(bias, torch.Tensor) else None)
                 store.save_unit(unit.name, entries[unit.name], errors[unit.name])
                 entries[unit.name] = StoredTensors(store.unit_path(unit.name), entries[unit.name], LAZY)
                 solved += 1

@@ -7,8 +7,16 @@ and neurons)
 
     E(S) = tr( W[:, S] ((H^-1)[S, S])^-1 W[:, S]^T ),    dW = -W[:, S] ((H^-1)[S, S])^-1 (H^-1)[S, :],
 
-and H^-1 of the remaining inputs follows by the same block elimination. Groups are removed greedily, cheapest
-first, so the levels are nested: the groups removed at one level stay removed at every sparser one. The
+and H^-1 of the remaining inputs follows by the same block elimination.
+
+The consumer's bias can absorb what the removed groups gave on average. For any new weight W', the bias that fits
+best is b' = b + (W - W') mu, with mu the mean input; what is left to fit is (W - W') (X - mu 1^T), so with the bias
+free the same elimination runs on the inputs' covariance, H - 2 mu mu^T, instead of H (`mean`). A head whose output
+hardly varies (one that attends to the first token whatever the text) then costs almost nothing to remove: its
+constant part moves into the bias, where OBS on H could only spread it over the kept heads. FLAP (An et al., 2024)
+keeps the removed channels' mean as a bias; here the mean is fitted jointly with the compensation.
+
+Groups are removed greedily, cheapest first, so the levels are nested: the groups removed at one level stay removed at every sparser one. The
 producers (query/key/value, up/gate) only lose the removed groups' rows; they need no compensation.
 
 A pure function of (weight, Hessian, group size, levels): no hooks, no model.
@@ -28,7 +36,8 @@ def _damped_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, keep_counts: list[int],
-                          damp: float = 0.01, compensation: float = 1.0) -> list[tuple[list[int], torch.Tensor]]:
+                          damp: float = 0.01, compensation: float = 1.0, mean: torch.Tensor | None = None
+                          ) -> list[tuple[list[int], torch.Tensor]]:
     """For each number of groups to keep (any order), the kept group indices and the compensated (out, in) consumer
     weight (removed columns zero).
 
@@ -39,6 +48,8 @@ def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_siz
         weight: the consumer's (out, in) weight; in = num_groups * group_size.
         hessian: (in, in) Hessian of the consumer's inputs on the calibration set.
         group_size: input columns per group (head_dim, or head_dim * query heads per key/value head; 1 for neurons).
+        mean: the consumer's mean input (in,): the levels are fitted with the bias free (`bias_shifts` gives each
+            level's new bias); None: without.
     """
     out_features, in_features = weight.shape
     if group_size < 1 or in_features % group_size:
@@ -47,7 +58,7 @@ def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_siz
     if any(not 0 <= k <= num_groups for k in keep_counts):
         raise SPDYError(f"Keep counts must be in [0, {num_groups}].")
     w_full = weight.detach().to(torch.float64)
-    hinv = _damped_inverse(hessian, damp)
+    hinv = _damped_inverse(hessian if mean is None else centered_hessian(hessian, mean), damp)
     results: dict[int, tuple[list[int], torch.Tensor]] = {}
     wanted = set(keep_counts)
     alive = list(range(num_groups))  # group indices still kept, in order
@@ -102,6 +113,21 @@ def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_siz
     if 0 in wanted and 0 not in results:
         results[0] = ([], torch.zeros_like(weight, dtype=torch.float32))
     return [results[k] for k in keep_counts]
+
+
+def centered_hessian(hessian: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """2 (X - mu 1^T)(X - mu 1^T)^T / n from H = 2 X X^T / n and the mean input mu: what is left of the inputs to
+    fit once the bias is free."""
+    mu = mean.to(device=hessian.device, dtype=torch.float64)
+    return (hessian.to(torch.float64) - 2.0 * torch.outer(mu, mu)).to(hessian.dtype)
+
+
+def bias_shifts(dense: torch.Tensor, levels: list[torch.Tensor], mean: torch.Tensor) -> list[torch.Tensor]:
+    """(W - W_k) mu for every level's weight W_k: what the bias gains so that the level's output keeps the dense
+    output's mean on the calibration inputs."""
+    mu = mean.to(torch.float64)
+    w = dense.detach().to(torch.float64)
+    return [((w - level.to(torch.float64)) @ mu).to(torch.float32) for level in levels]
 
 
 def cols_of(groups: list[int], group_size: int) -> torch.Tensor:

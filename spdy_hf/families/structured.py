@@ -365,13 +365,14 @@ def build_group_database(config: SPDYConfig, model: nn.Module, groups: list[Stru
                           "groups": [[group_name(g), c] for g, c in zip(groups, counts)],
                           "dampening": config.database.dampening, "hessians": store_hessian,
                           **({"compensation": config.database.compensation}
-                             if config.database.compensation != 1.0 else {})}, sort_keys=True)
+                             if config.database.compensation != 1.0 else {}),
+                          **({"fit_bias": True} if config.database.fit_bias else {})}, sort_keys=True)
         directory = os.path.join(config.cache_dir or default_cache_dir(), "database",
                                  "structured-" + hashlib.sha1(key.encode()).hexdigest()[:16])
     sdb = build_structured_database(
         model, groups, counts, windows, directory=directory, method=config.method,
         build_info={"model": fingerprint, "weights": weights}, dampening=config.database.dampening,
-        compensation=config.database.compensation,
+        compensation=config.database.compensation, fit_bias=config.database.fit_bias,
         batch_size=config.database.batch_size, device=config.database.device,
         store_hessian=store_hessian, progress=progress)
     info = {"method": config.method, "family": config.family,

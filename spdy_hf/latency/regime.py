@@ -1,6 +1,9 @@
 """The work a regime times (`SPDYConfig.regime`).
 
-- prefill: one forward pass over batch_size x sequence_length random tokens;
+- prefill: one forward pass over batch_size x sequence_length random tokens; a causal LM computes the logits of
+  the last position only (`regime.logits: last`, what `generate` computes before the first new token: a 49 k
+  vocabulary's head over every position is about a seventh of SmolLM2-135M's pass) or of every position (`all`,
+  for scoring text);
 - decode: one new token for each of batch_size sequences against a key/value cache that already holds
   context_length tokens: every linear layer is a matrix-vector product and attention reads the whole cache.
 
@@ -97,7 +100,10 @@ def regime_inputs(model: nn.Module, regime: RegimeConfig) -> dict:
     batch_size x sequence_length tokens, or one decode step against a cache of context_length tokens."""
     if regime.mode != "decode":
         ids = _token_ids(model, step_shape(regime), 0)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if regime.logits == "last" and "logits_to_keep" in inspect.signature(model.forward).parameters:
+            inputs["logits_to_keep"] = 1
+        return inputs
     check_decodable(model)
     context = _token_ids(model, (regime.batch_size, regime.context_length), 0)
     cache = _filled_cache(model, context)

@@ -18,16 +18,19 @@ measured before training and after every epoch, training stops after `patience` 
 the best epoch's weights are kept, the unrecovered ones if no epoch beat them.
 
 Two variants (`recovery.method`):
-- `gap`: the whole pruned model against a dense copy of it, both in memory: the model twice, plus the gradients
-  and Adam's two moments of the trained parameters, plus one best copy of them, plus one batch's activations.
+- `gap`: the whole pruned model against a dense copy of it, both in memory: the model, the dense copy (in bfloat16
+  when the passes run in bfloat16), the gradients and Adam's two moments of the trained parameters, one best copy
+  of them, and one batch's activations. A causal LM's output term is taken from the hidden states its head gets,
+  a slice of tokens at a time (`sliced_kl`), so no batch's logits over the whole vocabulary are ever held.
 - `layerwise`: block by block. Each block of the pruned model, on the inputs the (already recovered) blocks before
   it give, is fitted to the dense block's layer outputs on the dense inputs. It holds one block's training state
   and the windows' hidden states at one block (two sets: pruned and dense), not a second model; the dense weights
   are read one block at a time from the snapshot on disk.
-`auto`, the default, leaves a causal LM unrecovered (`planned_method`: gap, the variant that helps one, is over the
-default job's memory budget, and the layer-wise one does not help it); for other models it takes `gap` when about
-five times the trained parameters' size fits in the memory free now, else `layerwise`; where the free memory cannot
-be told, `layerwise` (with a warning), the variant that holds less.
+`auto`, the default, takes `gap` when the dense copy and about five times the trained parameters' size fit in the
+memory free now; otherwise, and where the free memory cannot be told (with a warning), `layerwise` for an encoder
+and nothing for a causal LM, which the layer-wise variant does not help (docs/benchmarks/transfer.md). On
+SmolLM2-135M at 1.5x gap for 4 epochs (the causal-LM default, `recovery.epochs: null`) took 7 minutes, cut the
+perplexity on text of four other domains by 20-30 % and made greedy generation read as English.
 
 Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
 on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
@@ -66,12 +69,15 @@ from ..modeling.units import find_blocks
 from ..search.scoring import DistanceScorer
 from .held_zeros import HeldZeros
 from .teacher import (
+    HeadInputs,
+    HeadReached,
     LayerOutputs,
     layer_loss,
     live_outputs,
     modules_named,
     output_distance,
     pruned_layers,
+    sliced_kl,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,17 +127,25 @@ class Recovery:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
     def method(self) -> str:
+        """`recovery.method`, with 'auto' settled by the memory free now: gap where the dense teacher (in the
+        forward passes' precision), the trained parameters' gradients, Adam's two moments and one best copy fit,
+        with room for a batch's activations; otherwise layerwise for an encoder and none for a causal LM (the
+        layer-wise variant did not help one: docs/benchmarks/transfer.md)."""
         if self.cfg.method != "auto":
             return self.cfg.method
+        from ..pipeline.quality import is_causal_lm
+
+        fallback = "none" if is_causal_lm(self.model) else "layerwise"
         size = sum(p.numel() * p.element_size() for _, b in self.blocks for p in b.parameters())
         model_size = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        need = model_size + 5 * size  # a dense copy, gradients, Adam's moments, the best copy
+        teacher = model_size // 2 if self.dtype == torch.bfloat16 else model_size
+        need = teacher + 5 * size  # gradients, Adam's moments, the best copy, and as much again for activations
         free = free_memory(model_device(self.model))
         if free is None:
-            logger.warning("Recovery 'auto' cannot tell the free memory: taking 'layerwise', which holds one block at "
-                           "a time; recovery.method: gap trains the whole model at once (%.2f GB more).", need / 1e9)
-            return "layerwise"
-        choice = "gap" if need < 0.8 * free else "layerwise"
+            logger.warning("Recovery 'auto' cannot tell the free memory: taking '%s'; recovery.method: gap trains the "
+                           "whole model at once (%.2f GB more).", fallback, need / 1e9)
+            return fallback
+        choice = "gap" if need < 0.8 * free else fallback
         logger.info("Recovery 'auto': %s (gap needs about %.2f GB beside the model, %.2f GB free).", choice,
                     need / 1e9, free / 1e9)
         return choice
@@ -142,6 +156,8 @@ class Recovery:
             logger.info("Recovery: nothing is pruned; nothing to recover.")
             return {"method": "none", "reason": "nothing pruned"}
         method = self.method()
+        if method == "none":
+            return {"method": "none", "reason": "not enough free memory for gap"}
         start = time.perf_counter()
         lr = self.cfg.lr(method, self.kind)
         counts_before = self.held.counts()
@@ -165,7 +181,8 @@ class Recovery:
         if problems or self.held.counts() != counts_before:  # cannot happen: every step re-applies the masks
             raise SPDYError(f"Recovery moved profile zeros: {problems}.")
         seconds = time.perf_counter() - start
-        return {"method": method, "learning_rate": lr, "epochs": self.cfg.epochs, "batch_size": self.cfg.batch_size,
+        return {"method": method, "learning_rate": lr, "epochs": self.cfg.epochs_for(self.kind),
+                "batch_size": self.cfg.batch_size,
                 "precision": str(self.dtype).removeprefix("torch."),
                 "train_windows": sum(len(b["input_ids"]) for b in self.train),
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
@@ -191,6 +208,8 @@ class Recovery:
     def _global(self, lr: float) -> dict:
         model = self.model
         teacher = self.snapshot.model(model)
+        if self.dtype == torch.bfloat16:  # its passes run in bfloat16 anyway: half the memory of a float32 copy
+            teacher.to(torch.bfloat16)
         params = [p for _, b in self.blocks for p in b.parameters()]
         frozen = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)
@@ -201,6 +220,8 @@ class Recovery:
         stop = self.cfg.output_weight == 0
         last = [dict(find_blocks(model))[self.blocks[-1][0]], dict(find_blocks(teacher))[self.blocks[-1][0]]]
         stops = [b.register_forward_hook(_raise_stop) for b in last] if stop else []
+        head = _language_model_head(model) if not stop and self.kind == "kl" else None
+        heads = [HeadInputs(head), HeadInputs(_language_model_head(teacher))] if head is not None else []
 
         def objective(batch) -> torch.Tensor:
             with self.autocast():
@@ -209,16 +230,21 @@ class Recovery:
                 s = _run(model, batch, self.extra)
             tokens = token_mask(batch)
             loss = layer_loss(student_out.values, teacher_out.values, self.live, tokens)
-            if not stop:
-                loss = loss + self.cfg.output_weight * output_distance(s, t, self.kind, tokens)
             student_out.values.clear()
             teacher_out.values.clear()
+            if heads:
+                student_hidden, teacher_hidden = heads[0].take(), heads[1].take()
+                with self.autocast():
+                    distance = sliced_kl(head, student_hidden, teacher_hidden, tokens)
+                loss = loss + self.cfg.output_weight * distance
+            elif not stop:
+                loss = loss + self.cfg.output_weight * output_distance(s, t, self.kind, tokens)
             return loss
 
         try:
             return self._fit(params, objective, lr, desc="Recovery (gAP)")
         finally:
-            for h in stops:
+            for h in stops + heads:
                 h.remove()
             student_out.remove()
             teacher_out.remove()
@@ -319,9 +345,10 @@ class Recovery:
         best = before = heldback_loss()
         best_state = [p.detach().clone() for p in params]
         best_epoch, bad, train_losses, heldback_losses = 0, 0, [], []
-        total = self.cfg.epochs * len(self.train)
+        epochs = self.cfg.epochs_for(self.kind)
+        total = epochs * len(self.train)
         bar = tqdm(total=total, desc=desc, unit="step", disable=not self.progress or desc is None)
-        for epoch in range(1, self.cfg.epochs + 1):
+        for epoch in range(1, epochs + 1):
             running = 0.0
             for i in rng.permutation(len(self.train)):
                 loss = objective(self.train[i])
@@ -353,18 +380,9 @@ class Recovery:
                 "epochs_run": len(train_losses), "train_loss": train_losses, "heldback_loss": heldback_losses}
 
 def planned_method(config: SPDYConfig, model: nn.Module) -> str:
-    """`recovery.method` with 'auto' resolved by the kind of model: 'none' for a causal LM (gap, the variant that
-    helps one, holds a dense copy, gradients and Adam's state: SmolLM2-135M's job peaks at 7.3 GiB with it, 13 times
-    the model's size, over the default job's budget; the layer-wise variant took 11 minutes on it and left held-out
-    text of other domains where it was), and for an encoder 'auto' still, which `Recovery.method` settles by the memory free when it runs (gap
-    where it fits, else layerwise). On MiniLM gap on 128 windows raised the embedding cosine on held-out text of
-    four other domains by 0.01-0.02 each, for about a minute (docs/benchmarks/transfer.md)."""
-    from ..pipeline.quality import is_causal_lm
-
-    method = config.recovery.method
-    if method == "auto" and is_causal_lm(model):
-        return "none"
-    return method
+    """`recovery.method` as far as it is known before the job runs ('auto' is settled by `Recovery.method` when
+    recovery starts, by the memory free then): whether the job needs the dense snapshot recovery fits to."""
+    return config.recovery.method
 
 
 def recovery_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -402,8 +420,16 @@ def _raise_stop(module, args, output):
 def _run(model: nn.Module, batch: dict, extra: dict):
     try:
         return model(**batch, **extra)
-    except _Stop:
+    except (_Stop, HeadReached):
         return None
+
+
+def _language_model_head(model: nn.Module) -> nn.Module | None:
+    """A causal LM's head (its output embeddings, a Linear over the vocabulary), which recovery neither prunes nor
+    trains; None where the model has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) else None
 
 
 def _batches(windows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..calibration.sequential import first_output
 from ..errors import SPDYError
@@ -73,6 +74,59 @@ def output_distance(student, teacher, kind: str, tokens: torch.Tensor | None = N
     s, t = _last_hidden(student), _last_hidden(teacher)
     distance = (1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).reshape(-1)
     return distance.mean() if tokens is None else distance[tokens.to(distance.device)].mean()
+
+
+class HeadInputs:
+    """Catches what a causal LM gives its language-model head (the last hidden states), and stops the pass there:
+    recovery then takes the KL over the vocabulary slice by slice (`sliced_kl`) instead of holding every position's
+    logits, their softmax and their gradients at once (for a 49 k vocabulary, 200 MB a tensor for 8 x 128 tokens)."""
+
+    def __init__(self, head: nn.Module):
+        self.value: torch.Tensor | None = None
+        self.handle = head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.value = args[0]
+        raise HeadReached
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            raise SPDYError("The model's forward pass never reached its language-model head.")
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class HeadReached(Exception):
+    """Ends a forward pass at the language-model head (`HeadInputs`)."""
+
+
+def sliced_kl(head: nn.Module, student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | None = None,
+              rows: int = 256) -> torch.Tensor:
+    """KL(dense || pruned) per token, as `output_distance` takes it on logits, from the hidden states both models
+    give their shared head (pruning and recovery leave the head as it is). The tokens are taken `rows` at a time and
+    each slice's logits are computed again in the backward pass rather than kept, so the memory of the output
+    term is one slice's logits whatever the batch."""
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1])
+    if tokens is not None:
+        s, t = s[tokens.to(s.device)], t[tokens.to(t.device)]
+
+    def logits(h: torch.Tensor) -> torch.Tensor:  # the head's product, not a call of it (it may be hooked)
+        return F.linear(h, head.weight, head.bias).float()
+
+    def piece(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(logits(ht), -1)
+        return F.kl_div(F.log_softmax(logits(hs), -1), target, log_target=True, reduction="sum")
+
+    total = None
+    for i in range(0, s.shape[0], rows):
+        part = checkpoint(piece, s[i:i + rows], t[i:i + rows].detach(), use_reentrant=False)
+        total = part if total is None else total + part
+    return total / max(1, s.shape[0])
 
 
 def _last_hidden(out) -> torch.Tensor:
