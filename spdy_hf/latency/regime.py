@@ -2,7 +2,7 @@
 
 - prefill: one forward pass over batch_size x sequence_length random tokens; a causal LM computes the logits of
   the last position only (`regime.logits: last`, what `generate` computes before the first new token: a 49 k
-  vocabulary's head over every position is about a seventh of SmolLM2-135M's pass) or of every position (`all`,
+  vocabulary's head over every position is about a fifth of SmolLM2-135M's pass) or of every position (`all`,
   for scoring text);
 - decode: one new token for each of batch_size sequences against a key/value cache that already holds
   context_length tokens: every linear layer is a matrix-vector product and attention reads the whole cache.
@@ -57,10 +57,16 @@ def check_decodable(model: nn.Module) -> None:
                         f"{type(model).__name__} does not do; use regime.mode 'prefill' (the default) for it.")
 
 
+def last_logits_only(model: nn.Module) -> dict:
+    """The keyword that makes a forward pass compute the last position's logits only, where the model takes it
+    (`logits_to_keep`, as `generate` passes it), else nothing."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _filled_cache(model: nn.Module, ids: torch.Tensor):
     # only the cache is wanted: the logits of the last position, where the model can say so (a 512-token context's
     # full logits over a 49 k vocabulary would be 100 MB for nothing)
-    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last = last_logits_only(model)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **last)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -100,10 +106,8 @@ def regime_inputs(model: nn.Module, regime: RegimeConfig) -> dict:
     batch_size x sequence_length tokens, or one decode step against a cache of context_length tokens."""
     if regime.mode != "decode":
         ids = _token_ids(model, step_shape(regime), 0)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if regime.logits == "last" and "logits_to_keep" in inspect.signature(model.forward).parameters:
-            inputs["logits_to_keep"] = 1
-        return inputs
+        last = last_logits_only(model) if regime.logits == "last" else {}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **last}
     check_decodable(model)
     context = _token_ids(model, (regime.batch_size, regime.context_length), 0)
     cache = _filled_cache(model, context)

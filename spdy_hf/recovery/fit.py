@@ -156,8 +156,8 @@ class Recovery:
             logger.info("Recovery: nothing is pruned; nothing to recover.")
             return {"method": "none", "reason": "nothing pruned"}
         method = self.method()
-        if method == "none":
-            return {"method": "none", "reason": "not enough free memory for gap"}
+        if method == "none":  # 'auto' on a causal LM without room for gap (or with its free memory unknown)
+            return {"method": "none", "reason": "no free memory known to hold gap"}
         start = time.perf_counter()
         lr = self.cfg.lr(method, self.kind)
         counts_before = self.held.counts()
