@@ -386,10 +386,10 @@ class RecoveryConfig:
     method: str = field(default="auto", metadata={
         "help": "'gap' (global AdaPrune: the whole model at once, beside a dense copy), 'layerwise' (block by "
                 "block: one block's activations at a time), 'none', or 'auto': gap where its memory is free (about "
-                "the dense copy plus five times the blocks' parameters), else layerwise for an encoder and none for "
+                "the dense copy plus four times the kept weights), else layerwise for an encoder and none for "
                 "a causal LM (layerwise did not help one). On SmolLM2-135M at 1.5x gap cut the perplexity on text "
-                "of other domains by a quarter to a third and made greedy generation read as language, for 7 "
-                "minutes and a 5.8 GiB peak."})
+                "of other domains by a quarter to a third and made greedy generation read as language, for 9 "
+                "minutes and a job peaking at 2.84 GiB."})
     epochs: int | None = field(default=None, metadata={
         "help": "Passes over the training windows (at most); null: 8 for an encoder, 4 for a causal LM (an epoch of "
                 "SmolLM2-135M takes about 100 s on 2 CPU cores)."})
@@ -397,6 +397,12 @@ class RecoveryConfig:
         "help": "Adam's learning rate; null: for gap 3e-4 when the job's score is KL (causal LMs: the best measured on "
                 "SmolLM2-135M) and 3e-5 otherwise (encoders: the best measured on MiniLM), 1e-4 for layerwise."})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per optimizer step."})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "gap only: windows per forward and backward pass; the gradients of batch_size / micro_batch_size "
+                "passes make one step, so the activations held are those of this many windows (each pass's "
+                "objective is normalized on its own windows). null: 1 for a causal LM (long, full windows: its "
+                "job's peak is then under 3 GiB for SmolLM2-135M), the whole batch in one pass for an encoder "
+                "(short documents, whose objective is best normalized over the batch)."})
     num_samples: int | None = field(default=128, metadata={
         "help": "Calibration windows used (the first ones); null: all of them. 128: on MiniLM as good on other "
                 "domains' text as 512, in a quarter of the time (docs/benchmarks/transfer.md)."})
@@ -418,6 +424,8 @@ class RecoveryConfig:
     def __post_init__(self):
         check_fields(self, "recovery.")
         check_choice("recovery.method", self.method, RECOVERY_METHODS)
+        if self.micro_batch_size is not None:
+            check_int("recovery.micro_batch_size", self.micro_batch_size, 1)
         check_choice("recovery.precision", self.precision, RECOVERY_PRECISIONS)
         if self.epochs is not None:
             check_int("recovery.epochs", self.epochs, 1)
@@ -434,6 +442,13 @@ class RecoveryConfig:
         if self.epochs is not None:
             return int(self.epochs)
         return 4 if kind == "kl" else 8
+
+    def micro_batch_for(self, kind: str | None = None) -> int | None:
+        """Windows per pass for a job scored by `kind` ('kl' for causal LMs): `micro_batch_size`, else 1 for a
+        causal LM and None (the whole batch) otherwise."""
+        if self.micro_batch_size is not None:
+            return int(self.micro_batch_size)
+        return 1 if kind == "kl" else None
 
     def lr(self, method: str, kind: str | None = None) -> float:
         """The learning rate for `method` ('gap' or 'layerwise') in a job scored by `kind` ('kl' for causal LMs)."""

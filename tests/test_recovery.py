@@ -15,7 +15,7 @@ from spdy_hf.config import DEFAULT_SKIP_MODULES
 from spdy_hf.errors import ConfigError
 from spdy_hf.modeling.units import find_units
 from spdy_hf.output.load import load_pretrained
-from spdy_hf.recovery.fit import Recovery, recovery_dtype
+from spdy_hf.recovery.fit import Recovery, _parts, recovery_dtype
 from spdy_hf.recovery.held_zeros import HeldZeros
 from spdy_hf.recovery.teacher import DenseSnapshot, layer_loss, pruned_layers
 
@@ -174,6 +174,11 @@ def test_recovery_config_checks():
     assert SPDYConfig(recovery={"learning_rate": 2e-5}).recovery.lr("gap", "kl") == 2e-5
     assert SPDYConfig.from_dict(c.to_dict()).recovery.method == "gap"
     assert np.isfinite(c.recovery.holdout)
+    assert c.recovery.micro_batch_for("kl") == 1 and c.recovery.micro_batch_for("cosine") is None
+    assert SPDYConfig(recovery={"micro_batch_size": 4}).recovery.micro_batch_for("cosine") == 4
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="recovery.micro_batch_size"):
+            SPDYConfig(recovery={"micro_batch_size": bad})
 
 
 def sharp_llama():
@@ -346,3 +351,14 @@ def test_the_sliced_kl_is_the_kl_on_full_logits_with_the_same_gradient():
     torch.testing.assert_close(sliced, full)
     torch.testing.assert_close(got, expected)
     assert float(sliced.detach()) > 0
+
+
+@pytest.mark.parametrize("size", [None, 1, 2, 3, 8])
+def test_a_batch_runs_as_passes_whose_shares_add_up_to_one_step(size):
+    batch = {"input_ids": torch.arange(5 * 4).reshape(5, 4), "attention_mask": torch.ones(5, 4, dtype=torch.long)}
+    parts = _parts(batch, size)
+    assert len(parts) == (1 if size is None or size >= 5 else -(-5 // size))
+    assert sum(share for _, share in parts) == pytest.approx(1.0)
+    assert torch.equal(torch.cat([p["input_ids"] for p, _ in parts]), batch["input_ids"])
+    assert all(p["attention_mask"].shape == p["input_ids"].shape for p, _ in parts)
+    assert all(share == p["input_ids"].shape[0] / 5 for p, share in parts)

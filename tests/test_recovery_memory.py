@@ -107,3 +107,28 @@ def test_a_snapshot_gives_back_every_tensor_exactly_and_leaves_no_file(monkeypat
     finally:
         snapshot.close()
     assert snapshot_files() == before
+
+
+def test_a_teacher_is_built_in_the_dtype_asked_from_the_snapshot():
+    """The dense copy recovery trains against: the snapshot's values in bfloat16, allocated so (no float32 copy of
+    the model is made first), ties kept, the model it was shaped on left as it is."""
+    model = MODEL_FACTORIES["gpt2"]()
+    dense = {n: t.detach().clone() for n, t in snapshot_module.floating_tensors(model)}
+    inputs = example_inputs(2, 8)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    snapshot = DenseSnapshot(model)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+        teacher = snapshot.model(model, torch.bfloat16)
+    finally:
+        snapshot.close()
+    for name, t in snapshot_module.floating_tensors(teacher):
+        assert t.dtype == torch.bfloat16 and torch.equal(t, dense[name].to(torch.bfloat16)), name
+        assert not t.requires_grad
+    assert teacher.lm_head.weight is teacher.transformer.wte.weight
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, 0.5 * dense["transformer.h.0.mlp.c_fc.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(**inputs).logits.float(), expected, rtol=0.05, atol=0.05)

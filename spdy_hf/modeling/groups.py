@@ -165,7 +165,8 @@ def _new_module(template: nn.Module, weight_out_in: torch.Tensor, bias: torch.Te
     return module.to(device=weight_out_in.device, dtype=weight_out_in.dtype)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts `module` at `name` in `model` (a dotted path), in place of what was there."""
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
@@ -197,11 +198,11 @@ def _remove_attention(model: nn.Module, group: StructuredGroup) -> None:
     consumer = modules[group.consumer]
     inside = group.consumer.startswith(group.parent + ".")
     if inside:
-        _set(model, group.parent, RemovedAttention(_out_features(consumer), getattr(consumer, "bias", None)))
+        set_module(model, group.parent, RemovedAttention(_out_features(consumer), getattr(consumer, "bias", None)))
         return
-    _set(model, group.parent, RemovedAttention(0, None))
+    set_module(model, group.parent, RemovedAttention(0, None))
     w, _ = rows_view(consumer)
-    _set(model, group.consumer, _new_module(consumer, w[:, :0], getattr(consumer, "bias", None)))
+    set_module(model, group.consumer, _new_module(consumer, w[:, :0], getattr(consumer, "bias", None)))
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor, share: bool) -> torch.Tensor:
@@ -232,12 +233,12 @@ def shrink(model: nn.Module, group: StructuredGroup, kept: list[int], share: boo
         w, _ = rows_view(module)
         idx = group.producer_indices(name, kept)
         bias = getattr(module, "bias", None)
-        _set(model, name, _new_module(module, _rows(w, idx, share), None if bias is None else _rows(bias, idx, share),
+        set_module(model, name, _new_module(module, _rows(w, idx, share), None if bias is None else _rows(bias, idx, share),
                                       share))
     consumer = modules[group.consumer]
     w, _ = rows_view(consumer)
     cols = group.consumer_columns(kept).to(w.device)
-    _set(model, group.consumer, _new_module(consumer, w[:, cols], getattr(consumer, "bias", None), share))
+    set_module(model, group.consumer, _new_module(consumer, w[:, cols], getattr(consumer, "bias", None), share))
     if group.kind == "attention" and group.parent is not None:
         attn = model.get_submodule(group.parent)
         heads = len(kept) * (group.group_size // _head_dim(attn, group))

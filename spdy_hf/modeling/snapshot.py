@@ -76,9 +76,14 @@ class DenseSnapshot:
         for name, t in floating_tensors(module):
             t.copy_(self.tensor(prefix + name).to(t.device))
 
-    def model(self, like: nn.Module) -> nn.Module:
-        """A copy of `like` holding the snapshot's values, in eval mode, without gradients."""
-        teacher = copy.deepcopy(like)
+    def model(self, like: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """A copy of `like` holding the snapshot's values, in eval mode, without gradients; with `dtype`, its
+        floating tensors in that dtype, allocated so from the start (no copy of `like`'s values is ever made)."""
+        memo: dict[int, torch.Tensor] = {}
+        for _, t in floating_tensors(like):  # fresh, uninitialized storage for every floating tensor
+            empty = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+            memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+        teacher = copy.deepcopy(like, memo)
         self.restore(teacher)
         teacher.eval().requires_grad_(False)
         return teacher

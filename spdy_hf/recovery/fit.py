@@ -18,15 +18,20 @@ measured before training and after every epoch, training stops after `patience` 
 the best epoch's weights are kept, the unrecovered ones if no epoch beat them.
 
 Two variants (`recovery.method`):
-- `gap`: the whole pruned model against a dense copy of it, both in memory: the model, the dense copy (in bfloat16
-  when the passes run in bfloat16), the gradients and Adam's two moments of the trained parameters, one best copy
-  of them, and one batch's activations. A causal LM's output term is taken from the hidden states its head gets,
-  a slice of tokens at a time (`sliced_kl`), so no batch's logits over the whole vocabulary are ever held.
+- `gap`: the whole pruned model against a dense copy of it, both in memory. The pruned model is trained shrunk
+  (`spdy_hf.recovery.shrunk.ShrunkModel`): its removed heads and neurons are cut out for the length of training and
+  its kept weights written back after, so neither the passes nor the gradients and Adam's two moments are spent
+  on zeros. It holds the dense copy (in bfloat16 when the passes run in bfloat16, built so from the start), the
+  shrunk model's gradients and moments, and one pass's activations: a batch runs as passes of
+  `recovery.micro_batch_size` windows whose gradients add up to one step. The best epoch's weights wait in a
+  snapshot on disk, and the guard's dense reference is built for each of its two scores rather than held. A
+  causal LM's output term is taken from the hidden states its head gets, a slice of tokens at a time
+  (`sliced_kl`), so no batch's logits over the whole vocabulary are ever held.
 - `layerwise`: block by block. Each block of the pruned model, on the inputs the (already recovered) blocks before
   it give, is fitted to the dense block's layer outputs on the dense inputs. It holds one block's training state
   and the windows' hidden states at one block (two sets: pruned and dense), not a second model; the dense weights
   are read one block at a time from the snapshot on disk.
-`auto`, the default, takes `gap` when the dense copy and about five times the trained parameters' size fit in the
+`auto`, the default, takes `gap` when the dense copy and about four times the kept weights' size fit in the
 memory free now; otherwise, and where the free memory cannot be told (with a warning), `layerwise` for an encoder
 and nothing for a causal LM, which the layer-wise variant does not help (docs/benchmarks/transfer.md). On
 SmolLM2-135M at 1.5x gap for 4 epochs (the causal-LM default, `recovery.epochs: null`) took 7 minutes, cut the
@@ -68,6 +73,7 @@ from ..modeling.snapshot import DenseSnapshot
 from ..modeling.units import find_blocks
 from ..search.scoring import DistanceScorer
 from .held_zeros import HeldZeros
+from .shrunk import ShrunkModel
 from .teacher import (
     HeadInputs,
     HeadReached,
@@ -128,18 +134,18 @@ class Recovery:
 
     def method(self) -> str:
         """`recovery.method`, with 'auto' settled by the memory free now: gap where the dense teacher (in the
-        forward passes' precision), the trained parameters' gradients, Adam's two moments and one best copy fit,
-        with room for a batch's activations; otherwise layerwise for an encoder and none for a causal LM (the
-        layer-wise variant did not help one: docs/benchmarks/transfer.md)."""
+        forward passes' precision) and the shrunk model's gradients and Adam's two moments fit, with as much again
+        for a pass's activations; otherwise layerwise for an encoder and none for a causal LM (the layer-wise
+        variant did not help one: docs/benchmarks/transfer.md)."""
         if self.cfg.method != "auto":
             return self.cfg.method
         from ..pipeline.quality import is_causal_lm
 
         fallback = "none" if is_causal_lm(self.model) else "layerwise"
-        size = sum(p.numel() * p.element_size() for _, b in self.blocks for p in b.parameters())
+        kept = sum(int(torch.count_nonzero(p)) * p.element_size() for _, b in self.blocks for p in b.parameters())
         model_size = sum(p.numel() * p.element_size() for p in self.model.parameters())
         teacher = model_size // 2 if self.dtype == torch.bfloat16 else model_size
-        need = teacher + 5 * size  # gradients, Adam's moments, the best copy, and as much again for activations
+        need = teacher + 4 * kept  # the shrunk model's gradients and Adam's moments, and as much again for a pass
         free = free_memory(model_device(self.model))
         if free is None:
             logger.warning("Recovery 'auto' cannot tell the free memory: taking '%s'; recovery.method: gap trains the "
@@ -165,15 +171,18 @@ class Recovery:
         self.model.eval()
         unrecovered = DenseSnapshot(self.model)  # the weights the search left, to fall back on
         try:
-            guard = self._guard(unrecovered)
-            guard_before = guard()
+            guard_kind, guard_before = self._guard(unrecovered)  # the dense reference is not held while training
             history = self._global(lr) if method == "gap" else self._layerwise(lr)
-            guard_after = guard()
+            recovered = DenseSnapshot(self.model)
+            try:
+                guard_after = self._guard(recovered)[1]
+            finally:
+                recovered.close()
             reverted = guard_after > guard_before
             if reverted:
                 unrecovered.restore(self.model)
                 logger.warning("Recovery (%s) made the %s score on the held-back windows worse (%.5g -> %.5g): the "
-                               "unrecovered weights are kept.", method, guard.kind, guard_before, guard_after)
+                               "unrecovered weights are kept.", method, guard_kind, guard_before, guard_after)
         finally:
             unrecovered.close()
             self.model.train(was_training)
@@ -188,35 +197,56 @@ class Recovery:
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
                 "output_weight": self.cfg.output_weight if method == "gap" else 0.0,
                 "held_zeros": int(sum(counts_before.values())), "trained_blocks": len(self.blocks),
-                "seconds": round(seconds, 3), "heldback_score": {"kind": guard.kind, "before": guard_before,
+                "seconds": round(seconds, 3), "heldback_score": {"kind": guard_kind, "before": guard_before,
                                                                   "after": guard_after},
                 "reverted": reverted, **history}
 
-    def _guard(self, unrecovered: DenseSnapshot) -> DistanceScorer:
-        """The job's score on the held-back windows against the dense model: the last word on whether recovery
-        helped the final output. A layer objective that improves block by block can still hurt the output (the
-        layer-wise variant does on heavily sparse MiniLM). The dense reference comes from the dense weights written
-        into the model for one pass and the pruned ones written back: no second model in memory."""
+    def _guard(self, current: DenseSnapshot) -> tuple[str, float]:
+        """The job's score on the held-back windows against the dense model, of the weights in `current` (the
+        model's own): the last word on whether recovery helped the final output. A layer objective that improves
+        block by block can still hurt the output (the layer-wise variant does on heavily sparse MiniLM). The dense
+        reference comes from the dense weights written into the model for one pass, `current` written back after:
+        no second model in memory, and the reference is built for each score rather than held through training.
+        Returns (the score's kind, the score)."""
         with torch.no_grad():
             self.snapshot.restore(self.model)
             try:
-                return DistanceScorer(self.model, self.heldback, self.kind)
+                scorer = DistanceScorer(self.model, self.heldback, self.kind)
             finally:
-                unrecovered.restore(self.model)
+                current.restore(self.model)
+            return scorer.kind, scorer()
 
     # ------------------------------------------------------------------ gAP: the whole model at once
     def _global(self, lr: float) -> dict:
         model = self.model
-        teacher = self.snapshot.model(model)
-        if self.dtype == torch.bfloat16:  # its passes run in bfloat16 anyway: half the memory of a float32 copy
-            teacher.to(torch.bfloat16)
-        params = [p for _, b in self.blocks for p in b.parameters()]
+        # its passes run in bfloat16 under autocast anyway: half the memory of a float32 copy
+        teacher = self.snapshot.model(model, torch.bfloat16 if self.dtype == torch.bfloat16 else None)
         frozen = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)
+        try:
+            with ShrunkModel(model) as cut:
+                if len(cut):
+                    logger.info("Recovery trains the model shrunk: %d groups of heads or neurons cut out.", len(cut))
+                return self._global_fit(teacher, cut.teacher_index, lr)
+        finally:
+            model.requires_grad_(False)
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _global_fit(self, teacher: nn.Module, teacher_index: dict[str, torch.Tensor], lr: float) -> dict:
+        """gAP on the model as it is now (shrunk where `teacher_index` maps a shrunk layer's outputs to the dense
+        teacher's)."""
+        model = self.model
+        modules = dict(model.named_modules())
+        layers = {n: modules[n] for n in self.layers if n in modules}  # a removed attention's layers are gone
+        held = HeldZeros.of_modules(model, layers)  # the zeros left inside the kept weights (sparse levels)
+        live = {n: keep for n, m in layers.items() if (keep := live_outputs(m)) is not None}
+        index = {n: i for n, i in teacher_index.items() if n in layers}
+        params = [p for _, b in self.blocks for p in b.parameters()]
         for p in params:
             p.requires_grad_(True)
-        student_out = LayerOutputs({n: m for n, m in modules_named(model, self.layers)}, detach=False)
-        teacher_out = LayerOutputs({n: m for n, m in modules_named(teacher, self.layers)}, detach=True)
+        student_out = LayerOutputs(layers, detach=False)
+        teacher_out = LayerOutputs(dict(modules_named(teacher, layers)), detach=True)
         stop = self.cfg.output_weight == 0
         last = [dict(find_blocks(model))[self.blocks[-1][0]], dict(find_blocks(teacher))[self.blocks[-1][0]]]
         stops = [b.register_forward_hook(_raise_stop) for b in last] if stop else []
@@ -229,7 +259,8 @@ class Recovery:
                     t = _run(teacher, batch, self.extra)
                 s = _run(model, batch, self.extra)
             tokens = token_mask(batch)
-            loss = layer_loss(student_out.values, teacher_out.values, self.live, tokens)
+            targets = {n: v[..., index[n].to(v.device)] if n in index else v for n, v in teacher_out.values.items()}
+            loss = layer_loss(student_out.values, targets, live, tokens)
             student_out.values.clear()
             teacher_out.values.clear()
             if heads:
@@ -242,15 +273,13 @@ class Recovery:
             return loss
 
         try:
-            return self._fit(params, objective, lr, desc="Recovery (gAP)")
+            return self._fit(params, objective, lr, desc="Recovery (gAP)", held=held,
+                             micro_batch_size=self.cfg.micro_batch_for(self.kind))
         finally:
             for h in stops + heads:
                 h.remove()
             student_out.remove()
             teacher_out.remove()
-            model.requires_grad_(False)
-            for p in frozen:
-                p.requires_grad_(True)
 
     # ------------------------------------------------------------------ block by block
     def _layerwise(self, lr: float) -> dict:
@@ -334,50 +363,64 @@ class Recovery:
                 p.requires_grad_(False)
 
     # ------------------------------------------------------------------ the training loop both share
-    def _fit(self, params: list[nn.Parameter], objective, lr: float, desc: str | None) -> dict:
-        optimizer = torch.optim.Adam(params, lr=lr)
+    def _fit(self, params: list[nn.Parameter], objective, lr: float, desc: str | None,
+             held: HeldZeros | None = None, micro_batch_size: int | None = None) -> dict:
+        """Adam on `params` against `objective(batch)`, a batch's loss; with `micro_batch_size`, each training batch
+        runs as passes of that many windows whose gradients add up to one step (`objective` then gets those parts).
+        The best epoch's values, by the held-back loss, are kept in a snapshot on disk and come back at the end."""
+        held = self.held if held is None else held
+        optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # in place: no temporaries the size of params
         rng = np.random.default_rng(self.config.search.seed)
+        trained = nn.ParameterList(params)  # the same tensors, named for the snapshot of the best epoch
 
         def heldback_loss() -> float:
             with torch.no_grad():
-                return sum(float(objective(b)) for b in self.heldback) / len(self.heldback)
+                return sum(float(objective(part)) * share for b in self.heldback
+                           for part, share in _parts(b, micro_batch_size)) / len(self.heldback)
 
         best = before = heldback_loss()
-        best_state = [p.detach().clone() for p in params]
+        best_state = DenseSnapshot(trained)
         best_epoch, bad, train_losses, heldback_losses = 0, 0, [], []
         epochs = self.cfg.epochs_for(self.kind)
         total = epochs * len(self.train)
         bar = tqdm(total=total, desc=desc, unit="step", disable=not self.progress or desc is None)
-        for epoch in range(1, epochs + 1):
-            running = 0.0
-            for i in rng.permutation(len(self.train)):
-                loss = objective(self.train[i])
-                loss.backward()
-                self.held.hold_gradients()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.held.apply()
-                running += float(loss.detach())
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
-            train_losses.append(running / len(self.train))
-            heldback_losses.append(heldback_loss())
-            logger.debug("Recovery epoch %d: train %.5g, held back %.5g.", epoch, train_losses[-1],
-                         heldback_losses[-1])
-            if heldback_losses[-1] < best:
-                best, best_epoch, bad = heldback_losses[-1], epoch, 0
-                best_state = [p.detach().clone() for p in params]
-            else:
-                bad += 1
-                if bad >= self.cfg.patience:
-                    break
-        bar.close()
-        with torch.no_grad():
-            for p, saved in zip(params, best_state):
-                p.copy_(saved)
-        self.held.apply()
+        try:
+            for epoch in range(1, epochs + 1):
+                running = 0.0
+                for i in rng.permutation(len(self.train)):
+                    step_loss = 0.0
+                    for part, share in _parts(self.train[i], micro_batch_size):
+                        loss = objective(part) * share
+                        loss.backward()
+                        step_loss += float(loss.detach())
+                    held.hold_gradients()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    held.apply()
+                    running += step_loss
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4g}")
+                train_losses.append(running / len(self.train))
+                heldback_losses.append(heldback_loss())
+                logger.debug("Recovery epoch %d: train %.5g, held back %.5g.", epoch, train_losses[-1],
+                             heldback_losses[-1])
+                if heldback_losses[-1] < best:
+                    best, best_epoch, bad = heldback_losses[-1], epoch, 0
+                    best_state.close()
+                    best_state = DenseSnapshot(trained)
+                else:
+                    bad += 1
+                    if bad >= self.cfg.patience:
+                        break
+            bar.close()
+            del optimizer
+            best_state.restore(trained)
+        finally:
+            best_state.close()
+        held.apply()
         return {"heldback_before": before, "heldback_after": best, "best_epoch": best_epoch,
                 "epochs_run": len(train_losses), "train_loss": train_losses, "heldback_loss": heldback_losses}
+
 
 def planned_method(config: SPDYConfig, model: nn.Module) -> str:
     """`recovery.method` as far as it is known before the job runs ('auto' is settled by `Recovery.method` when
@@ -435,6 +478,15 @@ def _language_model_head(model: nn.Module) -> nn.Module | None:
 def _batches(windows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     n = windows["input_ids"].shape[0]
     return [{k: v[i:i + size] for k, v in windows.items()} for i in range(0, n, size)]
+
+
+def _parts(batch: dict[str, torch.Tensor], size: int | None) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """The batch as passes of `size` windows, each with its share of the batch's windows (the batch itself, whole,
+    when `size` is None or covers it)."""
+    n = batch["input_ids"].shape[0]
+    if size is None or size >= n:
+        return [(batch, 1.0)]
+    return [(part, part["input_ids"].shape[0] / n) for part in _batches(batch, size)]
 
 
 def free_memory(device: torch.device) -> int | None:
