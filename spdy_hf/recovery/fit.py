@@ -34,8 +34,9 @@ Two variants (`recovery.method`):
 `auto`, the default, takes `gap` when the dense copy and about four times the kept weights' size fit in the
 memory free now; otherwise, and where the free memory cannot be told (with a warning), `layerwise` for an encoder
 and nothing for a causal LM, which the layer-wise variant does not help (docs/benchmarks/transfer.md). On
-SmolLM2-135M at 1.5x gap for 4 epochs (the causal-LM default, `recovery.epochs: null`) took 7 minutes, cut the
-perplexity on text of four other domains by 20-30 % and made greedy generation read as English.
+SmolLM2-135M at 1.5x gap for 4 epochs (the causal-LM default, `recovery.epochs: null`) took 9 minutes, cut the
+perplexity on text of four other domains by 20-30 % and made greedy generation read as English, the job peaking at
+2.84 GiB.
 
 Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
 on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
