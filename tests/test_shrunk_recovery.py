@@ -9,7 +9,7 @@ from conftest import MODEL_FACTORIES, example_inputs
 
 from spdy_hf.modeling.groups import find_structured_groups, zero_fill
 from spdy_hf.modeling.units import find_blocks
-from spdy_hf.recovery.shrunk import ShrunkModel, removed_groups_kept
+from spdy_hf.recovery.shrunk import ShrunkModel, kept_groups
 
 MODELS = ["bert", "gpt2", "opt", "llama"]
 
@@ -60,7 +60,7 @@ def test_shrunk_for_training_and_written_back(name):
     torch.testing.assert_close(outputs(model, inputs), moved, rtol=1e-4, atol=1e-5)  # the trained weights came back
     modules = dict(model.named_modules())
     for group in find_structured_groups(model):  # ... and the removed groups as zeros
-        assert removed_groups_kept(group, modules) == kept[group.consumer]
+        assert kept_groups(group, modules) == kept[group.consumer]
     assert head_counts(model) == counts
 
 
@@ -87,3 +87,23 @@ def test_the_teacher_index_picks_the_kept_outputs():
         torch.testing.assert_close(model.model.layers[1].self_attn.q_proj.weight, dense_q[index])
         assert "model.layers.0.self_attn.q_proj" in cut.teacher_index  # removed whole: nothing kept
         assert len(cut.teacher_index["model.layers.0.self_attn.q_proj"]) == 0
+
+
+def test_a_failure_half_way_puts_the_model_back(monkeypatch):
+    import spdy_hf.recovery.shrunk as shrunk_module
+
+    model, _ = zero_filled("gpt2")
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    real, calls = shrunk_module.shrink, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shrunk_module, "shrink", failing)
+    with pytest.raises(RuntimeError, match="out of memory"), ShrunkModel(model):
+        pass
+    after = model.state_dict()
+    assert set(after) == set(state) and all(torch.equal(after[n], t) for n, t in state.items())

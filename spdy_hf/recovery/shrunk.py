@@ -41,7 +41,7 @@ class _Cut:
     shapes: dict[str, torch.Size] = field(default_factory=dict)  # released weights' shapes
 
 
-def removed_groups_kept(group: StructuredGroup, modules: dict[str, nn.Module]) -> list[int]:
+def kept_groups(group: StructuredGroup, modules: dict[str, nn.Module]) -> list[int]:
     """The groups with any nonzero weight or bias among their producer rows and consumer columns. The others are
     removed: zero in every weight they own, so cutting them out changes no output and no gradient."""
     consumer, _ = rows_view(modules[group.consumer])
@@ -77,15 +77,15 @@ class ShrunkModel:
         modules = dict(self.model.named_modules())
         try:
             for group in find_structured_groups(self.model):
-                kept = removed_groups_kept(group, modules)
+                kept = kept_groups(group, modules)
                 if len(kept) == group.num_groups:
                     continue
                 names = [*group.producers, group.consumer]
                 parent = modules.get(group.parent) if group.parent else None
                 cut = _Cut(group, kept, {n: modules[n] for n in names}, parent,
                            {a: getattr(parent, a) for a in _HEAD_ATTRS if isinstance(getattr(parent, a, None), int)})
+                self.cuts.append(cut)  # first: a shrink that fails half way is put back too
                 shrink(self.model, group, kept)
-                self.cuts.append(cut)
                 for name in group.producers:
                     self.teacher_index[name] = group.producer_indices(name, kept)
                 for name, module in cut.originals.items():  # the shrunk copies hold what training needs
