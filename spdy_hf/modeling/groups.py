@@ -46,6 +46,12 @@ _FFN = [
 ]
 
 
+# an attention module's attributes that a shrink sets: head counts, widths of all heads, key/value head count
+HEAD_COUNTS = ("num_heads", "num_attention_heads")
+HEAD_WIDTHS = ("all_head_size", "split_size")
+HEAD_ATTRIBUTES = (*HEAD_COUNTS, *HEAD_WIDTHS, "num_key_value_heads")
+
+
 @dataclass
 class StructuredGroup:
     kind: str  # "attention" or "ffn"
@@ -242,10 +248,10 @@ def shrink(model: nn.Module, group: StructuredGroup, kept: list[int], share: boo
     if group.kind == "attention" and group.parent is not None:
         attn = model.get_submodule(group.parent)
         heads = len(kept) * (group.group_size // _head_dim(attn, group))
-        for attr in ("num_heads", "num_attention_heads"):
+        for attr in HEAD_COUNTS:
             if isinstance(getattr(attn, attr, None), int):
                 setattr(attn, attr, heads)
-        for attr in ("all_head_size", "split_size"):
+        for attr in HEAD_WIDTHS:
             if isinstance(getattr(attn, attr, None), int):
                 setattr(attn, attr, heads * _head_dim(attn, group))
         if isinstance(getattr(attn, "num_key_value_heads", None), int):

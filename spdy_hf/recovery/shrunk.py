@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..modeling.groups import (
+    HEAD_ATTRIBUTES,
     RemovedAttention,
     StructuredGroup,
     find_structured_groups,
@@ -25,8 +26,6 @@ from ..modeling.groups import (
     set_module,
     shrink,
 )
-
-_HEAD_ATTRS = ("num_heads", "num_attention_heads", "all_head_size", "split_size", "num_key_value_heads")
 
 
 @dataclass
@@ -83,7 +82,7 @@ class ShrunkModel:
                 names = [*group.producers, group.consumer]
                 parent = modules.get(group.parent) if group.parent else None
                 cut = _Cut(group, kept, {n: modules[n] for n in names}, parent,
-                           {a: getattr(parent, a) for a in _HEAD_ATTRS if isinstance(getattr(parent, a, None), int)})
+                           {a: getattr(parent, a) for a in HEAD_ATTRIBUTES if isinstance(getattr(parent, a, None), int)})
                 self.cuts.append(cut)  # first: a shrink that fails half way is put back too
                 shrink(self.model, group, kept)
                 for name in group.producers:
@@ -122,8 +121,9 @@ class ShrunkModel:
                     self._write_producer(original, module, group, name, cut.kept)
             if removed_attention is not None:
                 set_module(self.model, group.parent, cut.parent)
+            now = dict(self.model.named_modules())
             for name, original in cut.originals.items():
-                if current.get(name) is not original and name in dict(self.model.named_modules()):
+                if name in now and now[name] is not original:
                     set_module(self.model, name, original)
             for attr, value in cut.parent_attrs.items():
                 setattr(cut.parent, attr, value)
