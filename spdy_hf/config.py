@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,12 @@ def check_fields(section, prefix: str) -> None:
 
 def check_number(name: str, value: Any, in_range: Callable[[float], bool], interval: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
-        raise ConfigError(f"{name}={value!r} must be a number in {interval}.")
+        hint = ""
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", value.strip()):
+            # YAML 1.1, which PyYAML reads, takes 1e-4 for text: its floats need a decimal point
+            hint = (f" YAML reads {value} as text, not as a number: write it with a decimal point "
+                    f"({float(value):.1e}) or as a decimal ({float(value):g}).")
+        raise ConfigError(f"{name}={value!r} must be a number in {interval}.{hint}")
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -308,12 +314,13 @@ class SearchConfig:
         default="auto",
         metadata={"help": "Distance to the dense model that the search minimises: 'auto' (KL of next-token "
                   "distributions with an LM head, else 'cosine'), 'kl', 'cosine' (1 - cosine of each token's final "
-                  "hidden state) or 'nmse' (normalised MSE of the final hidden states)."})
+                  "hidden state), 'embedding' (1 - cosine of each window's mean-pooled sentence embedding) or 'nmse' "
+                  "(normalised MSE of the final hidden states). Recovery's output term uses the same distance."})
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the local search."})
 
     def __post_init__(self):
         check_fields(self, "search.")
-        check_choice("search.score", self.score, ("auto", "kl", "cosine", "nmse"))
+        check_choice("search.score", self.score, ("auto", "kl", "cosine", "embedding", "nmse"))
         check_choice("search.score_dtype", self.score_dtype, ("auto", "float32", "bfloat16"))
         check_number("search.neighbourhood_fraction", self.neighbourhood_fraction, lambda v: 0 < v <= 1, "(0, 1]")
         if self.max_candidates is not None and (isinstance(self.max_candidates, bool) or not isinstance(
@@ -391,8 +398,9 @@ class RecoveryConfig:
                 "of other domains by a quarter to a third and made greedy generation read as language, for 9 "
                 "minutes and a job peaking at 2.84 GiB."})
     epochs: int | None = field(default=None, metadata={
-        "help": "Passes over the training windows (at most); null: 8 for an encoder, 4 for a causal LM (an epoch of "
-                "SmolLM2-135M takes about 100 s on 2 CPU cores)."})
+        "help": "Passes over the training windows (at most); null: 8 for an encoder, 1 for a causal LM (which trains on "
+                "every calibration window once: on SmolLM2-135M 448 windows seen once recovered better on every "
+                "held-out set than 112 windows seen four times, in the same number of steps; docs/benchmarks/transfer.md)."})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Adam's learning rate; null: for gap 3e-4 when the job's score is KL (causal LMs: the best measured on "
                 "SmolLM2-135M) and 3e-5 otherwise (encoders: the best measured on MiniLM), 1e-4 for layerwise."})
@@ -403,9 +411,11 @@ class RecoveryConfig:
                 "objective is normalized on its own windows). null: 1 for a causal LM (long, full windows: its "
                 "job's peak is then under 3 GiB for SmolLM2-135M), the whole batch in one pass for an encoder "
                 "(short documents, whose objective is best normalized over the batch)."})
-    num_samples: int | None = field(default=128, metadata={
-        "help": "Calibration windows used (the first ones); null: all of them. 128: on MiniLM as good on other "
-                "domains' text as 512, in a quarter of the time (docs/benchmarks/transfer.md)."})
+    num_samples: int | None = field(default=None, metadata={
+        "help": "Calibration windows used (the first ones; a number above the calibration set's takes all of it); "
+                "null: by the kind of model, all of them for a causal LM and the first 128 for an encoder (on MiniLM "
+                "as good on other domains' text as 512 windows, in a quarter to half the time; "
+                "docs/benchmarks/transfer.md)."})
     holdout: float = field(default=0.125, metadata={
         "help": "Share of those windows held back for early stopping (never trained on)."})
     patience: int = field(default=2, metadata={"min": 1, "help": "Epochs without a better held-back loss before "
@@ -437,11 +447,18 @@ class RecoveryConfig:
             check_int("recovery.num_samples", self.num_samples, 2)
 
     def epochs_for(self, kind: str | None = None) -> int:
-        """The epochs for a job scored by `kind` ('kl' for causal LMs): `epochs`, else 4 for a causal LM, 8
+        """The epochs for a job scored by `kind` ('kl' for causal LMs): `epochs`, else 1 for a causal LM, 8
         otherwise."""
         if self.epochs is not None:
             return int(self.epochs)
-        return 4 if kind == "kl" else 8
+        return 1 if kind == "kl" else 8
+
+    def samples_for(self, kind: str | None = None) -> int | None:
+        """The calibration windows recovery uses for a job scored by `kind` ('kl' for causal LMs): `num_samples`,
+        else all of them (None) for a causal LM and 128 otherwise."""
+        if self.num_samples is not None:
+            return int(self.num_samples)
+        return None if kind == "kl" else 128
 
     def micro_batch_for(self, kind: str | None = None) -> int | None:
         """Windows per pass for a job scored by `kind` ('kl' for causal LMs): `micro_batch_size`, else 1 for a

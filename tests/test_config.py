@@ -209,6 +209,8 @@ def test_non_numeric_level_is_a_config_error():
     ("timing: {check_profiles: -1}", r"timing.check_profiles=-1 must be an integer >= 0"),
     ("search: {speedup_margin: '0.1'}", r"search.speedup_margin='0.1' must be a number in \[0, 1\)"),
     ("database: {dampening: .nan}", r"database.dampening=nan must be a number in \(0, 1\)"),
+    ("recovery: {learning_rate: 1e-4}", r"YAML reads 1e-4 as text, not as a number: write it with a decimal point "
+                                        r"\(1.0e-04\) or as a decimal \(0.0001\)"),
     ("target_speedup: !!python/object/apply:os.system [echo]", "not valid YAML"),
 ])
 def test_a_recipe_with_a_wrong_type_gets_one_clear_error_naming_the_field(recipe, message, tmp_path):

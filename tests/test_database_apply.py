@@ -326,3 +326,48 @@ def test_cosine_score_is_scale_invariant_and_skips_padding(tiny_bert):
     handle = replace([(1, 2)])  # one real token of the 8 + 5 real ones
     assert scorer() == pytest.approx(2.0 / 13, rel=1e-5)
     handle.remove()
+
+
+def test_embedding_score_compares_mean_pooled_sentence_embeddings(tiny_bert):
+    """'embedding': 1 - cosine of each window's mean over its real tokens, averaged over windows; padding counts
+    nowhere, one token's error counts through the mean it moves, and recovery's output term is the same distance."""
+    from spdy_hf.recovery.teacher import output_distance
+    from spdy_hf.search.scoring import DistanceScorer, mean_pooled
+
+    batch = example_inputs(batch=2, seq=8)
+    batch["attention_mask"][1, 5:] = 0
+    dense = tiny_bert(**batch).last_hidden_state.detach()
+    scorer = DistanceScorer(tiny_bert, [batch], "embedding")
+    assert scorer.kind == "embedding" and scorer() == pytest.approx(0.0, abs=1e-6)
+
+    def flip(positions):
+        def hook(module, args, output):
+            output = output.clone()
+            for b, t in positions:
+                output[b, t] = -output[b, t]
+            return output
+        return tiny_bert.encoder.layer[-1].output.register_forward_hook(hook)
+
+    handle = flip([(1, 5), (1, 6), (1, 7)])  # padded positions only
+    assert scorer() == pytest.approx(0.0, abs=1e-6)
+    handle.remove()
+    handle = flip([(0, 3)])  # one real token of window 0
+    moved = dense.clone()
+    moved[0, 3] = -moved[0, 3]
+    mask = batch["attention_mask"].float()
+    expected = 1 - F.cosine_similarity(mean_pooled(moved, mask), mean_pooled(dense, mask), dim=-1)
+    assert expected[1] == pytest.approx(0.0, abs=1e-6)
+    assert scorer() == pytest.approx(float(expected.mean()), rel=1e-4)  # window 1 untouched: half of window 0's
+
+    class Out:  # what a BERT forward returns, as output_distance reads it
+        def __init__(self, hidden):
+            self.last_hidden_state = hidden
+
+    tokens = batch["attention_mask"].bool().reshape(-1)
+    assert float(output_distance(Out(moved), Out(dense), "embedding", tokens)) == \
+        pytest.approx(float(expected.mean()), rel=1e-4)
+    handle.remove()
+    with torch.no_grad():  # a uniform rescale of every output is no distance
+        tiny_bert.encoder.layer[-1].output.LayerNorm.weight.mul_(0.1)
+        tiny_bert.encoder.layer[-1].output.LayerNorm.bias.mul_(0.1)
+    assert scorer() == pytest.approx(0.0, abs=1e-6)

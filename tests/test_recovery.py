@@ -181,6 +181,32 @@ def test_recovery_config_checks():
             SPDYConfig(recovery={"micro_batch_size": bad})
 
 
+def test_recovery_windows_and_epochs_by_kind_of_model():
+    """Unset, a causal LM (scored by KL) trains once on every calibration window, an encoder 8 times on the first
+    128; a number set is taken as it is, and one above the windows there are takes them all."""
+    config = SPDYConfig(recovery={"method": "gap"})
+    assert config.recovery.samples_for("kl") is None and config.recovery.epochs_for("kl") == 1
+    assert config.recovery.samples_for("cosine") == 128 and config.recovery.epochs_for("cosine") == 8
+    model = MODEL_FACTORIES["llama"]()
+    windows = {"input_ids": torch.randint(0, VOCAB, (200, 8))}
+    windows["attention_mask"] = torch.ones_like(windows["input_ids"])
+    snapshot = DenseSnapshot(model)
+    try:
+        def used(settings, kind):
+            recovery = Recovery(SPDYConfig(recovery=settings), model, snapshot, windows, kind, progress=False)
+            return [sum(len(b["input_ids"]) for b in part) for part in (recovery.train, recovery.heldback)]
+
+        assert used({}, "kl") == [175, 25]  # all 200, the last 1/8 held back
+        assert used({}, "cosine") == [112, 16]
+        assert used({"num_samples": 64}, "kl") == used({"num_samples": 64}, "cosine") == [56, 8]
+        assert used({"num_samples": 1000}, "cosine") == [175, 25]
+    finally:
+        snapshot.close()
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ConfigError, match="recovery.num_samples"):
+            SPDYConfig(recovery={"num_samples": bad})
+
+
 def sharp_llama():
     """The tiny Llama with weights drawn 5x wider (initializer_range 0.1): its output depends on what is pruned
     (a KL of ~0.06 at 2x, against ~1e-4 for the default tiny model), so recovery has something to win back."""

@@ -21,6 +21,7 @@ from ..errors import SPDYError
 from ..modeling.groups import rows_view
 from ..modeling.snapshot import DenseSnapshot
 from ..modeling.units import find_blocks
+from ..search.scoring import mean_pooled
 
 
 class LayerOutputs:
@@ -63,16 +64,22 @@ def layer_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor
 
 
 def output_distance(student, teacher, kind: str, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """The job's score on the final output: KL(dense || pruned) per token for LMs, else 1 - cosine per token; with
-    `tokens` (the batch's real tokens, flattened), averaged over those only."""
+    """The job's score on the final output: KL(dense || pruned) per token for LMs, 1 - cosine of the mean-pooled
+    sentence embeddings per window for "embedding", else 1 - cosine per token; with `tokens` (the batch's real
+    tokens, flattened), averaged over those only."""
     if kind == "kl":
         s, t = student.logits.float(), teacher.logits.float()
         s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
         if tokens is not None:
             s, t = s[tokens.to(s.device)], t[tokens.to(t.device)]
         return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-    s, t = _last_hidden(student), _last_hidden(teacher)
-    distance = (1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).reshape(-1)
+    s, t = _last_hidden(student).float(), _last_hidden(teacher).float()
+    if kind == "embedding":  # each window's mean-pooled sentence embedding
+        weight = torch.ones(s.shape[:2], device=s.device) if tokens is None else \
+            tokens.to(s.device).reshape(s.shape[:2]).float()
+        s, t = mean_pooled(s, weight), mean_pooled(t, weight)
+        return (1 - F.cosine_similarity(s, t, dim=-1))[weight.sum(-1) > 0].mean()
+    distance = (1 - F.cosine_similarity(s, t, dim=-1)).reshape(-1)
     return distance.mean() if tokens is None else distance[tokens.to(distance.device)].mean()
 
 
