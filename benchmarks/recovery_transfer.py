@@ -40,8 +40,8 @@ from transfer import Judge, evaluation_sets, model_path, overrides
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.modeling.loading import load_model_and_tokenizer
 from spdy_hf.modeling.snapshot import DenseSnapshot
-from spdy_hf.pipeline.quality import is_causal_lm
 from spdy_hf.recovery.fit import Recovery
+from spdy_hf.search.scoring import score_kind
 from spdy_hf.utils.io import atomic_write_json, read_json
 
 logger = logging.getLogger("recovery_transfer")
@@ -97,7 +97,7 @@ def main() -> int:
     try:
         load_model(model, os.path.join(folder, "model.safetensors"))
         before = judge.compare(model)["quality"] if args.before else None
-        kind = "kl" if is_causal_lm(model) else "cosine"
+        kind = score_kind(model, config.search.score)  # the job's score, as its recovery stage gets it
         start = time.perf_counter()
         entry = Recovery(config, model, snapshot, windows, kind, progress=False).run()
         seconds = time.perf_counter() - start

@@ -49,6 +49,13 @@ def has_lm_head(model: nn.Module) -> bool:
     return callable(get) and get() is not None
 
 
+def score_kind(model: nn.Module, kind: str = "auto") -> str:
+    """`search.score` settled for `model`: 'auto' is KL with an LM head, else cosine; any other kind as it is."""
+    if kind != "auto":
+        return kind
+    return "kl" if has_lm_head(model) else "cosine"
+
+
 SCORES = ("auto", "kl", "cosine", "embedding", "nmse")
 KL_CHUNK = 64  # positions whose logits are in float32 at once (64 x 49 k vocabulary: 12.5 MB per temporary)
 
@@ -79,7 +86,7 @@ class DistanceScorer:
         lm = has_lm_head(model)
         if kind == "kl" and not lm:
             raise ValueError("The 'kl' score needs a model with an LM head; use 'cosine' or 'nmse'.")
-        self.kind = ("kl" if lm else "cosine") if kind == "auto" else kind
+        self.kind = score_kind(model, kind)
         self._lm_output = lm  # an LM's hidden states come from output_hidden_states
         # no key/value cache while scoring: nothing generates
         self._extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
