@@ -288,8 +288,39 @@ def push_command(args) -> int:
     return 0
 
 
+def export_command_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export", help="Write a model for llama.cpp (GGUF) or ONNX Runtime (ONNX), removed heads and neurons cut out.",
+        description="Export MODEL (a directory written by spdy-hf prune, a dense directory, a Hub id or a .gguf file) "
+        "physically shrunk: GGUF for Llama-family decoders (llama.cpp, per-block widths), ONNX for encoders and "
+        "causal LMs' prefill logits (ONNX Runtime). A dense model exports as it is, for the baseline.")
+    p.add_argument("model", help="What to export.")
+    p.add_argument("--format", choices=("gguf", "onnx"), help="Default: from the output's suffix.")
+    p.add_argument("--output", "-o", required=True, help="The file to write (.gguf or .onnx).")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="GGUF weight type (default float16; quantise further with llama.cpp's llama-quantize).")
+    p.add_argument("--tokenizer-from", help="A GGUF file of the same model whose tokenizer is copied (default for a "
+                   ".gguf MODEL: that file; otherwise the tokenizer is built from the model's own).")
+    p.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name, where it cannot be read off the "
+                   "tokenizer.")
+    p.add_argument("--overwrite", action="store_true", help="Replace the output file if it exists.")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
+    p.set_defaults(func=export_command)
+    return p
+
+
+def export_command(args) -> int:
+    from .export import export_model
+
+    path = export_model(args.model, args.output, args.format, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
+                        tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite,
+                        trust_remote_code=args.trust_remote_code)
+    print(f"Wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `spdy-hf` command line: prune, profile, eval, push."""
+    """The `spdy-hf` command line: prune, profile, eval, push, export."""
     parser = argparse.ArgumentParser(prog="spdy-hf", description="Speedup-targeted pruning for Hugging Face models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile_command_parser(subparsers)
     eval_command_parser(subparsers)
     push_command_parser(subparsers)
+    export_command_parser(subparsers)
     return parser
 
 

@@ -58,6 +58,15 @@ class PruningResult:
 
         return deploy_profile(self.model, self.profile, self.groups, self.config.backend)
 
+    def export(self, output: str | os.PathLike, format: str | None = None, **kwargs) -> str:
+        """Writes the pruned model, its removed heads and neurons cut out, for a serving engine: `format` "gguf"
+        (llama.cpp; Llama-family decoders) or "onnx" (ONNX Runtime), None to take it from the suffix of `output`.
+        Keyword arguments as `spdy_hf.export.export_model` (dtype, tokenizer_from, tokenizer_pre, overwrite). The
+        result's model is not changed. Returns the path written."""
+        from ..export import export_result
+
+        return export_result(self, os.fspath(output), format, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> str:
         """Writes model (safetensors), config, tokenizer, `spdy_profile.json`, `spdy_report.json`, the latency table,
         a model card (README.md) and a per-layer plot (spdy_profile.svg).
