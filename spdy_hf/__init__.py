@@ -33,13 +33,14 @@ _LAZY = {
     "SPDYPruningCallback": "integrations.trainer",
     "SPDYHeldZerosCallback": "integrations.trainer",
     "RecoveryConfig": "config",
+    "export_model": "export",
 }
 
 __all__ = [
     "CalibrationConfig", "ConfigError", "DatabaseConfig", "FastLinear", "LatencyTable", "PruningResult", "RegimeConfig", "SPDYConfig",
     "SPDYError", "SPDYPruner", "SearchConfig", "TimingConfig", "UnreachableTargetError", "__version__", "find_units",
     "load_pretrained", "prune_pretrained", "SPDYPruningCallback", "SPDYHeldZerosCallback", "RecoveryConfig",
-    "StructuredConfig", "find_structured_groups",
+    "StructuredConfig", "find_structured_groups", "export_model",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .deploy.kernels import FastLinear
     from .errors import ConfigError, SPDYError, UnreachableTargetError
+    from .export import export_model
     from .integrations.trainer import SPDYHeldZerosCallback, SPDYPruningCallback
     from .latency.table import LatencyTable
     from .modeling.groups import find_structured_groups

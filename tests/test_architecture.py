@@ -124,7 +124,8 @@ def test_every_family_is_a_plug_in_of_one_interface():
 
 STAGES = {"calibration": "calibration_windows", "latency": "measure_latency_table", "database": "build_obs_database",
           "search": "run_search", "recovery": "recovery_stage", "deploy": "deploy_profile",
-          "pipeline": "run_pipeline", "output": "PruningResult", "families": "get_family"}
+          "pipeline": "run_pipeline", "output": "PruningResult", "families": "get_family",
+          "export": "export_model"}
 
 
 def test_the_root_keeps_the_public_api_and_each_stage_is_a_folder_with_its_entry():

@@ -225,3 +225,19 @@ def test_model_card_says_when_group_times_are_fitted(latency_times):
               "latency_times": latency_times}
     text = str(model_card([], report, {}, groups=[group]))
     assert ("fitted per level to whole-model timings" in text) == (latency_times == "fitted")
+
+
+@pytest.mark.parametrize("model_type,score,kept", [("llama", "kl", 1), ("bert", "cosine", 1), ("bert", "cosine", 2)])
+def test_model_card_says_how_to_run_it_in_each_engine(model_type, score, kept):
+    """A shrunk Llama-family model gets the llama.cpp commands and ONNX; an encoder ONNX only; a profile that cut
+    nothing out (sparse levels only) is told it runs at dense speed in the engines."""
+    group = {"name": "model.layers.0:attention", "family": "structured", "keep": kept, "num_groups": 2,
+             "sparsity": 0.5, "dense_time_ms": 1.0, "time_ms": 0.6}
+    report = {"backend": "cpu", "regime": {"batch_size": 1, "sequence_length": 32, "dtype": "float32"},
+              "target_speedup": 1.5, "predicted_speedup": 1.6, "measured_speedup": 1.55, "target_met": True,
+              "score_kind": score}
+    text = str(model_card([], report, {}, groups=[group], model_type=model_type))
+    assert "## How to run it" in text and "spdy_hf.load_pretrained" in text
+    assert ("spdy-hf export MODEL -o model.gguf" in text) == (model_type == "llama" and kept < 2)
+    assert ("spdy-hf export MODEL -o model.onnx" in text) == (kept < 2)
+    assert ("runs at dense speed" in text) == (kept == 2)

@@ -187,6 +187,9 @@ def test_recovery_windows_and_epochs_by_kind_of_model():
     config = SPDYConfig(recovery={"method": "gap"})
     assert config.recovery.samples_for("kl") is None and config.recovery.epochs_for("kl") == 1
     assert config.recovery.samples_for("cosine") == 128 and config.recovery.epochs_for("cosine") == 8
+    # the output term: all but alone for a causal LM, beside the layer loss for an encoder; a set weight as it is
+    assert config.recovery.output_weight_for("kl") == 1000 and config.recovery.output_weight_for("cosine") == 10
+    assert SPDYConfig(recovery={"output_weight": 0}).recovery.output_weight_for("kl") == 0
     model = MODEL_FACTORIES["llama"]()
     windows = {"input_ids": torch.randint(0, VOCAB, (200, 8))}
     windows["attention_mask"] = torch.ones_like(windows["input_ids"])
@@ -244,6 +247,7 @@ def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tm
         h.remove()
     snapshot.close()
     assert entry["precision"] == "bfloat16" and torch.bfloat16 in seen
+    assert entry["output_weight"] == (1000.0 if method == "gap" else 0.0)  # a causal LM's default output weight
     assert entry["heldback_after"] < 0.97 * entry["heldback_before"]
     guard = entry["heldback_score"]
     assert guard["kind"] == "kl" and not entry["reverted"] and guard["after"] < 0.95 * guard["before"], guard

@@ -25,6 +25,8 @@ from ..deploy.shrink import STRUCTURED_SPARSE, deploy_groups, read_profile_file
 from ..errors import SPDYError
 from ..modeling.loading import gguf_location, load_model_and_tokenizer
 
+__all__ = ["FORMATS", "export_model", "export_result", "load_for_export", "shrunk_for_export"]
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("gguf", "onnx")
@@ -104,7 +106,7 @@ def export_model(model: nn.Module | str, output: str, format: str | None = None,
 
 def export_result(result, output: str, format: str | None = None, **kwargs) -> str:
     """`export_model` for a `PruningResult`: a copy of its model is shrunk, the result's model stays as it is."""
-    if result._shrunk():
+    if result.is_shrunk():
         raise SPDYError("The result's modules were already cut down (to_sparse_kernels); export before that, or "
                         "export the saved output directory.")
     model = copy.deepcopy(result.model).eval()

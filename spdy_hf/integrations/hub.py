@@ -65,10 +65,34 @@ def sparsity_plot_svg(profile: list[dict[str, Any]], width: int = 760) -> str:
             f'<rect width="100%" height="100%" fill="white"/>{legend}{axis}{"".join(rows)}</svg>\n')
 
 
+def how_to_run(model_type: str | None, causal: bool, shrunk: bool) -> list[str]:
+    """The card's commands for running the model in spdy_hf and, once exported with its removed heads and neurons
+    cut out (`spdy-hf export`), in llama.cpp (Llama-family decoders) and ONNX Runtime."""
+    from ..export.to_gguf import MODEL_TYPES
+
+    lines = ["## How to run it", "", "`MODEL` is this model's Hub id or local directory.", "", "```python",
+             "import spdy_hf", "model, tokenizer, _ = spdy_hf.load_pretrained(\"MODEL\")  # fast in PyTorch",
+             "```", ""]
+    if not shrunk:
+        return lines + ["Its sparse layers have no fast kernel in llama.cpp or ONNX Runtime: there it runs at dense "
+                        "speed.", ""]
+    lines += ["Exported with the removed heads and neurons cut out, it is smaller and faster in the engines too "
+              "(the dense model exported the same way is the baseline):", "", "```bash"]
+    if causal and model_type in MODEL_TYPES:
+        lines += ["spdy-hf export MODEL -o model.gguf     # llama.cpp: per-block widths, float16",
+                  "llama-quantize model.gguf model-Q4_K_M.gguf Q4_K_M   # optional: pruning and 4-bit compound",
+                  "llama-cli -m model-Q4_K_M.gguf -p \"Hello\""]
+    lines += ["spdy-hf export MODEL -o model.onnx     # ONNX Runtime: "
+              + ("every position's logits, no cache" if causal else "last_hidden_state (mean-pool it)"),
+              "```", ""]
+    return lines
+
+
 def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: dict[str, Any],
                base_model: str | None = None, model_name: str | None = None,
-               groups: list[dict[str, Any]] | None = None):
-    """The model card (huggingface_hub `ModelCard`) of a pruned model; `groups`: the structured/mixed profile."""
+               groups: list[dict[str, Any]] | None = None, model_type: str | None = None):
+    """The model card (huggingface_hub `ModelCard`) of a pruned model; `groups`: the structured/mixed profile;
+    `model_type`: the model config's, for the engines it can be exported to."""
     from huggingface_hub import ModelCard, ModelCardData
 
     backend = report.get("backend", config.get("backend", "cpu"))
@@ -130,6 +154,9 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
                          f" | {g['keep']} | {g['num_groups']} | {g['sparsity']:.4f} | {g['dense_time_ms']:.4f} | "
                          f"{g['time_ms']:.4f} |")
         lines += [""]
+    causal = report.get("score_kind") == "kl" or "decode" in (report.get("speedups") or {})
+    lines += how_to_run(model_type, causal, shrunk=any(g.get("keep", 0) < g.get("num_groups", 0)
+                                                       for g in groups or []))
     lines += [
         "## Per-layer profile",
         "",
@@ -214,7 +241,8 @@ def write_card(directory: str, model_name: str | None = None) -> None:
         model_config = json.load(f)
     spdy = model_config.get("spdy", {})
     base = base_model_id(spdy.get("base_model") or model_config.get("_name_or_path"))
-    card = model_card(profile, report, spdy.get("config", {}), base_model=base, model_name=model_name, groups=groups)
+    card = model_card(profile, report, spdy.get("config", {}), base_model=base, model_name=model_name, groups=groups,
+                      model_type=model_config.get("model_type"))
     atomic_write_text(os.path.join(directory, CARD_FILE), str(card))
     atomic_write_text(os.path.join(directory, PLOT_FILE), sparsity_plot_svg(groups or profile))
 

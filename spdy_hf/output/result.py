@@ -79,7 +79,7 @@ class PruningResult:
         from ..modeling.groups import RemovedAttention
 
         if any(isinstance(m, (FastLinear, RemovedAttention)) for m in self.model.modules()) or \
-                self._shrunk():
+                self.is_shrunk():
             raise SPDYError("The model runs on sparse kernels or shrunken modules (to_sparse_kernels) and cannot be "
                             "saved as a checkpoint; save the result before calling to_sparse_kernels().")
         target = os.path.abspath(os.fspath(save_directory))
@@ -125,7 +125,7 @@ class PruningResult:
         return push_result(self, repo_id, save_directory=save_directory, token=token, private=private,
                            commit_message=commit_message)
 
-    def _shrunk(self) -> bool:
+    def is_shrunk(self) -> bool:
         """Whether a structured profile's modules were cut down (to_sparse_kernels): not saveable then."""
         if not self.groups:
             return False

@@ -7,7 +7,8 @@ each model on its own activations; `gap` adds `output_weight` times the job's sc
 LMs, 1 - cosine per token otherwise). Adam. The reference uses a learning rate of 1e-5 for the global variant, 1e-3
 for the layer-wise one and no output term; the defaults here are the best measured
 (docs/benchmarks/recovery.md): for gap 3e-5 on an encoder (MiniLM) and 3e-4 on a causal LM (SmolLM2-135M,
-scored by KL), 1e-4 for the layer-wise variant, output weight 10.
+scored by KL), 1e-4 for the layer-wise variant; output weight 10 on an encoder and 1000 on a causal LM, whose
+recovery transfers best to other text when it fits the output distribution all but alone.
 
 What may change: every parameter of the blocks that hold a pruned layer. What may not: a zero of the profile
 (`spdy_hf.recovery.held_zeros.HeldZeros`: their gradients are zeroed before each step and the entries set to zero after it), so
@@ -196,7 +197,7 @@ class Recovery:
                 "precision": str(self.dtype).removeprefix("torch."),
                 "train_windows": sum(len(b["input_ids"]) for b in self.train),
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
-                "output_weight": self.cfg.output_weight if method == "gap" else 0.0,
+                "output_weight": self.cfg.output_weight_for(self.kind) if method == "gap" else 0.0,
                 "held_zeros": int(sum(counts_before.values())), "trained_blocks": len(self.blocks),
                 "seconds": round(seconds, 3), "heldback_score": {"kind": guard_kind, "before": guard_before,
                                                                   "after": guard_after},
@@ -248,7 +249,8 @@ class Recovery:
             p.requires_grad_(True)
         student_out = LayerOutputs(layers, detach=False)
         teacher_out = LayerOutputs(dict(modules_named(teacher, layers)), detach=True)
-        stop = self.cfg.output_weight == 0
+        weight = self.cfg.output_weight_for(self.kind)
+        stop = weight == 0
         last = [dict(find_blocks(model))[self.blocks[-1][0]], dict(find_blocks(teacher))[self.blocks[-1][0]]]
         stops = [b.register_forward_hook(_raise_stop) for b in last] if stop else []
         head = _language_model_head(model) if not stop and self.kind == "kl" else None
@@ -268,9 +270,9 @@ class Recovery:
                 student_hidden, teacher_hidden = heads[0].take(), heads[1].take()
                 with self.autocast():
                     distance = sliced_kl(head, student_hidden, teacher_hidden, tokens)
-                loss = loss + self.cfg.output_weight * distance
+                loss = loss + weight * distance
             elif not stop:
-                loss = loss + self.cfg.output_weight * output_distance(s, t, self.kind, tokens)
+                loss = loss + weight * output_distance(s, t, self.kind, tokens)
             return loss
 
         try:
