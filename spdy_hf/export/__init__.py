@@ -65,9 +65,9 @@ def load_for_export(name_or_path: str, trust_remote_code: bool = False):
     return model.eval(), tokenizer, None
 
 
-def export_model(model: nn.Module | str, output: str, format: str | None = None, tokenizer=None, *,
-                 dtype: str = "float16", tokenizer_from: str | None = None, tokenizer_pre: str | None = None,
-                 overwrite: bool = False, trust_remote_code: bool = False) -> str:
+def export_model(model: nn.Module | str | os.PathLike, output: str | os.PathLike, format: str | None = None,
+                 tokenizer=None, *, dtype: str = "float16", tokenizer_from: str | None = None,
+                 tokenizer_pre: str | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> str:
     """Exports a model to `output` as GGUF or ONNX (`format`; None: from the output's suffix).
 
     Args:
@@ -88,7 +88,8 @@ def export_model(model: nn.Module | str, output: str, format: str | None = None,
     if os.path.exists(output) and not overwrite:
         raise SPDYError(f"{output} exists; choose another path, or pass --overwrite (overwrite=True) to replace it.")
     description = None
-    if isinstance(model, str):
+    if isinstance(model, (str, os.PathLike)):
+        model = os.fspath(model)
         if format == "gguf" and tokenizer_from is None and gguf_location(model) is not None:
             tokenizer_from = model
         model, tokenizer, description = load_for_export(model, trust_remote_code=trust_remote_code)

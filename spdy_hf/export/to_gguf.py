@@ -136,6 +136,10 @@ def check_exportable(model: nn.Module) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise GGUFExportError(f"The FFN activation is {act!r}; llama.cpp's Llama graph uses SiLU.")
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        logger.warning("The model attends within a sliding window of %d tokens; llama.cpp's deci graph attends to the "
+                       "whole context, so its outputs differ from the model's beyond %d tokens.", window, window)
 
 
 def write_gguf(model: nn.Module, tokenizer, path: str, dtype: str = "float16", tokenizer_from: str | None = None,
