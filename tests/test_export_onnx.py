@@ -1,6 +1,6 @@
 """ONNX export of shrunk models: the graph passes onnx's checker, keeps each layer's own width, and ONNX Runtime
-gives the shrunk PyTorch model's outputs at shapes other than the traced one. The export entry point: formats,
-overwriting, a saved output directory, and `spdy-hf export`."""
+gives the shrunk PyTorch model's outputs at shapes other than the traced one; the export entry point's formats and
+its refusal to overwrite (a saved output directory through `spdy-hf export`: tests/test_export_gguf.py)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import example_inputs
+from test_export_gguf import shrink_unevenly as shrink_groups
 
 from spdy_hf.errors import SPDYError
 from spdy_hf.export import export_model
 from spdy_hf.export.to_onnx import write_onnx
-from spdy_hf.modeling.groups import find_structured_groups, group_name, shrink
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
-
-
-def shrink_groups(model, kept: dict[str, list[int]]):
-    for group in find_structured_groups(model):
-        if group_name(group) in kept:
-            shrink(model, group, kept[group_name(group)])
-    return model
 
 
 def run(path: str, inputs: dict[str, torch.Tensor]) -> np.ndarray:
