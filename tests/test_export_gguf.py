@@ -241,3 +241,13 @@ def test_a_pruned_result_and_its_saved_output_export_alike(tmp_path, tokenizer):
     expected = logits(result.model, IDS)
     np.testing.assert_allclose(deci_reference(str(tmp_path / "cli.gguf"), IDS), expected, atol=2e-4, rtol=1e-4)
     assert main(["export", str(out_dir), "-o", str(tmp_path / "cli.gguf")]) == 2  # exists: kept
+
+
+def test_bfloat16_weights_are_the_models_rounded(tmp_path):
+    model = make_llama()
+    path = write_gguf(model, byte_bpe_tokenizer(), str(tmp_path / "bf16.gguf"), dtype="bfloat16")
+    tensor = next(x for x in gguf.GGUFReader(path).tensors if x.name == "blk.1.ffn_up.weight")
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.BF16
+    got = torch.from_numpy(np.asarray(tensor.data).view(np.int16).copy()).view(torch.bfloat16)
+    expected = model.model.layers[1].mlp.up_proj.weight.detach().to(torch.bfloat16)
+    assert torch.equal(got.reshape(expected.shape), expected)
