@@ -77,8 +77,12 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
         "runs TARGET times faster than dense in the regime, on the backend; write the pruned model and reports.",
     )
     p.add_argument("model", nargs="?", default=None, help="Model directory or Hub id (default: bundled MiniLM).")
-    p.add_argument("--target-speedup", type=float, help="End-to-end speedup to reach (default 1.5).")
-    p.add_argument("--output", "-o", help="Output directory (default: ./spdy-<model>-<target>x).")
+    p.add_argument("--target-speedup", type=_targets,
+                   help="End-to-end speedup to reach (default 1.5); several, comma-separated (1.25,1.5,2.0), prune to "
+                        "each in one run that profiles once, builds one database and starts each later search from "
+                        "the earlier ones' sensitivities, writing one output per target.")
+    p.add_argument("--output", "-o", help="Output directory (default: ./spdy-<model>-<target>x); with several targets, "
+                   "the folder that gets one such directory per target.")
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output directory.")
     p.add_argument("--recipe", help="A YAML/JSON SPDYConfig; flags given here override it.")
     _regime_arguments(p)
@@ -111,6 +115,17 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _targets(text: str) -> list[float]:
+    try:
+        targets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a speedup or a comma-separated list of them (1.25,1.5,2.0)"
+                                         ) from None
+    if not targets:
+        raise argparse.ArgumentTypeError("no target speedup given")
+    return targets
+
+
 def _candidates(text: str) -> int | str:
     if text.lower() in ("none", "null"):
         return "none"
@@ -135,7 +150,7 @@ def _config_from(args):
 
     data = SPDYConfig.load(args.recipe).to_dict() if args.recipe else {}
     if getattr(args, "target_speedup", None) is not None:
-        data["target_speedup"] = args.target_speedup
+        data["target_speedup"] = args.target_speedup[0]  # several: the run sets each in turn
     if getattr(args, "latency_table", None) is not None:
         data["latency_table"] = args.latency_table
     if args.backend is not None:
@@ -188,14 +203,51 @@ def _default_output(model: str | None, target: float) -> str:
 def prune_command(args) -> int:
     from .modeling.loading import load_model_and_tokenizer
     from .output.result import check_output_dir
-    from .pruner import SPDYPruner
+    from .pruner import SPDYPruner, check_targets
 
     config = _build_config(args)
-    output = args.output or _default_output(args.model, config.target_speedup)
-    check_output_dir(output, args.overwrite)  # before any work: never find out after 10 minutes
+    targets = check_targets(args.target_speedup or [config.target_speedup])
+    if len(targets) > 1:
+        outputs = [os.path.join(args.output or ".", _default_output(args.model, t)) for t in targets]
+    else:
+        outputs = [args.output or _default_output(args.model, targets[0])]
+    for output in outputs:  # before any work: never find out after 10 minutes
+        check_output_dir(output, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    result = SPDYPruner(model, config, tokenizer=tokenizer).prune(progress=not args.no_progress)
-    path = result.save_pretrained(output, overwrite=args.overwrite)
+    pruner = SPDYPruner(model, config, tokenizer=tokenizer)
+    if len(targets) == 1:
+        written = [_save(pruner.prune(progress=not args.no_progress), outputs[0], args.overwrite)]
+    else:
+        written = [_save(result, output, args.overwrite) for result, output in
+                   zip(pruner.prune_targets(targets, progress=not args.no_progress), outputs)]
+        print(f"{len(targets)} targets in one run: stage seconds summed over them {json.dumps(pruner.stage_seconds)}")
+    missed = [(path, r) for path, r in written if r.get("target_met") is False]
+    if missed and not args.allow_shortfall:
+        for path, r in missed:
+            busy = r.get("verify_busy")
+            why = "" if not busy else (f", measured while the machine was busy (the dense model took "
+                                       f"{busy['dense_ms_now']:.1f} ms, {busy['dense_ms_profiled']:.1f} ms when "
+                                       "profiled), so it is not confirmed")
+            print(f"spdy-hf: target missed: measured {r['measured_speedup']:.3f}x for a {r['target_speedup']:g}x "
+                  f"target (tolerance {100 * config.search.target_tolerance:g}%){why}. The output is written to "
+                  f"{path}, marked target_met: false in spdy_report.json and on the model card; it was not pushed. "
+                  "Measure again on an idle machine (delete the latency cache), or pass --allow-shortfall to accept "
+                  "it.", file=sys.stderr)
+    if args.push_to_hub:
+        from .integrations.hub import push_folder, push_targets
+
+        met = [(path, r) for path, r in written if args.allow_shortfall or r.get("target_met") is not False]
+        if len(targets) == 1 and met:
+            print(f"Pushed to {push_folder(met[0][0], args.push_to_hub, private=args.private or None)}")
+        elif met:
+            for repo, url in push_targets(met, args.push_to_hub, private=args.private or None):
+                print(f"Pushed {repo} to {url}" if repo is not None else f"Collection: {url}")
+    return SHORTFALL_EXIT if missed and not args.allow_shortfall else 0
+
+
+def _save(result, output: str, overwrite: bool) -> tuple[str, dict]:
+    """Writes one result and prints its summary; returns where it went and its report."""
+    path = result.save_pretrained(output, overwrite=overwrite)
     r = result.report
     print(f"Pruned model written to {path}")
     print(f"  target speedup     {r['target_speedup']:.3f}x")
@@ -211,21 +263,7 @@ def prune_command(args) -> int:
     peaks = [v for v in r.get("stage_peak_rss_mb", {}).values() if v is not None]
     if peaks:
         print(f"  peak memory        {max(peaks) / 1024:.2f} GiB (by stage, MiB: {json.dumps(r['stage_peak_rss_mb'])})")
-    if r.get("target_met") is False and not args.allow_shortfall:
-        busy = r.get("verify_busy")
-        why = "" if not busy else (f", measured while the machine was busy (the dense model took {busy['dense_ms_now']:.1f} "
-                                   f"ms, {busy['dense_ms_profiled']:.1f} ms when profiled), so it is not confirmed")
-        print(f"spdy-hf: target missed: measured {r['measured_speedup']:.3f}x for a {r['target_speedup']:g}x target "
-              f"(tolerance {100 * config.search.target_tolerance:g}%){why}. The output is written to {path}, marked "
-              "target_met: false in spdy_report.json and on the model card; it was not pushed. Measure again on an "
-              "idle machine (delete the latency cache), or pass --allow-shortfall to accept it.", file=sys.stderr)
-        return SHORTFALL_EXIT
-    if args.push_to_hub:
-        from .integrations.hub import push_folder
-
-        url = push_folder(path, args.push_to_hub, private=args.private or None)
-        print(f"Pushed to {url}")
-    return 0
+    return path, r
 
 
 def eval_command_parser(subparsers) -> argparse.ArgumentParser:

@@ -259,6 +259,12 @@ class SearchConfig:
                   "past 600 bought 2.5 % calibration score and a worse held-out perplexity (docs/benchmarks/decoder-llm.md). "
                   "null: SPDY's schedule, at least num_random_inits + patience x round(neighbourhood_fraction x "
                   "units) candidates (each improvement restarts a size's count)."})
+    warm_candidates: int = field(
+        default=100,
+        metadata={"min": 1, "help": "In a run with several targets (`spdy-hf prune --target-speedup 1.25,1.5,2.0`): the "
+                  "candidates each target after the first tries. Its search starts from the sensitivities the "
+                  "earlier targets' searches found (SPDY's sensitivities do not depend on the budget: the DP re-solves "
+                  "them for this target's) and redraws one unit's at a time from the best of them."})
     select_top: int = field(
         default=1,
         metadata={"min": 1, "help": "Staged selection: the search screens candidates on its eval_samples windows; "

@@ -2,26 +2,28 @@
 speedup.
 
 The pruner checks the job and turns calibration data into token windows; `spdy_hf.pipeline.run` runs the stages
-(profile, budget, database, search, verify) for the config's level family (`spdy_hf.families`).
+(profile, budget, database, search, verify, recovery) for the config's level family (`spdy_hf.families`), for one
+target (`prune`) or several in one run (`prune_targets`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .calibration import calibration_windows
 from .config import SPDYConfig
-from .errors import SPDYError
+from .errors import ConfigError, SPDYError
 from .families import get_family
 from .latency import LatencyTable
 from .latency.backend import model_device, to_target_device
 from .modeling.loading import loaded_from_gguf, plain_checkpoint
 from .modeling.units import find_units
 from .output.result import PruningResult
-from .pipeline import Job, StageTimer, run_pipeline
+from .pipeline import Job, StageTimer, run_pipeline, run_targets
 from .pipeline.quality import heldout_windows, is_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,42 @@ class SPDYPruner:
                   stages=StageTimer(self.stage_seconds))
         return run_pipeline(job)
 
+    def prune_targets(
+        self,
+        targets: Sequence[float],
+        calibration=None,
+        latency_table: LatencyTable | str | None = None,
+        progress: bool = True,
+    ) -> Iterator[PruningResult]:
+        """Prunes to each of several targets in one run, yielding one result per target, in the order given.
+
+        What does not depend on the target is done once: the latency table, the dense model's held-out reference
+        and (for the structured family, the default) the pruning database. The first target gets the full search;
+        each later one starts from the sensitivities the earlier searches found (`search.warm_candidates`
+        candidates). Every target is verified and recovered on its own, so each result is what a job for that
+        target alone would give, up to the search's start.
+
+        The results share one model, which the next target restores to dense and prunes again: save, export or
+        copy each result before asking for the next (a result whose model has moved on raises on `save_pretrained`).
+
+        Example:
+            ```python
+            >>> for result in SPDYPruner(model, tokenizer=tokenizer).prune_targets([1.25, 1.5, 2.0]):
+            ...     result.save_pretrained(f"out-{result.report['target_speedup']:g}x")
+            ```
+
+        Raises:
+            UnreachableTargetError: a target cannot be met; raised after profiling, before any result.
+        """
+        targets = check_targets(targets)
+        model = self._prepare()
+        windows = self.calibration_windows(calibration)
+        self.stage_seconds = {}
+        job = Job(config=self.config, model=model, windows=windows, heldout=self._heldout_windows(),
+                  tokenizer=self.tokenizer, latency_table=latency_table, progress=progress,
+                  stages=StageTimer(self.stage_seconds))
+        return run_targets(job, targets)
+
     def profile(self, latency_table: LatencyTable | str | None = None, progress: bool = True) -> LatencyTable:
         """Only the profiling stage: the latency table of this model in the config's regime, on its backend
         (measured, or read from the cache); with the structured or mixed family, it holds the structured levels'
@@ -128,6 +166,19 @@ class SPDYPruner:
         windows = heldout_windows(self.tokenizer, ev.source, ev.num_samples, length, split=ev.split,
                                   text_column=ev.text_column)
         return {k: v.to(model_device(self.model)) for k, v in windows.items()}
+
+
+def check_targets(targets: Sequence[float]) -> list[float]:
+    """The targets of a run with several, checked: one or more distinct speedups, each a valid `target_speedup`."""
+    if isinstance(targets, (int, float)):
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise ConfigError("No target speedups given: pass one or more, e.g. [1.25, 1.5, 2.0].")
+    checked = [SPDYConfig(target_speedup=t).target_speedup for t in targets]  # each > 1, a number
+    if len(set(checked)) != len(checked):
+        raise ConfigError(f"The target speedups {targets} repeat one; give each once.")
+    return checked
 
 
 def prune_pretrained(name_or_path: str | None = None, config=None, calibration=None, trust_remote_code: bool = False,

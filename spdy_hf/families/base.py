@@ -115,6 +115,9 @@ class Family:
     """
 
     name = ""
+    # whether the database stage reads the target's budgets (a sequential database anchored at the target's level):
+    # a run with several targets then builds one database per target, else one for all
+    database_per_target = False
 
     def __init__(self, config: SPDYConfig, model: nn.Module, progress: bool = True):
         self.config = config

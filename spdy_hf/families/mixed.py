@@ -36,6 +36,7 @@ from .unstructured import build_database, unit_latency_table
 @register_family
 class MixedFamily(StructuredFamily):
     name = "mixed"
+    database_per_target = True  # anchored at the level the target's budget leaves each layer
     uses_levels = True
 
     def sparse_levels(self, units, table):

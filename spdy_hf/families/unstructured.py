@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 @register_family
 class UnstructuredFamily(Family):
     name = "unstructured"
+    database_per_target = True  # anchored at the level the target's budget leaves each layer
 
     def plan(self, units, latency_table=None) -> Plan:
         grid = LevelGrid.of(self.config)

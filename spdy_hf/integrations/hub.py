@@ -295,3 +295,35 @@ def push_result(result, repo_id: str, save_directory: str | os.PathLike | None =
     if temporary:
         shutil.rmtree(directory, ignore_errors=True)
     return url
+
+
+def push_targets(outputs: list[tuple[str, dict[str, Any]]], repo_prefix: str, token: str | None = None,
+                 private: bool | None = None, api=None) -> list[tuple[str | None, str]]:
+    """Uploads the outputs of a run with several targets, each to `<repo_prefix>-<target>x`, and gathers them in one
+    Hub collection (created if missing, in the repos' namespace) whose notes give each model's target and measured
+    speedup. `outputs`: (directory, report) per target. Returns (repo id, URL) per model, then (None, the
+    collection's URL)."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    pushed = []
+    for directory, report in outputs:
+        repo = f"{repo_prefix}-{report['target_speedup']:g}x"
+        pushed.append((repo, push_folder(directory, repo, token=token, private=private, api=api), report))
+    namespace, _, name = repo_prefix.rpartition("/")
+    targets = ", ".join(f"{report['target_speedup']:g}x" for _, _, report in pushed)
+    title = f"{name} SPDY {targets}"[:60]  # the Hub's limit on a collection title
+    try:
+        collection = api.create_collection(title=title, namespace=namespace or None, private=bool(private),
+                                           description=f"{name} pruned with spdy_hf to {targets} faster, each "
+                                           "speedup measured end to end.", exists_ok=True, token=token)
+        for repo, _, report in pushed:
+            measured = report.get("measured_speedup")
+            note = f"{report['target_speedup']:g}x target" + (f", {measured:.2f}x measured" if measured else "")
+            api.add_collection_item(collection.slug, repo, "model", note=note, exists_ok=True, token=token)
+    except Exception as e:  # the models are up; only the collection failed
+        raise SPDYError(f"The models were pushed, but making the Hub collection {title!r} failed ({type(e).__name__}: "
+                        f"{_scrub(str(e), token)}); create it on the Hub, or run the push again.") from None
+    logger.info("Collection %s holds %d models.", collection.slug, len(pushed))
+    return [(repo, url) for repo, url, _ in pushed] + [(None, str(getattr(collection, "url", collection.slug)))]

@@ -43,6 +43,15 @@ class PruningResult:
     latency_table: Any = field(default=None, repr=False)
     # structured and mixed families: per attention/FFN group its family, kept heads/neurons or sparse level
     groups: list[dict[str, Any]] | None = field(default=None, repr=False)
+    # a run with several targets went on to the next one, pruning this result's model again (`prune_targets`)
+    superseded: bool = field(default=False, repr=False)
+
+    def check_current(self) -> None:
+        """Raises `SPDYError` when the model no longer holds this result (`superseded`)."""
+        if self.superseded:
+            raise SPDYError(f"This result's model (the {self.report.get('target_speedup')}x target) was pruned again "
+                            "for the next target of the run: save, export or copy each result before asking for the "
+                            "next one.")
 
     @property
     def target_met(self) -> bool | None:
@@ -56,6 +65,7 @@ class PruningResult:
         structured levels, the removed heads and neurons are cut out of the modules first."""
         from ..deploy.shrink import deploy_profile
 
+        self.check_current()
         return deploy_profile(self.model, self.profile, self.groups, self.config.backend)
 
     def export(self, output: str | os.PathLike, format: str | None = None, **kwargs) -> str:
@@ -65,6 +75,7 @@ class PruningResult:
         result's model is not changed. Returns the path written."""
         from ..export import export_result
 
+        self.check_current()
         return export_result(self, os.fspath(output), format, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> str:
@@ -78,6 +89,7 @@ class PruningResult:
         from ..deploy.kernels import FastLinear
         from ..modeling.groups import RemovedAttention
 
+        self.check_current()
         if any(isinstance(m, (FastLinear, RemovedAttention)) for m in self.model.modules()) or \
                 self.is_shrunk():
             raise SPDYError("The model runs on sparse kernels or shrunken modules (to_sparse_kernels) and cannot be "

@@ -39,6 +39,15 @@ class StageTimer:
     def __init__(self, seconds: dict[str, float] | None = None):
         self.seconds = seconds if seconds is not None else {}
         self.peak_mb: dict[str, float | None] = {"start": peak_rss_mb()}
+        self.parent: StageTimer | None = None
+
+    def branch(self) -> StageTimer:
+        """A timer for one target of a run with several: it starts with the stages timed so far (those the targets
+        share) and adds its own, which the run's timer (this one) sums over every target too."""
+        child = StageTimer(dict(self.seconds))
+        child.peak_mb = dict(self.peak_mb)
+        child.parent = self
+        return child
 
     @contextmanager
     def __call__(self, name: str):
@@ -47,10 +56,14 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
+            if self.parent is not None:
+                self.parent.seconds[name] = round(self.parent.seconds.get(name, 0.0) + elapsed, 3)
             release_free_memory()  # what the stage freed goes back to the OS before the next one allocates
-            self.peak_mb.pop(name, None)  # kept in the order the stages ended
-            self.peak_mb[name] = peak_rss_mb()
+            for timer in (self, self.parent) if self.parent is not None else (self,):
+                timer.peak_mb.pop(name, None)  # kept in the order the stages ended
+                timer.peak_mb[name] = peak_rss_mb()
 
 
 @dataclass

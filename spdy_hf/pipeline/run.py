@@ -18,17 +18,21 @@ orders the stages.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from ..config import SPDYConfig
 from ..errors import UnreachableTargetError
-from ..families import Plan, get_family
+from ..families import Databases, Plan, get_family
 from ..modeling.snapshot import DenseSnapshot
 from ..modeling.units import find_units
 from ..output.result import PruningResult
 from ..recovery import recovery_stage
 from ..recovery.fit import planned_method
-from ..search import Budgets, compute_budget, fits, run_search, with_margin
+from ..search import Budgets, SearchOutcome, compute_budget, fits, run_search, with_margin
 from .job import Job
 from .quality import HeldOutQuality
 from .report import merge_report
@@ -38,38 +42,92 @@ logger = logging.getLogger(__name__)
 
 
 def run_pipeline(job: Job) -> PruningResult:
-    """Every stage in order, for `job.config.family`; the model is pruned in place.
+    """Every stage in order, for `job.config.family` and its one target; the model is pruned in place.
 
     Raises:
         UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
     """
+    targets = run_targets(job, [job.config.target_speedup])
+    try:
+        return next(targets)
+    finally:
+        targets.close()  # the dense snapshot's files go now
+
+
+def run_targets(job: Job, targets: Sequence[float]) -> Iterator[PruningResult]:
+    """The pipeline for each target in turn, sharing what does not depend on the target: one profile (latency
+    table), one dense held-out reference and, unless the family anchors it at the target (`database_per_target`),
+    one database; each target after the first starts its search from the sensitivities the earlier ones found
+    (`search.warm_candidates`). Between targets the dense weights come back from a snapshot on disk.
+
+    Each result holds the live model, which the next target prunes again: save, export or copy a result before
+    asking for the next one (its model is then marked as gone, `PruningResult.superseded`).
+
+    Raises:
+        UnreachableTargetError: a target cannot be met; raised after profiling, before any other stage.
+    """
     config, model, stages = job.config, job.model, job.stages
+    configs = [dataclasses.replace(config, target_speedup=float(t)) for t in targets]
+    several = len(configs) > 1
     family = get_family(config.family)(config, model, job.progress)
-    # the dense weights, for recovery's teacher (on disk, not in memory)
-    snapshot = DenseSnapshot(model) if planned_method(config, model) != "none" else None
-    with stages("profile"):
-        plan = family.plan(find_units(model, config.skip_modules, example_inputs=job.example_inputs()),
-                           job.latency_table)
-    budgets = check_budget(config, plan)
-    quality = None
-    if job.heldout is not None:  # the dense model's, before anything is stitched into it
-        with stages("heldout"):
-            quality = HeldOutQuality(model, job.heldout, config.evaluation.source)
-    with stages("database"):
-        databases = family.build_database(plan, job.windows, budgets)
+    # the dense weights, for recovery's teacher and, with several targets, to start each one from (on disk)
+    snapshot = DenseSnapshot(model) if several or planned_method(config, model) != "none" else None
+    try:
+        with stages("profile"):
+            plan = family.plan(find_units(model, config.skip_modules, example_inputs=job.example_inputs()),
+                               job.latency_table)
+        budgets = [check_budget(c, plan) for c in configs]  # every target, before any costly stage
+        quality = None
+        if job.heldout is not None:  # the dense model's, before anything is stitched into it
+            with stages("heldout"):
+                quality = HeldOutQuality(model, job.heldout, config.evaluation.source)
+        shared = None
+        if not family.database_per_target:
+            with stages("database"):
+                shared = family.build_database(plan, job.windows, budgets[0])
+        starts: list[np.ndarray] = []  # the earlier targets' best sensitivities
+        previous = None
+        for index, (target_config, target_budgets) in enumerate(zip(configs, budgets)):
+            target = dataclasses.replace(job, config=target_config, stages=stages.branch()) if several else job
+            if previous is not None:  # the last target's result is done with: start again from the dense model
+                previous.superseded = True
+                with target.stages("restore"):
+                    snapshot.restore(model)
+            previous, outcome = prune_to_target(target, family, plan, target_budgets, shared, snapshot, quality,
+                                                starts or None)
+            starts.append(outcome.result.sensitivities)
+            if several:
+                previous.report["run"] = {"targets": [c.target_speedup for c in configs], "index": index,
+                                          "shared_stages": ["profile"] + (["heldout"] if quality else []) +
+                                          (["database"] if shared is not None else [])}
+            yield previous
+    finally:
+        if snapshot is not None:
+            snapshot.close()
+
+
+def prune_to_target(job: Job, family, plan: Plan, budgets: Budgets, databases: Databases | None,
+                    snapshot: DenseSnapshot | None, quality: HeldOutQuality | None,
+                    starts: list[np.ndarray] | None) -> tuple[PruningResult, SearchOutcome]:
+    """The stages of one target on the dense live model: database (unless given), search, verify, recovery and the
+    result; `starts`: sensitivities to start the search from (`run_search`)."""
+    config, model, stages = job.config, job.model, job.stages
+    if databases is None:
+        with stages("database"):
+            databases = family.build_database(plan, job.windows, budgets)
     with stages("search"):
-        outcome = run_search(config, family, plan, databases, budgets, job.windows, job.progress)
+        outcome = run_search(config, family, plan, databases, budgets, job.windows, job.progress, starts)
 
     with stages("verify"):
         verification = verify(config, family, plan, databases, budgets, outcome)
         speedups = both_regimes(config, family, plan, databases, verification)
     recovered = None
-    if snapshot is not None:  # the profile verify settled on; its zeros are held, so its speed stays measured
+    if snapshot is not None and planned_method(config, model) != "none":
+        # the profile verify settled on; its zeros are held, so its speed stays measured
         with stages("recovery"):
             profile = verification.profile
             recovered = recovery_stage(config, model, job.windows, snapshot, outcome.scorer,
                                        lambda: family.finalize(plan, databases, profile), quality, job.progress)
-        snapshot.close()
     # the score in the reference's dtype (lowered again if the search ran lowered), of the model as returned
     score = outcome.scorer() if verification.corrections or recovered is not None else outcome.score
     heldout = {}
@@ -81,8 +139,9 @@ def run_pipeline(job: Job) -> PruningResult:
         verify_summary(config, plan, budgets, verification), plan.report(), {"speedups": speedups}, heldout,
         recovered.report() if recovered is not None else {}, entries.report, budgets.report(),
         {"score_dense_vs_pruned": score}, outcome.report(config), databases.report(), job.report())
-    return PruningResult(model=model, tokenizer=job.tokenizer, config=config, units=plan.units,
-                         profile=entries.profile, report=report, latency_table=plan.table, groups=entries.groups)
+    result = PruningResult(model=model, tokenizer=job.tokenizer, config=config, units=plan.units,
+                           profile=entries.profile, report=report, latency_table=plan.table, groups=entries.groups)
+    return result, outcome
 
 
 def check_budget(config: SPDYConfig, plan: Plan) -> Budgets:

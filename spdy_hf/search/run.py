@@ -42,7 +42,9 @@ class SearchOutcome:
         result, scorer = self.result, self.scorer
         return {"score_kind": scorer.kind,
                 "search": {"candidates": result.candidates, "evaluations": result.evaluations,
-                           "max_candidates": config.search.max_candidates, "cut_short": result.cut_short,
+                           "max_candidates": config.search.max_candidates if result.started_from == "random"
+                           else config.search.warm_candidates, "cut_short": result.cut_short,
+                           "started_from": result.started_from,
                            "schedule": [[k, n] for k, n in result.schedule], "levels": result.subset or "all",
                            "selection": result.selection,
                            "improvements": [[i, score] for i, score in result.improvements()],
@@ -51,9 +53,10 @@ class SearchOutcome:
 
 
 def run_search(config: SPDYConfig, family, plan, databases, budgets, windows: dict[str, torch.Tensor],
-               progress: bool = True) -> SearchOutcome:
+               progress: bool = True, starts: list[np.ndarray] | None = None) -> SearchOutcome:
     """The search stage for `family`'s `plan` and `databases`, aiming at `budgets.search`; the best profile is
-    stitched into the live model when it returns."""
+    stitched into the live model when it returns. `starts`: other targets' best sensitivities, the search's
+    starting points instead of random ones (`search.warm_candidates` candidates in all)."""
     prior = family.prior(plan, databases)
     live = LiveProfile(family, plan, databases)
     low = score_dtype(config)
@@ -64,7 +67,7 @@ def run_search(config: SPDYConfig, family, plan, databases, budgets, windows: di
                            dtype_name(running))
         result, scorer = search_profile(config, family.model, windows, plan.times, budgets.search.budget_ms, prior,
                                         live, progress, plan.names, family.level_subsets(plan),
-                                        cut_bound(config, plan.times, budgets.search.budget_ms))
+                                        cut_bound(config, plan.times, budgets.search.budget_ms), starts)
         live(result.profile)
         score = scorer()
     return SearchOutcome(result=result, prior=prior, scorer=scorer, live=live, score=score)
@@ -82,12 +85,13 @@ def scoring_batch_size(model: nn.Module, requested: int, length: int) -> int:
 def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torch.Tensor], times: np.ndarray,
                    budget_ms: float, prior: np.ndarray | None, stitch, progress: bool = True,
                    names: list[str] | None = None, subsets: dict[str, np.ndarray] | None = None,
-                   allowed: np.ndarray | None = None) -> tuple[SearchResult, DistanceScorer]:
+                   allowed: np.ndarray | None = None, starts: list[np.ndarray] | None = None
+                   ) -> tuple[SearchResult, DistanceScorer]:
     """SPDY's search with the config's settings: each candidate profile is stitched into the live model (`stitch`)
     and scored against the dense model on the first `search.eval_samples` calibration windows, the blocks before
     the first one it changes not run again (`names`: the search units, to tell their blocks; `subsets`: the
     family's kinds of level, each also searched on its own, `spdy_search`; `allowed`: the only levels a candidate may
-    take, `cut_bound`). Returns the
+    take, `cut_bound`; `starts`: sensitivities to start from, `spdy_search`). Returns the
     `SearchResult` and the scorer (the best profile is not stitched yet)."""
     s = config.search
     device = model_device(model)
@@ -108,9 +112,10 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
         return scorer(keys)
 
     result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
-                         neighbourhood_fraction=s.neighbourhood_fraction, max_candidates=s.max_candidates,
-                         buckets=s.dp_buckets, seed=s.seed,
-                         prior=prior, subsets=subsets, allowed=allowed, keep_top=s.select_top, progress=progress)
+                         neighbourhood_fraction=s.neighbourhood_fraction,
+                         max_candidates=s.max_candidates if starts is None else s.warm_candidates,
+                         buckets=s.dp_buckets, seed=s.seed, prior=prior, subsets=subsets, allowed=allowed,
+                         keep_top=s.select_top, starts=starts, progress=progress)
     if len(result.top) > 1:
         result = select_on_unseen(result, model, windows, stitch, s.eval_samples, s.select_samples, size, s.score)
     return result, scorer

@@ -5,6 +5,9 @@ Pure: the search sees times as arrays and scores candidates through a callback; 
 `max_candidates` bounds the candidates, random starts included (None: SPDY's open-ended schedule); each
 neighbourhood size then gets at most an equal share of those left, so the search still ends on size 1.
 
+`starts` replace the random starts with given sensitivities (another target's search, re-solved here for this
+budget): the local search then redraws one unit's sensitivity at a time from the best of them.
+
 `subsets` name (U, K) boolean masks of levels (a family's kinds of level, say). The first half of the random starts
 is shared in turn between every level and each subset that can reach the budget, the second half goes to the space
 whose start scored best so far (where the search will go on), a candidate's DP keeps to its subset, and the local
@@ -16,7 +19,7 @@ kind can find profiles of that kind, and the scores decide between them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +54,7 @@ class SearchResult:
     top: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)
     # a staged selection's scores of `top` on unseen windows, with their search scores ([unseen, search] each)
     selection: list[list[float]] | None = None
+    started_from: str = "random"  # "random", or "N searches": the sensitivities of other targets' searches
 
     def improvements(self) -> list[tuple[int, float]]:
         """(candidate number, counted from 1, new best score) at every improvement: how the search converged."""
@@ -88,6 +92,7 @@ def spdy_search(
     subsets: Mapping[str, np.ndarray] | None = None,
     allowed: np.ndarray | None = None,
     keep_top: int = 1,
+    starts: Sequence[np.ndarray] | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """SPDY's search: random sensitivities first, then local search with a shrinking neighbourhood.
@@ -96,14 +101,19 @@ def spdy_search(
     per-unit prior of shape (U, K), such as measured errors); `evaluate(profile)` returns its score (lower is
     better). `max_candidates` and `subsets`: see the module docstring. `allowed` (U, K), bool: the only levels
     any candidate may take (`bounded_levels`); the result's `allowed` keeps to it. `keep_top`: how many of the best
-    distinct profiles the result lists (`SearchResult.top`), for a selection on other windows.
+    distinct profiles the result lists (`SearchResult.top`), for a selection on other windows. `starts`: sensitivity
+    vectors tried instead of the random ones, each in every level space; the local search then begins at
+    neighbourhood size 1 (`max_candidates` counts the starts).
     """
     times = np.asarray(times, dtype=np.float64)
     if allowed is not None:
         times = np.where(allowed, times, np.inf)
     n_units, n_levels = times.shape
     prior = _unit_prior(prior, n_units, n_levels)
-    if max_candidates is not None and max_candidates < num_random_inits:
+    starts = None if starts is None else [np.asarray(c, dtype=np.float64) for c in starts]
+    if starts is not None and (not starts or any(c.shape != (n_units,) for c in starts)):
+        raise ValueError(f"Search starts must be one or more sensitivity vectors of shape ({n_units},).")
+    if starts is None and max_candidates is not None and max_candidates < num_random_inits:
         raise ConfigError(f"search.max_candidates ({max_candidates}) must be at least search.num_random_inits "
                           f"({num_random_inits}): the random starts count toward it. Raise it, or set it to null.")
     spaces = _level_spaces(times, budget_ms, buckets, subsets)
@@ -120,10 +130,10 @@ def spdy_search(
         return scores[key]
 
     best_c, best_profile, best_score, best_space, history = None, None, np.inf, 0, []
-    k = max(1, int(round(neighbourhood_fraction * n_units)))
+    k = 1 if starts is not None else max(1, int(round(neighbourhood_fraction * n_units)))
+    first = num_random_inits if starts is None else len(starts) * len(spaces)
     cap = np.inf if max_candidates is None else max_candidates
-    bar = tqdm(desc="SPDY search", unit="cand", disable=not progress,
-               total=int(min(cap, num_random_inits + k * patience)))
+    bar = tqdm(desc="SPDY search", unit="cand", disable=not progress, total=int(min(cap, first + k * patience)))
     candidates, cut_short, schedule = 0, False, []  # schedule: (neighbourhood size, candidates tried at it)
 
     def consider(c: np.ndarray, space: int) -> bool:
@@ -142,7 +152,11 @@ def spdy_search(
         bar.set_postfix(best=f"{best_score:.4g}", k=k, evals=len(scores))
         return improved
 
-    for i in range(num_random_inits):
+    if starts is not None:  # another search's sensitivities, each solved in every level space for this budget
+        for c in starts:
+            for space in range(len(spaces)):
+                consider(c.copy(), space)
+    for i in range(num_random_inits if starts is None else 0):
         # without subsets there is one space and this is SPDY's search as published
         consider(rng.random(n_units), i % len(spaces) if 2 * i < num_random_inits or best_c is None else best_space)
     if best_c is None:
@@ -176,7 +190,9 @@ def spdy_search(
     top = [(np.array(key, dtype=np.int64), origin[key][0], scores[key]) for key in ranked]
     return SearchResult(profile=best_profile, sensitivities=best_c, score=best_score, candidates=candidates,
                         evaluations=len(scores), history=history, cut_short=cut_short, schedule=schedule,
-                        subset=name, allowed=allowed, top=top)
+                        subset=name, allowed=allowed, top=top,
+                        started_from="random" if starts is None else
+                        f"{len(starts)} earlier search{'es' if len(starts) > 1 else ''}")
 
 
 def bounded_levels(times: np.ndarray, budget_ms: float, ratio: float, buckets: int = 10_000
