@@ -14,6 +14,10 @@ perplexity ratio for a causal LM), so the run's models can be compared with the 
     python benchmarks/several_targets.py --model minilm --all-singles
     python benchmarks/several_targets.py --model smollm2 --targets 1.25,1.5 --reference 1.5
 
+Arguments the script does not know go to every `spdy-hf prune` (`--latency-table FILE`: one table for every job,
+so that the models differ only by what the run changes; `--recipe FILE`: settings such as
+`search.warm_candidates`).
+
 Run it on an otherwise idle machine: the wall times are the result.
 """
 
@@ -81,7 +85,7 @@ def main() -> int:
         return 2
     targets = [float(t) for t in args.targets.split(",")]
     work = args.work_dir or tempfile.mkdtemp(prefix="spdy-several-")
-    path = model_path(args.model)
+    path = str(model_path(args.model))
     name = os.path.basename(os.path.normpath(path))
 
     singles, outputs = {}, {}
@@ -97,7 +101,7 @@ def main() -> int:
     judge = Judge(model, tokenizer, sets)
     rows = {key: judged(judge, directory) for key, directory in outputs.items()}
     summary = {
-        "model": args.model, "targets": targets, "several_s": round(several_s, 1),
+        "model": args.model, "targets": targets, "prune_arguments": extra, "several_s": round(several_s, 1),
         "single_s": {f"{t:g}": round(s, 1) for t, s in singles.items()},
         "ratio_to_reference": round(several_s / singles[args.reference], 3),
         "ratio_to_singles_sum": round(several_s / sum(singles.values()), 3) if len(singles) == len(targets) else None,

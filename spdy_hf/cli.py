@@ -342,18 +342,37 @@ def export_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name, where it cannot be read off the "
                    "tokenizer.")
     p.add_argument("--overwrite", action="store_true", help="Replace the output file if it exists.")
+    p.add_argument("--time", action="store_true",
+                   help="Then time the export against the dense model exported the same way, in its engine (ONNX "
+                   "Runtime; llama.cpp through llama-cpp-python), in the regime the model was pruned for; with a "
+                   "saved output as MODEL, the speedup goes into its spdy_report.json and model card.")
+    p.add_argument("--dense", help="--time: the dense model (default: the base a saved output records).")
+    p.add_argument("--threads", type=int, help="--time: the engine's threads (default: every core).")
+    p.add_argument("--repeats", type=int, default=10, help="--time: timed calls of each model (default 10).")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (off by default).")
     p.set_defaults(func=export_command)
     return p
 
 
 def export_command(args) -> int:
+    from .errors import SPDYError
     from .export import export_model
 
+    if args.time and args.repeats < 1:
+        raise SPDYError("--repeats must be at least 1.")
     path = export_model(args.model, args.output, args.format, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
                         tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite,
                         trust_remote_code=args.trust_remote_code)
     print(f"Wrote {path}")
+    if args.time:
+        from .export import time_export
+
+        entry = time_export(args.model, path, dense=args.dense, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
+                            tokenizer_pre=args.tokenizer_pre, threads=args.threads, repeats=args.repeats,
+                            trust_remote_code=args.trust_remote_code)
+        for what, t in entry["timings"].items():
+            print(f"  {entry['engine']} {what}: dense {t['dense_ms']:.2f} ms, pruned {t['pruned_ms']:.2f} ms, "
+                  f"{t['speedup']:.3f}x ({entry['threads']} threads)")
     return 0
 
 

@@ -259,12 +259,15 @@ class SearchConfig:
                   "past 600 bought 2.5 % calibration score and a worse held-out perplexity (docs/benchmarks/decoder-llm.md). "
                   "null: SPDY's schedule, at least num_random_inits + patience x round(neighbourhood_fraction x "
                   "units) candidates (each improvement restarts a size's count)."})
-    warm_candidates: int = field(
-        default=100,
-        metadata={"min": 1, "help": "In a run with several targets (`spdy-hf prune --target-speedup 1.25,1.5,2.0`): the "
-                  "candidates each target after the first tries. Its search starts from the sensitivities the "
-                  "earlier targets' searches found (SPDY's sensitivities do not depend on the budget: the DP re-solves "
-                  "them for this target's) and redraws one unit's at a time from the best of them."})
+    warm_candidates: int | None = field(
+        default=None,
+        metadata={"help": "In a run with several targets (`spdy-hf prune --target-speedup 1.25,1.5,2.0`), each target "
+                  "after the first tries the earlier targets' best sensitivities first (SPDY's sensitivities do not "
+                  "depend on the budget: the DP re-solves them for this target's). null: then the full search, as a "
+                  "job for that target alone runs it. A number: only that many candidates, redrawing one unit's "
+                  "sensitivity at a time from the best start, no random starts: a shorter search (on MiniLM with one "
+                  "latency table, 100 candidates scored within the spread of full searches on every held-out set; "
+                  "docs/benchmarks/several-targets.md)."})
     select_top: int = field(
         default=1,
         metadata={"min": 1, "help": "Staged selection: the search screens candidates on its eval_samples windows; "
@@ -334,6 +337,8 @@ class SearchConfig:
             raise ConfigError(f"search.max_candidates={self.max_candidates!r} must be null (no bound) or an integer "
                               f">= search.num_random_inits ({self.num_random_inits}): the random starts count toward "
                               "it. Raise it with num_random_inits, or set it to null.")
+        if self.warm_candidates is not None:
+            check_int("search.warm_candidates", self.warm_candidates, 1)
         if self.max_cut_ratio is not None:
             check_number("search.max_cut_ratio", self.max_cut_ratio, lambda v: v >= 1, "[1, inf) or null")
         check_number("search.speedup_margin", self.speedup_margin, lambda v: 0 <= v < 1, "[0, 1)")

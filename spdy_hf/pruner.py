@@ -89,10 +89,10 @@ class SPDYPruner:
         """Prunes to each of several targets in one run, yielding one result per target, in the order given.
 
         What does not depend on the target is done once: the latency table, the dense model's held-out reference
-        and (for the structured family, the default) the pruning database. The first target gets the full search;
-        each later one starts from the sensitivities the earlier searches found (`search.warm_candidates`
-        candidates). Every target is verified and recovered on its own, so each result is what a job for that
-        target alone would give, up to the search's start.
+        and (for the structured family, the default) the pruning database. Each target after the first tries the
+        earlier searches' best sensitivities before its own full search (`search.warm_candidates`: a short search
+        from them instead). Every target is searched, verified and recovered on its own, so each result is what a
+        job for that target alone would give, up to the search's starting points.
 
         The results share one model, which the next target restores to dense and prunes again: save, export or
         copy each result before asking for the next (a result whose model has moved on raises on `save_pretrained`).

@@ -41,7 +41,7 @@ def additive_problem(n_units: int = 6, n_levels: int = 5, seed: int = 0):
     return times, evaluate, scored
 
 
-def test_a_search_from_given_sensitivities_starts_there_and_redraws_one_unit_at_a_time():
+def test_a_short_search_from_given_sensitivities_starts_there_and_redraws_one_unit_at_a_time():
     times, evaluate, scored = additive_problem()
     budget = 0.7 * times[:, 0].sum()
     full = spdy_search(evaluate, times, budget, num_random_inits=20, patience=20, neighbourhood_fraction=0.5,
@@ -49,7 +49,7 @@ def test_a_search_from_given_sensitivities_starts_there_and_redraws_one_unit_at_
     scored.clear()
     warm = spdy_search(evaluate, times, 0.6 * times[:, 0].sum(), num_random_inits=20, patience=20,
                        neighbourhood_fraction=0.5, max_candidates=15, buckets=1000, starts=[full.sensitivities],
-                       progress=False)
+                       only_starts=True, progress=False)
     assert warm.candidates <= 15 and warm.started_from == "1 earlier search"
     assert [k for k, _ in warm.schedule] == [1]  # no random starts, no wide neighbourhoods
     assert full.started_from == "random" and full.schedule[0][0] == 3
@@ -61,6 +61,21 @@ def test_a_search_from_given_sensitivities_starts_there_and_redraws_one_unit_at_
                      0.6 * times[:, 0].sum(), 1000)
     assert scored[0] == tuple(int(k) for k in first)
     assert warm.score <= evaluate(first)
+
+
+def test_a_full_search_tries_the_given_sensitivities_before_its_random_starts():
+    times, evaluate, scored = additive_problem()
+    budget = 0.6 * times[:, 0].sum()
+    start = np.linspace(0.1, 1.0, times.shape[0])
+    result = spdy_search(evaluate, times, budget, num_random_inits=20, patience=20, neighbourhood_fraction=0.5,
+                         max_candidates=60, buckets=1000, starts=[start], progress=False)
+    from spdy_hf.search.dp import solve_dp
+    from spdy_hf.search.spdy import error_prior
+
+    first = solve_dp(start[:, None] * error_prior(times.shape[1])[None, :], times, budget, 1000)
+    assert scored[0] == tuple(int(k) for k in first)
+    assert result.started_from == "random and 1 earlier search" and result.candidates <= 60
+    assert result.schedule[0][0] == 3  # the full schedule: its neighbourhoods shrink from the configured size
 
 
 def test_search_starts_must_fit_the_units():
@@ -92,6 +107,8 @@ def test_a_stage_timer_branch_starts_from_the_shared_stages_and_adds_to_the_run(
         pass
     assert set(first.seconds) == set(second.seconds) == {"profile", "search"}
     assert run.seconds["search"] == pytest.approx(first.seconds["search"] + second.seconds["search"], abs=2e-3)
+    third = run.branch()  # a later target starts from the shared stages only, not the earlier targets' own
+    assert set(third.seconds) == {"profile"} and third.seconds["profile"] == run.seconds["profile"]
     assert "search" in run.peak_mb
 
 
@@ -112,6 +129,7 @@ def test_one_run_prunes_each_target_from_the_dense_model_sharing_profile_and_dat
     model = MODEL_FACTORIES["bert"]()
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     config = small_config(tmp_path, family="structured", search={"verify_corrections": 0, "warm_candidates": 7})
+    assert small_config(tmp_path).search.warm_candidates is None  # by default each target gets the full search
     table = structured_table(model, config)
     databases = count_calls(monkeypatch, StructuredFamily, "build_database")
     plans = count_calls(monkeypatch, StructuredFamily, "plan")
@@ -229,6 +247,7 @@ def test_cli_writes_one_output_per_target(tmp_path, tokenizer, capsys, monkeypat
         directory = out / f"spdy-tiny-bert-{target:g}x"
         report = json.loads((directory / "spdy_report.json").read_text())
         assert report["target_speedup"] == target and report["predicted_speedup"] >= target
+        assert report["search"]["started_from"] == ("random" if target == 1.5 else "random and 1 earlier search")
         assert str(directory) in printed
         loaded, _, _ = load_pretrained(str(directory))
         assert loaded is not None

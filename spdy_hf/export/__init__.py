@@ -9,14 +9,17 @@ so the engine runs a physically smaller model with its own kernels:
 
 Where a profile made layers sparse (unstructured or 2:4 levels) those layers are written dense, with their zeros:
 neither engine has a kernel that runs them faster. A dense model exports as it is, so the dense baseline goes
-through the same writer.
+through the same writer: `time_export` times an export against it in the engine (`spdy_hf.export.timing`) and
+records the speedup in a saved output's report and model card.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import tempfile
 
 import torch
 from torch import nn
@@ -25,7 +28,7 @@ from ..deploy.shrink import STRUCTURED_SPARSE, deploy_groups, read_profile_file
 from ..errors import SPDYError
 from ..modeling.loading import gguf_location, load_model_and_tokenizer
 
-__all__ = ["FORMATS", "export_model", "export_result", "load_for_export", "shrunk_for_export"]
+__all__ = ["FORMATS", "export_model", "export_result", "load_for_export", "shrunk_for_export", "time_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,3 +117,72 @@ def export_result(result, output: str, format: str | None = None, **kwargs) -> s
     shrunk_for_export(model, result.groups)
     tokenizer = kwargs.pop("tokenizer", result.tokenizer)
     return export_model(model, output, format, tokenizer=tokenizer, **kwargs)
+
+
+DEFAULT_REGIME = {"batch_size": 1, "sequence_length": 128, "context_length": 512}
+
+
+def saved_report(path: str) -> dict | None:
+    """The report of a directory written by `spdy-hf prune`, None for anything else."""
+    report = os.path.join(path, "spdy_report.json") if os.path.isdir(path) else None
+    if report is None or not os.path.isfile(report):
+        return None
+    with open(report, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def time_export(model: str | os.PathLike, exported: str | os.PathLike, *, dense: str | None = None,
+                dtype: str = "float16", tokenizer_from: str | None = None, tokenizer_pre: str | None = None,
+                threads: int | None = None, repeats: int = 10, record: bool = True,
+                trust_remote_code: bool = False) -> dict:
+    """Times `exported` (the export of `model`) against the dense model exported the same way, in the engine of its
+    format (ONNX Runtime, llama.cpp), in the regime `model`'s job was pruned for (batch 1 x 128 tokens and a
+    512-token context when `model` is not a saved output).
+
+    Args:
+        dense: the dense model; by default the base a saved output records (its Hub id, directory or .gguf file).
+        dtype, tokenizer_from, tokenizer_pre: as the export of `model` used them (`export_model`).
+        threads: the engine's threads (default: every core).
+        record: with a saved output as `model`, add the measurement to its spdy_report.json (`engines`: the latest
+            per engine and file type) and write its model card again, so the card lists the speedup.
+    Returns the measurement (`spdy_hf.export.timing.time_exports`, with the dtype and the machine).
+    """
+    from ..integrations.hub import write_card
+    from ..latency.environment import environment_info
+    from ..utils.io import atomic_write_json
+    from .timing import time_exports
+
+    model, exported = os.fspath(model), os.fspath(exported)
+    fmt = os.path.splitext(exported)[1].lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise SPDYError(f"Only a .gguf or .onnx export can be timed; got {exported}.")
+    report = saved_report(model)
+    dense = dense or _recorded_base(model)
+    if not dense:
+        raise SPDYError(f"The dense model to time {exported} against is unknown: {model} records no base model. Pass "
+                        "it (--dense MODEL).")
+    regime = {**DEFAULT_REGIME, **{k: v for k, v in ((report or {}).get("regime") or {}).items() if v is not None}}
+    with tempfile.TemporaryDirectory(prefix="spdy-dense-export-") as tmp:
+        logger.info("Exporting the dense model %s the same way, for the baseline.", dense)
+        dense_file = export_model(dense, os.path.join(tmp, "dense" + SUFFIXES[fmt]), fmt, dtype=dtype,
+                                  tokenizer_from=tokenizer_from, tokenizer_pre=tokenizer_pre,
+                                  trust_remote_code=trust_remote_code)
+        entry = time_exports(exported, dense_file, regime, threads=threads, repeats=repeats)
+    entry.update({"dtype": dtype if fmt == "gguf" else "float32", "machine": environment_info().get("processor")})
+    if report is not None and record:
+        key = (entry["engine"], entry["dtype"])
+        kept = [e for e in report.get("engines") or [] if (e.get("engine"), e.get("dtype")) != key]
+        report["engines"] = [*kept, entry]
+        atomic_write_json(os.path.join(model, "spdy_report.json"), report)
+        write_card(model)
+        logger.info("The measurement is in %s's report and model card.", model)
+    return entry
+
+
+def _recorded_base(directory: str) -> str | None:
+    """The base model a saved output's config.json records, None where there is none."""
+    config = os.path.join(directory, "config.json") if os.path.isdir(directory) else None
+    if config is None or not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        return (json.load(f).get("spdy") or {}).get("base_model")

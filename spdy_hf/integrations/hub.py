@@ -65,9 +65,27 @@ def sparsity_plot_svg(profile: list[dict[str, Any]], width: int = 760) -> str:
             f'<rect width="100%" height="100%" fill="white"/>{legend}{axis}{"".join(rows)}</svg>\n')
 
 
-def how_to_run(model_type: str | None, causal: bool, shrunk: bool) -> list[str]:
+def engine_lines(engines: list[dict[str, Any]] | None) -> list[str]:
+    """The card's table of speedups measured in serving engines (`spdy-hf export --time`), or nothing."""
+    if not engines:
+        return []
+    lines = ["Measured in the engines (`spdy-hf export MODEL -o FILE --time`: this model's export against the dense "
+             "model's, exported the same way, timed in turns on one machine):", "",
+             "| engine | file | threads | timed | dense ms | pruned ms | speedup | date |", "|---|---|---|---|---|---|---|---|"]
+    for e in engines:
+        for what, t in e.get("timings", {}).items():
+            lines.append(f"| {e['engine']} {e.get('version', '')} | {e.get('file')} ({e.get('file_mb')} MB, dense "
+                         f"{e.get('dense_file_mb')} MB) | {e.get('threads')} | {what} | {t['dense_ms']:.2f} | "
+                         f"{t['pruned_ms']:.2f} | **{t['speedup']:.3f}×** | {str(e.get('date', ''))[:10]} |")
+    machine = next((e.get("machine") for e in engines if e.get("machine")), None)
+    return lines + ([""] if not machine else ["", f"Machine: {machine}.", ""])
+
+
+def how_to_run(model_type: str | None, causal: bool, shrunk: bool, engines: list[dict[str, Any]] | None = None
+               ) -> list[str]:
     """The card's commands for running the model in spdy_hf and, once exported with its removed heads and neurons
-    cut out (`spdy-hf export`), in llama.cpp (Llama-family decoders) and ONNX Runtime."""
+    cut out (`spdy-hf export`), in llama.cpp (Llama-family decoders) and ONNX Runtime, with the speedups measured
+    there (`engines`, the report's entry)."""
     from ..export.to_gguf import MODEL_TYPES
 
     lines = ["## How to run it", "", "`MODEL` is this model's Hub id or local directory.", "", "```python",
@@ -85,7 +103,7 @@ def how_to_run(model_type: str | None, causal: bool, shrunk: bool) -> list[str]:
     lines += ["spdy-hf export MODEL -o model.onnx     # ONNX Runtime: "
               + ("every position's logits, no cache" if causal else "last_hidden_state (mean-pool it)"),
               "```", ""]
-    return lines
+    return lines + engine_lines(engines)
 
 
 def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: dict[str, Any],
@@ -156,7 +174,7 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
         lines += [""]
     causal = report.get("score_kind") == "kl" or "decode" in (report.get("speedups") or {})
     lines += how_to_run(model_type, causal, shrunk=any(g.get("keep", 0) < g.get("num_groups", 0)
-                                                       for g in groups or []))
+                                                       for g in groups or []), engines=report.get("engines"))
     lines += [
         "## Per-layer profile",
         "",

@@ -40,11 +40,12 @@ class StageTimer:
         self.seconds = seconds if seconds is not None else {}
         self.peak_mb: dict[str, float | None] = {"start": peak_rss_mb()}
         self.parent: StageTimer | None = None
+        self.own: dict[str, float] = {}  # the stages timed on this timer itself, not on its branches
 
     def branch(self) -> StageTimer:
-        """A timer for one target of a run with several: it starts with the stages timed so far (those the targets
-        share) and adds its own, which the run's timer (this one) sums over every target too."""
-        child = StageTimer(dict(self.seconds))
+        """A timer for one target of a run with several: it starts with the stages this timer timed itself (those
+        the targets share) and adds its own, which this timer sums over every target too."""
+        child = StageTimer(dict(self.own))
         child.peak_mb = dict(self.peak_mb)
         child.parent = self
         return child
@@ -58,6 +59,7 @@ class StageTimer:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
+            self.own[name] = round(self.own.get(name, 0.0) + elapsed, 3)
             if self.parent is not None:
                 self.parent.seconds[name] = round(self.parent.seconds.get(name, 0.0) + elapsed, 3)
             release_free_memory()  # what the stage freed goes back to the OS before the next one allocates

@@ -57,8 +57,9 @@ def run_pipeline(job: Job) -> PruningResult:
 def run_targets(job: Job, targets: Sequence[float]) -> Iterator[PruningResult]:
     """The pipeline for each target in turn, sharing what does not depend on the target: one profile (latency
     table), one dense held-out reference and, unless the family anchors it at the target (`database_per_target`),
-    one database; each target after the first starts its search from the sensitivities the earlier ones found
-    (`search.warm_candidates`). Between targets the dense weights come back from a snapshot on disk.
+    one database. Each target after the first tries the earlier searches' best sensitivities first, then runs its
+    full search (or, with `search.warm_candidates`, a short one from them). Between targets the dense weights come
+    back from a snapshot on disk.
 
     Each result holds the live model, which the next target prunes again: save, export or copy a result before
     asking for the next one (its model is then marked as gone, `PruningResult.superseded`).

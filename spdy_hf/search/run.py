@@ -42,7 +42,7 @@ class SearchOutcome:
         result, scorer = self.result, self.scorer
         return {"score_kind": scorer.kind,
                 "search": {"candidates": result.candidates, "evaluations": result.evaluations,
-                           "max_candidates": config.search.max_candidates if result.started_from == "random"
+                           "max_candidates": config.search.max_candidates if "random" in result.started_from
                            else config.search.warm_candidates, "cut_short": result.cut_short,
                            "started_from": result.started_from,
                            "schedule": [[k, n] for k, n in result.schedule], "levels": result.subset or "all",
@@ -55,8 +55,8 @@ class SearchOutcome:
 def run_search(config: SPDYConfig, family, plan, databases, budgets, windows: dict[str, torch.Tensor],
                progress: bool = True, starts: list[np.ndarray] | None = None) -> SearchOutcome:
     """The search stage for `family`'s `plan` and `databases`, aiming at `budgets.search`; the best profile is
-    stitched into the live model when it returns. `starts`: other targets' best sensitivities, the search's
-    starting points instead of random ones (`search.warm_candidates` candidates in all)."""
+    stitched into the live model when it returns. `starts`: other targets' best sensitivities, tried first (with
+    `search.warm_candidates`, the only starting points of a search that many candidates long)."""
     prior = family.prior(plan, databases)
     live = LiveProfile(family, plan, databases)
     low = score_dtype(config)
@@ -111,11 +111,12 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
             keys[max(block_of[u], 0)].append(int(level) if block_of[u] >= 0 else -1 - int(level))
         return scorer(keys)
 
+    short = starts is not None and s.warm_candidates is not None  # a short search from the starts alone
     result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
                          neighbourhood_fraction=s.neighbourhood_fraction,
-                         max_candidates=s.max_candidates if starts is None else s.warm_candidates,
+                         max_candidates=s.warm_candidates if short else s.max_candidates,
                          buckets=s.dp_buckets, seed=s.seed, prior=prior, subsets=subsets, allowed=allowed,
-                         keep_top=s.select_top, starts=starts, progress=progress)
+                         keep_top=s.select_top, starts=starts, only_starts=short, progress=progress)
     if len(result.top) > 1:
         result = select_on_unseen(result, model, windows, stitch, s.eval_samples, s.select_samples, size, s.score)
     return result, scorer

@@ -5,8 +5,9 @@ Pure: the search sees times as arrays and scores candidates through a callback; 
 `max_candidates` bounds the candidates, random starts included (None: SPDY's open-ended schedule); each
 neighbourhood size then gets at most an equal share of those left, so the search still ends on size 1.
 
-`starts` replace the random starts with given sensitivities (another target's search, re-solved here for this
-budget): the local search then redraws one unit's sensitivity at a time from the best of them.
+`starts` are given sensitivities (other targets' searches, re-solved here for this budget), tried before the random
+starts; with `only_starts` they replace them, and the local search redraws one unit's sensitivity at a time from the
+best of them.
 
 `subsets` name (U, K) boolean masks of levels (a family's kinds of level, say). The first half of the random starts
 is shared in turn between every level and each subset that can reach the budget, the second half goes to the space
@@ -93,6 +94,7 @@ def spdy_search(
     allowed: np.ndarray | None = None,
     keep_top: int = 1,
     starts: Sequence[np.ndarray] | None = None,
+    only_starts: bool = False,
     progress: bool = True,
 ) -> SearchResult:
     """SPDY's search: random sensitivities first, then local search with a shrinking neighbourhood.
@@ -102,8 +104,8 @@ def spdy_search(
     better). `max_candidates` and `subsets`: see the module docstring. `allowed` (U, K), bool: the only levels
     any candidate may take (`bounded_levels`); the result's `allowed` keeps to it. `keep_top`: how many of the best
     distinct profiles the result lists (`SearchResult.top`), for a selection on other windows. `starts`: sensitivity
-    vectors tried instead of the random ones, each in every level space; the local search then begins at
-    neighbourhood size 1 (`max_candidates` counts the starts).
+    vectors tried first, each in every level space (`max_candidates` counts them); `only_starts`: no random starts
+    after them, and the local search begins at neighbourhood size 1.
     """
     times = np.asarray(times, dtype=np.float64)
     if allowed is not None:
@@ -113,7 +115,8 @@ def spdy_search(
     starts = None if starts is None else [np.asarray(c, dtype=np.float64) for c in starts]
     if starts is not None and (not starts or any(c.shape != (n_units,) for c in starts)):
         raise ValueError(f"Search starts must be one or more sensitivity vectors of shape ({n_units},).")
-    if starts is None and max_candidates is not None and max_candidates < num_random_inits:
+    only_starts = only_starts and starts is not None
+    if not only_starts and max_candidates is not None and max_candidates < num_random_inits:
         raise ConfigError(f"search.max_candidates ({max_candidates}) must be at least search.num_random_inits "
                           f"({num_random_inits}): the random starts count toward it. Raise it, or set it to null.")
     spaces = _level_spaces(times, budget_ms, buckets, subsets)
@@ -130,8 +133,8 @@ def spdy_search(
         return scores[key]
 
     best_c, best_profile, best_score, best_space, history = None, None, np.inf, 0, []
-    k = 1 if starts is not None else max(1, int(round(neighbourhood_fraction * n_units)))
-    first = num_random_inits if starts is None else len(starts) * len(spaces)
+    k = 1 if only_starts else max(1, int(round(neighbourhood_fraction * n_units)))
+    first = (0 if only_starts else num_random_inits) + (0 if starts is None else len(starts) * len(spaces))
     cap = np.inf if max_candidates is None else max_candidates
     bar = tqdm(desc="SPDY search", unit="cand", disable=not progress, total=int(min(cap, first + k * patience)))
     candidates, cut_short, schedule = 0, False, []  # schedule: (neighbourhood size, candidates tried at it)
@@ -156,7 +159,7 @@ def spdy_search(
         for c in starts:
             for space in range(len(spaces)):
                 consider(c.copy(), space)
-    for i in range(num_random_inits if starts is None else 0):
+    for i in range(0 if only_starts else num_random_inits):
         # without subsets there is one space and this is SPDY's search as published
         consider(rng.random(n_units), i % len(spaces) if 2 * i < num_random_inits or best_c is None else best_space)
     if best_c is None:
@@ -191,8 +194,14 @@ def spdy_search(
     return SearchResult(profile=best_profile, sensitivities=best_c, score=best_score, candidates=candidates,
                         evaluations=len(scores), history=history, cut_short=cut_short, schedule=schedule,
                         subset=name, allowed=allowed, top=top,
-                        started_from="random" if starts is None else
-                        f"{len(starts)} earlier search{'es' if len(starts) > 1 else ''}")
+                        started_from=_started_from(starts, only_starts))
+
+
+def _started_from(starts, only_starts: bool) -> str:
+    if starts is None:
+        return "random"
+    earlier = f"{len(starts)} earlier search{'es' if len(starts) > 1 else ''}"
+    return earlier if only_starts else f"random and {earlier}"
 
 
 def bounded_levels(times: np.ndarray, budget_ms: float, ratio: float, buckets: int = 10_000
