@@ -12,7 +12,7 @@ held-out split and on each held-out set of another domain (benchmarks/domains.py
 perplexity ratio for a causal LM), so the run's models can be compared with the single jobs' models.
 
     python benchmarks/several_targets.py --model minilm --all-singles
-    python benchmarks/several_targets.py --model smollm2 --targets 1.25,1.5 --reference 1.5
+    python benchmarks/several_targets.py --model smollm2 --targets 1.25,1.5 --no-singles
 
 Arguments the script does not know go to every `spdy-hf prune` (`--latency-table FILE`: one table for every job,
 so that the models differ only by what the run changes; `--recipe FILE`: settings such as
@@ -62,7 +62,8 @@ def judged(judge: Judge, directory: str) -> dict:
     scored = judge.compare(model)
     return {"target": report["target_speedup"], "measured_speedup": report["measured_speedup"],
             "search": {k: report["search"].get(k) for k in ("candidates", "started_from")},
-            "stage_seconds": report["stage_seconds"], **scored}
+            "stage_seconds": report["stage_seconds"],
+            "peak_gib": round(max(v for v in report["stage_peak_rss_mb"].values() if v) / 1024, 2), **scored}
 
 
 def main() -> int:
@@ -72,6 +73,8 @@ def main() -> int:
     parser.add_argument("--reference", type=float, default=1.5, help="The single job the run is timed against.")
     parser.add_argument("--all-singles", action="store_true", help="A single job for every target, not only the "
                         "reference (their times and models too).")
+    parser.add_argument("--no-singles", action="store_true", help="Only the run, its models judged (no single job "
+                        "to time it against).")
     parser.add_argument("--work-dir", default=None, help="Where the outputs go (default: a temporary directory).")
     parser.add_argument("--output", default=os.path.join(HERE, "out", "several-targets.jsonl"))
     parser.add_argument("--domains", default=",".join(DOMAINS))
@@ -89,7 +92,7 @@ def main() -> int:
     name = os.path.basename(os.path.normpath(path))
 
     singles, outputs = {}, {}
-    for target in targets if args.all_singles else [args.reference]:
+    for target in [] if args.no_singles else targets if args.all_singles else [args.reference]:
         out = os.path.join(work, f"single-{target:g}x")
         singles[target] = run_job(path, f"{target:g}", out, extra)
         outputs[("single", target)] = out
@@ -103,7 +106,7 @@ def main() -> int:
     summary = {
         "model": args.model, "targets": targets, "prune_arguments": extra, "several_s": round(several_s, 1),
         "single_s": {f"{t:g}": round(s, 1) for t, s in singles.items()},
-        "ratio_to_reference": round(several_s / singles[args.reference], 3),
+        "ratio_to_reference": round(several_s / singles[args.reference], 3) if args.reference in singles else None,
         "ratio_to_singles_sum": round(several_s / sum(singles.values()), 3) if len(singles) == len(targets) else None,
         "rows": [{"job": job, **row} for (job, _), row in rows.items()],
         "machine": os.uname().nodename, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -113,8 +116,9 @@ def main() -> int:
     with open(args.output, "a", encoding="utf-8") as f:
         f.write(json.dumps(summary) + "\n")
     print(f"one run for {args.targets}: {several_s:.1f} s; single jobs: "
-          + ", ".join(f"{t:g}x {s:.1f} s" for t, s in singles.items())
-          + f"; run / single {args.reference:g}x = {summary['ratio_to_reference']:.3f}")
+          + (", ".join(f"{t:g}x {s:.1f} s" for t, s in singles.items()) or "none")
+          + ("" if summary["ratio_to_reference"] is None else
+             f"; run / single {args.reference:g}x = {summary['ratio_to_reference']:.3f}"))
     for (job, target), row in rows.items():
         quality = " ".join(f"{k}={v:.4f}" for k, v in row["quality"].items())
         print(f"  {job:7s} {target:g}x: measured {row['measured_speedup']:.3f}x, search {row['search']}, {quality}")
