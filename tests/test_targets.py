@@ -175,6 +175,8 @@ def test_one_run_prunes_each_target_from_the_dense_model_sharing_profile_and_dat
         next(results)
     written = json.loads(open(os.path.join(saved, "spdy_report.json")).read())
     assert written["target_speedup"] == 2.5 and written["run"]["targets"] == [2.5, 1.3]
+    card = open(os.path.join(saved, "README.md"), encoding="utf-8").read()
+    assert "Pruned in one run together with the 1.3× target (one latency table and one database for all" in card
 
 
 def test_a_family_anchored_at_the_target_builds_a_database_per_target(tmp_path, tokenizer, monkeypatch):

@@ -150,6 +150,13 @@ def model_card(profile: list[dict[str, Any]], report: dict[str, Any], config: di
         "above.",
         "",
     ]
+    run = report.get("run")
+    if run and len(run.get("targets", [])) > 1:
+        others = [f"{t:g}×" for t in run["targets"] if t != report.get("target_speedup")]
+        shared = "one database" if "database" in run.get("shared_stages", []) else "a database each"
+        lines += [f"Pruned in one run together with the {', '.join(others)} target{'s' if len(others) > 1 else ''} "
+                  f"(one latency table and {shared} for all; each target searched, verified and recovered on its "
+                  "own).", ""]
     lines += recovery_lines(report.get("recovery"))
     if groups:
         lines += [
