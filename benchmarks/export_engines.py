@@ -40,22 +40,12 @@ from heldout import smollm2_path
 
 from spdy_hf.calibration.text import builtin_texts
 from spdy_hf.export import export_model, load_for_export
+from spdy_hf.export.timing import in_turns
 from spdy_hf.latency.environment import environment_info
 
 logger = logging.getLogger("export_engines")
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ["The capital of France is", "Once upon a time, a little girl", "To make a cup of tea, first"]
-
-
-def alternate(timers: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each named timer, run in turns (one call of each per round) after one warm-up call."""
-    for timer in timers.values():
-        timer()
-    samples = {name: [] for name in timers}
-    for _ in range(repeats):
-        for name, timer in timers.items():
-            samples[name].append(timer())
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 # ----------------------------------------------------------------------------------------------- llama.cpp
@@ -152,8 +142,8 @@ def run_llama_cpp(args, out_dir: str) -> dict:
                  quantize(files[name, "float16"], os.path.join(out_dir, f"{name}-{kind}.gguf"), kind, args.threads)
                  for name in ("dense", "pruned")}
         loaded = {name: llama_timers(path, prompt, args.generated, args.threads) for name, path in paths.items()}
-        pp = alternate({name: t[1] for name, t in loaded.items()}, args.repeats)
-        tg = alternate({name: t[2] for name, t in loaded.items()}, args.repeats)
+        pp = in_turns({name: t[1] for name, t in loaded.items()}, args.repeats)
+        tg = in_turns({name: t[2] for name, t in loaded.items()}, args.repeats)
         for m, _, _ in loaded.values():
             m.close()
         rows[kind] = {"prompt_ms": {k: 1e3 * v for k, v in pp.items()},
@@ -205,7 +195,7 @@ def run_onnxruntime(args, out_dir: str) -> dict:
             return time.perf_counter() - start
         return run
 
-    times = alternate({name: timer(name) for name in sessions}, args.repeats)
+    times = in_turns({name: timer(name) for name in sessions}, args.repeats)
     speedup = times["dense"] / times["pruned"]
     logger.info("batch 1 x %d tokens: %.2f -> %.2f ms (%.3fx)", ids["input_ids"].shape[1], 1e3 * times["dense"],
                 1e3 * times["pruned"], speedup)

@@ -71,13 +71,7 @@ class SPDYPruner:
         Raises:
             UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
         """
-        model = self._prepare()
-        windows = self.calibration_windows(calibration)
-        self.stage_seconds = {}
-        job = Job(config=self.config, model=model, windows=windows, heldout=self._heldout_windows(),
-                  tokenizer=self.tokenizer, latency_table=latency_table, progress=progress,
-                  stages=StageTimer(self.stage_seconds))
-        return run_pipeline(job)
+        return run_pipeline(self._job(calibration, latency_table, progress))
 
     def prune_targets(
         self,
@@ -107,13 +101,7 @@ class SPDYPruner:
             UnreachableTargetError: a target cannot be met; raised after profiling, before any result.
         """
         targets = check_targets(targets)
-        model = self._prepare()
-        windows = self.calibration_windows(calibration)
-        self.stage_seconds = {}
-        job = Job(config=self.config, model=model, windows=windows, heldout=self._heldout_windows(),
-                  tokenizer=self.tokenizer, latency_table=latency_table, progress=progress,
-                  stages=StageTimer(self.stage_seconds))
-        return run_targets(job, targets)
+        return run_targets(self._job(calibration, latency_table, progress), targets)
 
     def profile(self, latency_table: LatencyTable | str | None = None, progress: bool = True) -> LatencyTable:
         """Only the profiling stage: the latency table of this model in the config's regime, on its backend
@@ -126,6 +114,16 @@ class SPDYPruner:
         return family.plan(units, latency_table).table
 
     # ------------------------------------------------------------------ inputs
+    def _job(self, calibration, latency_table, progress: bool) -> Job:
+        """The job `prune` and `prune_targets` run: the model prepared, the calibration windows made, the stage
+        clock reset (`stage_seconds`)."""
+        model = self._prepare()
+        windows = self.calibration_windows(calibration)
+        self.stage_seconds = {}
+        return Job(config=self.config, model=model, windows=windows, heldout=self._heldout_windows(),
+                   tokenizer=self.tokenizer, latency_table=latency_table, progress=progress,
+                   stages=StageTimer(self.stage_seconds))
+
     def calibration_windows(self, calibration=None) -> dict[str, torch.Tensor]:
         """The token windows `prune` calibrates on: `calibration` (texts, a dataset, or windows as given), or the
         config's calibration source, cut to `calibration.sequence_length` tokens (the model's maximum if null)."""

@@ -87,7 +87,7 @@ def _time_onnx(pruned: str, dense: str, regime: dict, threads: int, repeats: int
         for i in session.get_inputs():
             if i.name == "input_ids":
                 out[i.name] = ids
-            elif i.name in ("attention_mask",):
+            elif i.name == "attention_mask":
                 out[i.name] = np.ones_like(ids)
             elif i.name == "token_type_ids":
                 out[i.name] = np.zeros_like(ids)
