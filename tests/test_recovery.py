@@ -392,3 +392,27 @@ def test_a_batch_runs_as_passes_whose_shares_add_up_to_one_step(size):
     assert torch.equal(torch.cat([p["input_ids"] for p, _ in parts]), batch["input_ids"])
     assert all(p["attention_mask"].shape == p["input_ids"].shape for p, _ in parts)
     assert all(share == p["input_ids"].shape[0] / 5 for p, share in parts)
+
+
+@pytest.mark.parametrize("output_weight", [None, 0])
+def test_a_profile_that_only_removes_whole_attentions_is_recovered_by_the_output_term(output_weight):
+    """Every pruned layer sits inside a removed attention, so gAP's layer term has nothing to compare: the output
+    term alone trains the rest of the block (its FFN), and with no output term there is nothing to fit."""
+    from spdy_hf.modeling.groups import find_structured_groups, zero_fill
+
+    model = sharp_llama()
+    snapshot = DenseSnapshot(model)
+    try:
+        zero_fill(model, find_structured_groups(model)[0], [])  # block 0's attention, every head
+        windows = example_inputs(8, 16)
+        ffn = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+        settings = {"method": "gap", "epochs": 2, "learning_rate": 1e-3, "batch_size": 2, "output_weight": output_weight}
+        entry = Recovery(SPDYConfig(recovery=settings), model, snapshot, windows, "kl", progress=False).run()
+    finally:
+        snapshot.close()
+    assert entry["method"] == "gap"
+    if output_weight == 0:
+        assert entry["epochs_run"] == 0 and torch.equal(model.model.layers[0].mlp.down_proj.weight, ffn)
+    else:
+        assert entry["epochs_run"] == 2 and entry["train_loss"][1] < entry["train_loss"][0]  # the output term trains
+    assert bool((model.model.layers[0].self_attn.q_proj.weight == 0).all())

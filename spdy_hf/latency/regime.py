@@ -87,11 +87,18 @@ def _hold_context(layer) -> None:
     layer.update = update
 
 
-def _cut(cache, length: int) -> None:
-    """Drops every cached token after the first `length` (the cache's own `crop` changed meaning across versions)."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
-            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+def _cache_state(cache) -> list[dict]:
+    """What each layer of a filled cache holds: its keys and values and its counts (a sliding-window layer's tokens
+    seen so far). A generation step replaces these, never writes into them, so the dictionaries bring the layers
+    back as they were (the cache's own `crop` changed meaning across versions, and drops a sliding-window layer's
+    window)."""
+    return [dict(vars(layer)) for layer in cache.layers]
+
+
+def _restore_cache(cache, state: list[dict]) -> None:
+    for layer, held in zip(cache.layers, state):
+        vars(layer).clear()
+        vars(layer).update(held)
 
 
 def step_shape(regime: RegimeConfig) -> tuple[int, int]:
@@ -123,7 +130,7 @@ def end_to_end_call(model: nn.Module, regime: RegimeConfig, new_tokens: int) -> 
     and how many units of work one call does (forward passes, or tokens generated).
 
     Decode: `generate`, greedy, exactly `new_tokens` new tokens after a prompt of context_length + 1 tokens whose
-    first context_length are already in a cache the model filled itself; the cache is cut back after each call.
+    first context_length are already in a cache the model filled itself; the cache is put back after each call.
     """
     if regime.mode != "decode":
         inputs = regime_inputs(model, regime)
@@ -131,6 +138,7 @@ def end_to_end_call(model: nn.Module, regime: RegimeConfig, new_tokens: int) -> 
     check_decodable(model)
     prompt = _token_ids(model, (regime.batch_size, regime.context_length + 1), 0)
     cache = _filled_cache(model, prompt[:, :-1])
+    filled = _cache_state(cache)
     mask = torch.ones_like(prompt)
     name, pad = cache_argument(model), getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     eos = getattr(getattr(model, "config", None), "eos_token_id", None)
@@ -139,6 +147,6 @@ def end_to_end_call(model: nn.Module, regime: RegimeConfig, new_tokens: int) -> 
         model.generate(input_ids=prompt, attention_mask=mask, **{name: cache}, max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, num_beams=1,
                        pad_token_id=pad if pad is not None else (eos if isinstance(eos, int) else 0))
-        _cut(cache, regime.context_length)
+        _restore_cache(cache, filled)
 
     return call, new_tokens

@@ -10,14 +10,17 @@ out, the producer rows and the consumer columns of that group:
 - `shrink` builds smaller dense modules, so the speedup is real with any dense kernel; its outputs equal the
   zero-filled model's.
 
-Found for BERT, GPT-2 (fused `c_attn`), OPT and Llama-family models (grouped-query attention: a group is one
-key/value head with its query heads). Keeping no group removes the whole attention or FFN of a block: shrinking
+Found for BERT, GPT-2 (fused `c_attn`), OPT, Llama-family models (Llama 2 and 3, Qwen2, Mistral, Gemma 2; grouped-query
+attention: a group is one key/value head with its query heads) and Phi-3 (fused `qkv_proj` and `gate_up_proj`). Keeping no group removes the whole attention or FFN of a block: shrinking
 then puts a `RemovedAttention` in place of the attention (it returns the output projection's bias, or a
 zero-width tensor where the projection sits outside it, as in BERT) and zero-width `nn.Linear`s in the FFN.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -37,12 +40,14 @@ _ATTENTION = [
     ("self_attn", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.o_proj"),  # Llama
     ("self_attn", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.out_proj"),  # OPT
     ("attn", ["attn.c_attn"], "attn.c_proj"),  # GPT-2 (fused q, k, v)
+    ("self_attn", ["self_attn.qkv_proj"], "self_attn.o_proj"),  # Phi-3 (fused q, k, v; grouped-query)
 ]
 _FFN = [
     (["intermediate.dense"], "output.dense"),  # BERT
     (["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"),  # Llama
     (["fc1"], "fc2"),  # OPT
     (["mlp.c_fc"], "mlp.c_proj"),  # GPT-2
+    (["mlp.gate_up_proj"], "mlp.down_proj"),  # Phi-3 (fused gate and up)
 ]
 
 
@@ -61,18 +66,25 @@ class StructuredGroup:
     num_groups: int
     group_size: int  # consumer input features per group
     producer_rows: dict[str, int] = field(default_factory=dict)  # producer output features per group
-    fused_parts: int = 1  # GPT-2's c_attn holds q, k and v side by side
+    # a fused producer's parts, one after another in its output features and each laid out group by group: the
+    # rows per group of each part (GPT-2's c_attn: q, k, v of one head each; Phi-3's qkv_proj under grouped-query
+    # attention: the query heads of one key/value group, then its key, then its value; gate_up_proj: 1, 1)
+    fused_rows: dict[str, tuple[int, ...]] = field(default_factory=dict)
     parent: str | None = None  # the attention module whose head counts follow a shrink
 
     def consumer_columns(self, kept: list[int]) -> torch.Tensor:
         return _expand(kept, self.group_size)
 
+    def producer_parts(self, name: str) -> list[tuple[int, int]]:
+        """(first output feature, rows per group) of each part of producer `name`: one part unless it is fused."""
+        parts, start = [], 0
+        for rows in self.fused_rows.get(name, (self.producer_rows[name],)):
+            parts.append((start, rows))
+            start += self.num_groups * rows
+        return parts
+
     def producer_indices(self, name: str, kept: list[int]) -> torch.Tensor:
-        rows = self.producer_rows[name]
-        if self.fused_parts == 1:
-            return _expand(kept, rows)
-        part = self.num_groups * rows
-        return torch.cat([p * part + _expand(kept, rows) for p in range(self.fused_parts)])
+        return torch.cat([start + _expand(kept, rows) for start, rows in self.producer_parts(name)])
 
 
 def _expand(kept: list[int], size: int) -> torch.Tensor:
@@ -86,6 +98,27 @@ def _out_features(module: nn.Module) -> int:
     return module.weight.shape[1] if isinstance(module, conv1d_classes()) else module.weight.shape[0]
 
 
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if isinstance(module, conv1d_classes()) else module.weight.shape[1]
+
+
+def _attention_group(block: str, producers: list[str], consumer: str, parent: str, modules: dict[str, nn.Module],
+                     heads: int, kv_heads: int) -> StructuredGroup:
+    """A block's attention group: one per head, or per key/value head with its query heads under grouped-query
+    attention. A single producer holds q, k and v fused, q first (GPT-2: as many key/value heads as query heads)."""
+    head_dim = _in_features(modules[consumer]) // heads  # the output projection reads every query head
+    per_group = heads // kv_heads  # query heads per key/value head
+    if len(producers) == 1:
+        groups = (_out_features(modules[producers[0]]) - heads * head_dim) // (2 * head_dim)  # key/value heads
+        rows = (heads // groups * head_dim, head_dim, head_dim)
+        return StructuredGroup(kind="attention", block=block, producers=producers, consumer=consumer,
+                               num_groups=groups, group_size=rows[0], producer_rows={producers[0]: rows[0]},
+                               fused_rows={producers[0]: rows}, parent=parent)
+    rows = {producers[0]: per_group * head_dim, **{n: head_dim for n in producers[1:]}}
+    return StructuredGroup(kind="attention", block=block, producers=producers, consumer=consumer,
+                           num_groups=kv_heads, group_size=per_group * head_dim, producer_rows=rows, parent=parent)
+
+
 def find_structured_groups(model: nn.Module) -> list[StructuredGroup]:
     """The attention and FFN group of every block that has them, in model order."""
     cfg = getattr(model, "config", None)
@@ -97,28 +130,21 @@ def find_structured_groups(model: nn.Module) -> list[StructuredGroup]:
         for parent, producers, consumer in _ATTENTION:
             names = [f"{block_name}.{p}" for p in producers]
             if all(n in modules for n in names) and f"{block_name}.{consumer}" in modules and heads:
-                q_out = _out_features(modules[names[0]]) // (3 if len(names) == 1 else 1)
-                head_dim = q_out // heads
-                per_group = heads // kv_heads  # query heads per key/value head
-                rows = {names[0]: per_group * head_dim} if len(names) > 1 else {names[0]: head_dim}
-                for n in names[1:]:
-                    rows[n] = head_dim
-                groups.append(StructuredGroup(
-                    kind="attention", block=block_name, producers=names, consumer=f"{block_name}.{consumer}",
-                    num_groups=kv_heads if len(names) > 1 else heads, group_size=per_group * head_dim,
-                    producer_rows=rows, fused_parts=3 if len(names) == 1 else 1, parent=f"{block_name}.{parent}"))
+                groups.append(_attention_group(block_name, names, f"{block_name}.{consumer}",
+                                               f"{block_name}.{parent}", modules, heads, kv_heads))
                 break
         for producers, consumer in _FFN:
             names = [f"{block_name}.{p}" for p in producers]
             if all(n in modules for n in names) and f"{block_name}.{consumer}" in modules:
-                neurons = _out_features(modules[names[0]])
+                neurons = _in_features(modules[f"{block_name}.{consumer}"])
+                fused = {names[0]: (1,) * (_out_features(modules[names[0]]) // neurons)} if len(names) == 1 else {}
                 groups.append(StructuredGroup(kind="ffn", block=block_name, producers=names,
                                               consumer=f"{block_name}.{consumer}", num_groups=neurons, group_size=1,
-                                              producer_rows={n: 1 for n in names}))
+                                              producer_rows={n: 1 for n in names}, fused_rows=fused))
                 break
     if not groups:
         raise SPDYError(f"Found no attention or FFN groups in {type(model).__name__}; structured levels support "
-                        "BERT, GPT-2, OPT and Llama-family models.")
+                        "BERT, GPT-2, OPT, Llama-family (Llama, Qwen2, Mistral, Gemma 2) and Phi-3 models.")
     return groups
 
 
@@ -155,19 +181,19 @@ def _new_module(template: nn.Module, weight_out_in: torch.Tensor, bias: torch.Te
                 share: bool = False) -> nn.Module:
     """A Linear (or Conv1D, like `template`) holding the weight; `share`: without copying what needs no copy."""
     out_features, in_features = weight_out_in.shape
-    copy = (lambda t: t) if share else (lambda t: t.clone())
+    take = (lambda t: t) if share else (lambda t: t.clone())
     # GPT-2's Conv1D reshapes with -1, which a zero-width input cannot take: zero-width modules are nn.Linear
     if isinstance(template, conv1d_classes()) and out_features and in_features:
         module = conv1d_classes()[0](out_features, in_features)
-        module.weight = nn.Parameter(copy(weight_out_in.T.contiguous()))
-        module.bias = nn.Parameter(copy(bias)) if bias is not None else None
+        module.weight = nn.Parameter(take(weight_out_in.T.contiguous()))
+        module.bias = nn.Parameter(take(bias)) if bias is not None else None
     else:
         with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op": the weight is replaced
             warnings.simplefilter("ignore", UserWarning)
             module = nn.Linear(in_features, out_features, bias=bias is not None)
-        module.weight = nn.Parameter(copy(weight_out_in.contiguous()))
+        module.weight = nn.Parameter(take(weight_out_in.contiguous()))
         if bias is not None:
-            module.bias = nn.Parameter(copy(bias))
+            module.bias = nn.Parameter(take(bias))
     return module.to(device=weight_out_in.device, dtype=weight_out_in.dtype)
 
 
@@ -256,6 +282,26 @@ def shrink(model: nn.Module, group: StructuredGroup, kept: list[int], share: boo
                 setattr(attn, attr, heads * _head_dim(attn, group))
         if isinstance(getattr(attn, "num_key_value_heads", None), int):
             attn.num_key_value_heads = len(kept)
+        if _reads_config_heads(attn):  # a module of its own width needs a config of its own
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads = heads
+            if getattr(attn.config, "num_key_value_heads", None) is not None:
+                attn.config.num_key_value_heads = len(kept)
+
+
+@functools.cache
+def _reads_config_source(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "config.num_attention_heads" in source or "config.num_key_value_heads" in source
+
+
+def _reads_config_heads(attn: nn.Module) -> bool:
+    """Whether the attention module's forward pass reads its head counts from the model's config rather than from
+    attributes of its own (Phi-3 splits its fused q, k, v at `config.num_attention_heads`)."""
+    return getattr(attn, "config", None) is not None and _reads_config_source(type(attn))
 
 
 def _head_dim(attn: nn.Module, group: StructuredGroup) -> int:

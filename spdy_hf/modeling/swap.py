@@ -2,10 +2,10 @@
 without a copy of it.
 
 `TreeSwap.record(model, change)` runs `change(model)` (shrinking groups, swapping in sparse kernels: anything that
-replaces submodules, parameters or buffers, or sets plain attributes such as head counts) and records what it
-replaced. `revert()` puts the originals back, `apply()` the changed ones again; both are a handful of `setattr`s,
-so the two forms can be timed interleaved. Tensors changed in place are not recorded: a change must build new
-modules (as `spdy_hf.modeling.groups.shrink` and `spdy_hf.deploy.shrink` do).
+replaces submodules, parameters or buffers, sets plain attributes such as head counts, or gives a module a config
+of its own) and records what it replaced. `revert()` puts the originals back, `apply()` the changed ones again; both
+are a handful of `setattr`s, so the two forms can be timed interleaved. Tensors changed in place are not recorded: a
+change must build new modules (as `spdy_hf.modeling.groups.shrink` and `spdy_hf.deploy.shrink` do).
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ from torch import nn
 
 _MISSING = object()
 _PLAIN = (int, float, bool, str, type(None))
+_OBJECTS = ("config",)  # attributes holding objects that a change may replace (a shrunk attention's own config)
 
 
 def _state(module: nn.Module) -> dict:
     state = {("_modules", k): v for k, v in module._modules.items()}
     state.update({("_parameters", k): v for k, v in module._parameters.items()})
     state.update({("_buffers", k): v for k, v in module._buffers.items()})
-    state.update({("", k): v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _PLAIN)})
+    state.update({("", k): v for k, v in vars(module).items()
+                  if not k.startswith("_") and (isinstance(v, _PLAIN) or k in _OBJECTS)})
     return state
 
 

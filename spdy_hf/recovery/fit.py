@@ -251,6 +251,10 @@ class Recovery:
         teacher_out = LayerOutputs(dict(modules_named(teacher, layers)), detach=True)
         weight = self.cfg.output_weight_for(self.kind)
         stop = weight == 0
+        if not layers and stop:
+            logger.info("Recovery: every pruned layer went with a removed attention and recovery.output_weight is 0: "
+                        "nothing to fit.")
+            return {"epochs_run": 0}
         last = [dict(find_blocks(model))[self.blocks[-1][0]], dict(find_blocks(teacher))[self.blocks[-1][0]]]
         stops = [b.register_forward_hook(_raise_stop) for b in last] if stop else []
         head = _language_model_head(model) if not stop and self.kind == "kl" else None
@@ -263,7 +267,8 @@ class Recovery:
                 s = _run(model, batch, self.extra)
             tokens = token_mask(batch)
             targets = {n: v[..., index[n].to(v.device)] if n in index else v for n, v in teacher_out.values.items()}
-            loss = layer_loss(student_out.values, targets, live, tokens)
+            # no layer term where every pruned layer went with a removed attention: the output term alone
+            loss = layer_loss(student_out.values, targets, live, tokens) if layers else 0.0
             student_out.values.clear()
             teacher_out.values.clear()
             if heads:

@@ -36,7 +36,7 @@ class _Cut:
     kept: list[int]
     originals: dict[str, nn.Module]  # producers and consumer, by full name
     parent: nn.Module | None  # the attention module, if any
-    parent_attrs: dict[str, int] = field(default_factory=dict)
+    parent_attrs: dict[str, object] = field(default_factory=dict)  # its head counts (and config) before the cut
     shapes: dict[str, torch.Size] = field(default_factory=dict)  # released weights' shapes
 
 
@@ -49,11 +49,11 @@ def kept_groups(group: StructuredGroup, modules: dict[str, nn.Module]) -> list[i
         module = modules[name]
         w, _ = rows_view(module)
         bias = getattr(module, "bias", None)
-        part = group.num_groups * group.producer_rows[name]
-        for p in range(group.fused_parts):  # GPT-2's fused q, k, v: each part laid out group by group
-            alive |= w[p * part:(p + 1) * part].reshape(group.num_groups, -1).ne(0).any(1)
+        for start, rows in group.producer_parts(name):  # a fused producer's parts: each laid out group by group
+            part = slice(start, start + group.num_groups * rows)
+            alive |= w[part].reshape(group.num_groups, -1).ne(0).any(1)
             if isinstance(bias, torch.Tensor):
-                alive |= bias[p * part:(p + 1) * part].reshape(group.num_groups, -1).ne(0).any(1)
+                alive |= bias[part].reshape(group.num_groups, -1).ne(0).any(1)
     return [int(g) for g in torch.nonzero(alive).flatten()]
 
 
@@ -81,8 +81,10 @@ class ShrunkModel:
                     continue
                 names = [*group.producers, group.consumer]
                 parent = modules.get(group.parent) if group.parent else None
-                cut = _Cut(group, kept, {n: modules[n] for n in names}, parent,
-                           {a: getattr(parent, a) for a in HEAD_ATTRIBUTES if isinstance(getattr(parent, a, None), int)})
+                attrs = {a: getattr(parent, a) for a in HEAD_ATTRIBUTES if isinstance(getattr(parent, a, None), int)}
+                if getattr(parent, "config", None) is not None:  # a shrink may give it a config of its own
+                    attrs["config"] = parent.config
+                cut = _Cut(group, kept, {n: modules[n] for n in names}, parent, attrs)
                 self.cuts.append(cut)  # first: a shrink that fails half way is put back too
                 shrink(self.model, group, kept)
                 for name in group.producers:
