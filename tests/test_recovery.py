@@ -416,3 +416,41 @@ def test_a_profile_that_only_removes_whole_attentions_is_recovered_by_the_output
     else:
         assert entry["epochs_run"] == 2 and entry["train_loss"][1] < entry["train_loss"][0]  # the output term trains
     assert bool((model.model.layers[0].self_attn.q_proj.weight == 0).all())
+
+
+@pytest.mark.parametrize("name,kind", [("llama", "kl"), ("bert", "embedding")])
+def test_the_held_back_score_taken_a_few_batches_at_a_time_is_the_score_of_all(name, kind, monkeypatch):
+    """A causal LM's held-back reference (probabilities over the vocabulary for every token) is built a few batches
+    at a time under a memory bound; the parts' scores combine to the score of all the windows at once."""
+    import spdy_hf.recovery.fit as fit
+    from spdy_hf.modeling.groups import find_structured_groups, zero_fill
+    from spdy_hf.search.scoring import DistanceScorer
+
+    model = MODEL_FACTORIES[name]()
+    snapshot = DenseSnapshot(model)
+    try:
+        for g in find_structured_groups(model):
+            zero_fill(model, g, list(range(g.num_groups // 2)))
+        windows = example_inputs(24, 16, seed=3)
+        windows["attention_mask"][::3, 11:] = 0  # some padding: parts hold different numbers of real tokens
+        settings = {"method": "gap", "batch_size": 2, "holdout": 0.5}
+        recovery = Recovery(SPDYConfig(recovery=settings), model, snapshot, windows, kind, progress=False)
+        current = DenseSnapshot(model)
+        try:
+            whole = recovery._guard(current)
+            monkeypatch.setattr(fit, "GUARD_REFERENCE_BYTES", 2 * 16 * VOCAB * 2)  # one batch of 2 windows a part
+            parts = recovery._guard_parts()
+            apart = recovery._guard(current)
+        finally:
+            current.close()
+        pruned = {k: v.clone() for k, v in model.state_dict().items()}
+        snapshot.restore(model)
+        direct = DistanceScorer(model, recovery.heldback, kind)
+        for key, value in pruned.items():
+            model.state_dict()[key].copy_(value)
+        expected = direct()
+    finally:
+        snapshot.close()
+    assert len(parts) == (len(recovery.heldback) if kind == "kl" else 1) and len(recovery.heldback) == 6
+    assert whole[0] == apart[0] == direct.kind and expected > 0
+    assert whole[1] == pytest.approx(expected, rel=1e-6) and apart[1] == pytest.approx(expected, rel=1e-5)

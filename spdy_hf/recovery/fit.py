@@ -91,6 +91,11 @@ from .teacher import (
 logger = logging.getLogger(__name__)
 
 
+# the most dense reference the held-back score holds at once (a causal LM's float16 probabilities over its vocabulary):
+# the windows past it are scored in further runs, each against a reference of its own
+GUARD_REFERENCE_BYTES = 128 * 2**20
+
+
 class _Stop(Exception):
     """Ends a forward pass after the last block: the layer objective needs nothing after it."""
 
@@ -209,14 +214,42 @@ class Recovery:
         block by block can still hurt the output (the layer-wise variant does on heavily sparse MiniLM). The dense
         reference comes from the dense weights written into the model for one pass, `current` written back after:
         no second model in memory, and the reference is built for each score rather than held through training.
+
+        A causal LM's reference holds every position's probabilities over the vocabulary (64 windows of 128 tokens
+        over SmolLM2's 49 k: 0.8 GB), so the held-back windows are scored a few batches at a time, at most
+        `GUARD_REFERENCE_BYTES` of reference each, and the parts' scores combined as one (`DistanceScorer.weight`).
         Returns (the score's kind, the score)."""
+        kind, total, weight = None, 0.0, 0.0
         with torch.no_grad():
-            self.snapshot.restore(self.model)
-            try:
-                scorer = DistanceScorer(self.model, self.heldback, self.kind)
-            finally:
-                current.restore(self.model)
-            return scorer.kind, scorer()
+            for part in self._guard_parts():
+                self.snapshot.restore(self.model)
+                try:
+                    scorer = DistanceScorer(self.model, part, self.kind)
+                finally:
+                    current.restore(self.model)
+                kind = scorer.kind
+                total += scorer() * scorer.weight
+                weight += scorer.weight
+                del scorer
+        return kind, total / max(weight, 1e-30)
+
+    def _guard_parts(self) -> list[list[dict]]:
+        """The held-back batches in runs whose dense reference stays under `GUARD_REFERENCE_BYTES`: float16
+        probabilities over the vocabulary for each token of a causal LM scored by KL; a hidden state per token (a
+        vector per window) otherwise, which all the batches share one run for."""
+        if self.kind != "kl":
+            return [self.heldback]
+        head = _language_model_head(self.model)
+        vocabulary = head.out_features if head is not None else getattr(self.model.config, "vocab_size", 1)
+        parts, size = [], 0
+        for batch in self.heldback:
+            need = batch["input_ids"].numel() * vocabulary * 2
+            if not parts or size + need > GUARD_REFERENCE_BYTES:
+                parts.append([])
+                size = 0
+            parts[-1].append(batch)
+            size += need
+        return parts
 
     # ------------------------------------------------------------------ gAP: the whole model at once
     def _global(self, lr: float) -> dict:

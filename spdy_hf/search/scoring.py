@@ -99,6 +99,7 @@ class DistanceScorer:
         if self.kind == "kl":
             self.reference = [self._kl_reference(b) for b in batches]
             self._weights = [self._token_weights(b, b["input_ids"]) for b in batches]
+            self._count = sum(float(w.sum()) for w in self._weights)
             return
         self.reference = [self._output(b) for b in batches]
         self._weights = [self._token_weights(b, r) for b, r in zip(batches, self.reference)]
@@ -155,6 +156,12 @@ class DistanceScorer:
             return out.hidden_states[-1].float()
         hidden = getattr(out, "last_hidden_state", None)
         return (hidden if hidden is not None else out.hidden_states[-1]).float()  # (B, T, H)
+
+    @property
+    def weight(self) -> float:
+        """What the score averages over: the real tokens (KL, cosine), the windows with a real token (embedding),
+        or the dense outputs' squared norm (nmse). Scores of disjoint windows combine as their mean weighted by it."""
+        return float(self._norm if self.kind == "nmse" else self._count)
 
     def __call__(self, block_keys: list | None = None) -> float:
         """The score of the model as it is now, in the reference's dtype. With `block_keys` (what each block holds),
@@ -218,7 +225,7 @@ class DistanceScorer:
     @torch.inference_mode()
     def _raw_score(self, output) -> float:
         if self.kind == "kl":
-            total, count = 0.0, 0
+            total = 0.0
             for batch, (probs, offset), weight in zip(self.batches, self.reference, self._weights):
                 logits = output(batch)
                 logits = logits.reshape(-1, logits.shape[-1])
@@ -229,8 +236,7 @@ class DistanceScorer:
                     rows = slice(i, i + len(z))
                     kl = offset[rows] - self._log_likelihood(probs[rows], z.float())
                     total += float((kl * weight[rows]).sum())
-                count += float(weight.sum())
-            return total / max(count, 1e-30)
+            return total / max(self._count, 1e-30)
         if self.kind == "cosine":
             total = 0.0
             for batch, ref, weight in zip(self.batches, self.reference, self._weights):
