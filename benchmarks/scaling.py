@@ -85,7 +85,8 @@ def row(model: dict, report: dict, wall: float) -> dict:
     search = report.get("search", {})
     return {**model, "measured_speedup": report.get("measured_speedup"), "target_met": report.get("target_met"),
             "candidates": search.get("candidates"), "stage_seconds": report.get("stage_seconds", {}),
-            "stage_peak_rss_mb": report.get("stage_peak_rss_mb", {}), "recovery": report.get("recovery", {}).get("method"),
+            "stage_peak_rss_mb": report.get("stage_peak_rss_mb", {}),
+            "recovery": report.get("recovery", {}).get("method"),
             "peak_gib": round(max(peaks) / 1024, 2) if peaks else None, "job_seconds": round(wall, 1)}
 
 

@@ -406,7 +406,8 @@ def test_a_profile_that_only_removes_whole_attentions_is_recovered_by_the_output
         zero_fill(model, find_structured_groups(model)[0], [])  # block 0's attention, every head
         windows = example_inputs(8, 16)
         ffn = model.model.layers[0].mlp.down_proj.weight.detach().clone()
-        settings = {"method": "gap", "epochs": 2, "learning_rate": 1e-3, "batch_size": 2, "output_weight": output_weight}
+        settings = {"method": "gap", "epochs": 2, "learning_rate": 1e-3, "batch_size": 2,
+                    "output_weight": output_weight}
         entry = Recovery(SPDYConfig(recovery=settings), model, snapshot, windows, "kl", progress=False).run()
     finally:
         snapshot.close()

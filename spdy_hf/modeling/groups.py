@@ -10,10 +10,11 @@ out, the producer rows and the consumer columns of that group:
 - `shrink` builds smaller dense modules, so the speedup is real with any dense kernel; its outputs equal the
   zero-filled model's.
 
-Found for BERT, GPT-2 (fused `c_attn`), OPT, Llama-family models (Llama 2 and 3, Qwen2, Mistral, Gemma 2; grouped-query
-attention: a group is one key/value head with its query heads) and Phi-3 (fused `qkv_proj` and `gate_up_proj`). Keeping no group removes the whole attention or FFN of a block: shrinking
-then puts a `RemovedAttention` in place of the attention (it returns the output projection's bias, or a
-zero-width tensor where the projection sits outside it, as in BERT) and zero-width `nn.Linear`s in the FFN.
+Found for BERT, GPT-2 (fused `c_attn`), OPT, Llama-family models (Llama 2 and 3, Qwen2, Mistral, Gemma 2;
+grouped-query attention: a group is one key/value head with its query heads) and Phi-3 (fused `qkv_proj` and
+`gate_up_proj`). Keeping no group removes the whole attention or FFN of a block: shrinking then puts a
+`RemovedAttention` in place of the attention (it returns the output projection's bias, or a zero-width tensor where
+the projection sits outside it, as in BERT) and zero-width `nn.Linear`s in the FFN.
 """
 
 from __future__ import annotations
