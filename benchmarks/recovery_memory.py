@@ -5,7 +5,7 @@ The dense model is loaded, its snapshot written (as the job does before it prune
 output (a directory `spdy-hf prune` wrote, zero-filled) put into it; then the recovery the job's settings ask for
 runs on the job's calibration windows, while a thread samples the process's resident memory every 20 ms:
 
-    python benchmarks/recovery_memory.py --dense smollm2 --pruned OUT [--set recovery.method=gap ...]
+    python benchmarks/recovery_memory.py --dense smollm2 --pruned OUT [--set recovery.method=gap ...] [--quality]
 
 Reported: the resident memory when recovery starts (the model, its windows, the snapshot's pages), and the most
 each phase held above it. The job's peak with recovery is at most the larger of its peak without recovery and this
@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 
 import psutil
 import torch
+from domains import DOMAINS
 from heldout import smollm2_path
 from safetensors.torch import load_file
-from transfer import overrides
+from transfer import Judge, evaluation_sets, overrides
 
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.modeling.loading import load_model_and_tokenizer
@@ -62,12 +63,29 @@ class Sampler:
         self._thread.join()
 
 
+def judged(model, tokenizer, dense: DenseSnapshot) -> dict:
+    """The recovered model's quality against the dense one on every held-out set, measured after the memory (so
+    that no pass of it is in the figures): the dense weights come from the job's snapshot, and go again after."""
+    recovered = DenseSnapshot(model)
+    try:
+        dense.restore(model)
+        judge = Judge(model, tokenizer, evaluation_sets(list(DOMAINS)))
+        recovered.restore(model)
+        scored = judge.compare(model)
+    finally:
+        recovered.close()
+    return {k: scored[k] for k in ("metric", "quality", "generations") if k in scored}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", default="smollm2", help="the dense model: smollm2 or a path")
     parser.add_argument("--pruned", required=True, help="a pruned output of that model (spdy-hf prune's directory)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config setting; repeatable")
     parser.add_argument("--output", default=None, help="a JSONL file to append the row to")
+    parser.add_argument("--quality", action="store_true",
+                        help="after the memory is measured, score the recovered model against the dense one on the "
+                             "held-out sets of benchmarks/transfer.py (the built-in split and every other domain)")
     args = parser.parse_args()
     with open(os.path.join(args.pruned, "spdy_report.json"), encoding="utf-8") as f:
         report = json.load(f)
@@ -111,6 +129,7 @@ def main() -> int:
         entry = fit.Recovery(config, model, snapshot, windows, kind, progress=False).run()
         seconds = time.perf_counter() - began
         time.sleep(0.1)
+    quality = judged(model, tokenizer, snapshot) if args.quality else None
     snapshot.close()
     row = {"dense": args.dense, "pruned": os.path.basename(os.path.normpath(args.pruned)), "settings": args.set,
            "method": entry["method"], "train_windows": entry.get("train_windows"),
@@ -120,7 +139,9 @@ def main() -> int:
                          if phase != "start"},
            "model_float32_gib": round(sum(p.numel() for p in model.parameters()) * 4 / 2**30, 3),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.processor(),
-           "torch": torch.__version__, "threads": torch.get_num_threads()}
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "rank": entry.get("rank"),
+           "heldback_score": entry.get("heldback_score"), "reverted": entry.get("reverted"),
+           "quality": quality, "command": "python " + " ".join(sys.argv)}
     print(json.dumps(row, indent=1))
     if args.output:
         with open(args.output, "a", encoding="utf-8") as f:

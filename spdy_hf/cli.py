@@ -19,7 +19,8 @@ def _regime_arguments(p) -> None:
 
     p.add_argument("--backend", choices=["cpu", "cuda"], help="Target backend (default cpu).")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="Regime: dtype (cpu: float32; cuda: float16 or bfloat16).")
+                   help="Regime: dtype (cpu: float32, or bfloat16 with the structured family; cuda: float16 "
+                        "or bfloat16). The model is loaded and pruned in it.")
     p.add_argument("--batch-size", type=int, help="Regime: sequences per forward pass.")
     p.add_argument("--sequence-length", type=int, help="Regime: tokens per sequence (prefill).")
     p.add_argument("--regime", choices=["prefill", "decode"],
@@ -55,13 +56,15 @@ def profile_command_parser(subparsers) -> argparse.ArgumentParser:
 
 def profile_command(args) -> int:
     from .errors import SPDYError
+    from .latency.backend import working_dtype
     from .modeling.loading import load_model_and_tokenizer
     from .pruner import SPDYPruner
 
     if os.path.exists(args.output) and not args.overwrite:
         raise SPDYError(f"{args.output} exists; pass --overwrite to replace it.")
     config = _build_config(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
+                                                dtype=working_dtype(config.backend, config.regime.dtype))
     table = SPDYPruner(model, config, tokenizer=tokenizer).profile(progress=not args.no_progress)
     table.save(args.output)
     print(f"Latency table written to {args.output} ({table.backend}, regime {json.dumps(table.regime)}, dense model "
@@ -100,6 +103,10 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
                    help="Few-sample recovery after verify, every pruned zero held: gap (global AdaPrune, the "
                         "model beside a dense copy), layerwise (block by block, less memory), none, or auto (the "
                         "default: gap where its memory is free, else layerwise for encoders and none for causal LMs).")
+    p.add_argument("--recovery-rank", type=int, metavar="R",
+                   help="gap trains updates of rank R of the kept weights, added in at the end, instead of the "
+                        "weights themselves (recovery.rank): recovery then holds the dense copy and one pass, no "
+                        "gradients or Adam state of the model's weights.")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
     p.add_argument("--max-candidates", type=_candidates,
                    help="Most candidate profiles the search scores (search.max_candidates, default 600; each costs "
@@ -138,10 +145,10 @@ def _candidates(text: str) -> int | str:
 def _build_config(args):
     """The job's config: the recipe (if any), then the flags; an unknown level family is an error here, before any
     model is loaded."""
-    from .families import get_family
+    from .families import family_for
 
     config = _config_from(args)
-    get_family(config.family)
+    family_for(config)
     return config
 
 
@@ -185,6 +192,8 @@ def _config_from(args):
         data["method"] = args.method
     if args.recovery is not None:
         data.setdefault("recovery", {})["method"] = args.recovery
+    if args.recovery_rank is not None:
+        data.setdefault("recovery", {})["rank"] = args.recovery_rank
     if args.database_dir is not None:
         data.setdefault("database", {})["dir"] = args.database_dir
     if args.max_candidates is not None:
@@ -201,6 +210,7 @@ def _default_output(model: str | None, target: float) -> str:
 
 
 def prune_command(args) -> int:
+    from .latency.backend import working_dtype
     from .modeling.loading import load_model_and_tokenizer
     from .output.result import check_output_dir
     from .pruner import SPDYPruner, check_targets
@@ -213,7 +223,8 @@ def prune_command(args) -> int:
         outputs = [args.output or _default_output(args.model, targets[0])]
     for output in outputs:  # before any work: never find out after 10 minutes
         check_output_dir(output, args.overwrite)
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
+                                                dtype=working_dtype(config.backend, config.regime.dtype))
     pruner = SPDYPruner(model, config, tokenizer=tokenizer)
     if len(targets) == 1:
         written = [_save(pruner.prune(progress=not args.no_progress), outputs[0], args.overwrite)]

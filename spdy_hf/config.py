@@ -90,9 +90,11 @@ DEFAULT_LEVELS = {"cpu": "spdy", "cuda": "2:4"}  # what levels "auto" means on e
 DTYPES = ("float32", "float16", "bfloat16")
 REGIME_MODES = ("prefill", "decode")
 REGIME_LOGITS = ("last", "all")
-# dtypes each backend's sparse kernel accepts: torch.sparse CSR products on CPU run in fp32 only; 2:4
-# semi-structured products on NVIDIA GPUs in fp16 and bf16.
-BACKEND_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
+# the regime dtypes each backend profiles in: on a CPU, float32 and bfloat16 (fast where the CPU has bfloat16
+# matrix instructions, AVX512-BF16 or AMX); on NVIDIA GPUs float16 and bfloat16, the dtypes 2:4 semi-structured
+# products take. A family can allow fewer (`Family.backend_dtypes`): torch.sparse CSR products on CPU run in
+# float32 only.
+BACKEND_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float16", "bfloat16")}
 
 
 @dataclass
@@ -437,6 +439,12 @@ class RecoveryConfig:
                 "(on SmolLM2-135M at 1.5x the output KL all but alone recovered better than 100 or 10 on every "
                 "held-out set of other domains), 10 for an encoder (the best measured on MiniLM; 100 changed nothing "
                 "there)."})
+    rank: int | None = field(default=None, metadata={
+        "help": "gap only: train updates of this rank of each kept linear weight of the pruned blocks (with their "
+                "norms and biases) instead of the weights themselves, and add them in once at the end: no gradient, "
+                "Adam moment or float32 copy of the model's weights is held, so recovery's memory is the dense "
+                "teacher and one pass. A layer holding zeros of a sparse level is trained whole. null: the weights "
+                "themselves."})
 
     precision: str = field(default="auto", metadata={
         "help": "Forward passes of recovery: 'bfloat16' (torch.autocast; the weights, gradients and Adam's state "
@@ -459,6 +467,11 @@ class RecoveryConfig:
             check_number("recovery.output_weight", self.output_weight, lambda x: x >= 0, "[0, inf)")
         if self.num_samples is not None:
             check_int("recovery.num_samples", self.num_samples, 2)
+        if self.rank is not None:
+            check_int("recovery.rank", self.rank, 1)
+            if self.method == "layerwise":
+                raise ConfigError("recovery.rank trains low-rank updates in gap; recovery.method: layerwise holds "
+                                  "one block's training state already. Use method gap or auto, or leave rank null.")
 
     def epochs_for(self, kind: str | None = None) -> int:
         """The epochs for a job scored by `kind` ('kl' for causal LMs): `epochs`, else 1 for a causal LM, 8
@@ -494,6 +507,8 @@ class RecoveryConfig:
             return float(self.learning_rate)
         if method != "gap":
             return 1e-4
+        if self.rank is not None:  # a step of the factors moves a weight about a third as far as gap's own step
+            return 1e-3 if kind == "kl" else 1e-4
         return 3e-4 if kind == "kl" else 3e-5
 
 

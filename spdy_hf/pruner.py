@@ -17,9 +17,9 @@ from torch import nn
 from .calibration import calibration_windows
 from .config import SPDYConfig
 from .errors import ConfigError, SPDYError
-from .families import get_family
+from .families import family_for
 from .latency import LatencyTable
-from .latency.backend import model_device, to_target_device
+from .latency.backend import model_device, to_target_device, working_dtype
 from .modeling.loading import loaded_from_gguf, plain_checkpoint
 from .modeling.units import find_units
 from .output.result import PruningResult
@@ -50,7 +50,7 @@ class SPDYPruner:
             plain_checkpoint(model)
         self.model = model
         self.config = config if config is not None else SPDYConfig()
-        get_family(self.config.family)  # an unknown family is an error now, not after the model is prepared
+        family_for(self.config)  # an unknown family or dtype is an error now, not after the model is prepared
         self.tokenizer = tokenizer
         self.stage_seconds: dict[str, float] = {}  # wall seconds of the last job's stages
 
@@ -109,7 +109,7 @@ class SPDYPruner:
         times too. Measure it on the target machine, then pass it (saved with `LatencyTable.save`) as
         `latency_table` to prune anywhere."""
         model = self._prepare()
-        family = get_family(self.config.family)(self.config, model, progress)
+        family = family_for(self.config)(self.config, model, progress)
         units = find_units(model, self.config.skip_modules, example_inputs=family.inputs)  # the regime's own work
         return family.plan(units, latency_table).table
 
@@ -192,6 +192,7 @@ def prune_pretrained(name_or_path: str | None = None, config=None, calibration=N
     config = config if config is not None else SPDYConfig()
     if isinstance(config, dict):
         config = SPDYConfig.from_dict(config)
-    get_family(config.family)  # before the model is loaded
-    model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    family_for(config)  # before the model is loaded
+    model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code,
+                                                dtype=working_dtype(config.backend, config.regime.dtype))
     return SPDYPruner(model, config, tokenizer=tokenizer).prune(calibration=calibration, progress=progress)

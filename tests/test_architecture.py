@@ -14,7 +14,7 @@ import pytest
 
 from spdy_hf.config import SPDYConfig
 from spdy_hf.errors import ConfigError
-from spdy_hf.families import get_family
+from spdy_hf.families import family_for, get_family
 from spdy_hf.pruner import SPDYPruner
 
 PACKAGE = Path(__file__).resolve().parent.parent / "spdy_hf"
@@ -147,8 +147,8 @@ def test_a_family_keeps_no_state_of_the_job(model_name, family, tmp_path, tokeni
 
     made, late = [], []
 
-    def watched(name):
-        cls = get_family(name)
+    def watched(config):
+        cls = family_for(config)
 
         class Watched(cls):
             def __init__(self, *args, **kwargs):
@@ -171,7 +171,7 @@ def test_a_family_keeps_no_state_of_the_job(model_name, family, tmp_path, tokeni
         outcome.live(profile)
         return dataclasses.replace(out, profile=profile, corrections=[{"aim": 0.0, "note": "forced by the test"}])
 
-    monkeypatch.setattr(pipeline, "get_family", watched)
+    monkeypatch.setattr(pipeline, "family_for", watched)
     monkeypatch.setattr(pipeline, "verify", corrected)
     result = job(model_name, family, tmp_path, tokenizer, {"method": "gap", **FAST})
     assert result.report["recovery"] and len(made) == 1

@@ -210,7 +210,8 @@ def test_cli_profile_on_cuda_in_decode_times_one_token_steps(family, tmp_path, m
 
     model = MODEL_FACTORIES["llama"]()
     clock = fake_gpu(monkeypatch, model)
-    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda name, trust_remote_code=False: (model, tokenizer))
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda name, trust_remote_code=False, dtype=None: (
+        model, tokenizer))
     # on the fake GPU the model stays on the cpu, in the regime's dtype as on a real one
     monkeypatch.setattr(pruner, "to_target_device", lambda m, backend, dtype: m.to(getattr(torch, dtype)))
     monkeypatch.setattr(family_base, "interleaved_timer", lambda backend: clock.timer)

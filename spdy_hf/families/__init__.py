@@ -31,6 +31,20 @@ def get_family(name: str) -> type[Family]:
     return FAMILIES[name]
 
 
+def family_for(config) -> type[Family]:
+    """The family class `config.family` names, after checking that it takes the config's regime dtype on its
+    backend (`Family.backend_dtypes`)."""
+    family = get_family(config.family)
+    allowed = family.backend_dtypes.get(config.backend, ())
+    if config.regime.dtype not in allowed:
+        raise ConfigError(
+            f"family={config.family!r} cannot profile regime.dtype={config.regime.dtype!r} on backend "
+            f"{config.backend!r}: its kernels there take {', '.join(map(repr, allowed))}. Choose one of those, or "
+            "family='structured', whose levels remove heads and neurons and run in any dtype the backend has."
+        )
+    return family
+
+
 __all__ = ["Databases", "Entries", "FAMILIES", "Family", "LevelGrid", "Measurement", "MixedFamily", "Plan",
-           "StructuredFamily", "StructuredLayout", "UnstructuredFamily", "family_names", "get_family",
+           "StructuredFamily", "StructuredLayout", "UnstructuredFamily", "family_for", "family_names", "get_family",
            "register_family"]

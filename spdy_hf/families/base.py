@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RegimeConfig, SPDYConfig
+from ..config import BACKEND_DTYPES, RegimeConfig, SPDYConfig
 from ..latency.backend import interleaved_timer, regime_inputs, table_environment
 from ..latency.regime import end_to_end_call
 from ..latency.table import TIMING_NOISE_KINDS, LatencyTable
@@ -118,6 +118,8 @@ class Family:
     # whether the database stage reads the target's budgets (a sequential database anchored at the target's level):
     # a run with several targets then builds one database per target, else one for all
     database_per_target = False
+    # the regime dtypes the family's kernels take, per backend (a subset of `config.BACKEND_DTYPES`)
+    backend_dtypes: dict[str, tuple[str, ...]] = BACKEND_DTYPES
 
     def __init__(self, config: SPDYConfig, model: nn.Module, progress: bool = True):
         self.config = config

@@ -21,7 +21,7 @@ import os
 import numpy as np
 from torch import nn
 
-from ..config import SPDYConfig
+from ..config import BACKEND_DTYPES, SPDYConfig
 from ..deploy.shrink import STRUCTURED_SPARSE
 from ..modeling.groups import StructuredGroup
 from ..modeling.loading import weights_fingerprint
@@ -37,6 +37,7 @@ from .unstructured import build_database, unit_latency_table
 class MixedFamily(StructuredFamily):
     name = "mixed"
     database_per_target = True  # anchored at the level the target's budget leaves each layer
+    backend_dtypes = {**BACKEND_DTYPES, "cpu": ("float32",)}  # its CPU levels are CSR products: float32 only
     uses_levels = True
 
     def sparse_levels(self, units, table):

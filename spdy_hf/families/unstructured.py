@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import SPDYConfig
+from ..config import BACKEND_DTYPES, SPDYConfig
 from ..database import MagnitudeDatabase, PruningDatabase, build_obs_database
 from ..database.obs_database import windows_digest
 from ..database.store import STORE_VERSION
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 class UnstructuredFamily(Family):
     name = "unstructured"
     database_per_target = True  # anchored at the level the target's budget leaves each layer
+    backend_dtypes = {**BACKEND_DTYPES, "cpu": ("float32",)}  # its CPU levels are CSR products: float32 only
 
     def plan(self, units, latency_table=None) -> Plan:
         grid = LevelGrid.of(self.config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modeling.loading import cast_weights
 from .regime import model_device, regime_inputs  # noqa: F401  (re-exported: the device; one unit of work)
 from .timing import interleaved_median_ms
 
@@ -14,10 +15,20 @@ NO_GPU_TO_VERIFY = ("the cuda backend needs a CUDA GPU to measure the speedup; r
                     "profile comes from the latency table measured on the GPU)")
 
 
+def working_dtype(backend: str, dtype: str) -> torch.dtype:
+    """The dtype a job holds the model in, from loading to saving: the regime's on a CPU (a bfloat16 job never holds
+    a float32 copy of the model); float32 for the cuda backend, which casts on the GPU (`to_target_device`), so that
+    without a GPU searching and pruning run in float32."""
+    return getattr(torch, dtype) if backend == "cpu" else torch.float32
+
+
 def to_target_device(model: nn.Module, backend: str, dtype: str) -> None:
-    """The cuda backend runs the model on the GPU in the regime's dtype; without a GPU it stays where it is
-    (searching and pruning work anywhere with a table measured on the GPU; verifying does not)."""
-    if backend == "cuda" and torch.cuda.is_available():
+    """The model where and how the regime runs it: in the regime's dtype on a CPU; on the GPU in the regime's dtype
+    for the cuda backend, and where it is without a GPU (searching and pruning work anywhere with a table measured
+    on the GPU; verifying does not)."""
+    if backend == "cpu":
+        cast_weights(model, getattr(torch, dtype))
+    elif backend == "cuda" and torch.cuda.is_available():
         model.to(device="cuda", dtype=getattr(torch, dtype))
 
 

@@ -66,9 +66,11 @@ def plain_checkpoint(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False):
-    """Loads a model (the class its config names, else `AutoModel`) and its tokenizer, in float32, eval mode: a
-    directory or Hub id (safetensors weights only), or a `.gguf` file (dequantized to an ordinary model).
+def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False,
+                             dtype: torch.dtype | str = torch.float32):
+    """Loads a model (the class its config names, else `AutoModel`) and its tokenizer, in eval mode: a directory or
+    Hub id (safetensors weights only), or a `.gguf` file (dequantized to an ordinary model). `dtype`: the dtype its
+    weights are loaded in (float32 by default; "auto" keeps the checkpoint's own).
 
     Raises:
         DamagedModelFileError: a weights file (a .gguf file, or a safetensors file of the directory or of the Hub
@@ -77,7 +79,7 @@ def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code:
     """
     name_or_path = os.fspath(name_or_path or default_model_path())
     try:
-        return _load_model_and_tokenizer(name_or_path, trust_remote_code)
+        return _load_model_and_tokenizer(name_or_path, trust_remote_code, dtype)
     except Exception as e:  # a damaged file fails deep in transformers, in any way: name the file instead
         damaged = damaged_model_file(name_or_path)
         if damaged is None:
@@ -85,7 +87,7 @@ def load_model_and_tokenizer(name_or_path: str | None = None, trust_remote_code:
         raise damaged from e
 
 
-def _load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool):
+def _load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool, dtype: torch.dtype | str):
     import transformers
 
     gguf = gguf_location(name_or_path)
@@ -108,7 +110,7 @@ def _load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool):
     if model_cls is None:  # a GGUF file names no architecture class: llama.cpp's files are language models
         model_cls = transformers.AutoModelForCausalLM if gguf else transformers.AutoModel
     try:
-        model = model_cls.from_pretrained(source, trust_remote_code=trust_remote_code,
+        model = model_cls.from_pretrained(source, trust_remote_code=trust_remote_code, dtype=dtype,
                                           **(gguf_file or {"use_safetensors": True}))
     except (OSError, ValueError) as e:
         raise SPDYError(
@@ -119,7 +121,18 @@ def _load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool):
         plain_checkpoint(model)
         model.config._name_or_path = os.path.abspath(name_or_path)  # the base a saved model records: the file
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_file)
-    return model.to(torch.float32).eval(), tokenizer
+    if dtype != "auto":
+        cast_weights(model, dtype)
+    return model.eval(), tokenizer
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model's floating parameters in `dtype`, in place; buffers stay as they are, as transformers loads them
+    for a dtype: a rotary embedding's float32 frequencies rounded to bfloat16 would move every position's angle."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file begins

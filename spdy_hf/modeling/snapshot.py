@@ -78,10 +78,12 @@ class DenseSnapshot:
 
     def model(self, like: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """A copy of `like` holding the snapshot's values, in eval mode, without gradients; with `dtype`, its
-        floating tensors in that dtype, allocated so from the start (no copy of `like`'s values is ever made)."""
+        floating parameters in that dtype (buffers, such as a rotary embedding's float32 frequencies, keep theirs),
+        allocated so from the start (no copy of `like`'s values is ever made)."""
         memo: dict[int, torch.Tensor] = {}
         for _, t in floating_tensors(like):  # fresh, uninitialized storage for every floating tensor
-            empty = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+            wanted = dtype if dtype is not None and isinstance(t, nn.Parameter) else t.dtype
+            empty = torch.empty(t.shape, dtype=wanted, device=t.device)
             memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
         teacher = copy.deepcopy(like, memo)
         self.restore(teacher)

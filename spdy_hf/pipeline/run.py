@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import SPDYConfig
 from ..errors import UnreachableTargetError
-from ..families import Databases, Plan, get_family
+from ..families import Databases, Plan, family_for
 from ..modeling.snapshot import DenseSnapshot
 from ..modeling.units import find_units
 from ..output.result import PruningResult
@@ -70,7 +70,7 @@ def run_targets(job: Job, targets: Sequence[float]) -> Iterator[PruningResult]:
     config, model, stages = job.config, job.model, job.stages
     configs = [dataclasses.replace(config, target_speedup=float(t)) for t in targets]
     several = len(configs) > 1
-    family = get_family(config.family)(config, model, job.progress)
+    family = family_for(config)(config, model, job.progress)
     # the dense weights, for recovery's teacher and, with several targets, to start each one from (on disk)
     snapshot = DenseSnapshot(model) if several or planned_method(config, model) != "none" else None
     try:

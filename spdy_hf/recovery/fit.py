@@ -53,7 +53,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,9 +73,11 @@ from ..config import SPDYConfig
 from ..errors import SPDYError
 from ..latency.backend import model_device
 from ..modeling.snapshot import DenseSnapshot
-from ..modeling.units import find_blocks
+from ..modeling.units import conv1d_classes, find_blocks
+from ..search.lowered import model_dtype
 from ..search.scoring import DistanceScorer
 from .held_zeros import HeldZeros
+from .low_rank import LowRankUpdates
 from .shrunk import ShrunkModel
 from .teacher import (
     HeadInputs,
@@ -134,10 +137,19 @@ class Recovery:
         self.heldback = _batches({k: v[n - held_back:] for k, v in cut.items()}, self.cfg.batch_size)
         self.extra = forward_kwargs_of(model)
         self.device, self.dtype = device, recovery_dtype(self.cfg.precision, device)
+        weights = model_dtype(model)
+        if weights in (torch.bfloat16, torch.float16) and weights != self.dtype:
+            # a model held in half precision (a bfloat16 regime) runs its passes in it: its trained weights become
+            # float32 for training only (`float32_training`), so Adam's small steps are not rounded away
+            if self.cfg.precision == "float32":
+                logger.info("recovery.precision: float32 asked, but the model is held in %s: its passes run in it.",
+                            str(weights).removeprefix("torch."))
+            self.dtype = weights
 
     def autocast(self):
-        """The forward passes' precision: bfloat16 autocast (`recovery.precision`), or nothing (float32)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        """The forward passes' precision: bfloat16 autocast (`recovery.precision`, or the dtype the model is held
+        in), float16 for a model held in float16, or nothing (float32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def method(self) -> str:
         """`recovery.method`, with 'auto' settled by the memory free now: gap where the dense teacher (in the
@@ -149,10 +161,14 @@ class Recovery:
         from ..pipeline.quality import is_causal_lm
 
         fallback = "none" if is_causal_lm(self.model) else "layerwise"
-        kept = sum(int(torch.count_nonzero(p)) * p.element_size() for _, b in self.blocks for p in b.parameters())
-        model_size = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        teacher = model_size // 2 if self.dtype == torch.bfloat16 else model_size
-        need = teacher + 4 * kept  # the shrunk model's gradients and Adam's moments, and as much again for a pass
+        trained = [p for _, b in self.blocks for p in b.parameters()]
+        kept = sum(int(torch.count_nonzero(p)) for p in trained) * 4  # trained in float32
+        held = sum(int(torch.count_nonzero(p)) * p.element_size() for p in trained)  # as the model holds them
+        teacher = sum(p.numel() for p in self.model.parameters()) * self.teacher_dtype().itemsize
+        # a pass's activations (about the kept weights' size), the shrunk model's gradients and Adam's moments, and
+        # float32 copies of weights the model holds in half precision
+        # (with `recovery.rank`, the updates' factors and the whole-trained norms and biases are small: the pass)
+        need = teacher + kept + (0 if self.cfg.rank is not None else 3 * kept + (kept - held))
         free = free_memory(model_device(self.model))
         if free is None:
             logger.warning("Recovery 'auto' cannot tell the free memory: taking '%s'; recovery.method: gap trains the "
@@ -203,6 +219,7 @@ class Recovery:
                 "train_windows": sum(len(b["input_ids"]) for b in self.train),
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
                 "output_weight": self.cfg.output_weight_for(self.kind) if method == "gap" else 0.0,
+                "rank": self.cfg.rank if method == "gap" else None,
                 "held_zeros": int(sum(counts_before.values())), "trained_blocks": len(self.blocks),
                 "seconds": round(seconds, 3), "heldback_score": {"kind": guard_kind, "before": guard_before,
                                                                   "after": guard_after},
@@ -251,11 +268,15 @@ class Recovery:
             size += need
         return parts
 
+    def teacher_dtype(self) -> torch.dtype:
+        """The dense teacher's dtype: the passes' (they run in it under autocast anyway: half the memory of a
+        float32 copy), the model's own when they run in float32."""
+        return self.dtype if self.dtype != torch.float32 else (model_dtype(self.model) or torch.float32)
+
     # ------------------------------------------------------------------ gAP: the whole model at once
     def _global(self, lr: float) -> dict:
         model = self.model
-        # its passes run in bfloat16 under autocast anyway: half the memory of a float32 copy
-        teacher = self.snapshot.model(model, torch.bfloat16 if self.dtype == torch.bfloat16 else None)
+        teacher = self.snapshot.model(model, self.teacher_dtype())
         frozen = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)
         try:
@@ -277,7 +298,12 @@ class Recovery:
         held = HeldZeros.of_modules(model, layers)  # the zeros left inside the kept weights (sparse levels)
         live = {n: keep for n, m in layers.items() if (keep := live_outputs(m)) is not None}
         index = {n: i for n, i in teacher_index.items() if n in layers}
-        params = [p for _, b in self.blocks for p in b.parameters()]
+        whole, updated = self._trained(held)
+        updates = LowRankUpdates(updated, self.cfg.rank, seed=self.config.search.seed)
+        if len(updates):
+            logger.info("Recovery trains updates of rank %d of %d layers (and %d tensors whole).", self.cfg.rank,
+                        len(updates), len(whole))
+        params = whole + updates.parameters()
         for p in params:
             p.requires_grad_(True)
         student_out = LayerOutputs(layers, detach=False)
@@ -314,13 +340,30 @@ class Recovery:
             return loss
 
         try:
-            return self._fit(params, objective, lr, desc="Recovery (gAP)", held=held,
-                             micro_batch_size=self.cfg.micro_batch_for(self.kind))
+            with float32_training(whole), updates:  # the updates are added to their weights as it ends
+                history = self._fit(params, objective, lr, desc="Recovery (gAP)", held=held,
+                                    micro_batch_size=self.cfg.micro_batch_for(self.kind))
+            held.apply()  # the updates met no held zero; nothing else may have moved one either
+            return history
         finally:
             for h in stops + heads:
                 h.remove()
             student_out.remove()
             teacher_out.remove()
+
+    def _trained(self, held: HeldZeros) -> tuple[list[nn.Parameter], dict[str, nn.Module]]:
+        """What gap trains, as (parameters trained whole, layers trained through low-rank updates): every parameter
+        of the pruned blocks whole; with `recovery.rank`, their linear layers through updates instead, except those
+        holding zeros of the profile inside their kept weights (an update would fill them)."""
+        params = [p for _, b in self.blocks for p in b.parameters()]
+        if self.cfg.rank is None:
+            return params, {}
+        holding = {id(p) for p in held.params.values()}
+        updated = {f"{name}.{n}": m for name, block in self.blocks for n, m in block.named_modules()
+                   if isinstance(m, (nn.Linear, *conv1d_classes())) and m.weight.numel()
+                   and id(m.weight) not in holding}
+        by_weight = {id(m.weight) for m in updated.values()}
+        return [p for p in params if id(p) not in by_weight], updated
 
     # ------------------------------------------------------------------ block by block
     def _layerwise(self, lr: float) -> dict:
@@ -397,7 +440,8 @@ class Recovery:
             return loss
 
         try:
-            return self._fit(params, objective, lr, desc=None)
+            with float32_training(params):
+                return self._fit(params, objective, lr, desc=None)
         finally:
             student_out.remove()
             for p in params:
@@ -461,6 +505,26 @@ class Recovery:
         held.apply()
         return {"heldback_before": before, "heldback_after": best, "best_epoch": best_epoch,
                 "epochs_run": len(train_losses), "train_loss": train_losses, "heldback_loss": heldback_losses}
+
+
+@contextmanager
+def float32_training(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Within the block, the half-precision parameters among `parameters` are float32 (the same `nn.Parameter`s,
+    their data replaced): Adam's steps at recovery's learning rates (1e-5 to 3e-4 of a weight) are below bfloat16's
+    resolution (2^-8), so weights trained in it would barely move. The passes still run in half precision under
+    autocast. On leaving, each parameter goes back to its dtype, rounded once."""
+    seen, params = set(), []
+    for p in parameters:
+        if id(p) not in seen and p.is_floating_point() and p.dtype != torch.float32:
+            seen.add(id(p))
+            params.append((p, p.dtype))
+    for p, _ in params:
+        p.data = p.data.to(torch.float32)
+    try:
+        yield
+    finally:
+        for p, dtype in params:
+            p.data = p.data.to(dtype)
 
 
 def planned_method(config: SPDYConfig, model: nn.Module) -> str:

@@ -1,0 +1,112 @@
+"""Low-rank recovery (`recovery.rank`): an update of rank r on each linear layer's output while training, added to
+the weight once when training ends; the optimizer never holds the model's own weights, except a layer with zeros
+of a sparse level inside its kept weights, which is trained whole so that its zeros stay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_recovery import FAST, job, zeros
+from transformers.pytorch_utils import Conv1D
+
+from spdy_hf.config import DEFAULT_SKIP_MODULES, SPDYConfig
+from spdy_hf.errors import ConfigError
+from spdy_hf.modeling.units import find_units
+from spdy_hf.recovery.low_rank import SCALE, LowRankUpdates
+
+
+def layers():
+    torch.manual_seed(0)
+    linear, conv = torch.nn.Linear(6, 4), Conv1D(4, 6)  # Conv1D(out, in) stores its weight (in, out)
+    torch.nn.init.normal_(conv.bias)
+    return {"linear": linear, "conv": conv}
+
+
+def rows(module) -> torch.Tensor:
+    """The weight as (out, in)."""
+    return module.weight if isinstance(module, torch.nn.Linear) else module.weight.T
+
+
+def dense(module, x, weight=None):
+    return F.linear(x, rows(module) if weight is None else weight, module.bias)
+
+
+def test_an_update_adds_to_the_output_while_training_and_to_the_weight_after():
+    modules = layers()
+    x = torch.randn(3, 5, 6)
+    before = {n: rows(m).detach().clone() for n, m in modules.items()}
+    updates = LowRankUpdates(modules, rank=2)
+    assert [tuple(p.shape) for p in updates.parameters()] == [(2, 6), (4, 2)] * 2
+    expected = {}
+    with torch.no_grad(), updates:
+        for m in modules.values():  # B starts at zero: the model is the pruned one
+            torch.testing.assert_close(m(x), dense(m, x))
+        for name, m, a, b in updates.entries:
+            torch.nn.init.normal_(b)
+            expected[name] = before[name] + SCALE * b @ a
+            torch.testing.assert_close(m(x), dense(m, x, expected[name]))
+            assert torch.equal(rows(m), before[name])  # not merged yet
+    for name, m in modules.items():  # merged once; the hooks are gone
+        assert not m._forward_hooks
+        torch.testing.assert_close(rows(m), expected[name])
+        torch.testing.assert_close(m(x), dense(m, x, expected[name]))
+
+
+def test_an_update_is_dropped_when_training_fails():
+    modules = layers()
+    before = {n: m.weight.detach().clone() for n, m in modules.items()}
+    updates = LowRankUpdates(modules, rank=2)
+    with pytest.raises(RuntimeError), torch.no_grad(), updates:
+        for p in updates.parameters():
+            torch.nn.init.normal_(p)
+        raise RuntimeError("interrupted")
+    for name, m in modules.items():
+        assert torch.equal(m.weight, before[name])
+        assert not m._forward_hooks
+
+
+def test_rank_is_checked_and_only_for_gap():
+    assert SPDYConfig(recovery={"rank": 8}).recovery.lr("gap", "kl") == 1e-3
+    with pytest.raises(ConfigError, match="recovery.rank"):
+        SPDYConfig(recovery={"rank": 0})
+    with pytest.raises(ConfigError, match="layerwise"):
+        SPDYConfig(recovery={"rank": 8, "method": "layerwise"})
+
+
+@pytest.mark.parametrize("name,family", [("llama", "structured"), ("gpt2", "unstructured"), ("llama", "mixed")])
+def test_low_rank_gap_trains_updates_and_holds_every_profile_zero(name, family, tmp_path, tokenizer, monkeypatch):
+    """The optimizer gets the updates' factors and the blocks' norms and biases; a model weight only where the
+    layer holds zeros of a sparse level (the per-layer and mixed families). The recovered weights moved, and every
+    profile zero is still zero."""
+    weights = {}
+    adam = torch.optim.Adam
+
+    class RecordingAdam(adam):
+        def __init__(self, params, *args, **kwargs):
+            params = list(params)
+            weights["trained"] = params
+            super().__init__(params, *args, **kwargs)
+
+    plain = job(name, family, tmp_path / "plain", tokenizer, {"method": "none"})
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    recovered = job(name, family, tmp_path / "rec", tokenizer, {"method": "gap", "rank": 2, **FAST})
+    entry = recovered.report["recovery"]
+    assert entry["method"] == "gap" and entry["rank"] == 2 and entry["heldback_after"] < entry["heldback_before"]
+    trained = weights["trained"]
+    factors = [p for p in trained if p.ndim == 2 and min(p.shape) <= 2]
+    whole = [p for p in trained if p.ndim == 2 and min(p.shape) > 2]
+    model_weights = {id(p) for p in recovered.model.parameters()}
+    assert not any(id(p) in model_weights for p in factors)
+    if family == "structured":
+        assert factors and whole == []  # no sparse level: every linear layer through its update
+    else:  # every layer of a sparse level holds zeros: trained whole (the per-layer family prunes them all)
+        assert whole and all(id(p) in model_weights and bool((p == 0).any()) for p in whole)
+    units = {u.name for u in find_units(plain.model, DEFAULT_SKIP_MODULES)}
+    before, after = zeros(plain.model), zeros(recovered.model)
+    moved = False
+    for n, p in recovered.model.named_parameters():
+        if n.rsplit(".", 1)[0] in units:
+            assert int((before[n] & ~after[n]).sum()) == 0, n
+            moved |= not torch.equal(p, dict(plain.model.named_parameters())[n])
+    assert moved != entry["reverted"]
