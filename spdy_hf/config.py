@@ -443,8 +443,9 @@ class RecoveryConfig:
         "help": "gap only: train updates of this rank of each kept linear weight of the pruned blocks (with their "
                 "norms and biases) instead of the weights themselves, and add them in once at the end: no gradient, "
                 "Adam moment or float32 copy of the model's weights is held, so recovery's memory is the dense "
-                "teacher and one pass. A layer holding zeros of a sparse level is trained whole. null: the weights "
-                "themselves."})
+                "teacher and one pass. A layer holding zeros of a sparse level is trained whole. 0: the weights "
+                "themselves. null: 16 for a causal LM (on SmolLM2-135M at 1.5x as good on text of other domains "
+                "as training the weights, within 4 % either way), 0 for an encoder."})
 
     precision: str = field(default="auto", metadata={
         "help": "Forward passes of recovery: 'bfloat16' (torch.autocast; the weights, gradients and Adam's state "
@@ -468,8 +469,8 @@ class RecoveryConfig:
         if self.num_samples is not None:
             check_int("recovery.num_samples", self.num_samples, 2)
         if self.rank is not None:
-            check_int("recovery.rank", self.rank, 1)
-            if self.method == "layerwise":
+            check_int("recovery.rank", self.rank, 0)
+            if self.rank and self.method == "layerwise":
                 raise ConfigError("recovery.rank trains low-rank updates in gap; recovery.method: layerwise holds "
                                   "one block's training state already. Use method gap or auto, or leave rank null.")
 
@@ -494,6 +495,13 @@ class RecoveryConfig:
             return float(self.output_weight)
         return 1000.0 if kind == "kl" else 10.0
 
+    def rank_for(self, kind: str | None = None) -> int:
+        """The rank of gap's updates for a job scored by `kind` ('kl' for causal LMs): `rank`, else 16 for a causal
+        LM and 0 (the weights themselves) otherwise."""
+        if self.rank is not None:
+            return int(self.rank)
+        return 16 if kind == "kl" else 0
+
     def micro_batch_for(self, kind: str | None = None) -> int | None:
         """Windows per pass for a job scored by `kind` ('kl' for causal LMs): `micro_batch_size`, else 1 for a
         causal LM and None (the whole batch) otherwise."""
@@ -507,7 +515,7 @@ class RecoveryConfig:
             return float(self.learning_rate)
         if method != "gap":
             return 1e-4
-        if self.rank is not None:  # a step of the factors moves a weight about a third as far as gap's own step
+        if self.rank_for(kind):  # a step of the factors moves a weight about a third as far as gap's own step
             return 1e-3 if kind == "kl" else 1e-4
         return 3e-4 if kind == "kl" else 3e-5
 

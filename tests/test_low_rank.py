@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from spdy_hf.config import DEFAULT_SKIP_MODULES, SPDYConfig
 from spdy_hf.errors import ConfigError
 from spdy_hf.modeling.units import find_units
-from spdy_hf.recovery.low_rank import SCALE, LowRankUpdates
+from spdy_hf.recovery.low_rank import LowRankUpdates
 
 
 def layers():
@@ -44,7 +44,7 @@ def test_an_update_adds_to_the_output_while_training_and_to_the_weight_after():
             torch.testing.assert_close(m(x), dense(m, x))
         for name, m, a, b in updates.entries:
             torch.nn.init.normal_(b)
-            expected[name] = before[name] + SCALE * b @ a
+            expected[name] = before[name] + updates.scale * b @ a
             torch.testing.assert_close(m(x), dense(m, x, expected[name]))
             assert torch.equal(rows(m), before[name])  # not merged yet
     for name, m in modules.items():  # merged once; the hooks are gone
@@ -66,10 +66,15 @@ def test_an_update_is_dropped_when_training_fails():
         assert not m._forward_hooks
 
 
-def test_rank_is_checked_and_only_for_gap():
-    assert SPDYConfig(recovery={"rank": 8}).recovery.lr("gap", "kl") == 1e-3
+def test_rank_by_kind_of_model_is_checked_and_only_for_gap():
+    recovery = SPDYConfig().recovery
+    assert recovery.rank_for("kl") == 16 and recovery.rank_for("embedding") == 0  # causal LMs: updates
+    assert recovery.lr("gap", "kl") == 1e-3 and recovery.lr("gap", "embedding") == 3e-5
+    whole = SPDYConfig(recovery={"rank": 0}).recovery
+    assert whole.rank_for("kl") == 0 and whole.lr("gap", "kl") == 3e-4
+    assert SPDYConfig(recovery={"rank": 0, "method": "layerwise"}).recovery.rank_for("kl") == 0
     with pytest.raises(ConfigError, match="recovery.rank"):
-        SPDYConfig(recovery={"rank": 0})
+        SPDYConfig(recovery={"rank": -1})
     with pytest.raises(ConfigError, match="layerwise"):
         SPDYConfig(recovery={"rank": 8, "method": "layerwise"})
 

@@ -168,7 +168,7 @@ class Recovery:
         # a pass's activations (about the kept weights' size), the shrunk model's gradients and Adam's moments, and
         # float32 copies of weights the model holds in half precision
         # (with `recovery.rank`, the updates' factors and the whole-trained norms and biases are small: the pass)
-        need = teacher + kept + (0 if self.cfg.rank is not None else 3 * kept + (kept - held))
+        need = teacher + kept + (0 if self.cfg.rank_for(self.kind) else 3 * kept + (kept - held))
         free = free_memory(model_device(self.model))
         if free is None:
             logger.warning("Recovery 'auto' cannot tell the free memory: taking '%s'; recovery.method: gap trains the "
@@ -219,7 +219,7 @@ class Recovery:
                 "train_windows": sum(len(b["input_ids"]) for b in self.train),
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
                 "output_weight": self.cfg.output_weight_for(self.kind) if method == "gap" else 0.0,
-                "rank": self.cfg.rank if method == "gap" else None,
+                "rank": self.cfg.rank_for(self.kind) if method == "gap" else None,
                 "held_zeros": int(sum(counts_before.values())), "trained_blocks": len(self.blocks),
                 "seconds": round(seconds, 3), "heldback_score": {"kind": guard_kind, "before": guard_before,
                                                                   "after": guard_after},
@@ -299,9 +299,10 @@ class Recovery:
         live = {n: keep for n, m in layers.items() if (keep := live_outputs(m)) is not None}
         index = {n: i for n, i in teacher_index.items() if n in layers}
         whole, updated = self._trained(held)
-        updates = LowRankUpdates(updated, self.cfg.rank, seed=self.config.search.seed)
+        rank = self.cfg.rank_for(self.kind)
+        updates = LowRankUpdates(updated, rank, seed=self.config.search.seed)
         if len(updates):
-            logger.info("Recovery trains updates of rank %d of %d layers (and %d tensors whole).", self.cfg.rank,
+            logger.info("Recovery trains updates of rank %d of %d layers (and %d tensors whole).", rank,
                         len(updates), len(whole))
         params = whole + updates.parameters()
         for p in params:
@@ -353,10 +354,11 @@ class Recovery:
 
     def _trained(self, held: HeldZeros) -> tuple[list[nn.Parameter], dict[str, nn.Module]]:
         """What gap trains, as (parameters trained whole, layers trained through low-rank updates): every parameter
-        of the pruned blocks whole; with `recovery.rank`, their linear layers through updates instead, except those
-        holding zeros of the profile inside their kept weights (an update would fill them)."""
+        of the pruned blocks whole; with a rank (`recovery.rank`; 16 for a causal LM by default), their linear
+        layers through updates instead, except those holding zeros of the profile inside their kept weights (an
+        update would fill them)."""
         params = [p for _, b in self.blocks for p in b.parameters()]
-        if self.cfg.rank is None:
+        if not self.cfg.rank_for(self.kind):
             return params, {}
         holding = {id(p) for p in held.params.values()}
         updated = {f"{name}.{n}": m for name, block in self.blocks for n, m in block.named_modules()

@@ -2,8 +2,8 @@
 
 gap trains every kept weight of the pruned blocks: their gradients and Adam's two moments, and for a model held in
 bfloat16 float32 copies of them, cost three to four times the kept weights beside the model. With a rank r, each
-linear layer of those blocks gets an update `scale * B @ A` (A: r x in, random; B: out x r, zero, so training
-starts from the pruned model), added to the layer's output as `scale * (x @ A.T) @ B.T` while recovery trains;
+linear layer of those blocks gets an update `(32 / r) * B @ A` (A: r x in, random; B: out x r, zero, so training
+starts from the pruned model), added to the layer's output as `(32 / r) * (x @ A.T) @ B.T` while recovery trains;
 only A and B are trained (with the blocks' one-dimensional parameters, norms and biases), so the model's own
 weights hold no gradient, no moment and no float32 copy. When training ends, each update is added to its weight
 once (in float32, rounded to the weight's dtype), and the model is an ordinary one again, of the same shapes.
@@ -22,8 +22,9 @@ from torch import nn
 
 from ..modeling.groups import rows_view
 
-# the update is scale * B @ A: with A's rows of norm about 1, twice the rank's share of each step, a common choice
-SCALE = 2.0
+# the update is (ALPHA / r) * B @ A: the larger the rank, the smaller each factor's share, so that one learning rate
+# serves every rank (2 at rank 16)
+ALPHA = 32.0
 
 
 class LowRankUpdates:
@@ -46,6 +47,7 @@ class LowRankUpdates:
             a = torch.randn(r, in_features, generator=generator) / math.sqrt(in_features)
             b = torch.zeros(out_features, r)
             self.entries.append((name, module, nn.Parameter(a.to(weight.device)), nn.Parameter(b.to(weight.device))))
+        self.scale = ALPHA / max(rank, 1)
         self._handles: list = []
 
     def __len__(self) -> int:
@@ -56,7 +58,7 @@ class LowRankUpdates:
 
     def __enter__(self) -> LowRankUpdates:
         for _, module, a, b in self.entries:
-            self._handles.append(module.register_forward_hook(_adds_update(a, b)))
+            self._handles.append(module.register_forward_hook(_adds_update(a, b, self.scale)))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -71,14 +73,14 @@ class LowRankUpdates:
         """Adds each update to its layer's weight (computed in float32, rounded once to the weight's dtype)."""
         for _, module, a, b in self.entries:
             weight, _ = rows_view(module)  # (out, in), a view of a Conv1D's (in, out) weight
-            delta = SCALE * (b.detach().float() @ a.detach().float())
+            delta = self.scale * (b.detach().float() @ a.detach().float())
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
 
-def _adds_update(a: nn.Parameter, b: nn.Parameter):
+def _adds_update(a: nn.Parameter, b: nn.Parameter, scale: float):
     def hook(module, args, output):
         x = args[0]
         # in the pass's dtype (the factors stay float32 for the optimizer; the casts carry their gradients back)
         update = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
-        return output + SCALE * update.to(output.dtype)
+        return output + scale * update.to(output.dtype)
     return hook
