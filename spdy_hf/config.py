@@ -405,9 +405,9 @@ class RecoveryConfig:
 
     method: str = field(default="auto", metadata={
         "help": "'gap' (global AdaPrune: the whole model at once, beside a dense copy), 'layerwise' (block by "
-                "block: one block's activations at a time), 'none', or 'auto': gap where its memory is free (about "
-                "the dense copy plus four times the kept weights), else layerwise for an encoder and none for "
-                "a causal LM (layerwise did not help one). On SmolLM2-135M at 1.5x gap cut the perplexity on text "
+                "block: one block's activations at a time), 'none', or 'auto': gap where its memory is free (the "
+                "dense copy and a pass; training the weights themselves, four times the kept weights), else "
+                "layerwise for an encoder and none for a causal LM (layerwise did not help one). On SmolLM2-135M at 1.5x gap cut the perplexity on text "
                 "of other domains by a quarter to a third and made greedy generation read as language, for 9 "
                 "minutes and a job peaking at 2.84 GiB."})
     epochs: int | None = field(default=None, metadata={
@@ -416,7 +416,9 @@ class RecoveryConfig:
                 "held-out set than 112 windows seen four times, in the same number of steps; docs/benchmarks/transfer.md)."})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Adam's learning rate; null: for gap 3e-4 when the job's score is KL (causal LMs: the best measured on "
-                "SmolLM2-135M) and 3e-5 otherwise (encoders: the best measured on MiniLM), 1e-4 for layerwise."})
+                "SmolLM2-135M) and 3e-5 otherwise (encoders: the best measured on MiniLM), 1e-4 for layerwise; "
+                "with a rank (recovery.rank, 16 for a causal LM by default), 1e-3 for a causal LM and 1e-4 "
+                "otherwise."})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per optimizer step."})
     micro_batch_size: int | None = field(default=None, metadata={
         "help": "gap only: windows per forward and backward pass; the gradients of batch_size / micro_batch_size "

@@ -31,9 +31,8 @@ def saved_job(spdy) -> SPDYConfig:
 def load_pretrained(name_or_path: str, kernels: bool = True, trust_remote_code: bool = False):
     """Loads a saved SPDY model (safetensors only) and, with `kernels`, puts it in its fast form for the backend it
     was profiled for: removed heads and neurons cut out, CSR `FastLinear`s on cpu, 2:4 semi-structured weights on
-    cuda (on the GPU, in the profile's dtype); in the job's dtype, float32 unless its regime was a CPU's bfloat16.
-    Where that backend is missing here, the sparse parts stay dense, with
-    a warning.
+    cuda (on the GPU, in the profile's dtype), the weights in the dtype the job held them in (float32, or a CPU
+    regime's bfloat16). Where that backend is missing here, the sparse parts stay dense, with a warning.
 
     Returns (model, tokenizer, profile entries). The zeros are the masks: for further training keep them with
     `spdy_hf.integrations.trainer.SPDYPruningCallback(path)`.

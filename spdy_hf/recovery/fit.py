@@ -27,17 +27,20 @@ Two variants (`recovery.method`):
   `recovery.micro_batch_size` windows whose gradients add up to one step. The best epoch's weights wait in a
   snapshot on disk, and the guard's dense reference is built for each of its two scores rather than held. A
   causal LM's output term is taken from the hidden states its head gets, a slice of tokens at a time
-  (`sliced_kl`), so no batch's logits over the whole vocabulary are ever held.
+  (`sliced_kl`), so no batch's logits over the whole vocabulary are ever held. With a rank (`recovery.rank`, 16
+  for a causal LM by default) the kept weights are not trained themselves: updates of that rank are, and added to
+  them once at the end (`spdy_hf.recovery.low_rank`), so no gradient or moment of a weight is held.
 - `layerwise`: block by block. Each block of the pruned model, on the inputs the (already recovered) blocks before
   it give, is fitted to the dense block's layer outputs on the dense inputs. It holds one block's training state
   and the windows' hidden states at one block (two sets: pruned and dense), not a second model; the dense weights
   are read one block at a time from the snapshot on disk.
-`auto`, the default, takes `gap` when the dense copy and about four times the kept weights' size fit in the
-memory free now; otherwise, and where the free memory cannot be told (with a warning), `layerwise` for an encoder
-and nothing for a causal LM, which the layer-wise variant does not help (docs/benchmarks/transfer.md). On
-SmolLM2-135M at 1.5x gap once over every calibration window (the causal-LM default: `recovery.num_samples` and
-`recovery.epochs` null) took 9 minutes, cut the perplexity on text of four other domains by 25-35 % and made greedy
-generation read as English, the job peaking under 3 GiB.
+`auto`, the default, takes `gap` when the dense copy and a pass (about the kept weights' size), with the weights'
+gradients, moments and float32 copies when they are trained themselves, fit in the memory free now; otherwise, and
+where the free memory cannot be told (with a warning), `layerwise` for an encoder and nothing for a causal LM, which
+the layer-wise variant does not help (docs/benchmarks/transfer.md). On SmolLM2-135M at 1.5x gap once over every
+calibration window (the causal-LM default: `recovery.num_samples` and `recovery.epochs` null) took 9 minutes, cut
+the perplexity on text of four other domains by 25-35 % and made greedy generation read as English, the job peaking
+under 3 GiB.
 
 Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
 on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
