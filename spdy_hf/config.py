@@ -396,6 +396,7 @@ class StructuredConfig:
 
 RECOVERY_METHODS = ("none", "gap", "layerwise", "auto")
 RECOVERY_PRECISIONS = ("auto", "float32", "bfloat16")
+RECOVERY_TEACHERS = ("copy", "outputs")
 
 
 @dataclass
@@ -449,6 +450,13 @@ class RecoveryConfig:
                 "themselves. null: 16 for a causal LM (on SmolLM2-135M at 1.5x as good on text of other domains "
                 "as training the weights, within 4 % either way), 0 for an encoder."})
 
+    teacher: str = field(default="copy", metadata={
+        "help": "gap only: what the pruned model is fitted to. 'copy': a dense copy of the model held beside it "
+                "(every pruned layer's output and the final output); 'outputs' (causal LMs): the hidden states the "
+                "dense model gives its head, computed once for every window and kept (for 512 windows of 128 tokens "
+                "of a 2,048-wide model, 268 MB in bfloat16), the objective the output KL alone: no second model in "
+                "memory."})
+
     precision: str = field(default="auto", metadata={
         "help": "Forward passes of recovery: 'bfloat16' (torch.autocast; the weights, gradients and Adam's state "
                 "stay float32, the losses are taken in float32), 'float32', or 'auto' (bfloat16 on a GPU that "
@@ -470,6 +478,12 @@ class RecoveryConfig:
             check_number("recovery.output_weight", self.output_weight, lambda x: x >= 0, "[0, inf)")
         if self.num_samples is not None:
             check_int("recovery.num_samples", self.num_samples, 2)
+        check_choice("recovery.teacher", self.teacher, RECOVERY_TEACHERS)
+        if self.teacher == "outputs" and self.method == "layerwise":
+            raise ConfigError("recovery.teacher: outputs is gap's (layerwise reads the dense weights a block at a "
+                              "time already); use method gap or auto, or teacher copy.")
+        if self.teacher == "outputs" and self.output_weight == 0:
+            raise ConfigError("recovery.teacher: outputs fits the output alone; recovery.output_weight must not be 0.")
         if self.rank is not None:
             check_int("recovery.rank", self.rank, 0)
             if self.rank and self.method == "layerwise":

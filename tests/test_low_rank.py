@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import example_inputs
 from test_recovery import FAST, job, zeros
 from transformers.pytorch_utils import Conv1D
 
@@ -115,3 +116,67 @@ def test_low_rank_gap_trains_updates_and_holds_every_profile_zero(name, family, 
             assert int((before[n] & ~after[n]).sum()) == 0, n
             moved |= not torch.equal(p, dict(plain.model.named_parameters())[n])
     assert moved != entry["reverted"]
+
+
+# ------------------------------------------------------------------ the dense model's outputs, kept instead of a copy
+def test_the_teacher_setting_is_checked():
+    assert SPDYConfig().recovery.teacher == "copy"
+    with pytest.raises(ConfigError, match="recovery.teacher"):
+        SPDYConfig(recovery={"teacher": "disk"})
+    with pytest.raises(ConfigError, match="layerwise"):
+        SPDYConfig(recovery={"teacher": "outputs", "method": "layerwise"})
+    with pytest.raises(ConfigError, match="output_weight"):
+        SPDYConfig(recovery={"teacher": "outputs", "output_weight": 0})
+
+
+def test_the_kept_outputs_are_the_dense_models_for_every_pass_and_the_weights_come_back(tiny_llama):
+    """What the dense model gives its head, pass by pass (one window a pass: a causal LM's passes), computed with
+    the dense weights written into the pruned model, which is exactly the pruned model again afterwards."""
+    from spdy_hf.modeling.snapshot import DenseSnapshot
+    from spdy_hf.recovery.fit import Recovery, _parts, _pass_key
+    from spdy_hf.recovery.teacher import HeadInputs, HeadReached
+
+    model = tiny_llama
+    snapshot = DenseSnapshot(model)
+    dense = snapshot.model(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, :20] = 0
+        model.model.layers[1].self_attn.o_proj.weight[:, 8:16] = 0
+    pruned = {n: p.detach().clone() for n, p in model.named_parameters()}
+    windows = example_inputs(8, 12, seed=1)
+    config = SPDYConfig(recovery={"teacher": "outputs", "precision": "float32"})
+    recovery = Recovery(config, model, snapshot, windows, "kl", progress=False)
+    cache = recovery._dense_head_inputs()
+    catch = HeadInputs(dense.lm_head)
+    passes = [part for b in recovery.train + recovery.heldback for part, _ in _parts(b, 1)]
+    assert len(cache) == len(passes) == 8
+    for part in passes:
+        with pytest.raises(HeadReached), torch.no_grad():
+            dense(**part)
+        torch.testing.assert_close(cache[_pass_key(part)], catch.take())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, pruned[n]), n
+    snapshot.close()
+
+
+def test_recovery_against_the_kept_outputs_holds_no_dense_copy(tmp_path, tokenizer, monkeypatch):
+    from spdy_hf.modeling.snapshot import DenseSnapshot
+
+    plain = job("llama", "structured", tmp_path / "plain", tokenizer, {"method": "none"})
+    monkeypatch.setattr(DenseSnapshot, "model", lambda *a, **k: pytest.fail("a dense copy was built"))
+    recovered = job("llama", "structured", tmp_path / "rec", tokenizer,
+                    {"method": "gap", "teacher": "outputs", **FAST, "epochs": 6, "patience": 6})
+    entry = recovered.report["recovery"]
+    assert entry["teacher"] == "outputs" and entry["epochs_run"] == 6
+    losses = entry["train_loss"]  # the KL to the kept outputs falls epoch by epoch (a tiny random model overfits
+    assert all(b < a for a, b in zip(losses, losses[1:]))  # its 7 training windows: the held-back loss does not)
+    before, after = zeros(plain.model), zeros(recovered.model)
+    for n in before:
+        assert int((before[n] & ~after[n]).sum()) == 0, n
+
+
+def test_an_encoder_cannot_keep_outputs_for_its_head(tmp_path, tokenizer):
+    from spdy_hf.errors import SPDYError
+
+    with pytest.raises(SPDYError, match="causal LM"):
+        job("bert", "structured", tmp_path, tokenizer, {"method": "gap", "teacher": "outputs", **FAST})

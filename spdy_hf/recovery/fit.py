@@ -29,7 +29,10 @@ Two variants (`recovery.method`):
   causal LM's output term is taken from the hidden states its head gets, a slice of tokens at a time
   (`sliced_kl`), so no batch's logits over the whole vocabulary are ever held. With a rank (`recovery.rank`, 16
   for a causal LM by default) the kept weights are not trained themselves: updates of that rank are, and added to
-  them once at the end (`spdy_hf.recovery.low_rank`), so no gradient or moment of a weight is held.
+  them once at the end (`spdy_hf.recovery.low_rank`), so no gradient or moment of a weight is held. With
+  `recovery.teacher: outputs` (causal LMs) there is no dense copy either: the hidden states the dense model gives
+  its head are computed once for every pass, with the dense weights written into the model for the while, and
+  kept; the objective is then the output KL alone.
 - `layerwise`: block by block. Each block of the pruned model, on the inputs the (already recovered) blocks before
   it give, is fitted to the dense block's layer outputs on the dense inputs. It holds one block's training state
   and the windows' hidden states at one block (two sets: pruned and dense), not a second model; the dense weights
@@ -167,7 +170,12 @@ class Recovery:
         trained = [p for _, b in self.blocks for p in b.parameters()]
         kept = sum(int(torch.count_nonzero(p)) for p in trained) * 4  # trained in float32
         held = sum(int(torch.count_nonzero(p)) * p.element_size() for p in trained)  # as the model holds them
-        teacher = sum(p.numel() for p in self.model.parameters()) * self.teacher_dtype().itemsize
+        if self.cfg.teacher == "outputs":  # the head's inputs for every window
+            head = _language_model_head(self.model)
+            tokens = sum(b["input_ids"].numel() for b in self.train + self.heldback)
+            teacher = tokens * (head.in_features if head is not None else 0) * self.teacher_dtype().itemsize
+        else:
+            teacher = sum(p.numel() for p in self.model.parameters()) * self.teacher_dtype().itemsize
         # a pass's activations (about the kept weights' size), the shrunk model's gradients and Adam's moments, and
         # float32 copies of weights the model holds in half precision
         # (with `recovery.rank`, the updates' factors and the whole-trained norms and biases are small: the pass)
@@ -223,6 +231,7 @@ class Recovery:
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
                 "output_weight": self.cfg.output_weight_for(self.kind) if method == "gap" else 0.0,
                 "rank": self.cfg.rank_for(self.kind) if method == "gap" else None,
+                "teacher": self.cfg.teacher if method == "gap" else None,
                 "held_zeros": int(sum(counts_before.values())), "trained_blocks": len(self.blocks),
                 "seconds": round(seconds, 3), "heldback_score": {"kind": guard_kind, "before": guard_before,
                                                                   "after": guard_after},
@@ -279,26 +288,62 @@ class Recovery:
     # ------------------------------------------------------------------ gAP: the whole model at once
     def _global(self, lr: float) -> dict:
         model = self.model
-        teacher = self.snapshot.model(model, self.teacher_dtype())
+        if self.cfg.teacher == "outputs":
+            cached, teacher = self._dense_head_inputs(), None
+        else:
+            cached, teacher = None, self.snapshot.model(model, self.teacher_dtype())
         frozen = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)
         try:
             with ShrunkModel(model) as cut:
                 if len(cut):
                     logger.info("Recovery trains the model shrunk: %d groups of heads or neurons cut out.", len(cut))
-                return self._global_fit(teacher, cut.teacher_index, lr)
+                return self._global_fit(teacher, cut.teacher_index, lr, cached)
         finally:
             model.requires_grad_(False)
             for p in frozen:
                 p.requires_grad_(True)
 
-    def _global_fit(self, teacher: nn.Module, teacher_index: dict[str, torch.Tensor], lr: float) -> dict:
+    def _dense_head_inputs(self) -> dict[tuple, torch.Tensor]:
+        """`recovery.teacher: outputs`: the hidden states the dense model gives its head in every pass recovery will
+        make (the training and held-back windows, split into passes as training splits them), computed once with
+        the dense weights written into the model, in the teacher's dtype; the model's own weights are put back
+        after. Keyed by the pass's windows (`_pass_key`)."""
+        model = self.model
+        head = _language_model_head(model)
+        if self.kind != "kl" or head is None:
+            raise SPDYError("recovery.teacher: outputs needs a causal LM (the hidden states its head gets are what "
+                            "it keeps); use teacher: copy for this model.")
+        size = self.cfg.micro_batch_for(self.kind)
+        current = DenseSnapshot(model)
+        catch = HeadInputs(head)
+        cache = {}
+        try:
+            self.snapshot.restore(model)
+            with torch.no_grad(), self.autocast():
+                for batch in self.train + self.heldback:
+                    for part, _ in _parts(batch, size):
+                        _run(model, part, self.extra)
+                        cache[_pass_key(part)] = catch.take().to(self.teacher_dtype())
+        finally:
+            catch.remove()
+            current.restore(model)
+            current.close()
+        logger.info("Recovery fits the dense model's outputs, kept for %d passes (%.0f MB), with no dense copy.",
+                    len(cache), sum(t.numel() * t.element_size() for t in cache.values()) / 1e6)
+        return cache
+
+    def _global_fit(self, teacher: nn.Module | None, teacher_index: dict[str, torch.Tensor], lr: float,
+                    cached: dict[tuple, torch.Tensor] | None = None) -> dict:
         """gAP on the model as it is now (shrunk where `teacher_index` maps a shrunk layer's outputs to the dense
-        teacher's)."""
+        teacher's), against `teacher` or, without one, against the dense head inputs `cached` (the output term
+        alone)."""
         model = self.model
         modules = dict(model.named_modules())
         layers = {n: modules[n] for n in self.layers if n in modules}  # a removed attention's layers are gone
         held = HeldZeros.of_modules(model, layers)  # the zeros left inside the kept weights (sparse levels)
+        if cached is not None:  # no layer term: nothing to compare a layer's output with
+            layers = {}
         live = {n: keep for n, m in layers.items() if (keep := live_outputs(m)) is not None}
         index = {n: i for n, i in teacher_index.items() if n in layers}
         whole, updated = self._trained(held)
@@ -311,22 +356,26 @@ class Recovery:
         for p in params:
             p.requires_grad_(True)
         student_out = LayerOutputs(layers, detach=False)
-        teacher_out = LayerOutputs(dict(modules_named(teacher, layers)), detach=True)
+        teacher_out = LayerOutputs(dict(modules_named(teacher, layers)) if teacher is not None else {}, detach=True)
         weight = self.cfg.output_weight_for(self.kind)
         stop = weight == 0
         if not layers and stop:
             logger.info("Recovery: every pruned layer went with a removed attention and recovery.output_weight is 0: "
                         "nothing to fit.")
             return {"epochs_run": 0}
-        last = [dict(find_blocks(model))[self.blocks[-1][0]], dict(find_blocks(teacher))[self.blocks[-1][0]]]
-        stops = [b.register_forward_hook(_raise_stop) for b in last] if stop else []
+        last = [dict(find_blocks(m))[self.blocks[-1][0]] for m in (model, teacher)] if stop else []
+        stops = [b.register_forward_hook(_raise_stop) for b in last]
         head = _language_model_head(model) if not stop and self.kind == "kl" else None
-        heads = [HeadInputs(head), HeadInputs(_language_model_head(teacher))] if head is not None else []
+        heads = [HeadInputs(head)] if head is not None else []
+        if heads and teacher is not None:
+            heads.append(HeadInputs(_language_model_head(teacher)))
 
         def objective(batch) -> torch.Tensor:
             with self.autocast():
-                with torch.no_grad():
-                    t = _run(teacher, batch, self.extra)
+                t = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t = _run(teacher, batch, self.extra)
                 s = _run(model, batch, self.extra)
             tokens = token_mask(batch)
             targets = {n: v[..., index[n].to(v.device)] if n in index else v for n, v in teacher_out.values.items()}
@@ -335,7 +384,8 @@ class Recovery:
             student_out.values.clear()
             teacher_out.values.clear()
             if heads:
-                student_hidden, teacher_hidden = heads[0].take(), heads[1].take()
+                student_hidden = heads[0].take()
+                teacher_hidden = cached[_pass_key(batch)] if cached is not None else heads[1].take()
                 with self.autocast():
                     distance = sliced_kl(head, student_hidden, teacher_hidden, tokens)
                 loss = loss + weight * distance
@@ -588,6 +638,12 @@ def _language_model_head(model: nn.Module) -> nn.Module | None:
 def _batches(windows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     n = windows["input_ids"].shape[0]
     return [{k: v[i:i + size] for k, v in windows.items()} for i in range(0, n, size)]
+
+
+def _pass_key(batch: dict[str, torch.Tensor]) -> tuple:
+    """A pass's windows, as recovery cuts them from its batches (views of the same tensors every epoch)."""
+    ids = batch["input_ids"]
+    return ids.data_ptr(), tuple(ids.shape)
 
 
 def _parts(batch: dict[str, torch.Tensor], size: int | None) -> list[tuple[dict[str, torch.Tensor], float]]:
