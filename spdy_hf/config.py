@@ -447,8 +447,8 @@ class RecoveryConfig:
                 "norms and biases) instead of the weights themselves, and add them in once at the end: no gradient, "
                 "Adam moment or float32 copy of the model's weights is held, so recovery's memory is the dense "
                 "teacher and one pass. A layer holding zeros of a sparse level is trained whole. 0: the weights "
-                "themselves. null: 16 for a causal LM (on SmolLM2-135M at 1.5x as good on text of other domains "
-                "as training the weights, within 4 % either way), 0 for an encoder."})
+                "themselves. null: 16 for a causal LM (on one pruned SmolLM2-135M at 1.5x within 5 % of training the "
+                "weights on text of other domains, either way; docs/benchmarks/scaling.md), 0 for an encoder."})
 
     teacher: str = field(default="copy", metadata={
         "help": "gap only: what the pruned model is fitted to. 'copy': a dense copy of the model held beside it "
