@@ -214,6 +214,7 @@ def prune_command(args) -> int:
     from .modeling.loading import load_model_and_tokenizer
     from .output.result import check_output_dir
     from .pruner import SPDYPruner, check_targets
+    from .utils.processes import current_processes
 
     config = _build_config(args)
     targets = check_targets(args.target_speedup or [config.target_speedup])
@@ -226,6 +227,10 @@ def prune_command(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
                                                 dtype=working_dtype(config.backend, config.regime.dtype))
     pruner = SPDYPruner(model, config, tokenizer=tokenizer)
+    if not current_processes(cuda=config.backend == "cuda").is_main:  # a helping process of `accelerate launch`
+        for _ in pruner.prune_targets(targets, progress=False):
+            pass  # it yields nothing: the main process writes every output
+        return 0
     if len(targets) == 1:
         written = [_save(pruner.prune(progress=not args.no_progress), outputs[0], args.overwrite)]
     else:
@@ -400,12 +405,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _helping_process() -> bool:
+    """Whether this is one of the helping processes `accelerate launch` started (rank > 0): it logs warnings only."""
+    from .utils.processes import launched_size
+
+    return launched_size() > 1 and os.environ.get("RANK", "0") != "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import SPDYError
+    from .utils.processes import launched_size, run_alone
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    helping = _helping_process()
+    logging.basicConfig(level=logging.WARNING if helping else logging.DEBUG if args.verbose else logging.INFO,
+                        format=f"%(asctime)s %(levelname)s {'[process ' + os.environ['RANK'] + '] ' if helping else ''}"
+                               "%(name)s: %(message)s")
+    if args.command != "prune" and launched_size() > 1:  # only a prune shares its work: the main process runs the
+        if helping:                                       # other commands alone
+            return 0
+        run_alone()
     try:
         return args.func(args)
     except SPDYError as e:

@@ -25,7 +25,9 @@ from .modeling.units import find_units
 from .output.result import PruningResult
 from .pipeline import Job, StageTimer, run_pipeline, run_targets
 from .pipeline.quality import heldout_windows, is_causal_lm
+from .pipeline.run import profile_stage
 from .search.lowered import bfloat16_is_faster
+from .utils.processes import current_processes
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,11 @@ class SPDYPruner:
         calibration=None,
         latency_table: LatencyTable | str | None = None,
         progress: bool = True,
-    ) -> PruningResult:
+    ) -> PruningResult | None:
         """Runs every stage and returns the pruned model (dense weights with zeros) with its profile and report.
+
+        Under `accelerate launch` the processes share the database and the search; the main process returns the
+        result, the others None (`spdy_hf.utils.processes`).
 
         Args:
             calibration: texts, a `datasets.Dataset`, or token windows (`{"input_ids": (N, L) tensor, ...}`); by
@@ -112,7 +117,9 @@ class SPDYPruner:
         model = self._prepare()
         family = family_for(self.config)(self.config, model, progress)
         units = find_units(model, self.config.skip_modules, example_inputs=family.inputs)  # the regime's own work
-        return family.plan(units, latency_table).table
+        processes = current_processes()
+        with processes.timing():  # under `accelerate launch` the main process measures, alone, on every core
+            return profile_stage(family, units, latency_table, processes).table
 
     # ------------------------------------------------------------------ inputs
     def _job(self, calibration, latency_table, progress: bool) -> Job:
@@ -135,6 +142,7 @@ class SPDYPruner:
         """The model in eval mode on the backend's device, after checking the regime against it."""
         model = self.model.eval()
         self._check_model(model)
+        current_processes(cuda=self.config.backend == "cuda")  # under a launcher: each process on its own GPU
         to_target_device(model, self.config.backend, self.config.regime.dtype)
         if self.config.backend == "cpu" and self.config.regime.dtype == "float32" and bfloat16_is_faster():
             logger.info("This CPU multiplies bfloat16 matrices natively: the dense model in bfloat16 is likely much "
@@ -186,7 +194,7 @@ def check_targets(targets: Sequence[float]) -> list[float]:
 
 
 def prune_pretrained(name_or_path: str | None = None, config=None, calibration=None, trust_remote_code: bool = False,
-                     progress: bool = True) -> PruningResult:
+                     progress: bool = True) -> PruningResult | None:
     """The one-liner: load a model (safetensors only; the bundled MiniLM by default) and prune it to
     `config.target_speedup` on `config.backend`, calibrating on `config.calibration` (the built-in corpus by
     default). Returns the `PruningResult` (`.model`, `.report`, `.save_pretrained`, `.push_to_hub`).

@@ -23,9 +23,19 @@ from ..calibration.sequential import UnitStatistics, calibrate_windows
 from ..errors import SPDYError
 from ..modeling.units import Unit
 from ..utils.io import release_free_memory
+from ..utils.processes import current_processes
 from .base import PruningDatabase
 from .obs import obs_prune_levels, obs_prune_nm
-from .store import STORE_VERSION, DatabaseStore, StoredTensors, decode_level, encode_levels
+from .store import (
+    STORE_VERSION,
+    DatabaseStore,
+    StoredTensors,
+    agreed_pending,
+    decode_level,
+    encode_levels,
+    load_stored_elsewhere,
+    solve_cost,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,17 +187,26 @@ def build_obs_database(
     for name, (tensors, err) in store.iter_stored({u.name for u in units}):  # one at a time, `LAZY` left on disk
         encoded[name], errors[name] = StoredTensors(store.unit_path(name), tensors, LAZY), err
     release_free_memory()
+    processes = current_processes()
+    processes.barrier()  # every process has read what was stored before any process stores more
 
     if len(encoded) < len(units):
         solved = 0
+        # under `accelerate launch` each process solves its share of every block's units and reads the others' from
+        # the store; with pruned propagation the processes meet after each block, whose pruned outputs feed the next
+        pending = agreed_pending(processes, units, encoded, errors)
+        owners = dict(zip([u.name for u in pending], processes.owners([solve_cost(u.shape) for u in pending])))
+        elsewhere = [u.name for u in pending if owners[u.name] != processes.rank]
 
         def needs_statistics(block_name: str) -> bool:
-            return any(u.name not in encoded for u in units if u.block == block_name)
+            if propagation == "pruned":  # every process runs every block with units to solve: they meet after it
+                return any(u.name in owners for u in units if u.block == block_name)
+            return any(owners.get(u.name) == processes.rank for u in units if u.block == block_name)
 
         def process_block(block_name: str, block_units: list[Unit], stats: dict[str, UnitStatistics]):
             nonlocal solved
             for unit in block_units:
-                if unit.name in encoded:
+                if unit.name in encoded or owners.get(unit.name) != processes.rank:
                     continue
                 encoded[unit.name], errors[unit.name] = solve_unit(stats[unit.name], levels, patterns, dampening,
                                                                    block_size)
@@ -197,13 +216,20 @@ def build_obs_database(
                 release_free_memory()
             if propagation == "dense":
                 return None
+            processes.barrier()
+            load_stored_elsewhere(store, [u.name for u in block_units if u.name not in encoded], encoded, errors,
+                                  LAZY)
             return {u.name: level_weight(encoded[u.name], anchor, patterns) for u in block_units}
 
-        calibrate_windows(model, units, windows, batch_size, needs_statistics, process_block, device=device,
-                          progress=progress)
-        logger.info("OBS database: %d units solved, %d loaded, in %.1f s.", solved, len(units) - solved,
-                    time.perf_counter() - start)
-    if not store.is_complete():
+        if propagation == "pruned" or any(owner == processes.rank for owner in owners.values()):
+            calibrate_windows(model, units, windows, batch_size, needs_statistics, process_block, device=device,
+                              progress=progress)
+        processes.barrier()
+        load_stored_elsewhere(store, [name for name in elsewhere if name not in encoded], encoded, errors, LAZY)
+        logger.info("OBS database: %d units solved%s, %d loaded, in %.1f s.", solved,
+                    f" here, {len(elsewhere)} by the job's other processes" if processes.spread else "",
+                    len(units) - solved - len(elsewhere), time.perf_counter() - start)
+    if not store.is_complete() and processes.is_main:
         store.write_manifest([{"name": u.name, "shape": list(u.shape), "errors": errors[u.name].tolist()}
                               for u in units])
     error_matrix = np.stack([errors[u.name].numpy() for u in units])

@@ -274,3 +274,41 @@ def _stored_digest(path: str) -> str | None:
 
     with safe_open(path, framework="pt") as f:
         return (f.metadata() or {}).get("sha256")
+
+
+def solve_cost(shape: tuple[int, int]) -> float:
+    """The relative cost of solving one unit of weight shape (out, in) by OBS: its Hessian's inverse (in³) and the
+    updates of its rows (out · in²). What the processes of a spread job share the units out by."""
+    out_features, in_features = shape
+    return float(in_features) ** 2 * (out_features + in_features)
+
+
+def load_stored_elsewhere(store: DatabaseStore, names: list[str], entries: dict, errors: dict,
+                          lazy: tuple[str, ...]) -> None:
+    """Reads the units `names`, which the job's other processes solved and stored, into `entries` (their small
+    tensors held, `lazy` ones left in their files) and `errors`.
+
+    Raises:
+        SPDYError: a unit is not in the store: the processes do not share the database directory.
+    """
+    if not names:
+        return
+    for name, (tensors, err) in store.iter_stored(set(names)):
+        entries[name], errors[name] = StoredTensors(store.unit_path(name), tensors, lazy), err
+        del tensors
+    missing = [name for name in names if name not in entries]
+    if missing:
+        raise SPDYError(f"The job's other processes solved {len(missing)} units ({missing[0]}, ...) that are not in "
+                        f"{store.directory}: every process must see the same database directory (one machine, or a "
+                        "filesystem they share; set database.dir to one).")
+
+
+def agreed_pending(processes, units: list, entries: dict, errors: dict) -> list:
+    """The units (of `units`, in order) still to solve: those not in `entries`, as the main process sees them, in
+    every process of the job (a unit another process read but the main process found damaged is solved again)."""
+    names = processes.share([u.name for u in units if u.name not in entries])
+    for name in names:
+        entries.pop(name, None)
+        errors.pop(name, None)
+    names = set(names)
+    return [u for u in units if u.name in names]

@@ -27,8 +27,16 @@ from ..calibration.sequential import UnitStatistics, calibrate_windows
 from ..modeling.groups import StructuredGroup, group_name, rows_view
 from ..modeling.units import Unit
 from ..utils.io import release_free_memory
+from ..utils.processes import current_processes
 from .obs_database import relative_output_errors, windows_digest
-from .store import STORE_VERSION, DatabaseStore, StoredTensors
+from .store import (
+    STORE_VERSION,
+    DatabaseStore,
+    StoredTensors,
+    agreed_pending,
+    load_stored_elsewhere,
+    solve_cost,
+)
 from .structured_obs import bias_shifts, centered_hessian, group_magnitude_levels, structured_obs_levels
 
 logger = logging.getLogger(__name__)
@@ -240,13 +248,21 @@ def build_structured_database(
         entries[name], errors[name] = StoredTensors(store.unit_path(name), tensors, LAZY), err
         del tensors
     release_free_memory()
+    processes = current_processes()
+    processes.barrier()  # every process has read what was stored before any process stores more
     if len(entries) < len(groups):
         start = time.perf_counter()
         by_consumer = {g.consumer: (g, c) for g, c in zip(groups, counts)}
         solved = 0
+        # under `accelerate launch` each process solves its share of the groups (dense propagation: no group needs
+        # another's weights), calibrating only the blocks that hold them, and reads the others' from the store
+        pending = agreed_pending(processes, consumers, entries, errors)
+        owners = processes.owners([solve_cost(u.shape) for u in pending])
+        mine = [u for u, owner in zip(pending, owners) if owner == processes.rank]
+        elsewhere = [u.name for u, owner in zip(pending, owners) if owner != processes.rank]
 
         def needs_statistics(block_name: str) -> bool:
-            return any(u.name not in entries for u in consumers if u.block == block_name)
+            return any(u.name not in entries for u in mine if u.block == block_name)
 
         def process_block(block_name: str, block_units: list[Unit], stats: dict[str, UnitStatistics]):
             nonlocal solved
@@ -265,11 +281,15 @@ def build_structured_database(
                 release_free_memory()
             return None  # dense propagation: the next block sees the dense block's outputs
 
-        calibrate_windows(model, consumers, windows, batch_size, needs_statistics, process_block, device=device,
-                          progress=progress)
-        logger.info("Structured database: %d groups solved, %d loaded, in %.1f s.", solved, len(groups) - solved,
-                    time.perf_counter() - start)
-    if not store.is_complete():
+        if mine:
+            calibrate_windows(model, mine, windows, batch_size, needs_statistics, process_block, device=device,
+                              progress=progress)
+        processes.barrier()
+        load_stored_elsewhere(store, elsewhere, entries, errors, LAZY)
+        logger.info("Structured database: %d groups solved%s, %d loaded, in %.1f s.", solved,
+                    f" here, {len(elsewhere)} by the job's other processes" if processes.spread else "",
+                    len(groups) - solved - len(elsewhere), time.perf_counter() - start)
+    if not store.is_complete() and processes.is_main:
         store.write_manifest([{"name": g.consumer, "group": group_name(g), "keep": list(c),
                                "errors": errors[g.consumer].tolist()} for g, c in zip(groups, counts)])
     return StructuredDatabase(model, groups, counts, [entries[g.consumer] for g in groups],

@@ -33,6 +33,7 @@ from ..output.result import PruningResult
 from ..recovery import recovery_stage
 from ..recovery.fit import planned_method
 from ..search import Budgets, SearchOutcome, compute_budget, fits, run_search, with_margin
+from ..utils.processes import Processes, current_processes
 from .job import Job
 from .quality import HeldOutQuality
 from .report import merge_report
@@ -41,15 +42,16 @@ from .verify import both_regimes, verify, verify_summary
 logger = logging.getLogger(__name__)
 
 
-def run_pipeline(job: Job) -> PruningResult:
-    """Every stage in order, for `job.config.family` and its one target; the model is pruned in place.
+def run_pipeline(job: Job) -> PruningResult | None:
+    """Every stage in order, for `job.config.family` and its one target; the model is pruned in place. None in the
+    helping processes of a spread job (`spdy_hf.utils.processes`): the main process returns the result.
 
     Raises:
         UnreachableTargetError: the target cannot be met; raised after profiling, before any other stage.
     """
     targets = run_targets(job, [job.config.target_speedup])
     try:
-        return next(targets)
+        return next(targets, None)
     finally:
         targets.close()  # the dense snapshot's files go now
 
@@ -64,6 +66,10 @@ def run_targets(job: Job, targets: Sequence[float]) -> Iterator[PruningResult]:
     Each result holds the live model, which the next target prunes again: save, export or copy a result before
     asking for the next one (its model is then marked as gone, `PruningResult.superseded`).
 
+    Spread over the processes of `accelerate launch` (`spdy_hf.utils.processes`), every process builds the database
+    and searches, sharing the work; the main process alone profiles, verifies, recovers and yields the results (the
+    others yield none).
+
     Raises:
         UnreachableTargetError: a target cannot be met; raised after profiling, before any other stage.
     """
@@ -71,15 +77,18 @@ def run_targets(job: Job, targets: Sequence[float]) -> Iterator[PruningResult]:
     configs = [dataclasses.replace(config, target_speedup=float(t)) for t in targets]
     several = len(configs) > 1
     family = family_for(config)(config, model, job.progress)
-    # the dense weights, for recovery's teacher and, with several targets, to start each one from (on disk)
-    snapshot = DenseSnapshot(model) if several or planned_method(config, model) != "none" else None
+    processes = current_processes(cuda=config.backend == "cuda")
+    # the dense weights, for recovery's teacher (the main process recovers) and, with several targets, to start each
+    # one from (on disk)
+    recovers = processes.is_main and planned_method(config, model) != "none"
+    snapshot = DenseSnapshot(model) if several or recovers else None
     try:
-        with stages("profile"):
-            plan = family.plan(find_units(model, config.skip_modules, example_inputs=job.example_inputs()),
-                               job.latency_table)
+        with stages("profile"), processes.timing():
+            plan = profile_stage(family, find_units(model, config.skip_modules, example_inputs=job.example_inputs()),
+                                 job.latency_table, processes)
         budgets = [check_budget(c, plan) for c in configs]  # every target, before any costly stage
         quality = None
-        if job.heldout is not None:  # the dense model's, before anything is stitched into it
+        if job.heldout is not None and processes.is_main:  # the dense model's, before anything is stitched into it
             with stages("heldout"):
                 quality = HeldOutQuality(model, job.heldout, config.evaluation.source)
         shared = None
@@ -90,13 +99,17 @@ def run_targets(job: Job, targets: Sequence[float]) -> Iterator[PruningResult]:
         previous = None
         for index, (target_config, target_budgets) in enumerate(zip(configs, budgets)):
             target = dataclasses.replace(job, config=target_config, stages=stages.branch()) if several else job
-            if previous is not None:  # the last target's result is done with: start again from the dense model
-                previous.superseded = True
+            if index > 0:  # the last target's result is done with: start again from the dense model
+                processes.barrier()  # in a spread job the others wait here while the main process times and recovers
+                if previous is not None:
+                    previous.superseded = True
                 with target.stages("restore"):
                     snapshot.restore(model)
             previous, outcome = prune_to_target(target, family, plan, target_budgets, shared, snapshot, quality,
                                                 starts or None)
             starts.append(outcome.result.sensitivities)
+            if previous is None:  # a helping process of a spread job: the main process finishes the target
+                continue
             if several:
                 previous.report["run"] = {"targets": [c.target_speedup for c in configs], "index": index,
                                           "shared_stages": ["profile"] + (["heldout"] if quality else []) +
@@ -109,17 +122,21 @@ def run_targets(job: Job, targets: Sequence[float]) -> Iterator[PruningResult]:
 
 def prune_to_target(job: Job, family, plan: Plan, budgets: Budgets, databases: Databases | None,
                     snapshot: DenseSnapshot | None, quality: HeldOutQuality | None,
-                    starts: list[np.ndarray] | None) -> tuple[PruningResult, SearchOutcome]:
+                    starts: list[np.ndarray] | None) -> tuple[PruningResult | None, SearchOutcome]:
     """The stages of one target on the dense live model: database (unless given), search, verify, recovery and the
-    result; `starts`: sensitivities to start the search from (`run_search`)."""
+    result; `starts`: sensitivities to start the search from (`run_search`). In a spread job only the main process
+    goes on after the search; the others return no result."""
     config, model, stages = job.config, job.model, job.stages
     if databases is None:
         with stages("database"):
             databases = family.build_database(plan, job.windows, budgets)
     with stages("search"):
         outcome = run_search(config, family, plan, databases, budgets, job.windows, job.progress, starts)
+    processes = current_processes()
+    if not processes.is_main:  # the shared stages are done; the main process verifies, recovers and returns
+        return None, outcome
 
-    with stages("verify"):
+    with stages("verify"), processes.timing():
         verification = verify(config, family, plan, databases, budgets, outcome)
         speedups = both_regimes(config, family, plan, databases, verification)
     recovered = None
@@ -143,6 +160,15 @@ def prune_to_target(job: Job, family, plan: Plan, budgets: Budgets, databases: D
     result = PruningResult(model=model, tokenizer=job.tokenizer, config=config, units=plan.units,
                            profile=entries.profile, report=report, latency_table=plan.table, groups=entries.groups)
     return result, outcome
+
+
+def profile_stage(family, units, latency_table, processes: Processes) -> Plan:
+    """The family's plan: its search units and their levels' times. In a spread job the main process measures the
+    latency table (or reads it) alone, the others waiting, and every process plans from that table."""
+    if not processes.spread:
+        return family.plan(units, latency_table)
+    table = processes.on_main(lambda: family.plan(units, latency_table).table)
+    return family.plan(units, table)
 
 
 def check_budget(config: SPDYConfig, plan: Plan) -> Budgets:

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import SPDYConfig
 from ..latency.backend import model_device
 from ..modeling.units import find_blocks
+from ..utils.processes import current_processes
 from .lowered import bfloat16_is_faster
 from .scoring import DistanceScorer, has_lm_head
 from .spdy import SearchResult, bounded_levels, spdy_search
@@ -36,6 +37,7 @@ class SearchOutcome:
     scorer: DistanceScorer
     live: LiveProfile
     score: float
+    processes: int = 1  # the processes that scored the candidates (`accelerate launch`)
 
     def report(self, config: SPDYConfig) -> dict:
         """The search's entries of the report; the scorer's counts include every score taken since the search."""
@@ -49,7 +51,9 @@ class SearchOutcome:
                            "selection": result.selection,
                            "improvements": [[i, score] for i, score in result.improvements()],
                            "score_dtype": dtype_name(scorer.dtype), "blocks_run": scorer.blocks_run,
-                           "blocks_full": scorer.blocks_full}}
+                           "blocks_full": scorer.blocks_full,
+                           **({"processes": self.processes, "unused_scores": result.unused_scores}
+                              if self.processes > 1 else {})}}
 
 
 def run_search(config: SPDYConfig, family, plan, databases, budgets, windows: dict[str, torch.Tensor],
@@ -70,7 +74,12 @@ def run_search(config: SPDYConfig, family, plan, databases, budgets, windows: di
                                         cut_bound(config, plan.times, budgets.search.budget_ms), starts)
         live(result.profile)
         score = scorer()
-    return SearchOutcome(result=result, prior=prior, scorer=scorer, live=live, score=score)
+    processes = current_processes()
+    if processes.spread:  # the block passes every process ran, in the main process's report
+        counts = processes.gather((scorer.blocks_run, scorer.blocks_full))
+        scorer.blocks_run, scorer.blocks_full = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+    return SearchOutcome(result=result, prior=prior, scorer=scorer, live=live, score=score,
+                         processes=processes.size)
 
 
 def scoring_batch_size(model: nn.Module, requested: int, length: int) -> int:
@@ -112,11 +121,13 @@ def search_profile(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
         return scorer(keys)
 
     short = starts is not None and s.warm_candidates is not None  # a short search from the starts alone
+    processes = current_processes()  # under `accelerate launch`, each process scores its share of the candidates
     result = spdy_search(evaluate, times, budget_ms, num_random_inits=s.num_random_inits, patience=s.patience,
                          neighbourhood_fraction=s.neighbourhood_fraction,
                          max_candidates=s.warm_candidates if short else s.max_candidates,
                          buckets=s.dp_buckets, seed=s.seed, prior=prior, subsets=subsets, allowed=allowed,
-                         keep_top=s.select_top, starts=starts, only_starts=short, progress=progress)
+                         keep_top=s.select_top, starts=starts, only_starts=short, progress=progress,
+                         evaluate_many=lambda profiles: processes.map(evaluate, profiles), width=processes.size)
     if len(result.top) > 1:
         result = select_on_unseen(result, model, windows, stitch, s.eval_samples, s.select_samples, size, s.score)
     return result, scorer
@@ -133,12 +144,16 @@ def select_on_unseen(result: SearchResult, model: nn.Module, windows: dict[str, 
         logger.warning("search.select_top=%d: the calibration set has no windows past the search's %d; keeping the "
                        "search's best profile. Raise calibration.num_samples.", len(result.top), skip)
         return result
+    stitch(np.zeros_like(result.profile))  # level 0 everywhere: the dense model, whose outputs the judge records
     judge = DistanceScorer(model, [{k: v[i:i + batch_size] for k, v in unseen.items()}
                                    for i in range(0, n, batch_size)], kind)
-    scored = []
-    for profile, c, search_score in result.top:
+
+    def judged(profile: np.ndarray) -> float:
         stitch(profile)
-        scored.append((judge(), profile, c, search_score))
+        return judge()
+
+    scores = current_processes().map(judged, [profile for profile, _, _ in result.top])
+    scored = [(score, profile, c, search_score) for score, (profile, c, search_score) in zip(scores, result.top)]
     best = min(range(len(scored)), key=lambda i: scored[i][0])
     score, profile, c, search_score = scored[best]
     logger.info("Staged selection: %d profiles scored on %d unseen windows; the search's #%d chosen (score %.5g "

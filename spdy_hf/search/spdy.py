@@ -20,7 +20,7 @@ kind can find profiles of that kind, and the scores decide between them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +56,7 @@ class SearchResult:
     # a staged selection's scores of `top` on unseen windows, with their search scores ([unseen, search] each)
     selection: list[list[float]] | None = None
     started_from: str = "random"  # "random", or "N searches": the sensitivities of other targets' searches
+    unused_scores: int = 0  # profiles scored ahead of their turn (`width` > 1) that no candidate reached
 
     def improvements(self) -> list[tuple[int, float]]:
         """(candidate number, counted from 1, new best score) at every improvement: how the search converged."""
@@ -96,6 +97,8 @@ def spdy_search(
     starts: Sequence[np.ndarray] | None = None,
     only_starts: bool = False,
     progress: bool = True,
+    evaluate_many: Callable[[list[np.ndarray]], list[float]] | None = None,
+    width: int = 1,
 ) -> SearchResult:
     """SPDY's search: random sensitivities first, then local search with a shrinking neighbourhood.
 
@@ -106,6 +109,11 @@ def spdy_search(
     distinct profiles the result lists (`SearchResult.top`), for a selection on other windows. `starts`: sensitivity
     vectors tried first, each in every level space (`max_candidates` counts them); `only_starts`: no random starts
     after them, and the local search begins at neighbourhood size 1.
+
+    `evaluate_many(profiles)` scores up to `width` profiles at once (processes scoring side by side): when a candidate
+    needs a score, the next candidates the search would try if this one does not improve are scored with it. The
+    search still takes its steps one candidate at a time, each from the best so far: a score taken ahead is used
+    only when a candidate reaches it, so the result is the one-at-a-time search's, for any width.
     """
     times = np.asarray(times, dtype=np.float64)
     if allowed is not None:
@@ -124,13 +132,42 @@ def spdy_search(
     scores: dict[tuple[int, ...], float] = {}
     # the sensitivities that first produced each profile, and the level space they were solved in
     origin: dict[tuple[int, ...], tuple[np.ndarray, int]] = {}
+    if evaluate_many is None:
+        def evaluate_many(profiles: list[np.ndarray]) -> list[float]:
+            return [evaluate(p) for p in profiles]
+    spare: dict[tuple[int, ...], float] = {}  # scores taken ahead of their candidate's turn
+    solved: dict[tuple[bytes, int], np.ndarray | None] = {}  # DP solutions of candidates looked at ahead
 
-    def score_of(profile: np.ndarray, c: np.ndarray, space: int) -> float:
+    def solve(c: np.ndarray, space: int) -> np.ndarray | None:
+        key = (c.tobytes(), space)
+        if key not in solved:
+            solved[key] = solve_dp(c[:, None] * prior, spaces[space][1], budget_ms, buckets)
+        return solved[key]
+
+    def score_of(profile: np.ndarray, c: np.ndarray, space: int, ahead: Callable[[], Iterator]) -> float:
         key = tuple(int(k) for k in profile)
         if key not in scores:
-            scores[key] = float(evaluate(profile))
+            if key not in spare:
+                score_with_ahead(profile, ahead)
+            scores[key] = spare.pop(key)
             origin[key] = (c, space)
         return scores[key]
+
+    def score_with_ahead(profile: np.ndarray, ahead: Callable[[], Iterator]) -> None:
+        """Scores `profile` and, beside it, the next new profiles `ahead` gives, up to `width` in all."""
+        batch, keys = [profile], {tuple(int(k) for k in profile)}
+        for c, space in ahead() if width > 1 else ():
+            if len(batch) >= width:
+                break
+            nxt = solve(c, space)
+            if nxt is None:
+                break
+            key = tuple(int(k) for k in nxt)
+            if key not in scores and key not in spare and key not in keys:
+                batch.append(nxt)
+                keys.add(key)
+        for p, score in zip(batch, evaluate_many(batch)):
+            spare[tuple(int(k) for k in p)] = float(score)
 
     best_c, best_profile, best_score, best_space, history = None, None, np.inf, 0, []
     k = 1 if only_starts else max(1, int(round(neighbourhood_fraction * n_units)))
@@ -139,13 +176,15 @@ def spdy_search(
     bar = tqdm(desc="SPDY search", unit="cand", disable=not progress, total=int(min(cap, first + k * patience)))
     candidates, cut_short, schedule = 0, False, []  # schedule: (neighbourhood size, candidates tried at it)
 
-    def consider(c: np.ndarray, space: int) -> bool:
+    def consider(c: np.ndarray, space: int, ahead: Callable[[], Iterator] = lambda: iter(())) -> bool:
+        """Tries one candidate; `ahead`: the candidates after it, as they will be if it does not improve."""
         nonlocal best_c, best_profile, best_score, best_space, candidates
-        profile = solve_dp(c[:, None] * prior, spaces[space][1], budget_ms, buckets)
+        profile = solve(c, space)
+        solved.clear()  # what was solved ahead was solved from this state: kept only until the next candidate
         if profile is None:  # whether a profile fits depends on the times only: the first candidate tells
             bar.close()
             raise NoProfileFitsError(budget_ms, float(times.min(axis=1).sum()), buckets)
-        score = score_of(profile, c, space)
+        score = score_of(profile, c, space, ahead)
         candidates += 1
         improved = score < best_score
         if improved:
@@ -155,29 +194,46 @@ def spdy_search(
         bar.set_postfix(best=f"{best_score:.4g}", k=k, evals=len(scores))
         return improved
 
+    # every candidate's random draws are made in the order a one-at-a-time search makes them; a step drawn ahead of
+    # its turn is one the search is sure to take (the random starts; at a neighbourhood size, as many as the patience
+    # and the candidate bound leave), so the draws, and with them the search, do not depend on `width`
     if starts is not None:  # another search's sensitivities, each solved in every level space for this budget
-        for c in starts:
-            for space in range(len(spaces)):
-                consider(c.copy(), space)
-    for i in range(0 if only_starts else num_random_inits):
+        given = [(c, space) for c in starts for space in range(len(spaces))]
+        for i, (c, space) in enumerate(given):
+            consider(c.copy(), space, lambda i=i: iter(given[i + 1:]))
+    inits = [rng.random(n_units) for _ in range(0 if only_starts else num_random_inits)]
+
+    def init_space(i: int) -> int:
         # without subsets there is one space and this is SPDY's search as published
-        consider(rng.random(n_units), i % len(spaces) if 2 * i < num_random_inits or best_c is None else best_space)
+        return i % len(spaces) if 2 * i < num_random_inits or best_c is None else best_space
+
+    for i, c in enumerate(inits):
+        consider(c, init_space(i), lambda i=i: ((inits[j], init_space(j)) for j in range(i + 1, len(inits))))
     if best_c is None:
         bar.close()
         raise NonFiniteScoreError(candidates)
+
+    def mutated(base: np.ndarray, draw: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        c = base.copy()
+        c[draw[0]] = draw[1]
+        return c
+
     while k >= 1:
         failures = 0
         # this size's end under the bound: an equal share of what is left to the k sizes left
         share = np.inf if max_candidates is None else candidates + (max_candidates - candidates) // k
         start = candidates
         while failures < patience and candidates < share:
-            c = best_c.copy()
-            redraw = rng.choice(n_units, size=k, replace=False)
-            c[redraw] = rng.random(k)
-            failures = 0 if consider(c, best_space) else failures + 1
-            # an improvement restarts the patience count, so the end moves: keep the bar's total honest
-            bar.total = int(min(cap, candidates + (patience - failures) + (k - 1) * patience))
-            bar.refresh()
+            sure = int(min(patience - failures, share - candidates))  # the candidates this size certainly tries
+            draws = [(rng.choice(n_units, size=k, replace=False), rng.random(k)) for _ in range(sure)]
+            for j, draw in enumerate(draws):
+                def ahead(rest=draws[j + 1:]) -> Iterator:
+                    return ((mutated(best_c, d), best_space) for d in rest)
+
+                failures = 0 if consider(mutated(best_c, draw), best_space, ahead) else failures + 1
+                # an improvement restarts the patience count, so the end moves: keep the bar's total honest
+                bar.total = int(min(cap, candidates + (patience - failures) + (k - 1) * patience))
+                bar.refresh()
         cut_short = cut_short or failures < patience
         schedule.append((k, candidates - start))
         k -= 1
@@ -194,7 +250,7 @@ def spdy_search(
     return SearchResult(profile=best_profile, sensitivities=best_c, score=best_score, candidates=candidates,
                         evaluations=len(scores), history=history, cut_short=cut_short, schedule=schedule,
                         subset=name, allowed=allowed, top=top,
-                        started_from=_started_from(starts, only_starts))
+                        started_from=_started_from(starts, only_starts), unused_scores=len(spare))
 
 
 def _started_from(starts, only_starts: bool) -> str:
