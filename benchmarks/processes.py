@@ -4,7 +4,8 @@ outputs are the same.
     python benchmarks/processes.py --model smollm2 --processes 2 --dtype bfloat16 --max-candidates 100
 
 Measures the latency table once (`spdy-hf profile`), then runs the same prune three times, each with a fresh
-database and no recovery (the stages spreading changes), alone on the machine, one after the other:
+database, no recovery and no re-aim by verify (`search.verify_corrections: 0`: a re-aim follows timings, which differ
+from run to run), alone on the machine, one after the other:
 
 - `one process`: `spdy-hf prune` with every core's threads (a job as people run it);
 - `N processes`: `accelerate launch --multi_gpu --num_processes N --num_cpu_threads_per_process T`, T = cores / N;
@@ -53,8 +54,14 @@ def main() -> int:
     if not os.path.exists(table):
         run([sys.executable, "-m", "spdy_hf", "profile", path, "-o", table, "--no-progress", *dtype], {})
 
-    prune = ["spdy_hf", "prune", path, "--target-speedup", args.target_speedup, *dtype, "--latency-table", table,
-             "--recovery", "none", "--max-candidates", args.max_candidates, "--no-progress", "--allow-shortfall"]
+    # verify keeps the searched profile: a re-aim follows its timing, which differs from run to run (and with the
+    # threads), where the outputs compared must differ only by how the work was shared
+    recipe = os.path.join(work, "recipe.yaml")
+    with open(recipe, "w", encoding="utf-8") as f:
+        f.write("search:\n  verify_corrections: 0\n  verify_overshoot: null\n")
+    prune = ["spdy_hf", "prune", path, "--recipe", recipe, "--target-speedup", args.target_speedup, *dtype,
+             "--latency-table", table, "--recovery", "none", "--max-candidates", args.max_candidates, "--no-progress",
+             "--allow-shortfall"]
     runs = [
         ("one process", [sys.executable, "-m"], {"OMP_NUM_THREADS": str(cores)}),
         (f"{args.processes} processes", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",

@@ -180,3 +180,55 @@ def test_an_encoder_cannot_keep_outputs_for_its_head(tmp_path, tokenizer):
 
     with pytest.raises(SPDYError, match="causal LM"):
         job("bert", "structured", tmp_path, tokenizer, {"method": "gap", "teacher": "outputs", **FAST})
+
+
+# ------------------------------------------------------------------ blocks recomputed in the backward pass
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_checkpointed_recovery_takes_the_same_steps(name, tmp_path, tokenizer, monkeypatch):
+    """With recovery.checkpoint the blocks run again in the backward pass (their layers' hooks too), and gap ends
+    with the weights it reaches holding every activation: the gradients are the same."""
+    from torch.utils import checkpoint
+
+    calls = []
+    original = checkpoint.checkpoint
+    monkeypatch.setattr(checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    settings = {"method": "gap", "rank": 2 if name == "llama" else 0, **FAST}
+    held = job(name, "structured", tmp_path / "held", tokenizer, settings)
+    assert not calls
+    again = job(name, "structured", tmp_path / "again", tokenizer, {**settings, "checkpoint": True})
+    assert calls  # the blocks ran under checkpoint
+    a, b = held.report["recovery"], again.report["recovery"]
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    for (n, p), q in zip(held.model.named_parameters(), again.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(ConfigError, match="recovery.checkpoint"):
+        SPDYConfig.from_dict({"recovery": {"checkpoint": "yes"}})
+
+
+def test_the_teacher_copies_only_the_blocks_recovery_trains(tmp_path, tokenizer, monkeypatch):
+    """gap's dense teacher holds copies of the pruned blocks (with their dense values) and shares everything else
+    with the model: the embeddings, the head, the final norm and any block the profile left dense."""
+    from spdy_hf.modeling.snapshot import DenseSnapshot
+
+    made = {}
+    original = DenseSnapshot.model
+
+    def recording(self, like, dtype=None, shared=None):
+        made["model"], made["teacher"] = like, original(self, like, dtype, shared)
+        made["dense"] = {n: self.tensor(n) for n in self.index}
+        return made["teacher"]
+
+    monkeypatch.setattr(DenseSnapshot, "model", recording)
+    # passes in float32: the teacher is in the model's dtype, so it can share (a float32 model scored under bfloat16
+    # autocast gets a bfloat16 copy of everything: half the memory of sharing float32 tensors)
+    result = job("llama", "structured", tmp_path, tokenizer, {"method": "gap", "precision": "float32", **FAST})
+    assert result.report["recovery"]["method"] == "gap"
+    student, teacher = dict(made["model"].named_parameters()), dict(made["teacher"].named_parameters())
+    pruned = {e["consumer"].rsplit(".", 2)[0] for e in result.groups if e["keep"] < e["num_groups"]}
+    assert pruned
+    for name, t in teacher.items():
+        inside = any(name.startswith(block + ".") for block in pruned)
+        assert (t is not student[name]) == inside, name  # copied where it is trained, the very tensor elsewhere
+        if inside:
+            assert torch.equal(t, made["dense"][name].to(t.dtype)), name  # in the teacher's dtype
+    assert not any(t.requires_grad for n, t in teacher.items() if any(n.startswith(b + ".") for b in pruned))

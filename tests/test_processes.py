@@ -178,3 +178,40 @@ def test_accelerate_launch_with_two_processes_writes_what_one_process_writes(fam
         assert a["search"][key] == b["search"][key], key
     assert a["score_dense_vs_pruned"] == b["score_dense_vs_pruned"]
     assert a["recovery"]["method"] == b["recovery"]["method"] == "gap"
+
+
+def test_a_launched_gpu_job_takes_nccl_beside_gloo_and_the_gpu_of_its_local_rank(monkeypatch):
+    """No GPU here: torch.distributed and CUDA faked, the process group a launcher's environment asks for."""
+    import torch.distributed as dist
+
+    from spdy_hf.utils import processes as module
+
+    made, devices = {}, []
+    monkeypatch.setattr(module, "_CURRENT", None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: "backend" in made)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: made.update(backend=backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: made["backend"])
+    processes = module.current_processes(cuda=True)
+    assert made["backend"] == "cpu:gloo,cuda:nccl" and devices == [1]
+    assert (processes.rank, processes.size, processes.is_main, processes.spread) == (1, 2, False, True)
+    assert module.current_processes() is processes  # made once
+
+
+def test_a_launcher_without_its_address_is_a_clear_error(monkeypatch):
+    from spdy_hf.utils import processes as module
+
+    monkeypatch.setattr(module, "_CURRENT", None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(SPDYError, match="accelerate launch"):
+        module.current_processes()

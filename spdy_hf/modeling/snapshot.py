@@ -14,7 +14,7 @@ import contextlib
 import copy
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -76,18 +76,35 @@ class DenseSnapshot:
         for name, t in floating_tensors(module):
             t.copy_(self.tensor(prefix + name).to(t.device))
 
-    def model(self, like: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    def model(self, like: nn.Module, dtype: torch.dtype | None = None,
+              shared: Callable[[str], bool] | None = None) -> nn.Module:
         """A copy of `like` holding the snapshot's values, in eval mode, without gradients; with `dtype`, its
         floating parameters in that dtype (buffers, such as a rotary embedding's float32 frequencies, keep theirs),
-        allocated so from the start (no copy of `like`'s values is ever made)."""
+        allocated so from the start (no copy of `like`'s values is ever made).
+
+        `shared(name)`: the tensors of `like` the copy holds themselves, neither copied nor written (those the caller
+        knows to hold the snapshot's values still and to stay so while the copy is used: recovery's teacher shares
+        the blocks recovery does not train, the embeddings and the head), where they are in the copy's dtype already
+        (a model mixing dtypes would not run: a float32 norm does not take bfloat16 inputs on a CPU)."""
         memo: dict[int, torch.Tensor] = {}
-        for _, t in floating_tensors(like):  # fresh, uninitialized storage for every floating tensor
+        kept: set[str] = set()
+        for name, t in floating_tensors(like):  # fresh, uninitialized storage for every other floating tensor
             wanted = dtype if dtype is not None and isinstance(t, nn.Parameter) else t.dtype
+            if shared is not None and wanted == t.dtype and shared(name):
+                memo[id(t)] = t
+                kept.add(name)
+                continue
             empty = torch.empty(t.shape, dtype=wanted, device=t.device)
             memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
         teacher = copy.deepcopy(like, memo)
-        self.restore(teacher)
-        teacher.eval().requires_grad_(False)
+        with torch.no_grad():
+            for name, t in floating_tensors(teacher):
+                if name not in kept:
+                    t.copy_(self.tensor(name).to(t.device))
+        teacher.eval()
+        for name, t in floating_tensors(teacher):
+            if name not in kept and isinstance(t, nn.Parameter):
+                t.requires_grad_(False)
         return teacher
 
     def close(self) -> None:

@@ -174,8 +174,11 @@ class Recovery:
             head = _language_model_head(self.model)
             tokens = sum(b["input_ids"].numel() for b in self.train + self.heldback)
             teacher = tokens * (head.in_features if head is not None else 0) * self.teacher_dtype().itemsize
-        else:
-            teacher = sum(p.numel() for p in self.model.parameters()) * self.teacher_dtype().itemsize
+        else:  # the teacher copies the pruned blocks only, where it is in the model's dtype (it shares the rest)
+            dtype = self.teacher_dtype()
+            copied = [p for _, b in self.blocks for p in b.parameters()] if dtype == model_dtype(self.model) \
+                else list(self.model.parameters())
+            teacher = sum(p.numel() for p in copied) * dtype.itemsize
         # a pass's activations (about the kept weights' size), the shrunk model's gradients and Adam's moments, and
         # float32 copies of weights the model holds in half precision
         # (with `recovery.rank`, the updates' factors and the whole-trained norms and biases are small: the pass)
@@ -291,7 +294,9 @@ class Recovery:
         if self.cfg.teacher == "outputs":
             cached, teacher = self._dense_head_inputs(), None
         else:
-            cached, teacher = None, self.snapshot.model(model, self.teacher_dtype())
+            # the teacher copies the blocks recovery trains; the rest it shares with the model, which holds the dense
+            # values there and keeps them (nothing outside those blocks is trained)
+            cached, teacher = None, self.snapshot.model(model, self.teacher_dtype(), shared=self._untrained)
         frozen = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)
         try:
@@ -303,6 +308,10 @@ class Recovery:
             model.requires_grad_(False)
             for p in frozen:
                 p.requires_grad_(True)
+
+    def _untrained(self, name: str) -> bool:
+        """Whether the model's tensor `name` lies outside the pruned blocks, which are all that gap trains."""
+        return not any(name.startswith(block + ".") for block, _ in self.blocks)
 
     def _dense_head_inputs(self) -> dict[tuple, torch.Tensor]:
         """`recovery.teacher: outputs`: the hidden states the dense model gives its head in every pass recovery will
@@ -371,6 +380,7 @@ class Recovery:
             heads.append(HeadInputs(_language_model_head(teacher)))
 
         def objective(batch) -> torch.Tensor:
+            student_out.values.clear()  # what a checkpointed block's second pass caught in the last backward
             with self.autocast():
                 t = None
                 if teacher is not None:
@@ -393,8 +403,10 @@ class Recovery:
                 loss = loss + weight * output_distance(s, t, self.kind, tokens)
             return loss
 
+        recomputed = [b for _, b in find_blocks(model)] if self.cfg.checkpoint else []
         try:
-            with float32_training(whole), updates:  # the updates are added to their weights as it ends
+            # the updates are added to their weights as it ends
+            with float32_training(whole), updates, checkpointed(recomputed):
                 history = self._fit(params, objective, lr, desc="Recovery (gAP)", held=held,
                                     micro_batch_size=self.cfg.micro_batch_for(self.kind))
             held.apply()  # the updates met no held zero; nothing else may have moved one either
@@ -560,6 +572,31 @@ class Recovery:
         held.apply()
         return {"heldback_before": before, "heldback_after": best, "best_epoch": best_epoch,
                 "epochs_run": len(train_losses), "train_loss": train_losses, "heldback_loss": heldback_losses}
+
+
+@contextmanager
+def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
+    """Within the block, each of `blocks` runs under `torch.utils.checkpoint` (non-reentrant) where gradients are
+    taken: autograd keeps its inputs only, and runs it again when the backward pass reaches it, so what one block's
+    backward needs is held at a time rather than every block's. Hooks on its layers run again in that second pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = []
+    try:
+        for block in blocks:
+            forward = block.forward
+
+            def run(*args, _forward=forward, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _forward(*args, **kwargs)
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            block.forward = run  # an instance attribute: nn.Module.__call__ finds it before the class's method
+            wrapped.append(block)
+        yield
+    finally:
+        for block in wrapped:
+            del block.forward
 
 
 @contextmanager
