@@ -232,3 +232,35 @@ def test_the_teacher_copies_only_the_blocks_recovery_trains(tmp_path, tokenizer,
         if inside:
             assert torch.equal(t, made["dense"][name].to(t.dtype)), name  # in the teacher's dtype
     assert not any(t.requires_grad for n, t in teacher.items() if any(n.startswith(b + ".") for b in pruned))
+
+
+def test_a_checkpoints_own_exact_zeros_do_not_make_a_layer_train_whole(tmp_path, tokenizer, monkeypatch):
+    """A dequantized GGUF model has a few exact zeros in every layer. They are not a sparse level's: with a rank,
+    every linear layer of a structured profile still trains through its update (none whole)."""
+    import conftest
+
+    weights = {}
+    adam = torch.optim.Adam
+
+    class RecordingAdam(adam):
+        def __init__(self, params, *args, **kwargs):
+            params = list(params)
+            weights["trained"] = params
+            super().__init__(params, *args, **kwargs)
+
+    make = conftest.MODEL_FACTORIES["llama"]
+
+    def with_zeros():
+        model = make()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.ndim == 2 and ".layers." in n:
+                    p.view(-1)[::97] = 0.0  # about 1 % of every layer
+        return model
+
+    monkeypatch.setitem(conftest.MODEL_FACTORIES, "llama", with_zeros)
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    result = job("llama", "structured", tmp_path, tokenizer, {"method": "gap", "rank": 2, **FAST})
+    assert result.report["recovery"]["rank"] == 2
+    assert not [p for p in weights["trained"] if p.ndim == 2 and min(p.shape) > 2]  # factors only
+    assert result.report["recovery"]["method"] == "gap"  # (recovery checks that every profile zero held, or raises)

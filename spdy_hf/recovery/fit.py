@@ -362,6 +362,10 @@ class Recovery:
             logger.info("Recovery trains updates of rank %d of %d layers (and %d tensors whole).", rank,
                         len(updates), len(whole))
         params = whole + updates.parameters()
+        # only what is trained takes gradients: the shrunk layers are new parameters, which require them by default;
+        # with updates their weights are not trained, and their gradients (the size of the pruned blocks, never
+        # cleared by the optimizer) and autocast's kept casts of them would be held for nothing
+        model.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
         student_out = LayerOutputs(layers, detach=False)
@@ -409,7 +413,7 @@ class Recovery:
             with float32_training(whole), updates, checkpointed(recomputed):
                 history = self._fit(params, objective, lr, desc="Recovery (gAP)", held=held,
                                     micro_batch_size=self.cfg.micro_batch_for(self.kind))
-            held.apply()  # the updates met no held zero; nothing else may have moved one either
+            held.apply()  # a layer's own exact zeros an update moved (a sparse level's it never meets) go back
             return history
         finally:
             for h in stops + heads:
@@ -426,11 +430,25 @@ class Recovery:
         if not self.cfg.rank_for(self.kind):
             return params, {}
         holding = {id(p) for p in held.params.values()}
-        updated = {f"{name}.{n}": m for name, block in self.blocks for n, m in block.named_modules()
-                   if isinstance(m, (nn.Linear, *conv1d_classes())) and m.weight.numel()
-                   and id(m.weight) not in holding}
+        updated = {}
+        for name, block in self.blocks:
+            for n, m in block.named_modules():
+                full = f"{name}.{n}"
+                if isinstance(m, (nn.Linear, *conv1d_classes())) and m.weight.numel() and not (
+                        id(m.weight) in holding and self._sparse(full, m.weight)):
+                    updated[full] = m
         by_weight = {id(m.weight) for m in updated.values()}
         return [p for p in params if id(p) not in by_weight], updated
+
+    def _sparse(self, name: str, weight: torch.Tensor) -> bool:
+        """Whether layer `name` holds zeros of a sparse level: more zero weights than the dense layer had in all. A
+        layer cut down to its kept heads or neurons holds at most the dense layer's own exact zeros, which checkpoints
+        have (a dequantized GGUF model's: a few in every layer); an update may move those, as training the weight
+        would have, and they are put back with the held zeros when it is added in."""
+        key = f"{name}.weight"
+        if key not in self.snapshot:
+            return True
+        return int((weight.detach() == 0).sum()) > int((self.snapshot.tensor(key) == 0).sum())
 
     # ------------------------------------------------------------------ block by block
     def _layerwise(self, lr: float) -> dict:
