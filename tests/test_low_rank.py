@@ -33,6 +33,21 @@ def dense(module, x, weight=None):
     return F.linear(x, rows(module) if weight is None else weight, module.bias)
 
 
+def record_adam(monkeypatch) -> dict:
+    """From now on, the parameters each Adam is made with are recorded under "trained"."""
+    weights = {}
+    adam = torch.optim.Adam
+
+    class RecordingAdam(adam):
+        def __init__(self, params, *args, **kwargs):
+            params = list(params)
+            weights["trained"] = params
+            super().__init__(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    return weights
+
+
 def test_an_update_adds_to_the_output_while_training_and_to_the_weight_after():
     modules = layers()
     x = torch.randn(3, 5, 6)
@@ -85,17 +100,9 @@ def test_low_rank_gap_trains_updates_and_holds_every_profile_zero(name, family, 
     """The optimizer gets the updates' factors and the blocks' norms and biases; a model weight only where the
     layer holds zeros of a sparse level (the per-layer and mixed families). The recovered weights moved, and every
     profile zero is still zero."""
-    weights = {}
-    adam = torch.optim.Adam
-
-    class RecordingAdam(adam):
-        def __init__(self, params, *args, **kwargs):
-            params = list(params)
-            weights["trained"] = params
-            super().__init__(params, *args, **kwargs)
+    weights = record_adam(monkeypatch)
 
     plain = job(name, family, tmp_path / "plain", tokenizer, {"method": "none"})
-    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
     recovered = job(name, family, tmp_path / "rec", tokenizer, {"method": "gap", "rank": 2, **FAST})
     entry = recovered.report["recovery"]
     assert entry["method"] == "gap" and entry["rank"] == 2 and entry["heldback_after"] < entry["heldback_before"]
@@ -239,14 +246,7 @@ def test_a_checkpoints_own_exact_zeros_do_not_make_a_layer_train_whole(tmp_path,
     every linear layer of a structured profile still trains through its update (none whole)."""
     import conftest
 
-    weights = {}
-    adam = torch.optim.Adam
-
-    class RecordingAdam(adam):
-        def __init__(self, params, *args, **kwargs):
-            params = list(params)
-            weights["trained"] = params
-            super().__init__(params, *args, **kwargs)
+    weights = record_adam(monkeypatch)
 
     make = conftest.MODEL_FACTORIES["llama"]
 
@@ -259,7 +259,6 @@ def test_a_checkpoints_own_exact_zeros_do_not_make_a_layer_train_whole(tmp_path,
         return model
 
     monkeypatch.setitem(conftest.MODEL_FACTORIES, "llama", with_zeros)
-    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
     result = job("llama", "structured", tmp_path, tokenizer, {"method": "gap", "rank": 2, **FAST})
     assert result.report["recovery"]["rank"] == 2
     assert not [p for p in weights["trained"] if p.ndim == 2 and min(p.shape) > 2]  # factors only
