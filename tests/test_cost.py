@@ -47,7 +47,7 @@ def reference_obs(weight, hessian, group_size, keep_counts_, damp=0.01):
     return [results[k] for k in keep_counts_]
 
 
-@pytest.mark.parametrize("group_size,groups", [(1, 96), (4, 8), (3, 20)])
+@pytest.mark.parametrize("group_size,groups", [(1, 96), (1, 700), (4, 8), (3, 20)])
 def test_structured_obs_on_shrinking_matrices_matches_the_full_size_solver(group_size, groups):
     w, _, h = layer(groups=groups, group_size=group_size)
     keep = [groups, groups - 1, groups // 2, groups // 3, 1, 0]

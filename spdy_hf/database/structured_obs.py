@@ -24,6 +24,8 @@ A pure function of (weight, Hessian, group size, levels): no hooks, no model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..errors import SPDYError
@@ -61,58 +63,112 @@ def structured_obs_levels(weight: torch.Tensor, hessian: torch.Tensor, group_siz
     hinv = _damped_inverse(hessian if mean is None else centered_hessian(hessian, mean), damp)
     results: dict[int, tuple[list[int], torch.Tensor]] = {}
     wanted = set(keep_counts)
-    alive = list(range(num_groups))  # group indices still kept, in order
     if num_groups in wanted:
-        results[num_groups] = (list(alive), w_full.to(torch.float32).clone())
-    # Only the columns of `held` groups are kept (`w` is (out, held * s), `hinv` (held * s, held * s)): eliminating
-    # a group leaves zeros in its rows and columns of H^-1, so dropping them changes nothing for the others, and the
-    # work shrinks with the group (an FFN pruned down to its last levels costs a third of full-size updates).
-    # Eliminated groups are dropped in batches, once they are a sixteenth of those held.
-    w = w_full.clone()
-    held = list(range(num_groups))
-    gone = torch.zeros(num_groups, dtype=torch.bool)  # per held group: eliminated, not dropped yet
+        results[num_groups] = (list(range(num_groups)), w_full.to(torch.float32).clone())
     last = min((k for k in wanted if k > 0), default=num_groups)  # keeping none needs no elimination
-    while len(alive) > last:
+    stops = {k for k in wanted if last <= k < num_groups}
+    eliminate = _eliminate_columns if group_size == 1 else _eliminate_groups
+    for held, w in eliminate(w_full.clone(), hinv, group_size, stops, last):
+        full = torch.zeros_like(w_full, dtype=torch.float32)
+        cols = cols_of(held, group_size)
+        kept_w = w if compensation == 1.0 else w_full[:, cols] + compensation * (w - w_full[:, cols])
+        full[:, cols] = kept_w.to(torch.float32)
+        results[len(held)] = (list(held), full)
+    if 0 in wanted and 0 not in results:
+        results[0] = ([], torch.zeros_like(weight, dtype=torch.float32))
+    return [results[k] for k in keep_counts]
+
+
+# Both eliminations keep only the columns of the groups still held (`w` is (out, held * s), `hinv` (held * s,
+# held * s)): eliminating a group leaves zeros in its rows and columns of H^-1, so dropping them changes nothing for
+# the others, and the work shrinks with the layer (an FFN pruned down to its last levels costs a third of full-size
+# updates). Eliminated groups are dropped in batches, once they are a sixteenth of those held, and at every level
+# asked for, where each yields the groups held (in order) and their compensated columns.
+
+
+def _eliminate_groups(w: torch.Tensor, hinv: torch.Tensor, group_size: int, stops: set[int], last: int
+                      ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Groups of several columns (heads, key/value groups): every group's error from its block of H^-1, and the
+    elimination of the cheapest as a block update of `w` and `hinv`, in place."""
+    out_features = w.shape[0]
+    held = list(range(hinv.shape[0] // group_size))
+    gone = torch.zeros(len(held), dtype=torch.bool)  # per held group: eliminated, not dropped yet
+    alive = len(held)
+    while alive > last:
         g = len(held)
-        if group_size == 1:
-            errors = (w * w).sum(dim=0) / hinv.diagonal()
-            block_inv = None
-        else:
-            blocks = hinv.reshape(g, group_size, g, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-            block_inv = torch.linalg.inv(blocks)  # (G, s, s): every held group's error at once
-            ws = w.reshape(out_features, g, group_size).permute(1, 0, 2)  # (G, out, s)
-            errors = ((ws @ block_inv) * ws).sum(dim=(1, 2))
+        blocks = hinv.reshape(g, group_size, g, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        block_inv = torch.linalg.inv(blocks)  # (G, s, s): every held group's error at once
+        ws = w.reshape(out_features, g, group_size).permute(1, 0, 2)  # (G, out, s)
+        errors = ((ws @ block_inv) * ws).sum(dim=(1, 2))
         errors[gone] = float("inf")
         best = int(torch.argmin(errors))
         s = slice(best * group_size, (best + 1) * group_size)
-        if block_inv is None:  # one column: rank-one updates, in place
-            scale = -1.0 / float(hinv[best, best])
-            w.addr_(w[:, best].clone(), hinv[best].clone(), alpha=scale)
-            hinv.addr_(hinv[:, best].clone(), hinv[best].clone(), alpha=scale)
-        else:
-            inv = block_inv[best]
-            w -= w[:, s] @ inv @ hinv[s, :]
-            hinv -= hinv[:, s] @ inv @ hinv[s, :]
+        inv = block_inv[best]
+        w -= w[:, s] @ inv @ hinv[s, :]
+        hinv -= hinv[:, s] @ inv @ hinv[s, :]
         w[:, s] = 0.0
         hinv[s, :] = 0.0
         hinv[:, s] = 0.0
         hinv[s, s] = torch.eye(group_size, dtype=hinv.dtype)  # keeps the block invertible; never chosen again
         gone[best] = True
-        alive.remove(held[best])
-        if int(gone.sum()) >= max(1, g // 16) or len(alive) == last:
+        alive -= 1
+        if int(gone.sum()) >= max(1, g // 16) or alive in stops or alive == last:
             keep = cols_of([i for i in range(g) if not gone[i]], group_size)
             w, hinv = w[:, keep], hinv[keep][:, keep]
             held = [h for h, x in zip(held, gone.tolist()) if not x]
             gone = torch.zeros(len(held), dtype=torch.bool)
-        if len(alive) in wanted:
-            full = torch.zeros_like(w_full, dtype=torch.float32)
-            cols = cols_of(held, group_size)
-            kept_w = w if compensation == 1.0 else w_full[:, cols] + compensation * (w - w_full[:, cols])
-            full[:, cols] = kept_w.to(torch.float32)
-            results[len(alive)] = (list(alive), full)
-    if 0 in wanted and 0 not in results:
-        results[0] = ([], torch.zeros_like(weight, dtype=torch.float32))
-    return [results[k] for k in keep_counts]
+        if alive in stops:
+            yield held, w
+
+
+def _eliminate_columns(w: torch.Tensor, hinv: torch.Tensor, group_size: int, stops: set[int], last: int
+                       ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Single columns (FFN neurons), with the updates of a batch deferred.
+
+    Eliminating column b is the rank-one pair of updates `W -= a c^T`, `H^-1 -= u c^T` with u = (H^-1)[b, :],
+    a = W[:, b] and c = u / u[b]. Applied one at a time, every step rewrites both matrices whole (for a 5,632-neuron
+    FFN, 350 MB a step), so the step is bound by memory. Here a batch's updates are kept as their vectors and applied
+    at the batch's end in two matrix products; within the batch a step needs only the current row of H^-1 and column
+    of W (the matrices at the batch's start less the batch's updates so far), H^-1's diagonal, updated a step at a
+    time, and the columns' squared norms, updated from the products of the removed column with every column (one
+    pass over W that only reads it). The choices and weights are those of the one-at-a-time elimination, up to
+    rounding.
+    """
+    out_features = w.shape[0]
+    held = list(range(hinv.shape[0]))
+    alive = len(held)
+    while alive > last:
+        g = len(held)
+        batch = min(max(1, g // 16), 512, alive - last)
+        nearer = [k for k in stops if last <= k < alive]
+        batch = min(batch, alive - max(nearer)) if nearer else batch
+        columns = torch.empty(out_features, batch, dtype=w.dtype)  # a: the removed columns of W
+        rows = torch.empty(batch, g, dtype=w.dtype)  # u: the rows of H^-1 removed
+        scaled = torch.empty(batch, g, dtype=w.dtype)  # c = u / u[b]
+        norms = torch.linalg.vector_norm(w, dim=0).square()
+        diagonal = hinv.diagonal().clone()
+        gone = torch.zeros(g, dtype=torch.bool)
+        for k in range(batch):
+            errors = norms / diagonal
+            errors[gone] = float("inf")
+            best = int(torch.argmin(errors))
+            coefficients = scaled[:k, best]
+            u = hinv[best] - coefficients @ rows[:k]
+            a = w[:, best] - columns[:, :k] @ coefficients
+            c = u / u[best]
+            # a . (current column j) for every j: a^T W less the batch's updates so far
+            products = a @ w - (a @ columns[:, :k]) @ scaled[:k]
+            norms += c * (c * a.dot(a) - 2.0 * products)
+            diagonal -= u * c
+            columns[:, k], rows[k], scaled[k] = a, u, c
+            gone[best] = True
+        keep = (~gone).nonzero().squeeze(1)
+        w = w[:, keep] - columns @ scaled[:, keep]
+        hinv = hinv[keep][:, keep] - rows[:, keep].T @ scaled[:, keep]
+        held = [h for h, x in zip(held, gone.tolist()) if not x]
+        alive = len(held)
+        if alive in stops:
+            yield held, w
 
 
 def centered_hessian(hessian: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
