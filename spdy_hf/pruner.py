@@ -20,7 +20,7 @@ from .errors import ConfigError, SPDYError
 from .families import family_for
 from .latency import LatencyTable
 from .latency.backend import model_device, to_target_device, working_dtype
-from .modeling.loading import loaded_from_gguf, plain_checkpoint
+from .modeling.loading import loaded_from_gguf, own_memory, plain_checkpoint
 from .modeling.units import find_units
 from .output.result import PruningResult
 from .pipeline import Job, StageTimer, run_pipeline, run_targets
@@ -144,6 +144,7 @@ class SPDYPruner:
         self._check_model(model)
         current_processes(cuda=self.config.backend == "cuda")  # under a launcher: each process on its own GPU
         to_target_device(model, self.config.backend, self.config.regime.dtype)
+        own_memory(model)  # a model loaded as views of its file would hold every weight written twice
         if self.config.backend == "cpu" and self.config.regime.dtype == "float32" and bfloat16_is_faster():
             logger.info("This CPU multiplies bfloat16 matrices natively: the dense model in bfloat16 is likely much "
                         "faster already, at the same quality (MiniLM 1.70x, SmolLM2-135M 1.92x on a 2-core Xeon; "

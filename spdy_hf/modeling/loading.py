@@ -123,6 +123,7 @@ def _load_model_and_tokenizer(name_or_path: str, trust_remote_code: bool, dtype:
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_file)
     if dtype != "auto":
         cast_weights(model, dtype)
+    own_memory(model)
     return model.eval(), tokenizer
 
 
@@ -132,6 +133,24 @@ def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+    return model
+
+
+@torch.no_grad()
+def own_memory(model: torch.nn.Module) -> torch.nn.Module:
+    """Every tensor of the model that lies in a file mapping moved into memory of its own, in place; the others are
+    left as they are.
+
+    transformers loads a safetensors checkpoint whose dtype is the one asked for as views of the file, mapped: the
+    tensors of one file share the mapping, which stays whole while any of them lives, and a tensor written to (a
+    weight pruned or stitched) takes private pages on top of it. Pruning then holds the model twice (the file's
+    pages read and the pages written), and a tensor replaced or released frees nothing (a shrunk layer's full-size
+    weight): on a 1.1 B bfloat16 model, 2 GB held for nothing through every stage. Copied once, at load, the mapping
+    goes when the last tensor leaves it; the copy reads the file once (the model's size more at that moment only).
+    A tensor in a mapping is told by its storage, which cannot be resized (memory torch allocated can)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.numel() and not t.untyped_storage().resizable():
+            t.data = t.data.clone()
     return model
 
 

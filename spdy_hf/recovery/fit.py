@@ -303,7 +303,11 @@ class Recovery:
             with ShrunkModel(model) as cut:
                 if len(cut):
                     logger.info("Recovery trains the model shrunk: %d groups of heads or neurons cut out.", len(cut))
-                return self._global_fit(teacher, cut.teacher_index, lr, cached)
+                history = self._global_fit(teacher, cut.teacher_index, lr, cached)
+                # gone before the full-size weights come back, so that the teacher and the model at full size are
+                # never held together (on a 1.1 B model that moment was the job's peak)
+                del teacher, cached
+            return history
         finally:
             model.requires_grad_(False)
             for p in frozen:
