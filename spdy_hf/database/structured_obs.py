@@ -163,8 +163,10 @@ def _eliminate_columns(w: torch.Tensor, hinv: torch.Tensor, group_size: int, sto
             columns[:, k], rows[k], scaled[k] = a, u, c
             gone[best] = True
         keep = (~gone).nonzero().squeeze(1)
-        w = w[:, keep] - columns @ scaled[:, keep]
-        hinv = hinv[keep][:, keep] - rows[:, keep].T @ scaled[:, keep]
+        # the batch's updates applied to what is kept, in place (no product the matrices' size beside them)
+        w = w.index_select(1, keep).addmm_(columns, scaled[:, keep], alpha=-1.0)
+        hinv = hinv.index_select(0, keep)
+        hinv = hinv.index_select(1, keep).addmm_(rows[:, keep].T, scaled[:, keep], alpha=-1.0)
         held = [h for h, x in zip(held, gone.tolist()) if not x]
         alive = len(held)
         if alive in stops:
