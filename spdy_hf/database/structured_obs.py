@@ -139,15 +139,14 @@ def _eliminate_columns(w: torch.Tensor, hinv: torch.Tensor, group_size: int, sto
     alive = len(held)
     while alive > last:
         g = len(held)
-        batch = min(max(1, g // 16), 512, alive - last)
-        nearer = [k for k in stops if last <= k < alive]
-        batch = min(batch, alive - max(nearer)) if nearer else batch
-        columns = torch.empty(out_features, batch, dtype=w.dtype)  # a: the removed columns of W
-        rows = torch.empty(batch, g, dtype=w.dtype)  # u: the rows of H^-1 removed
-        scaled = torch.empty(batch, g, dtype=w.dtype)  # c = u / u[b]
+        # up to the next level asked for (`last` is one)
+        batch = min(max(1, g // 16), 512, alive - max(k for k in stops if k < alive))
+        columns = w.new_empty(out_features, batch)  # a: the removed columns of W
+        rows = w.new_empty(batch, g)  # u: the rows of H^-1 removed
+        scaled = w.new_empty(batch, g)  # c = u / u[b]
         norms = torch.linalg.vector_norm(w, dim=0).square()
         diagonal = hinv.diagonal().clone()
-        gone = torch.zeros(g, dtype=torch.bool)
+        gone = torch.zeros(g, dtype=torch.bool, device=w.device)
         for k in range(batch):
             errors = norms / diagonal
             errors[gone] = float("inf")
