@@ -396,7 +396,7 @@ class StructuredConfig:
 
 RECOVERY_METHODS = ("none", "gap", "layerwise", "auto")
 RECOVERY_PRECISIONS = ("auto", "float32", "bfloat16")
-RECOVERY_TEACHERS = ("copy", "outputs")
+RECOVERY_TEACHERS = ("stream", "copy", "outputs")
 
 
 @dataclass
@@ -450,9 +450,12 @@ class RecoveryConfig:
                 "themselves. null: 16 for a causal LM (on one pruned SmolLM2-135M at 1.5x within 5 % of training the "
                 "weights on text of other domains, either way; docs/benchmarks/scaling.md), 0 for an encoder."})
 
-    teacher: str = field(default="copy", metadata={
-        "help": "gap only: what the pruned model is fitted to. 'copy': a dense copy of the model held beside it "
-                "(every pruned layer's output and the final output); 'outputs' (causal LMs): the hidden states the "
+    teacher: str = field(default="stream", metadata={
+        "help": "gap only: what the pruned model is fitted to, and how the dense model is held. 'stream': the dense "
+                "model (every pruned layer's output and the final output), its pruned blocks read from the snapshot "
+                "on disk one at a time in every pass, so one block's dense weights are in memory at once; 'copy': "
+                "the same dense model with its pruned blocks held in memory beside the pruned model (no reading, "
+                "their size more memory); 'outputs' (causal LMs): the hidden states the "
                 "dense model gives its head, computed once for every window and kept (for 512 windows of 128 tokens "
                 "of a 2,048-wide model, 268 MB in bfloat16), the objective the output KL alone: no second model in "
                 "memory."})

@@ -127,7 +127,7 @@ def test_low_rank_gap_trains_updates_and_holds_every_profile_zero(name, family, 
 
 # ------------------------------------------------------------------ the dense model's outputs, kept instead of a copy
 def test_the_teacher_setting_is_checked():
-    assert SPDYConfig().recovery.teacher == "copy"
+    assert SPDYConfig().recovery.teacher == "stream"
     with pytest.raises(ConfigError, match="recovery.teacher"):
         SPDYConfig(recovery={"teacher": "disk"})
     with pytest.raises(ConfigError, match="layerwise"):
@@ -220,15 +220,16 @@ def test_the_teacher_copies_only_the_blocks_recovery_trains(tmp_path, tokenizer,
     made = {}
     original = DenseSnapshot.model
 
-    def recording(self, like, dtype=None, shared=None):
-        made["model"], made["teacher"] = like, original(self, like, dtype, shared)
+    def recording(self, like, dtype=None, shared=None, streamed=()):
+        made["model"], made["teacher"] = like, original(self, like, dtype, shared, streamed)
         made["dense"] = {n: self.tensor(n) for n in self.index}
         return made["teacher"]
 
     monkeypatch.setattr(DenseSnapshot, "model", recording)
     # passes in float32: the teacher is in the model's dtype, so it can share (a float32 model scored under bfloat16
     # autocast gets a bfloat16 copy of everything: half the memory of sharing float32 tensors)
-    result = job("llama", "structured", tmp_path, tokenizer, {"method": "gap", "precision": "float32", **FAST})
+    result = job("llama", "structured", tmp_path, tokenizer,
+                 {"method": "gap", "teacher": "copy", "precision": "float32", **FAST})
     assert result.report["recovery"]["method"] == "gap"
     student, teacher = dict(made["model"].named_parameters()), dict(made["teacher"].named_parameters())
     pruned = {e["consumer"].rsplit(".", 2)[0] for e in result.groups if e["keep"] < e["num_groups"]}
@@ -263,3 +264,35 @@ def test_a_checkpoints_own_exact_zeros_do_not_make_a_layer_train_whole(tmp_path,
     assert result.report["recovery"]["rank"] == 2
     assert not [p for p in weights["trained"] if p.ndim == 2 and min(p.shape) > 2]  # factors only
     assert result.report["recovery"]["method"] == "gap"  # (recovery checks that every profile zero held, or raises)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_a_streamed_teacher_takes_the_steps_of_a_held_one(name, tmp_path, tokenizer, monkeypatch):
+    """recovery.teacher: stream reads the pruned blocks' dense weights from the snapshot in every pass instead of
+    holding them: the same teacher, so the same losses and the same recovered weights, bit for bit; and no more than
+    one streamed block holds its weights at any moment of training."""
+    from spdy_hf.modeling import snapshot as snapshot_module
+
+    filled, most = set(), [0]
+    fill, release = snapshot_module._StreamedWeights.fill, snapshot_module._StreamedWeights.release
+
+    def counting_fill(self, module, args):
+        fill(self, module, args)
+        filled.add(id(module))
+        most[0] = max(most[0], len(filled))
+
+    def counting_release(self, module, args, output):
+        release(self, module, args, output)
+        filled.discard(id(module))
+
+    settings = {"method": "gap", "rank": 2 if name == "llama" else 0, **FAST}
+    held = job(name, "structured", tmp_path / "held", tokenizer, {**settings, "teacher": "copy"})
+    monkeypatch.setattr(snapshot_module._StreamedWeights, "fill", counting_fill)
+    monkeypatch.setattr(snapshot_module._StreamedWeights, "release", counting_release)
+    streamed = job(name, "structured", tmp_path / "streamed", tokenizer, {**settings, "teacher": "stream"})
+    assert most[0] == 1 and not filled  # blocks were streamed, one at a time, and all released
+    a, b = held.report["recovery"], streamed.report["recovery"]
+    assert (a["teacher"], b["teacher"]) == ("copy", "stream")
+    assert a["train_loss"] == b["train_loss"] and a["heldback_loss"] == b["heldback_loss"]
+    for (n, p), q in zip(held.model.named_parameters(), streamed.model.parameters()):
+        assert torch.equal(p, q), n

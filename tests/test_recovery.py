@@ -347,8 +347,7 @@ def test_recovery_that_hurts_the_held_back_score_is_undone(tmp_path, tokenizer, 
         with torch.no_grad():
             for _, block in self.blocks:
                 for p in block.parameters():
-                    p.mul_(1.5)
-        self.held.apply()
+                    p.mul_(1.5)  # zeros stay zero
         return {"heldback_before": 1.0, "heldback_after": 0.5}
 
     plain = job("gpt2", "unstructured", tmp_path / "plain", tokenizer, {"method": "none"})
@@ -455,3 +454,36 @@ def test_the_held_back_score_taken_a_few_batches_at_a_time_is_the_score_of_all(n
     assert len(parts) == (len(recovery.heldback) if kind == "kl" else 1) and len(recovery.heldback) == 6
     assert whole[0] == apart[0] == direct.kind and expected > 0
     assert whole[1] == pytest.approx(expected, rel=1e-6) and apart[1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_zero_recovery_moved_is_an_error(tmp_path, tokenizer, monkeypatch):
+    """The last check of recovery: every zero the search left in a pruned layer (read back from the snapshot taken
+    before training) is zero still; one that is not stops the job, naming the parameter."""
+    from spdy_hf.errors import SPDYError
+    from spdy_hf.recovery.fit import Recovery
+
+    def moving(self, lr):
+        with torch.no_grad():
+            name = next(iter(self.layers))
+            weight = dict(self.model.named_modules())[name].weight
+            weight[weight == 0] = 1e-3
+        return {"heldback_before": 1.0, "heldback_after": 0.5}
+
+    monkeypatch.setattr(Recovery, "_global", moving)
+    monkeypatch.setattr(Recovery, "_guard", lambda self, current: ("kl", 0.0))  # kept, whatever it did
+    with pytest.raises(SPDYError, match=r"moved profile zeros: \{'[^']+\.weight': [1-9]"):
+        job("gpt2", "unstructured", tmp_path, tokenizer, {"method": "gap", **FAST})
+
+
+def test_layerwise_recovery_of_blocks_that_do_not_chain_matches_the_chain(tmp_path, tokenizer, monkeypatch):
+    """Where blocks do not chain, each block's dense inputs come from the dense model run up to it, its blocks read
+    from the snapshot one at a time: the same inputs as the chain's, so the same recovered weights."""
+    from spdy_hf.calibration.sequential import SequentialCalibrator
+
+    settings = {"method": "layerwise", **FAST}
+    chained = job("llama", "structured", tmp_path / "chained", tokenizer, settings)
+    monkeypatch.setattr(SequentialCalibrator, "check_chain", lambda self, chain, kwargs: False)
+    captured = job("llama", "structured", tmp_path / "captured", tokenizer, settings)
+    assert len(chained.report["recovery"]["blocks"]) > 1
+    for (n, p), q in zip(chained.model.named_parameters(), captured.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)

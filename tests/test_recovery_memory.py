@@ -109,6 +109,46 @@ def test_a_snapshot_gives_back_every_tensor_exactly_and_leaves_no_file(monkeypat
     assert snapshot_files() == before
 
 
+def test_a_streamed_copy_holds_one_blocks_weights_only_while_it_runs():
+    """`DenseSnapshot.model(streamed=...)`: the named blocks hold empty parameters except during their own forward
+    pass, when they hold the snapshot's values (in the copy's dtype); the outputs are a held copy's exactly, and a
+    block whose forward raises releases its weights too."""
+    model = MODEL_FACTORIES["llama"]()
+    inputs = example_inputs(2, 8)
+    snapshot = DenseSnapshot(model)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)  # the snapshot's values, not the model's, are read
+        blocks = [f"model.layers.{i}" for i in range(len(model.model.layers))]
+        held = snapshot.model(model, torch.bfloat16)
+        streamed = snapshot.model(model, torch.bfloat16, streamed=blocks)
+        seen = []
+
+        def look(module, args):
+            seen.append([int(sum(p.numel() for p in b.parameters())) for b in streamed.model.layers])
+
+        for block in streamed.model.layers:
+            block.register_forward_pre_hook(look)  # after the streaming hook: the block is filled by now
+        assert all(p.numel() == 0 for b in streamed.model.layers for p in b.parameters())
+        assert streamed.model.embed_tokens.weight.shape == model.model.embed_tokens.weight.shape
+        with torch.no_grad():
+            torch.testing.assert_close(streamed(**inputs).logits, held(**inputs).logits, rtol=0, atol=0)
+        full = int(sum(p.numel() for p in held.model.layers[0].parameters()))
+        assert seen == [[full if j == i else 0 for j in range(len(blocks))] for i in range(len(blocks))]
+        assert all(p.numel() == 0 and p.dtype == torch.bfloat16 for b in streamed.model.layers for p in b.parameters())
+
+        def fail(module, args, output):
+            raise RuntimeError("stop")
+
+        streamed.model.layers[0].mlp.register_forward_hook(fail)
+        with pytest.raises(RuntimeError, match="stop"), torch.no_grad():
+            streamed(**inputs)
+        assert all(p.numel() == 0 for p in streamed.model.layers[0].parameters())
+    finally:
+        snapshot.close()
+
+
 def test_a_teacher_is_built_in_the_dtype_asked_from_the_snapshot():
     """The dense copy recovery trains against: the snapshot's values in bfloat16, allocated so (no float32 copy of
     the model is made first), ties kept, the model it was shaped on left as it is."""

@@ -14,7 +14,7 @@ import contextlib
 import copy
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ class DenseSnapshot:
             t.copy_(self.tensor(prefix + name).to(t.device))
 
     def model(self, like: nn.Module, dtype: torch.dtype | None = None,
-              shared: Callable[[str], bool] | None = None) -> nn.Module:
+              shared: Callable[[str], bool] | None = None, streamed: Iterable[str] = ()) -> nn.Module:
         """A copy of `like` holding the snapshot's values, in eval mode, without gradients; with `dtype`, its
         floating parameters in that dtype (buffers, such as a rotary embedding's float32 frequencies, keep theirs),
         allocated so from the start (no copy of `like`'s values is ever made).
@@ -85,7 +85,14 @@ class DenseSnapshot:
         `shared(name)`: the tensors of `like` the copy holds themselves, neither copied nor written (those the caller
         knows to hold the snapshot's values still and to stay so while the copy is used: recovery's teacher shares
         the blocks recovery does not train, the embeddings and the head), where they are in the copy's dtype already
-        (a model mixing dtypes would not run: a float32 norm does not take bfloat16 inputs on a CPU)."""
+        (a model mixing dtypes would not run: a float32 norm does not take bfloat16 inputs on a CPU).
+
+        `streamed`: names of submodules of `like` whose floating parameters the copy does not hold. Each such
+        submodule reads its parameters from the snapshot as its forward pass starts and releases them as it ends,
+        so the copy holds the weights of one of them at a time, at the price of reading them again on every pass
+        (recovery's teacher streams the blocks recovery trains: `recovery.teacher: stream`). The snapshot must stay
+        open while the copy is used."""
+        prefixes = tuple(f"{m}." for m in streamed)
         memo: dict[int, torch.Tensor] = {}
         kept: set[str] = set()
         for name, t in floating_tensors(like):  # fresh, uninitialized storage for every other floating tensor
@@ -94,22 +101,49 @@ class DenseSnapshot:
                 memo[id(t)] = t
                 kept.add(name)
                 continue
-            empty = torch.empty(t.shape, dtype=wanted, device=t.device)
+            lazy = isinstance(t, nn.Parameter) and name.startswith(prefixes)
+            empty = torch.empty(0 if lazy else t.shape, dtype=wanted, device=t.device)
             memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
         teacher = copy.deepcopy(like, memo)
         with torch.no_grad():
             for name, t in floating_tensors(teacher):
-                if name not in kept:
+                if name not in kept and not (isinstance(t, nn.Parameter) and name.startswith(prefixes)):
                     t.copy_(self.tensor(name).to(t.device))
         teacher.eval()
         for name, t in floating_tensors(teacher):
             if name not in kept and isinstance(t, nn.Parameter):
                 t.requires_grad_(False)
+        modules = dict(teacher.named_modules())
+        for name in streamed:
+            _StreamedWeights(self, name, modules[name], kept)
         return teacher
 
     def close(self) -> None:
         self._shards = []
         self._stack.close()
+
+
+class _StreamedWeights:
+    """The hooks that give one submodule of a snapshot's copy its parameters for the length of its forward pass:
+    read from the snapshot (in the copy's dtype, on its device) as the pass starts, released (empty tensors of the
+    same dtype) as it ends, also when it raises."""
+
+    def __init__(self, snapshot: DenseSnapshot, name: str, module: nn.Module, shared: set[str]):
+        self.snapshot, self.prefix = snapshot, f"{name}."
+        self.params = {n: p for n, p in module.named_parameters()
+                       if p.is_floating_point() and self.prefix + n not in shared}
+        module.register_forward_pre_hook(self.fill)
+        module.register_forward_hook(self.release, always_call=True)
+
+    @torch.no_grad()
+    def fill(self, module: nn.Module, args) -> None:
+        for name, p in self.params.items():
+            p.data = self.snapshot.tensor(self.prefix + name).to(device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def release(self, module: nn.Module, args, output) -> None:
+        for p in self.params.values():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
 def floating_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -127,7 +127,6 @@ class Recovery:
         self.config, self.cfg, self.model, self.snapshot = config, config.recovery, model, snapshot
         self.kind, self.progress = kind, progress
         self.layers = pruned_layers(model, snapshot)
-        self.held = HeldZeros.of_modules(model, self.layers)
         self.live = {n: keep for n, m in self.layers.items() if (keep := live_outputs(m)) is not None}
         self.blocks = [(name, block) for name, block in find_blocks(model)
                        if any(layer.startswith(name + ".") for layer in self.layers)]
@@ -179,6 +178,9 @@ class Recovery:
             copied = [p for _, b in self.blocks for p in b.parameters()] if dtype == model_dtype(self.model) \
                 else list(self.model.parameters())
             teacher = sum(p.numel() for p in copied) * dtype.itemsize
+            if self.cfg.teacher == "stream":  # the pruned blocks one at a time
+                teacher -= sum(p.numel() for _, b in self.blocks for p in b.parameters()) * dtype.itemsize
+                teacher += max(sum(p.numel() for p in b.parameters()) for _, b in self.blocks) * dtype.itemsize
         # a pass's activations (about the kept weights' size), the shrunk model's gradients and Adam's moments, and
         # float32 copies of weights the model holds in half precision
         # (with `recovery.rank`, the updates' factors and the whole-trained norms and biases are small: the pass)
@@ -203,7 +205,7 @@ class Recovery:
             return {"method": "none", "reason": "no free memory known to hold gap"}
         start = time.perf_counter()
         lr = self.cfg.lr(method, self.kind)
-        counts_before = self.held.counts()
+        held_zeros = self._profile_zeros()
         was_training = self.model.training
         self.model.eval()
         unrecovered = DenseSnapshot(self.model)  # the weights the search left, to fall back on
@@ -220,11 +222,11 @@ class Recovery:
                 unrecovered.restore(self.model)
                 logger.warning("Recovery (%s) made the %s score on the held-back windows worse (%.5g -> %.5g): the "
                                "unrecovered weights are kept.", method, guard_kind, guard_before, guard_after)
+            problems = self._moved_zeros(unrecovered)
         finally:
             unrecovered.close()
             self.model.train(was_training)
-        problems = self.held.violations()
-        if problems or self.held.counts() != counts_before:  # cannot happen: every step re-applies the masks
+        if problems:  # cannot happen: every step puts the zeros back
             raise SPDYError(f"Recovery moved profile zeros: {problems}.")
         seconds = time.perf_counter() - start
         return {"method": method, "learning_rate": lr, "epochs": self.cfg.epochs_for(self.kind),
@@ -235,10 +237,32 @@ class Recovery:
                 "output_weight": self.cfg.output_weight_for(self.kind) if method == "gap" else 0.0,
                 "rank": self.cfg.rank_for(self.kind) if method == "gap" else None,
                 "teacher": self.cfg.teacher if method == "gap" else None,
-                "held_zeros": int(sum(counts_before.values())), "trained_blocks": len(self.blocks),
+                "held_zeros": held_zeros, "trained_blocks": len(self.blocks),
                 "seconds": round(seconds, 3), "heldback_score": {"kind": guard_kind, "before": guard_before,
                                                                   "after": guard_after},
                 "reverted": reverted, **history}
+
+    def _profile_parameters(self) -> dict[str, nn.Parameter]:
+        """The weights and biases of the pruned layers, by name."""
+        wanted = set(self.layers)
+        return {n: p for n, p in self.model.named_parameters() if n.rsplit(".", 1)[0] in wanted}
+
+    @torch.no_grad()
+    def _profile_zeros(self) -> int:
+        """How many entries of the pruned layers are zero: the profile's zeros, which recovery holds."""
+        return sum(int((p == 0).sum()) for p in self._profile_parameters().values())
+
+    @torch.no_grad()
+    def _moved_zeros(self, before: DenseSnapshot) -> dict[str, int]:
+        """Entries of the pruned layers zero in `before` (the weights the search left) and not zero now, per
+        parameter; empty when every zero held. Read a tensor at a time, so no mask of the whole model is held
+        through recovery (on a 1.1 B model, a byte per weight: 0.9 GiB)."""
+        moved = {}
+        for name, p in self._profile_parameters().items():
+            n = int(((before.tensor(name).to(p.device) == 0) & (p != 0)).sum())
+            if n:
+                moved[name] = n
+        return moved
 
     def _guard(self, current: DenseSnapshot) -> tuple[str, float]:
         """The job's score on the held-back windows against the dense model, of the weights in `current` (the
@@ -294,9 +318,15 @@ class Recovery:
         if self.cfg.teacher == "outputs":
             cached, teacher = self._dense_head_inputs(), None
         else:
-            # the teacher copies the blocks recovery trains; the rest it shares with the model, which holds the dense
-            # values there and keeps them (nothing outside those blocks is trained)
-            cached, teacher = None, self.snapshot.model(model, self.teacher_dtype(), shared=self._untrained)
+            # the teacher holds (copy) or reads one at a time (stream) the blocks recovery trains; the rest it shares
+            # with the model, which holds the dense values there and keeps them (nothing outside those blocks is
+            # trained)
+            streamed = [name for name, _ in self.blocks] if self.cfg.teacher == "stream" else []
+            cached, teacher = None, self.snapshot.model(model, self.teacher_dtype(), shared=self._untrained,
+                                                        streamed=streamed)
+            if streamed:
+                logger.info("Recovery reads the dense weights of %d blocks from disk a block at a time in every pass "
+                            "(recovery.teacher: stream).", len(streamed))
         frozen = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)
         try:
@@ -476,7 +506,7 @@ class Recovery:
                     with torch.no_grad():
                         calls = calibrator.capture(block, self.extra)
                         dense_calls = self._dense_inputs(model, name, block)
-                dense_block = copy.deepcopy(block)
+                dense_block = copy.deepcopy(block)  # one block's dense weights at a time
                 self.snapshot.restore(dense_block, prefix=name + ".")
                 dense_block.requires_grad_(False)
                 layers = {n[len(name) + 1:] for n in self.layers if n.startswith(name + ".")}
@@ -497,8 +527,9 @@ class Recovery:
         return {"heldback_before": before, "heldback_after": after, "blocks": histories}
 
     def _dense_inputs(self, model: nn.Module, name: str, block: nn.Module) -> list[BlockCall]:
-        """The dense model's inputs to block `name`: the whole dense model run up to it (unchained models only)."""
-        teacher = self.snapshot.model(model)
+        """The dense model's inputs to block `name`: the whole dense model run up to it (unchained models only),
+        its blocks read from the snapshot one at a time."""
+        teacher = self.snapshot.model(model, streamed=[n for n, _ in find_blocks(model)])
         try:
             return SequentialCalibrator(teacher, [], self.train + self.heldback, progress=False).capture(
                 dict(find_blocks(teacher))[name], self.extra)
@@ -518,6 +549,7 @@ class Recovery:
         params = list(block.parameters())
         for p in params:
             p.requires_grad_(True)
+        held = HeldZeros.of_modules(block, layers)
         index = {id(b): i for i, b in enumerate(self.train + self.heldback)}
 
         def objective(batch) -> torch.Tensor:
@@ -530,7 +562,7 @@ class Recovery:
 
         try:
             with float32_training(params):
-                return self._fit(params, objective, lr, desc=None)
+                return self._fit(params, objective, lr, desc=None, held=held)
         finally:
             student_out.remove()
             for p in params:
@@ -538,11 +570,10 @@ class Recovery:
 
     # ------------------------------------------------------------------ the training loop both share
     def _fit(self, params: list[nn.Parameter], objective, lr: float, desc: str | None,
-             held: HeldZeros | None = None, micro_batch_size: int | None = None) -> dict:
+             held: HeldZeros, micro_batch_size: int | None = None) -> dict:
         """Adam on `params` against `objective(batch)`, a batch's loss; with `micro_batch_size`, each training batch
         runs as passes of that many windows whose gradients add up to one step (`objective` then gets those parts).
         The best epoch's values, by the held-back loss, are kept in a snapshot on disk and come back at the end."""
-        held = self.held if held is None else held
         optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # in place: no temporaries the size of params
         rng = np.random.default_rng(self.config.search.seed)
         trained = nn.ParameterList(params)  # the same tensors, named for the snapshot of the best epoch
