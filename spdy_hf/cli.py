@@ -101,11 +101,11 @@ def prune_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--latency-table", help="Use this latency table instead of measuring one.")
     p.add_argument("--recovery", choices=["none", "gap", "layerwise", "auto"],
                    help="Few-sample recovery after verify, every pruned zero held: gap (global AdaPrune, the "
-                        "model beside a dense copy), layerwise (block by block, less memory), none, or auto (the "
+                        "model against the dense one, its pruned blocks read from disk a block at a time), layerwise (block by block, less memory), none, or auto (the "
                         "default: gap where its memory is free, else layerwise for encoders and none for causal LMs).")
     p.add_argument("--recovery-rank", type=int, metavar="R",
                    help="gap trains updates of rank R of the kept weights, added in at the end, instead of the "
-                        "weights themselves (recovery.rank): recovery then holds the dense copy and one pass, no "
+                        "weights themselves (recovery.rank): recovery then holds one pass and the dense model's shared part, no "
                         "gradients or Adam state of the model's weights.")
     p.add_argument("--seed", type=int, help="Seed of the search and of the calibration windows.")
     p.add_argument("--max-candidates", type=_candidates,

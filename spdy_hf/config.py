@@ -405,9 +405,9 @@ class RecoveryConfig:
     fitted to the dense model's layer outputs on the calibration windows, every profile zero held."""
 
     method: str = field(default="auto", metadata={
-        "help": "'gap' (global AdaPrune: the whole model at once, beside a dense copy), 'layerwise' (block by "
-                "block: one block's activations at a time), 'none', or 'auto': gap where its memory is free (the "
-                "dense copy and a pass; training the weights themselves, four times the kept weights), else "
+        "help": "'gap' (global AdaPrune: the whole model at once, against the dense model: recovery.teacher), "
+                "'layerwise' (block by block: one block's activations at a time), 'none', or 'auto': gap where its "
+                "memory is free (the dense teacher and a pass; training the weights themselves, four times the kept weights), else "
                 "layerwise for an encoder and none for a causal LM (layerwise did not help one). On SmolLM2-135M at 1.5x gap cut the perplexity on text "
                 "of other domains by a quarter to a third and made greedy generation read as language, for 9 "
                 "minutes and a job peaking at 2.84 GiB."})

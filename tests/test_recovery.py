@@ -487,3 +487,30 @@ def test_layerwise_recovery_of_blocks_that_do_not_chain_matches_the_chain(tmp_pa
     assert len(chained.report["recovery"]["blocks"]) > 1
     for (n, p), q in zip(chained.model.named_parameters(), captured.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_few_zeros_are_held_by_their_positions():
+    """A parameter with few zeros (a checkpoint's own) holds their flat positions, not a mask of its size; many
+    zeros (a profile's) a mask. Either way the same entries are counted, zeroed, and their gradients held, also a
+    gradient laid out transposed."""
+    layer = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.weight[2, 3] = layer.weight[5, 11] = 0  # 2 of 128: few
+        layer.bias[:6] = 0  # 6 of 8: many
+    model = torch.nn.Sequential(layer)
+    held = HeldZeros.of_modules(model, ["0"])
+    assert held.masks["0.weight"].dtype == torch.int32 and held.masks["0.weight"].tolist() == [2 * 16 + 3, 5 * 16 + 11]
+    assert held.masks["0.bias"].dtype == torch.bool
+    assert held.counts() == {"0.weight": 2, "0.bias": 6}
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+        layer.bias.add_(1.0)
+    assert held.violations() == {"0.weight": 2, "0.bias": 6}
+    held.apply()
+    assert held.violations() == {} and int((layer.weight == 0).sum()) == 2 and int((layer.bias == 0).sum()) == 6
+    assert int((layer.weight == 2).sum()) == 126
+    layer.weight.grad = torch.ones(16, 8).T  # not contiguous
+    held.hold_gradients()
+    assert layer.weight.grad[2, 3] == 0 and layer.weight.grad[5, 11] == 0
+    assert int((layer.weight.grad == 0).sum()) == 2

@@ -19,25 +19,31 @@ measured before training and after every epoch, training stops after `patience` 
 the best epoch's weights are kept, the unrecovered ones if no epoch beat them.
 
 Two variants (`recovery.method`):
-- `gap`: the whole pruned model against a dense copy of it, both in memory. The pruned model is trained shrunk
+- `gap`: the whole pruned model against the dense model, each on its own activations. The dense model
+  (`recovery.teacher`) shares with the pruned one every tensor recovery does not train (where their dtypes agree),
+  and its pruned blocks are read from the snapshot on disk one block at a time in every pass (`stream`, the
+  default: one block's dense weights in memory, for a read of the pruned blocks per pass) or held in memory
+  beside the pruned model (`copy`). The pruned model is trained shrunk
   (`spdy_hf.recovery.shrunk.ShrunkModel`): its removed heads and neurons are cut out for the length of training and
   its kept weights written back after, so neither the passes nor the gradients and Adam's two moments are spent
-  on zeros. It holds the dense copy (in bfloat16 when the passes run in bfloat16, built so from the start), the
-  shrunk model's gradients and moments, and one pass's activations: a batch runs as passes of
+  on zeros. It holds the dense model's shared part (in bfloat16 when the passes run in bfloat16, built so from the
+  start), the shrunk model's gradients and moments, and one pass's activations: a batch runs as passes of
   `recovery.micro_batch_size` windows whose gradients add up to one step. The best epoch's weights wait in a
   snapshot on disk, and the guard's dense reference is built for each of its two scores rather than held. A
   causal LM's output term is taken from the hidden states its head gets, a slice of tokens at a time
   (`sliced_kl`), so no batch's logits over the whole vocabulary are ever held. With a rank (`recovery.rank`, 16
   for a causal LM by default) the kept weights are not trained themselves: updates of that rank are, and added to
-  them once at the end (`spdy_hf.recovery.low_rank`), so no gradient or moment of a weight is held. With
-  `recovery.teacher: outputs` (causal LMs) there is no dense copy either: the hidden states the dense model gives
+  them once at the end (`spdy_hf.recovery.low_rank`), so no gradient or moment of a weight is held. The
+  profile's zeros are checked at the end against the snapshot taken before training, a tensor at a time, not
+  against masks of the whole model. With
+  `recovery.teacher: outputs` (causal LMs) there is no dense model at all: the hidden states the dense model gives
   its head are computed once for every pass, with the dense weights written into the model for the while, and
   kept; the objective is then the output KL alone.
 - `layerwise`: block by block. Each block of the pruned model, on the inputs the (already recovered) blocks before
   it give, is fitted to the dense block's layer outputs on the dense inputs. It holds one block's training state
   and the windows' hidden states at one block (two sets: pruned and dense), not a second model; the dense weights
   are read one block at a time from the snapshot on disk.
-`auto`, the default, takes `gap` when the dense copy and a pass (about the kept weights' size), with the weights'
+`auto`, the default, takes `gap` when the dense teacher and a pass (about the kept weights' size), with the weights'
 gradients, moments and float32 copies when they are trained themselves, fit in the memory free now; otherwise, and
 where the free memory cannot be told (with a warning), `layerwise` for an encoder and nothing for a causal LM, which
 the layer-wise variant does not help (docs/benchmarks/transfer.md). On SmolLM2-135M at 1.5x gap once over every
