@@ -220,8 +220,8 @@ def test_the_teacher_copies_only_the_blocks_recovery_trains(tmp_path, tokenizer,
     made = {}
     original = DenseSnapshot.model
 
-    def recording(self, like, dtype=None, shared=None, streamed=()):
-        made["model"], made["teacher"] = like, original(self, like, dtype, shared, streamed)
+    def recording(self, like, dtype=None, shared=None, streamed=(), source=None):
+        made["model"], made["teacher"] = like, original(self, like, dtype, shared, streamed, source)
         made["dense"] = {n: self.tensor(n) for n in self.index}
         return made["teacher"]
 
@@ -270,8 +270,14 @@ def test_a_checkpoints_own_exact_zeros_do_not_make_a_layer_train_whole(tmp_path,
 def test_a_streamed_teacher_takes_the_steps_of_a_held_one(name, tmp_path, tokenizer, monkeypatch):
     """recovery.teacher: stream reads the pruned blocks' dense weights from the snapshot in every pass instead of
     holding them: the same teacher, so the same losses and the same recovered weights, bit for bit; and no more than
-    one streamed block holds its weights at any moment of training."""
+    one streamed block holds its weights at any moment of training. The float32 model's passes run in bfloat16: the
+    blocks are read from a bfloat16 snapshot of theirs, closed when recovery ends."""
     from spdy_hf.modeling import snapshot as snapshot_module
+    from spdy_hf.recovery.fit import Recovery
+
+    sources = []
+    make_source = Recovery._streamed_source
+    monkeypatch.setattr(Recovery, "_streamed_source", lambda self: sources.append(make_source(self)) or sources[-1])
 
     filled, most = set(), [0]
     fill, release = snapshot_module._StreamedWeights.fill, snapshot_module._StreamedWeights.release
@@ -285,12 +291,15 @@ def test_a_streamed_teacher_takes_the_steps_of_a_held_one(name, tmp_path, tokeni
         release(self, module, args, output)
         filled.discard(id(module))
 
-    settings = {"method": "gap", "rank": 2 if name == "llama" else 0, **FAST}
+    settings = {"method": "gap", "rank": 2 if name == "llama" else 0, "precision": "bfloat16", **FAST}
     held = job(name, "structured", tmp_path / "held", tokenizer, {**settings, "teacher": "copy"})
+    assert not sources
     monkeypatch.setattr(snapshot_module._StreamedWeights, "fill", counting_fill)
     monkeypatch.setattr(snapshot_module._StreamedWeights, "release", counting_release)
     streamed = job(name, "structured", tmp_path / "streamed", tokenizer, {**settings, "teacher": "stream"})
     assert most[0] == 1 and not filled  # blocks were streamed, one at a time, and all released
+    assert len(sources) == 1 and sources[0] is not None and not sources[0].index.keys() - {
+        n for n, _ in streamed.model.named_parameters()} and not sources[0]._shards  # bfloat16 blocks, closed
     a, b = held.report["recovery"], streamed.report["recovery"]
     assert (a["teacher"], b["teacher"]) == ("copy", "stream")
     assert a["train_loss"] == b["train_loss"] and a["heldback_loss"] == b["heldback_loss"]

@@ -24,9 +24,10 @@ SHARD_BYTES = 512 * 2**20  # the most host memory a snapshot of a GPU model copi
 
 class DenseSnapshot:
     """The module's floating parameters and buffers as they are now, by name (`named_parameters`, then
-    `named_buffers`), in temporary safetensors files."""
+    `named_buffers`), in temporary safetensors files; or, given (name, tensor) pairs instead of a module, those
+    tensors (taken one at a time, so a generator of them is never held whole)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module | Iterable[tuple[str, torch.Tensor]]):
         self.index: dict[str, int] = {}  # tensor name -> shard holding it
         self._shards: list = []  # open safetensors handles
         self._stack = contextlib.ExitStack()  # closes the handles, then removes any file still there
@@ -34,7 +35,7 @@ class DenseSnapshot:
         storages: set[int] = set()
         size = 0
         try:
-            for name, t in floating_tensors(model):
+            for name, t in floating_tensors(model) if isinstance(model, nn.Module) else model:
                 data = t.detach().to("cpu").contiguous()
                 if data.numel() and data.untyped_storage().data_ptr() in storages:
                     data = data.clone()  # views of one memory under two names: safetensors takes one
@@ -77,7 +78,8 @@ class DenseSnapshot:
             t.copy_(self.tensor(prefix + name).to(t.device))
 
     def model(self, like: nn.Module, dtype: torch.dtype | None = None,
-              shared: Callable[[str], bool] | None = None, streamed: Iterable[str] = ()) -> nn.Module:
+              shared: Callable[[str], bool] | None = None, streamed: Iterable[str] = (),
+              source: DenseSnapshot | None = None) -> nn.Module:
         """A copy of `like` holding the snapshot's values, in eval mode, without gradients; with `dtype`, its
         floating parameters in that dtype (buffers, such as a rotary embedding's float32 frequencies, keep theirs),
         allocated so from the start (no copy of `like`'s values is ever made).
@@ -90,8 +92,10 @@ class DenseSnapshot:
         `streamed`: names of submodules of `like` whose floating parameters the copy does not hold. Each such
         submodule reads its parameters from the snapshot as its forward pass starts and releases them as it ends,
         so the copy holds the weights of one of them at a time, at the price of reading them again on every pass
-        (recovery's teacher streams the blocks recovery trains: `recovery.teacher: stream`). The snapshot must stay
-        open while the copy is used."""
+        (recovery's teacher streams the blocks recovery trains: `recovery.teacher: stream`). They read from `source`
+        where given, a snapshot holding their parameters under the same names (in the copy's dtype already, say: half
+        the bytes of float32 to read on every pass, and nothing to convert), else from this one. The snapshot read
+        from must stay open while the copy is used."""
         prefixes = tuple(f"{m}." for m in streamed)
         memo: dict[int, torch.Tensor] = {}
         kept: set[str] = set()
@@ -115,7 +119,7 @@ class DenseSnapshot:
                 t.requires_grad_(False)
         modules = dict(teacher.named_modules())
         for name in streamed:
-            _StreamedWeights(self, name, modules[name], kept)
+            _StreamedWeights(source or self, name, modules[name], kept)
         return teacher
 
     def close(self) -> None:

@@ -321,6 +321,7 @@ class Recovery:
     # ------------------------------------------------------------------ gAP: the whole model at once
     def _global(self, lr: float) -> dict:
         model = self.model
+        source = None
         if self.cfg.teacher == "outputs":
             cached, teacher = self._dense_head_inputs(), None
         else:
@@ -328,8 +329,9 @@ class Recovery:
             # with the model, which holds the dense values there and keeps them (nothing outside those blocks is
             # trained)
             streamed = [name for name, _ in self.blocks] if self.cfg.teacher == "stream" else []
+            source = self._streamed_source() if streamed else None
             cached, teacher = None, self.snapshot.model(model, self.teacher_dtype(), shared=self._untrained,
-                                                        streamed=streamed)
+                                                        streamed=streamed, source=source)
             if streamed:
                 logger.info("Recovery reads the dense weights of %d blocks from disk a block at a time in every pass "
                             "(recovery.teacher: stream).", len(streamed))
@@ -345,9 +347,22 @@ class Recovery:
                 del teacher, cached
             return history
         finally:
+            if source is not None:
+                source.close()
             model.requires_grad_(False)
             for p in frozen:
                 p.requires_grad_(True)
+
+    def _streamed_source(self) -> DenseSnapshot | None:
+        """Where a streamed teacher reads its blocks from: the job's snapshot where it holds them in the teacher's
+        dtype; otherwise (a float32 model whose passes run in bfloat16) a snapshot of theirs in that dtype, written
+        once a tensor at a time, so that each pass reads half the bytes and converts none."""
+        dtype = self.teacher_dtype()
+        params = {f"{block}.{n}": p for block, module in self.blocks for n, p in module.named_parameters()
+                  if p.is_floating_point()}
+        if all(p.dtype == dtype for p in params.values()):
+            return None
+        return DenseSnapshot((name, self.snapshot.tensor(name).to(dtype)) for name in params)
 
     def _untrained(self, name: str) -> bool:
         """Whether the model's tensor `name` lies outside the pruned blocks, which are all that gap trains."""
