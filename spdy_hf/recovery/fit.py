@@ -88,7 +88,7 @@ from ..modeling.snapshot import DenseSnapshot
 from ..modeling.units import conv1d_classes, find_blocks
 from ..search.lowered import model_dtype
 from ..search.scoring import DistanceScorer
-from .held_zeros import HeldZeros
+from .held_zeros import HeldZeros, module_parameters
 from .low_rank import LowRankUpdates
 from .shrunk import ShrunkModel
 from .teacher import (
@@ -250,8 +250,7 @@ class Recovery:
 
     def _profile_parameters(self) -> dict[str, nn.Parameter]:
         """The weights and biases of the pruned layers, by name."""
-        wanted = set(self.layers)
-        return {n: p for n, p in self.model.named_parameters() if n.rsplit(".", 1)[0] in wanted}
+        return module_parameters(self.model, self.layers)
 
     @torch.no_grad()
     def _profile_zeros(self) -> int:
@@ -330,8 +329,13 @@ class Recovery:
             # trained)
             streamed = [name for name, _ in self.blocks] if self.cfg.teacher == "stream" else []
             source = self._streamed_source() if streamed else None
-            cached, teacher = None, self.snapshot.model(model, self.teacher_dtype(), shared=self._untrained,
-                                                        streamed=streamed, source=source)
+            try:
+                cached, teacher = None, self.snapshot.model(model, self.teacher_dtype(), shared=self._untrained,
+                                                            streamed=streamed, source=source)
+            except BaseException:
+                if source is not None:
+                    source.close()
+                raise
             if streamed:
                 logger.info("Recovery reads the dense weights of %d blocks from disk a block at a time in every pass "
                             "(recovery.teacher: stream).", len(streamed))

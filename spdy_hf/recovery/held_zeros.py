@@ -40,15 +40,14 @@ class HeldZeros:
             count = int(mask.sum())
             if not count:
                 continue
-            if 4 * count < mask.numel() < 2**31 and p.is_contiguous():
+            if 4 * count < mask.numel() < 2**31:
                 mask = torch.nonzero(mask.flatten()).flatten().to(torch.int32)
             self.masks[name], self.params[name] = mask, p
 
     @classmethod
     def of_modules(cls, model: nn.Module, module_names: Iterable[str]) -> HeldZeros:
         """The zeros of the weights and biases of the named modules (a profile's units)."""
-        wanted = set(module_names)
-        return cls(model, [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in wanted])
+        return cls(model, list(module_parameters(model, module_names)))
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -89,11 +88,17 @@ class HeldZeros:
         return out
 
 
+def module_parameters(model: nn.Module, module_names: Iterable[str]) -> dict[str, nn.Parameter]:
+    """The parameters (weights and biases) the named modules own directly, by full name."""
+    wanted = set(module_names)
+    return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in wanted}
+
+
 def _zero(t: torch.Tensor, held: torch.Tensor) -> None:
     """Zeroes the entries of `t` that `held` names: a mask of its shape, or flat positions."""
     if held.dtype == torch.bool:
         t.masked_fill_(held.to(t.device), 0)
     elif t.is_contiguous():
         t.view(-1).index_fill_(0, held.to(t.device, torch.long), 0)
-    else:  # a gradient laid out otherwise than its parameter
+    else:  # laid out otherwise than row by row (a transposed gradient, say): the positions are logical
         t.copy_(t.reshape(-1).index_fill(0, held.to(t.device, torch.long), 0).view(t.shape))
