@@ -4,6 +4,8 @@ of a sparse level inside its kept weights, which is trained whole so that its ze
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -305,3 +307,37 @@ def test_a_streamed_teacher_takes_the_steps_of_a_held_one(name, tmp_path, tokeni
     assert a["train_loss"] == b["train_loss"] and a["heldback_loss"] == b["heldback_loss"]
     for (n, p), q in zip(held.model.named_parameters(), streamed.model.parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_frozen_weights_held_in_the_passes_dtype_take_the_same_steps(name, tmp_path, tokenizer, monkeypatch):
+    """Recovery with a rank holds the frozen weights of the linear layers in bfloat16 while its passes run in it (a
+    cast autocast would make in every pass), a weight tied to an embedding in float32; the losses and recovered
+    weights are the same to the bit as when autocast casts them, and every weight is float32 again after."""
+    import spdy_hf.recovery.fit as fit
+
+    seen = {"linear": set(), "embedding": set()}
+    original = fit.frozen_weights_in
+
+    def watched(model, dtype):
+        hooks = []
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and not module.weight.requires_grad:
+                hooks.append(module.register_forward_hook(lambda m, a, o: seen["linear"].add(m.weight.dtype)))
+            elif isinstance(module, torch.nn.Embedding):
+                hooks.append(module.register_forward_hook(lambda m, a, o: seen["embedding"].add(m.weight.dtype)))
+        with original(model, dtype) as lowered:
+            yield lowered
+        for h in hooks:
+            h.remove()
+
+    settings = {"method": "gap", "rank": 2, "precision": "bfloat16", **FAST}
+    monkeypatch.setattr(fit, "frozen_weights_in", contextlib.contextmanager(watched))
+    lowered = job(name, "structured", tmp_path / "lowered", tokenizer, settings)
+    assert seen == {"linear": {torch.bfloat16}, "embedding": {torch.float32}}
+    monkeypatch.setattr(fit, "frozen_weights_in", contextlib.contextmanager(lambda model, dtype: (yield 0)))
+    cast = job(name, "structured", tmp_path / "cast", tokenizer, settings)
+    a, b = lowered.report["recovery"], cast.report["recovery"]
+    assert a["train_loss"] == b["train_loss"] and a["heldback_loss"] == b["heldback_loss"]
+    for (n, p), q in zip(lowered.model.named_parameters(), cast.model.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q), n

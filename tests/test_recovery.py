@@ -380,6 +380,28 @@ def test_the_sliced_kl_is_the_kl_on_full_logits_with_the_same_gradient():
     torch.testing.assert_close(sliced, full)
     torch.testing.assert_close(got, expected)
     assert float(sliced.detach()) > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head's weight cast once, as autocast casts it each time
+        cast_each_time = sliced_kl(head, student, teacher, tokens, rows=4)
+        cast_once = sliced_kl(head, student, teacher, tokens, rows=4, weight=head.weight.detach().bfloat16())
+    assert torch.equal(cast_once, cast_each_time)
+    assert torch.equal(*(torch.autograd.grad(v, student)[0] for v in (cast_once, cast_each_time)))
+
+
+def test_one_epoch_of_gap_leaves_the_held_back_windows_to_the_guard(tmp_path, tokenizer, monkeypatch):
+    """With one epoch the only rival of the trained weights is the start, which the guard compares them with on the
+    job's score: no pass of the objective runs on the held-back windows, and the report has no held-back loss."""
+    import spdy_hf.recovery.fit as fit
+
+    calls = []
+    run = fit._run
+    monkeypatch.setattr(fit, "_run", lambda model, batch, extra: calls.append(1) or run(model, batch, extra))
+    result = job("llama", "structured", tmp_path, tokenizer, {"method": "gap", **FAST, "epochs": 1})
+    entry = result.report["recovery"]
+    assert entry["epochs_run"] == entry["best_epoch"] == 1 and len(entry["train_loss"]) == 1
+    assert "heldback_before" not in entry and "heldback_loss" not in entry
+    assert len(calls) == 2 * entry["train_windows"]  # the teacher and the model, on each trained window once
+    guard = entry["heldback_score"]  # the guard scored both, and kept the better
+    assert guard["before"] > 0 and entry["reverted"] == (guard["after"] > guard["before"])
 
 
 @pytest.mark.parametrize("size", [None, 1, 2, 3, 8])
@@ -445,10 +467,11 @@ def test_the_held_back_score_taken_a_few_batches_at_a_time_is_the_score_of_all(n
             current.close()
         pruned = {k: v.clone() for k, v in model.state_dict().items()}
         snapshot.restore(model)
-        direct = DistanceScorer(model, recovery.heldback, kind)
-        for key, value in pruned.items():
-            model.state_dict()[key].copy_(value)
-        expected = direct()
+        with recovery.autocast():  # the guard's passes run in recovery's precision
+            direct = DistanceScorer(model, recovery.heldback, kind)
+            for key, value in pruned.items():
+                model.state_dict()[key].copy_(value)
+            expected = direct()
     finally:
         snapshot.close()
     assert len(parts) == (len(recovery.heldback) if kind == "kl" else 1) and len(recovery.heldback) == 6
@@ -514,3 +537,18 @@ def test_few_zeros_are_held_by_their_positions():
     held.hold_gradients()
     assert layer.weight.grad[2, 3] == 0 and layer.weight.grad[5, 11] == 0
     assert int((layer.weight.grad == 0).sum()) == 2
+
+
+def test_the_job_reports_the_recovered_models_quality_as_recovery_measured_it(tmp_path, tokenizer, monkeypatch):
+    """The recovered model's held-out quality and calibration score are taken once, as recovery ends, and the
+    report's figures are those: nothing measures them a second time."""
+    from spdy_hf.pipeline.quality import HeldOutQuality
+
+    calls = []
+    compare = HeldOutQuality.compare
+    monkeypatch.setattr(HeldOutQuality, "compare", lambda self, model: calls.append(1) or compare(self, model))
+    result = job("llama", "structured", tmp_path, tokenizer, {"method": "gap", **FAST})
+    report, entry = result.report, result.report["recovery"]
+    assert len(calls) == 2  # before recovery and after it
+    assert report["heldout"]["pruned"] == entry["after"]["heldout"]
+    assert report["score_dense_vs_pruned"] == entry["after"]["calibration_score"]

@@ -146,10 +146,16 @@ def prune_to_target(job: Job, family, plan: Plan, budgets: Budgets, databases: D
             profile = verification.profile
             recovered = recovery_stage(config, model, job.windows, snapshot, outcome.scorer,
                                        lambda: family.finalize(plan, databases, profile), quality, job.progress)
-    # the score in the reference's dtype (lowered again if the search ran lowered), of the model as returned
-    score = outcome.scorer() if verification.corrections or recovered is not None else outcome.score
+    # the score in the reference's dtype (lowered again if the search ran lowered), of the model as returned:
+    # recovery's last word where it ran
+    if recovered is not None and recovered.score is not None:
+        score = recovered.score
+    else:
+        score = outcome.scorer() if verification.corrections or recovered is not None else outcome.score
     heldout = {}
-    if quality is not None:
+    if recovered is not None and recovered.heldout is not None:
+        heldout = {"heldout": recovered.heldout}
+    elif quality is not None:
         with stages("heldout"):
             heldout = {"heldout": quality.compare(model)}
     entries = family.entries(plan, databases, verification.profile, verification.measurement)

@@ -16,7 +16,10 @@ the latency table's times still hold and a structured model still shrinks to the
 
 Overfitting a few samples: a slice of the windows (`recovery.holdout`) is never trained on; the objective on it is
 measured before training and after every epoch, training stops after `patience` epochs without a better value, and
-the best epoch's weights are kept, the unrecovered ones if no epoch beat them.
+the best epoch's weights are kept, the unrecovered ones if no epoch beat them. Last, the guard scores the job's own
+score (KL, cosine) on those windows before and after recovery, and keeps the unrecovered weights if it got worse;
+where gap runs one epoch (a causal LM's default), whose only rival is the start, the guard alone decides, and the
+objective is not taken on the held-back windows at all.
 
 Two variants (`recovery.method`):
 - `gap`: the whole pruned model against the dense model, each on its own activations. The dense model
@@ -47,9 +50,9 @@ Two variants (`recovery.method`):
 gradients, moments and float32 copies when they are trained themselves, fit in the memory free now; otherwise, and
 where the free memory cannot be told (with a warning), `layerwise` for an encoder and nothing for a causal LM, which
 the layer-wise variant does not help (docs/benchmarks/transfer.md). On SmolLM2-135M at 1.5x gap once over every
-calibration window (the causal-LM default: `recovery.num_samples` and `recovery.epochs` null) took 9 minutes, cut
+calibration window (the causal-LM default: `recovery.num_samples` and `recovery.epochs` null) took 6 minutes, cut
 the perplexity on text of four other domains by 25-35 % and made greedy generation read as English, the job peaking
-under 3 GiB.
+under 2 GiB.
 
 Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
 on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
@@ -279,9 +282,12 @@ class Recovery:
         A causal LM's reference holds every position's probabilities over the vocabulary (64 windows of 128 tokens
         over SmolLM2's 49 k: 0.8 GB), so the held-back windows are scored a few batches at a time, at most
         `GUARD_REFERENCE_BYTES` of reference each, and the parts' scores combined as one (`DistanceScorer.weight`).
+        Both models run in the passes' precision (`autocast`), as training does: in bfloat16 on a CPU with bfloat16
+        matrix instructions a pass takes a third of a float32 one's time.
+
         Returns (the score's kind, the score)."""
         kind, total, weight = None, 0.0, 0.0
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             for part in self._guard_parts():
                 self.snapshot.restore(self.model)
                 try:
@@ -441,6 +447,8 @@ class Recovery:
         heads = [HeadInputs(head)] if head is not None else []
         if heads and teacher is not None:
             heads.append(HeadInputs(_language_model_head(teacher)))
+        # the head is never trained: cast once to the passes' dtype rather than by autocast in each of its products
+        head_weight = head.weight.detach().to(self.dtype) if head is not None else None
 
         def objective(batch) -> torch.Tensor:
             student_out.values.clear()  # what a checkpointed block's second pass caught in the last backward
@@ -460,7 +468,7 @@ class Recovery:
                 student_hidden = heads[0].take()
                 teacher_hidden = cached[_pass_key(batch)] if cached is not None else heads[1].take()
                 with self.autocast():
-                    distance = sliced_kl(head, student_hidden, teacher_hidden, tokens)
+                    distance = sliced_kl(head, student_hidden, teacher_hidden, tokens, weight=head_weight)
                 loss = loss + weight * distance
             elif not stop:
                 loss = loss + weight * output_distance(s, t, self.kind, tokens)
@@ -469,9 +477,14 @@ class Recovery:
         recomputed = [b for _, b in find_blocks(model)] if self.cfg.checkpoint else []
         try:
             # the updates are added to their weights as it ends
-            with float32_training(whole), updates, checkpointed(recomputed):
+            with float32_training(whole), updates, checkpointed(recomputed), \
+                    frozen_weights_in(model, self.dtype) as lowered:
+                if lowered:
+                    logger.debug("Recovery holds %d frozen tensors in %s for its passes.", lowered, self.dtype)
+                # one epoch has only the start to beat, which the guard compares it with on the job's score
                 history = self._fit(params, objective, lr, desc="Recovery (gAP)", held=held,
-                                    micro_batch_size=self.cfg.micro_batch_for(self.kind))
+                                    micro_batch_size=self.cfg.micro_batch_for(self.kind),
+                                    judged=self.cfg.epochs_for(self.kind) > 1)
             held.apply()  # a layer's own exact zeros an update moved (a sparse level's it never meets) go back
             return history
         finally:
@@ -595,10 +608,13 @@ class Recovery:
 
     # ------------------------------------------------------------------ the training loop both share
     def _fit(self, params: list[nn.Parameter], objective, lr: float, desc: str | None,
-             held: HeldZeros, micro_batch_size: int | None = None) -> dict:
+             held: HeldZeros, micro_batch_size: int | None = None, judged: bool = True) -> dict:
         """Adam on `params` against `objective(batch)`, a batch's loss; with `micro_batch_size`, each training batch
         runs as passes of that many windows whose gradients add up to one step (`objective` then gets those parts).
-        The best epoch's values, by the held-back loss, are kept in a snapshot on disk and come back at the end."""
+        The best epoch's values, by the held-back loss, are kept in a snapshot on disk and come back at the end.
+        Unless `judged`, the held-back loss is not taken and every epoch runs: for one epoch, whose only rival is the
+        start, which the guard compares it with on the job's own score (a pass of the teacher and the model over
+        the held-back windows saved twice)."""
         optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # in place: no temporaries the size of params
         rng = np.random.default_rng(self.config.search.seed)
         trained = nn.ParameterList(params)  # the same tensors, named for the snapshot of the best epoch
@@ -608,8 +624,8 @@ class Recovery:
                 return sum(float(objective(part)) * share for b in self.heldback
                            for part, share in _parts(b, micro_batch_size)) / len(self.heldback)
 
-        best = before = heldback_loss()
-        best_state = DenseSnapshot(trained)
+        best = before = heldback_loss() if judged else None
+        best_state = DenseSnapshot(trained) if judged else None
         best_epoch, bad, train_losses, heldback_losses = 0, 0, [], []
         epochs = self.cfg.epochs_for(self.kind)
         total = epochs * len(self.train)
@@ -631,6 +647,10 @@ class Recovery:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4g}")
                 train_losses.append(running / len(self.train))
+                if not judged:
+                    logger.debug("Recovery epoch %d: train %.5g.", epoch, train_losses[-1])
+                    best_epoch = epoch
+                    continue
                 heldback_losses.append(heldback_loss())
                 logger.debug("Recovery epoch %d: train %.5g, held back %.5g.", epoch, train_losses[-1],
                              heldback_losses[-1])
@@ -644,12 +664,16 @@ class Recovery:
                         break
             bar.close()
             del optimizer
-            best_state.restore(trained)
+            if best_state is not None:
+                best_state.restore(trained)
         finally:
-            best_state.close()
+            if best_state is not None:
+                best_state.close()
         held.apply()
-        return {"heldback_before": before, "heldback_after": best, "best_epoch": best_epoch,
-                "epochs_run": len(train_losses), "train_loss": train_losses, "heldback_loss": heldback_losses}
+        history = {"best_epoch": best_epoch, "epochs_run": len(train_losses), "train_loss": train_losses}
+        if judged:
+            history.update(heldback_before=before, heldback_after=best, heldback_loss=heldback_losses)
+        return history
 
 
 @contextmanager
@@ -675,6 +699,42 @@ def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
     finally:
         for block in wrapped:
             del block.forward
+
+
+@contextmanager
+def frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[int]:
+    """Within the block, the frozen float32 weights and biases of the model's linear layers are held in `dtype`, the
+    passes' autocast dtype. Autocast casts each of them to it in every pass (a copy of every layer per pass, and
+    another kept for the backward pass) with the same rounding as this one cast, so the passes compute the same
+    values, without the copies. A tensor that a module of another kind shares is left as it is (a language-model
+    head tied to the input embeddings: the lookup is no autocast operation, and would run in `dtype`). The float32
+    values wait in a snapshot on disk, not beside the lowered ones, and come back exactly on leaving. Gives how
+    many tensors were lowered."""
+    if dtype == torch.float32:
+        yield 0
+        return
+    linear = (nn.Linear, *conv1d_classes())
+    others = {id(p) for m in model.modules() if not isinstance(m, linear) for p in m.parameters(recurse=False)}
+    lowered, seen = {}, set()
+    for name, module in model.named_modules():
+        if not isinstance(module, linear):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dtype == torch.float32 and not p.requires_grad and id(p) not in others and id(p) not in seen:
+                seen.add(id(p))
+                lowered[f"{name}.{pname}" if name else pname] = p
+    if not lowered:
+        yield 0
+        return
+    snapshot = DenseSnapshot(lowered.items())
+    try:
+        for p in lowered.values():
+            p.data = p.data.to(dtype)
+        yield len(lowered)
+    finally:
+        for name, p in lowered.items():
+            p.data = snapshot.tensor(name).to(p.device)
+        snapshot.close()
 
 
 @contextmanager
@@ -787,9 +847,13 @@ def free_memory(device: torch.device) -> int | None:
 
 @dataclass(frozen=True)
 class RecoveryRecord:
-    """What the recovery stage hands on: its report entry (method, epochs, the scores before and after)."""
+    """What the recovery stage hands on: its report entry (method, epochs, the scores before and after), and the
+    recovered model's score on the scoring windows and held-out comparison (`HeldOutQuality.compare`, None without
+    one), which the job reports as they are instead of taking them again."""
 
     entry: dict
+    score: float | None = None
+    heldout: dict | None = None
 
     def report(self) -> dict:
         return {"recovery": self.entry}
@@ -806,10 +870,12 @@ def recovery_stage(config: SPDYConfig, model: nn.Module, windows: dict[str, torc
         before["heldout"] = quality.compare(model)["pruned"]
     entry = Recovery(config, model, snapshot, windows, scorer.kind, progress).run()
     after = {"calibration_score": scorer()}
-    if quality is not None:
-        after["heldout"] = quality.compare(model)["pruned"]
+    heldout = quality.compare(model) if quality is not None else None
+    if heldout is not None:
+        after["heldout"] = heldout["pruned"]
     logger.info("Recovery (%s): score %.5g -> %.5g%s.", entry["method"], before["calibration_score"],
                 after["calibration_score"], "" if quality is None else
                 f", held-out {'perplexity' if quality.causal else 'cosine'} {before['heldout']:.4g} -> "
                 f"{after['heldout']:.4g}")
-    return RecoveryRecord({**entry, "score_kind": scorer.kind, "before": before, "after": after})
+    return RecoveryRecord({**entry, "score_kind": scorer.kind, "before": before, "after": after},
+                          score=after["calibration_score"], heldout=heldout)

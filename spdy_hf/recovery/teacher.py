@@ -111,18 +111,20 @@ class HeadReached(Exception):
 
 
 def sliced_kl(head: nn.Module, student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | None = None,
-              rows: int = 256) -> torch.Tensor:
+              rows: int = 256, weight: torch.Tensor | None = None) -> torch.Tensor:
     """KL(dense || pruned) per token, as `output_distance` takes it on logits, from the hidden states both models
     give their shared head (pruning and recovery leave the head as it is). The tokens are taken `rows` at a time and
     each slice's logits are computed again in the backward pass rather than kept, so the memory of the output
-    term is one slice's logits whatever the batch."""
+    term is one slice's logits whatever the batch. `weight`: the head's weight as the products should take it (cast
+    once to the passes' dtype, say, where autocast would cast it for every product), the head's own by default."""
     s = student.reshape(-1, student.shape[-1])
     t = teacher.reshape(-1, teacher.shape[-1])
     if tokens is not None:
         s, t = s[tokens.to(s.device)], t[tokens.to(t.device)]
+    weight = head.weight if weight is None else weight
 
     def logits(h: torch.Tensor) -> torch.Tensor:  # the head's product, not a call of it (it may be hooked)
-        return F.linear(h, head.weight, head.bias).float()
+        return F.linear(h, weight, head.bias).float()
 
     def piece(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
