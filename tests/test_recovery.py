@@ -6,15 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import MODEL_FACTORIES, MS_PER_WEIGHT, VOCAB, example_inputs, handwritten_table, small_config
 from test_cuda_backend import cuda_config, cuda_table
 from test_structured_pruner import AUTO, outputs, structured_part, structured_table
+from torch.overrides import TorchFunctionMode
 
 from spdy_hf import SPDYConfig, SPDYPruner
 from spdy_hf.config import DEFAULT_SKIP_MODULES
 from spdy_hf.errors import ConfigError
 from spdy_hf.modeling.units import find_units
 from spdy_hf.output.load import load_pretrained
+from spdy_hf.recovery.attention import Float32Attention
 from spdy_hf.recovery.fit import Recovery, _parts, recovery_dtype
 from spdy_hf.recovery.held_zeros import HeldZeros
 from spdy_hf.recovery.teacher import DenseSnapshot, layer_loss, pruned_layers
@@ -160,6 +163,27 @@ def test_layer_loss_is_the_normalised_squared_error():
     assert float(layer_loss(t, t)) == 0
 
 
+def test_layer_loss_on_real_tokens_and_live_features_matches_its_definition():
+    """Over the real tokens and the live features only, each layer's squared error over the dense output's squared
+    norm, in float32 from bfloat16 outputs; its gradient reaches the real tokens' live features and nothing else."""
+    torch.manual_seed(0)
+    tokens = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).reshape(-1).bool()
+    live = {"a": torch.tensor([0, 2, 3])}
+    t = {"a": torch.randn(2, 4, 5).bfloat16(), "b": torch.randn(2, 4, 3).bfloat16()}
+    s = {n: torch.randn(v.shape).bfloat16().requires_grad_() for n, v in t.items()}
+    loss = layer_loss(s, t, live, tokens)
+    expected = 0.0
+    for name in t:
+        a, b = s[name].detach().float().reshape(8, -1)[tokens], t[name].float().reshape(8, -1)[tokens]
+        if name in live:
+            a, b = a[:, live[name]], b[:, live[name]]
+        expected += float(((a - b) ** 2).sum() / (b ** 2).sum())
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    reached = s["a"].grad.reshape(8, -1) != 0
+    assert reached[~tokens].sum() == 0 and reached[:, [1, 4]].sum() == 0 and reached[tokens][:, live["a"]].all()
+
+
 def test_recovery_config_checks():
     from spdy_hf import SPDYConfig
 
@@ -168,7 +192,7 @@ def test_recovery_config_checks():
     with pytest.raises(ConfigError, match="recovery.holdout"):
         SPDYConfig(recovery={"holdout": 1.0})
     c = SPDYConfig(recovery={"method": "gap"})
-    assert c.recovery.lr("gap") == 3e-5 and c.recovery.lr("gap", "cosine") == 3e-5
+    assert c.recovery.lr("gap") == 1e-4 and c.recovery.lr("gap", "cosine") == 1e-4
     assert c.recovery.lr("gap", "kl") == 1e-3  # causal LMs train rank-16 updates (3e-4 for the weights themselves)
     assert c.recovery.lr("layerwise") == c.recovery.lr("layerwise", "kl") == 1e-4
     assert SPDYConfig(recovery={"learning_rate": 2e-5}).recovery.lr("gap", "kl") == 2e-5
@@ -182,11 +206,11 @@ def test_recovery_config_checks():
 
 
 def test_recovery_windows_and_epochs_by_kind_of_model():
-    """Unset, a causal LM (scored by KL) trains once on every calibration window, an encoder 8 times on the first
+    """Unset, a causal LM (scored by KL) trains once on every calibration window, an encoder 16 times on the first
     128; a number set is taken as it is, and one above the windows there are takes them all."""
     config = SPDYConfig(recovery={"method": "gap"})
     assert config.recovery.samples_for("kl") is None and config.recovery.epochs_for("kl") == 1
-    assert config.recovery.samples_for("cosine") == 128 and config.recovery.epochs_for("cosine") == 8
+    assert config.recovery.samples_for("cosine") == 128 and config.recovery.epochs_for("cosine") == 16
     # the output term: all but alone for a causal LM, beside the layer loss for an encoder; a set weight as it is
     assert config.recovery.output_weight_for("kl") == 1000 and config.recovery.output_weight_for("cosine") == 10
     assert SPDYConfig(recovery={"output_weight": 0}).recovery.output_weight_for("kl") == 0
@@ -254,6 +278,60 @@ def test_bfloat16_recovery_runs_in_bfloat16_holds_the_zeros_and_helps(method, tm
     assert any(not torch.equal(p.detach(), unrecovered[n]) for n, p in result.model.named_parameters())
     for n, p in result.model.named_parameters():
         assert p.dtype == torch.float32 and not p[held[n]].any(), n
+
+
+class AttentionCalls(TorchFunctionMode):
+    """Records (gradients recorded, dtype of the queries) of every attention call that reaches the kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.calls.append((torch.is_grad_enabled(), args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_float32_attention_computes_a_bfloat16_pass_s_attention_in_float32_only_where_gradients_follow():
+    """Under bfloat16 autocast the attention of a pass that records gradients runs on float32 inputs and gives
+    bfloat16, to the bit what a float32 attention rounded once gives, gradients included; a pass without gradients
+    keeps bfloat16 attention."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.zeros(2, 1, 5, 5).masked_fill(torch.arange(5) >= 4, torch.finfo(torch.float32).min).bfloat16()
+    spy = AttentionCalls()
+    with spy, torch.autocast("cpu", dtype=torch.bfloat16), Float32Attention():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert spy.calls == [(True, torch.float32), (False, torch.bfloat16)]
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
+    assert torch.equal(out, reference.bfloat16())
+    reference.bfloat16().float().square().sum().backward()
+    for got, t in zip(grads, (q, k, v)):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, t.grad)
+
+
+def test_bfloat16_gap_on_a_cpu_trains_through_float32_attention(tmp_path, tokenizer):
+    """Recovery's training passes in bfloat16 on a CPU take the attention in float32; its passes with no backward
+    (the dense teacher, the held-back score) keep it in bfloat16."""
+    result = job("bert", "structured", tmp_path, tokenizer, {"method": "none"})
+    snapshot = DenseSnapshot(MODEL_FACTORIES["bert"]())
+    settings = {"method": "gap", **FAST, "epochs": 1, "precision": "bfloat16"}
+    config = SPDYConfig.from_dict({**result.config.to_dict(), "recovery": settings})
+    windows = SPDYPruner(result.model, config, tokenizer).calibration_windows(None)
+    spy = AttentionCalls()
+    with spy:
+        Recovery(config, result.model, snapshot, windows, "cosine", progress=False).run()
+    snapshot.close()
+    assert {dtype for grad, dtype in spy.calls if grad} == {torch.float32}
+    assert {dtype for grad, dtype in spy.calls if not grad} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("bf16", [True, False])

@@ -148,16 +148,17 @@ def prune_to_target(job: Job, family, plan: Plan, budgets: Budgets, databases: D
                                        lambda: family.finalize(plan, databases, profile), quality, job.progress)
     # the score in the reference's dtype (lowered again if the search ran lowered), of the model as returned:
     # recovery's last word where it ran
-    if recovered is not None and recovered.score is not None:
+    if recovered is not None:
         score = recovered.score
     else:
-        score = outcome.scorer() if verification.corrections or recovered is not None else outcome.score
+        score = outcome.scorer() if verification.corrections else outcome.score
     heldout = {}
-    if recovered is not None and recovered.heldout is not None:
-        heldout = {"heldout": recovered.heldout}
-    elif quality is not None:
-        with stages("heldout"):
-            heldout = {"heldout": quality.compare(model)}
+    if quality is not None:
+        if recovered is not None:  # recovery compared the recovered model already
+            heldout = {"heldout": recovered.heldout}
+        else:
+            with stages("heldout"):
+                heldout = {"heldout": quality.compare(model)}
     entries = family.entries(plan, databases, verification.profile, verification.measurement)
     report = merge_report(
         verify_summary(config, plan, budgets, verification), plan.report(), {"speedups": speedups}, heldout,

@@ -6,7 +6,7 @@ on the calibration windows: gAP's normalised squared error of every pruned layer
 each model on its own activations; `gap` adds `output_weight` times the job's score on the final output (KL for
 LMs, 1 - cosine per token otherwise). Adam. The reference uses a learning rate of 1e-5 for the global variant, 1e-3
 for the layer-wise one and no output term; the defaults here are the best measured
-(docs/benchmarks/recovery.md): for gap 3e-5 on an encoder (MiniLM) and 3e-4 on a causal LM (SmolLM2-135M,
+(docs/benchmarks/recovery.md): for gap 1e-4 on an encoder (MiniLM) and 3e-4 on a causal LM (SmolLM2-135M,
 scored by KL), 1e-4 for the layer-wise variant; output weight 10 on an encoder and 1000 on a causal LM, whose
 recovery transfers best to other text when it fits the output distribution all but alone.
 
@@ -57,7 +57,9 @@ under 2 GiB.
 Precision (`recovery.precision`): forward passes in bfloat16 under `torch.autocast` on a GPU that supports it and
 on a CPU with bfloat16 matrix instructions (the default there: half the time, the same held-out quality, measured on
 SmolLM2-135M and MiniLM), float32 on other CPUs; the weights, their gradients and Adam's state stay float32 and every
-loss is taken in float32, so no loss scaling is needed. Placement is the model's device. `accelerate`'s `Accelerator` is not
+loss is taken in float32, so no loss scaling is needed. On a CPU the attention of a pass that a backward pass follows
+runs in float32 (`spdy_hf.recovery.attention`): PyTorch's bfloat16 attention backward is several times slower there
+than its float32 one. Placement is the model's device. `accelerate`'s `Accelerator` is not
 used for this: its state is process-wide (another `Accelerator` with other mixed-precision settings in the same
 process is refused), and a `Trainer` later in the same process (gradual pruning, fine-tuning with the held-zeros
 callback) makes one of its own.
@@ -69,7 +71,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +93,7 @@ from ..modeling.snapshot import DenseSnapshot
 from ..modeling.units import conv1d_classes, find_blocks
 from ..search.lowered import model_dtype
 from ..search.scoring import DistanceScorer
+from .attention import Float32Attention
 from .held_zeros import HeldZeros, module_parameters
 from .low_rank import LowRankUpdates
 from .shrunk import ShrunkModel
@@ -164,6 +167,14 @@ class Recovery:
         """The forward passes' precision: bfloat16 autocast (`recovery.precision`, or the dtype the model is held
         in), float16 for a model held in float16, or nothing (float32)."""
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def float32_attention(self):
+        """Around training (its forward passes, and the backward passes that recompute a checkpointed block's): the
+        attention of every pass that records gradients in float32 on a CPU when the passes run in half precision
+        (`Float32Attention`: its bfloat16 backward kernel is several times slower there); elsewhere nothing."""
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            return Float32Attention()
+        return nullcontext()
 
     def method(self) -> str:
         """`recovery.method`, with 'auto' settled by the memory free now: gap where the dense teacher (in the
@@ -477,7 +488,8 @@ class Recovery:
         recomputed = [b for _, b in find_blocks(model)] if self.cfg.checkpoint else []
         try:
             # the updates are added to their weights as it ends
-            with float32_training(whole), updates, checkpointed(recomputed), \
+            with float32_training(whole), updates, self.float32_attention(), \
+                    checkpointed(recomputed, around=self.float32_attention), \
                     frozen_weights_in(model, self.dtype) as lowered:
                 if lowered:
                     logger.debug("Recovery holds %d frozen tensors in %s for its passes.", lowered, self.dtype)
@@ -599,7 +611,7 @@ class Recovery:
             return loss
 
         try:
-            with float32_training(params):
+            with float32_training(params), self.float32_attention():
                 return self._fit(params, objective, lr, desc=None, held=held)
         finally:
             student_out.remove()
@@ -677,10 +689,14 @@ class Recovery:
 
 
 @contextmanager
-def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
+def checkpointed(blocks: list[nn.Module], around: Callable[[], AbstractContextManager] = nullcontext
+                 ) -> Iterator[None]:
     """Within the block, each of `blocks` runs under `torch.utils.checkpoint` (non-reentrant) where gradients are
     taken: autograd keeps its inputs only, and runs it again when the backward pass reaches it, so what one block's
-    backward needs is held at a time rather than every block's. Hooks on its layers run again in that second pass."""
+    backward needs is held at a time rather than every block's. Hooks on its layers run again in that second pass.
+    `around()` is entered in both passes, inside the checkpointed function: the second pass runs in the autograd
+    engine, where a `TorchFunctionMode` entered around training (`Float32Attention`) is not active, and must compute
+    what the first computed."""
     from torch.utils.checkpoint import checkpoint
 
     wrapped = []
@@ -688,10 +704,14 @@ def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
         for block in blocks:
             forward = block.forward
 
-            def run(*args, _forward=forward, **kwargs):
+            def again(*args, _forward=forward, **kwargs):
+                with around():
+                    return _forward(*args, **kwargs)
+
+            def run(*args, _forward=forward, _again=again, **kwargs):
                 if not torch.is_grad_enabled():
                     return _forward(*args, **kwargs)
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return checkpoint(_again, *args, use_reentrant=False, **kwargs)
 
             block.forward = run  # an instance attribute: nn.Module.__call__ finds it before the class's method
             wrapped.append(block)
@@ -852,8 +872,8 @@ class RecoveryRecord:
     one), which the job reports as they are instead of taking them again."""
 
     entry: dict
-    score: float | None = None
-    heldout: dict | None = None
+    score: float
+    heldout: dict | None
 
     def report(self) -> dict:
         return {"recovery": self.entry}
