@@ -156,6 +156,24 @@ def test_held_zeros_and_snapshot(tiny_llama):
     snapshot.close()
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_recovery_schedule_sets_each_step_s_learning_rate(schedule, tmp_path, tokenizer, monkeypatch):
+    """'constant' steps at the learning rate throughout; 'linear' starts there and falls by the same amount each step
+    toward zero at the last step the epochs allow."""
+    rates = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]) or
+                        step(self, *a, **k))
+    settings = {"method": "gap", **FAST, "epochs": 2, "patience": 2, "schedule": schedule}
+    job("bert", "structured", tmp_path, tokenizer, settings)
+    lr, steps = FAST["learning_rate"], len(rates)
+    assert steps >= 2
+    if schedule == "constant":
+        assert rates == [lr] * steps
+    else:
+        assert rates == pytest.approx([lr * (1 - i / steps) for i in range(steps)])
+
+
 def test_layer_loss_is_the_normalised_squared_error():
     t = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0, 0.0])}
     s = {"a": torch.tensor([3.0, 5.0]), "b": torch.tensor([0.0, 0.0])}
@@ -191,6 +209,8 @@ def test_recovery_config_checks():
         SPDYConfig(recovery={"method": "adaprune"})
     with pytest.raises(ConfigError, match="recovery.holdout"):
         SPDYConfig(recovery={"holdout": 1.0})
+    with pytest.raises(ConfigError, match="recovery.schedule"):
+        SPDYConfig(recovery={"schedule": "cosine"})
     c = SPDYConfig(recovery={"method": "gap"})
     assert c.recovery.lr("gap") == 1e-4 and c.recovery.lr("gap", "cosine") == 1e-4
     assert c.recovery.lr("gap", "kl") == 1e-3  # causal LMs train rank-16 updates (3e-4 for the weights themselves)

@@ -629,6 +629,10 @@ class Recovery:
         the held-back windows saved twice)."""
         optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # in place: no temporaries the size of params
         rng = np.random.default_rng(self.config.search.seed)
+        steps_planned = self.cfg.epochs_for(self.kind) * len(self.train)
+        decay = None
+        if self.cfg.schedule == "linear":  # to zero at the last step the epochs allow
+            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps_planned))
         trained = nn.ParameterList(params)  # the same tensors, named for the snapshot of the best epoch
 
         def heldback_loss() -> float:
@@ -653,6 +657,8 @@ class Recovery:
                         step_loss += float(loss.detach())
                     held.hold_gradients()
                     optimizer.step()
+                    if decay is not None:
+                        decay.step()
                     optimizer.zero_grad(set_to_none=True)
                     held.apply()
                     running += step_loss
