@@ -629,10 +629,6 @@ class Recovery:
         the held-back windows saved twice)."""
         optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # in place: no temporaries the size of params
         rng = np.random.default_rng(self.config.search.seed)
-        steps_planned = self.cfg.epochs_for(self.kind) * len(self.train)
-        decay = None
-        if self.cfg.schedule == "linear":  # to zero at the last step the epochs allow
-            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps_planned))
         trained = nn.ParameterList(params)  # the same tensors, named for the snapshot of the best epoch
 
         def heldback_loss() -> float:
@@ -645,6 +641,9 @@ class Recovery:
         best_epoch, bad, train_losses, heldback_losses = 0, 0, [], []
         epochs = self.cfg.epochs_for(self.kind)
         total = epochs * len(self.train)
+        decay = None
+        if self.cfg.schedule == "linear":  # to zero at the last step the epochs allow
+            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
         bar = tqdm(total=total, desc=desc, unit="step", disable=not self.progress or desc is None)
         try:
             for epoch in range(1, epochs + 1):
