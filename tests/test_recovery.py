@@ -165,7 +165,8 @@ def test_recovery_schedule_sets_each_step_s_learning_rate(schedule, tmp_path, to
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]) or
                         step(self, *a, **k))
     settings = {"method": "gap", **FAST, "epochs": 2, "patience": 2, "schedule": schedule}
-    job("bert", "structured", tmp_path, tokenizer, settings)
+    result = job("bert", "structured", tmp_path, tokenizer, settings)
+    assert result.report["recovery"]["schedule"] == schedule
     lr, steps = FAST["learning_rate"], len(rates)
     assert steps >= 2
     if schedule == "constant":
