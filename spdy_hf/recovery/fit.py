@@ -249,8 +249,8 @@ class Recovery:
         if problems:  # cannot happen: every step puts the zeros back
             raise SPDYError(f"Recovery moved profile zeros: {problems}.")
         seconds = time.perf_counter() - start
-        return {"method": method, "learning_rate": lr, "schedule": self.cfg.schedule, "epochs": self.cfg.epochs_for(self.kind),
-                "batch_size": self.cfg.batch_size,
+        return {"method": method, "learning_rate": lr, "schedule": self.cfg.schedule,
+                "epochs": self.cfg.epochs_for(self.kind), "batch_size": self.cfg.batch_size,
                 "precision": str(self.dtype).removeprefix("torch."),
                 "train_windows": sum(len(b["input_ids"]) for b in self.train),
                 "heldback_windows": sum(len(b["input_ids"]) for b in self.heldback),
